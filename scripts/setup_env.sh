@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create ./.venv (once) and install torchtitan_ext with its pinned dependencies into it.
+# Idempotent: a second run only re-checks the installed versions.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+# torch first and pinned: it resolves to the local CPU wheel on CPU machines
+# (an unpinned request would pull the CUDA build and several GB of packages).
+.venv/bin/pip install --quiet --disable-pip-version-check "torch==2.13.0"
+.venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
+echo "environment ready: $(.venv/bin/python -c 'import torch, torchtitan; print("torch", torch.__version__, "| torchtitan", torchtitan.__version__ if hasattr(torchtitan, "__version__") else "0.2.2")')"

@@ -1,0 +1,10 @@
+"""Recipe loading and validation: TorchTitan 0.2.2's JobConfig plus torchtitan_ext's sections.
+
+``python -m torchtitan_ext.config --job.config_file X.toml [--world_size N] [overrides]``
+validates a recipe and prints the resolved config.
+"""
+
+from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.validate import validate
+
+__all__ = ["ConfigError", "load_config", "validate"]

@@ -1,0 +1,67 @@
+"""``python -m torchtitan_ext.config``: validate a recipe and print the resolved config.
+
+Usage::
+
+    python -m torchtitan_ext.config --job.config_file train_configs/debug_cpu.toml \
+        [--world_size 8] [--section.key value ...]
+
+The world size defaults to ``$WORLD_SIZE`` when set (as under torchrun). Exit status 0 and the
+resolved config as TOML on stdout; on a bad recipe, exit status 2 and one line on stderr naming
+the key and the value.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+from torchtitan_ext.config.manager import ConfigError, load_config, pop_world_size_arg
+from torchtitan_ext.config.validate import validate
+
+
+def format_toml(cfg: Any) -> str:
+    """Render a (nested) config dataclass as TOML; None values become comments."""
+    lines: list[str] = []
+
+    def section(obj: Any, name: str) -> None:
+        scalars = [
+            f for f in dataclasses.fields(obj) if not dataclasses.is_dataclass(getattr(obj, f.name))
+        ]
+        subs = [
+            f for f in dataclasses.fields(obj) if dataclasses.is_dataclass(getattr(obj, f.name))
+        ]
+        if name and scalars:
+            lines.append(f"\n[{name}]")
+        for f in scalars:
+            value = getattr(obj, f.name)
+            if value is None:
+                lines.append(f"# {f.name} = (none)")
+            else:
+                lines.append(f"{f.name} = {json.dumps(value)}")
+        for f in subs:
+            section(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
+
+    section(cfg, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def main(args: list[str]) -> int:
+    """Entry point; returns the process exit status."""
+    try:
+        args, world_size = pop_world_size_arg(args)
+        if world_size is None and os.environ.get("WORLD_SIZE"):
+            world_size = int(os.environ["WORLD_SIZE"])
+        cfg = load_config(args)
+        dims = validate(cfg, world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(format_toml(cfg))
+    if dims is not None:
+        print(f"\n# mesh for world size {world_size}: {dims.shape_str()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,75 @@
+# NOTE: no `from __future__ import annotations` here: TorchTitan's ConfigManager merges
+# these dataclasses into its JobConfig at run time and evaluates the annotations.
+"""Our sections of the recipe, merged into TorchTitan 0.2.2's ``JobConfig``.
+
+A recipe is one TOML file holding TorchTitan's sections and these; ``--section.key value``
+overrides both. Fields that share a section name with TorchTitan (``model``, ``training``,
+``parallelism``, ``comm``) are merged field by field into TorchTitan's section by
+``torchtitan.config.ConfigManager._merge_configs``; ``data`` is a section of our own.
+Field docstrings are the ``--help`` text (tyro reads them).
+"""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+MESH_DIM_NAMES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "tp", "cp")
+"""Names of the DeviceMesh dims, in the default order (outermost first, cp innermost)."""
+
+
+@dataclass
+class Model:
+    tokenizer: Literal["auto", "byte", "hf"] = "auto"
+    """Tokenizer: "byte" (byte-level, 256 byte ids + BOS + EOS, needs no files), "hf" (the
+    Hugging Face tokenizer.json under model.hf_assets_path) or "auto" (hf when that file
+    exists, else byte)."""
+
+
+@dataclass
+class Training:
+    dataset: str = "python_stdlib"
+    """Dataset name. "python_stdlib": the source files of the running interpreter's standard
+    library (ships with every Python, needs no download). Any other name needs
+    training.dataset_path: a local .jsonl/.json/.parquet/.txt file or a folder of them."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device type: "auto" picks cuda when a GPU is visible, else cpu."""
+
+
+@dataclass
+class Parallelism:
+    mesh_dim_order: list[str] = field(default_factory=lambda: list(MESH_DIM_NAMES))
+    """Order of the DeviceMesh dims, outermost first. A permutation of pp, dp_replicate,
+    dp_shard, tp, cp with pp first and dp_replicate second; the default puts cp innermost
+    so that CP ring neighbours are adjacent ranks (TorchTitan 0.2.2 puts tp innermost:
+    pp,dp_replicate,dp_shard,cp,tp)."""
+
+
+@dataclass
+class Comm:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Process-group backend: "auto" is nccl on cuda and gloo on cpu."""
+
+
+@dataclass
+class Data:
+    text_field: str = "text"
+    """Column holding the document text in jsonl/json/parquet datasets."""
+
+    validation_fraction: float = 0.02
+    """Fraction of documents held out as the validation split (the last documents after the
+    seeded shuffle)."""
+
+    shuffle_seed: int = 0
+    """Seed of the document shuffle and of the per-epoch window order. Independent of the
+    mesh, so every mesh shape sees the same global batch at every step."""
+
+
+@dataclass
+class JobConfig:
+    """torchtitan_ext's additions to TorchTitan 0.2.2's JobConfig."""
+
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    comm: Comm = field(default_factory=Comm)
+    data: Data = field(default_factory=Data)

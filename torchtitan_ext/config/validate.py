@@ -1,0 +1,187 @@
+"""Semantic checks of a resolved recipe, run identically on every rank before any collective.
+
+TorchTitan 0.2.2 asserts some of these deep inside its trainer (after process groups exist, so a
+bad value hangs or prints one traceback per rank) and misses others. Each check here raises one
+``ConfigError`` naming the key and the value.
+"""
+
+from typing import Any
+
+from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.parallel_dims import ParallelDims, check_mesh_dim_order
+
+SUPPORTED_AC_MODES = ("none", "selective", "full")
+
+
+def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
+    """Check ``cfg`` (the merged JobConfig); with a world size, also the mesh for it.
+
+    Args:
+        cfg: the merged JobConfig from ``load_config``.
+        world_size: number of ranks, or None when unknown (then checks that need it are skipped).
+
+    Returns:
+        The resolved ``ParallelDims`` when ``world_size`` is given, else None.
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    _check_positive(cfg)
+    check_mesh_dim_order(tuple(cfg.parallelism.mesh_dim_order))
+    model_args = resolve_model_args(cfg)
+    p = cfg.parallelism
+    tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
+    _check_heads(model_args, tp)
+    _check_seq_len(cfg, tp, cp)
+    if cfg.activation_checkpoint.mode not in SUPPORTED_AC_MODES:
+        raise ConfigError(
+            "activation_checkpoint.mode",
+            cfg.activation_checkpoint.mode,
+            f"supported modes are {', '.join(SUPPORTED_AC_MODES)}",
+        )
+    if not 0.0 <= cfg.data.validation_fraction < 0.5:
+        raise ConfigError(
+            "data.validation_fraction", cfg.data.validation_fraction, "must be in [0, 0.5)"
+        )
+    if cfg.optimizer.name not in ("Adam", "AdamW"):
+        raise ConfigError("optimizer.name", cfg.optimizer.name, "supported: Adam, AdamW")
+    if world_size is None:
+        return None
+    dims = ParallelDims.from_config(cfg, world_size)
+    _check_batch(cfg, dims)
+    return dims
+
+
+def resolve_model_args(cfg: Any) -> Any:
+    """The TorchTitan model args of ``model.name`` / ``model.flavor`` (a deep copy).
+
+    Raises:
+        ConfigError: unknown model name or flavor (with the nearest valid flavor).
+    """
+    import copy
+    import difflib
+
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    import torchtitan_ext.models  # noqa: F401  (registers our flavors)
+
+    try:
+        spec = get_train_spec(cfg.model.name)
+    except ValueError:
+        raise ConfigError(
+            "model.name", cfg.model.name, "not a registered TorchTitan model"
+        ) from None
+    flavors = list(spec.model_args)
+    if cfg.model.flavor not in spec.model_args:
+        close = difflib.get_close_matches(cfg.model.flavor, flavors, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(flavors)}"
+        raise ConfigError("model.flavor", cfg.model.flavor, f"unknown flavor{hint}")
+    return copy.deepcopy(spec.model_args[cfg.model.flavor])
+
+
+def seq_len_divisor(tp: int, cp: int, load_balancer: str | None) -> int:
+    """What ``seq_len`` must be divisible by: tp for sequence parallel, and cp (2 x cp with a
+    load balancer, which splits the sequence into 2 x cp chunks: TorchTitan's head-tail)."""
+    cp_factor = 2 * cp if cp > 1 and load_balancer else cp
+    return tp * cp_factor
+
+
+def _check_positive(cfg: Any) -> None:
+    checks: list[tuple[str, Any, bool, str]] = [
+        ("training.seq_len", cfg.training.seq_len, cfg.training.seq_len >= 1, ">= 1"),
+        (
+            "training.local_batch_size",
+            cfg.training.local_batch_size,
+            cfg.training.local_batch_size >= 1,
+            ">= 1",
+        ),
+        (
+            "training.global_batch_size",
+            cfg.training.global_batch_size,
+            cfg.training.global_batch_size == -1 or cfg.training.global_batch_size >= 1,
+            ">= 1 or -1 (local_batch_size x data-parallel degree)",
+        ),
+        ("training.steps", cfg.training.steps, cfg.training.steps >= 1, ">= 1"),
+        ("training.max_norm", cfg.training.max_norm, cfg.training.max_norm > 0, "> 0"),
+        ("optimizer.lr", cfg.optimizer.lr, cfg.optimizer.lr > 0, "> 0"),
+        (
+            "lr_scheduler.warmup_steps",
+            cfg.lr_scheduler.warmup_steps,
+            cfg.lr_scheduler.warmup_steps >= 0,
+            ">= 0",
+        ),
+        ("metrics.log_freq", cfg.metrics.log_freq, cfg.metrics.log_freq >= 1, ">= 1"),
+        ("checkpoint.interval", cfg.checkpoint.interval, cfg.checkpoint.interval >= 1, ">= 1"),
+        (
+            "checkpoint.keep_latest_k",
+            cfg.checkpoint.keep_latest_k,
+            cfg.checkpoint.keep_latest_k >= 0,
+            ">= 0 (0 keeps all)",
+        ),
+        ("validation.freq", cfg.validation.freq, cfg.validation.freq >= 1, ">= 1"),
+    ]
+    for key, value, ok, rule in checks:
+        if not ok:
+            raise ConfigError(key, value, f"must be {rule}")
+    p = cfg.parallelism
+    for key in (
+        "pipeline_parallel_degree",
+        "data_parallel_replicate_degree",
+        "tensor_parallel_degree",
+        "context_parallel_degree",
+    ):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallelism.{key}", getattr(p, key), "must be >= 1")
+    if p.data_parallel_shard_degree < 1 and p.data_parallel_shard_degree != -1:
+        raise ConfigError(
+            "parallelism.data_parallel_shard_degree",
+            p.data_parallel_shard_degree,
+            "must be >= 1 or -1 (the rest of the world)",
+        )
+
+
+def _check_heads(model_args: Any, tp: int) -> None:
+    n_heads = model_args.n_heads
+    n_kv_heads = model_args.n_kv_heads or n_heads
+    if n_heads % tp != 0:
+        raise ConfigError(
+            "parallelism.tensor_parallel_degree",
+            tp,
+            f"the model's n_heads = {n_heads} is not divisible by it",
+        )
+    if n_kv_heads % tp != 0:
+        raise ConfigError(
+            "parallelism.tensor_parallel_degree",
+            tp,
+            f"the model's n_kv_heads = {n_kv_heads} is not divisible by it",
+        )
+
+
+def _check_seq_len(cfg: Any, tp: int, cp: int) -> None:
+    lb = cfg.parallelism.context_parallel_load_balancer
+    div = seq_len_divisor(tp, cp, lb)
+    if cfg.training.seq_len % div != 0:
+        why = f"tp ({tp})"
+        if cp > 1:
+            why += f" x {'2 x ' if lb else ''}cp ({cp})"
+        raise ConfigError(
+            "training.seq_len", cfg.training.seq_len, f"must be divisible by {why} = {div}"
+        )
+
+
+def _check_batch(cfg: Any, dims: ParallelDims) -> None:
+    local, global_ = cfg.training.local_batch_size, cfg.training.global_batch_size
+    if global_ == -1:
+        return
+    per_step = local * dims.dp
+    if global_ % per_step != 0:
+        raise ConfigError(
+            "training.global_batch_size",
+            global_,
+            f"must be a multiple of local_batch_size ({local}) x data-parallel degree "
+            f"({dims.dp}) = {per_step}",
+        )
+
+
+__all__ = ["MESH_DIM_NAMES", "resolve_model_args", "seq_len_divisor", "validate"]

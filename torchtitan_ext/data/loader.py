@@ -1,0 +1,148 @@
+"""Packed windows and a global-batch loader whose batches do not depend on the mesh.
+
+The token stream is every document as BOS + tokens + EOS, concatenated (TorchTitan's packing,
+``torchtitan/hf_datasets/text_datasets.py``). It is cut into windows of ``seq_len + 1`` tokens;
+a window gives ``input = w[:-1]`` and ``labels = w[1:]``. Each epoch visits the windows in a
+seeded permutation.
+
+The global batch of optimizer step k is the windows with global indices
+``[k * G, (k + 1) * G)`` where G = ``global_batch_size`` (in sequences). Data-parallel ranks and
+gradient-accumulation microbatches split that same set: microbatch m of dp rank r holds indices
+``k * G + m * (B * dp) + r * B + [0, B)`` for local batch size B. So any mesh sees the same
+tokens at every step, and the loader state is one integer (windows consumed), which stays valid
+when a checkpoint is loaded into a different mesh.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torchtitan.components.tokenizer import BaseTokenizer
+
+from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.data.tokenizer import encode_document
+
+
+def split_documents(
+    docs: list[str], validation_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Shuffle documents with ``seed`` and hold out the last ``validation_fraction`` of them.
+
+    Returns:
+        (train documents, validation documents); validation is empty when the fraction is 0 or
+        there is a single document.
+    """
+    order = np.random.default_rng(seed).permutation(len(docs))
+    shuffled = [docs[i] for i in order]
+    n_val = round(validation_fraction * len(docs)) if len(docs) > 1 else 0
+    if validation_fraction > 0 and len(docs) > 1:
+        n_val = max(1, n_val)
+    return shuffled[: len(docs) - n_val], shuffled[len(docs) - n_val :]
+
+
+def tokenize(docs: list[str], tokenizer: BaseTokenizer) -> np.ndarray:
+    """Concatenate BOS + tokens + EOS of every document: a (n_tokens,) int32 array."""
+    if not docs:
+        return np.zeros(0, dtype=np.int32)
+    return np.concatenate([encode_document(tokenizer, d) for d in docs])
+
+
+class PackedWindows:
+    """Windows of ``seq_len + 1`` consecutive tokens, visited in a per-epoch permutation.
+
+    Args:
+        tokens: (n_tokens,) int32 token stream.
+        seq_len: tokens per training sequence.
+        seed: seed of the window order; epoch e uses ``default_rng((seed, e))``.
+        shuffle: False visits windows in stream order (validation).
+
+    Raises:
+        ConfigError: the stream holds less than one window.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_windows = len(tokens) // (seq_len + 1)
+        if self.num_windows == 0:
+            raise ConfigError(
+                "training.seq_len",
+                seq_len,
+                f"the dataset has only {len(tokens)} tokens, less than one window",
+            )
+        self._epoch = -1
+        self._perm: np.ndarray = np.arange(self.num_windows)
+
+    def window(self, index: int) -> np.ndarray:
+        """Window number ``index`` (global, over all epochs): (seq_len + 1,) int32."""
+        epoch, i = divmod(index, self.num_windows)
+        if self.shuffle and epoch != self._epoch:
+            self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
+            self._epoch = epoch
+        w = int(self._perm[i]) if self.shuffle else i
+        n = self.seq_len + 1
+        return self.tokens[w * n : (w + 1) * n]
+
+    def batch(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Windows ``[start, start + size)`` as (inputs, labels), each (size, seq_len) int64."""
+        arr = torch.from_numpy(
+            np.stack([self.window(start + j) for j in range(size)]).astype(np.int64)
+        )
+        return arr[:, :-1], arr[:, 1:]
+
+
+@dataclass
+class GlobalBatchLoader(Stateful):
+    """Yields this rank's microbatches of each optimizer step (see the module docstring).
+
+    Attributes:
+        windows: the packed training windows.
+        local_batch_size: sequences per microbatch per dp rank (B).
+        dp_rank, dp_degree: this rank's index in the batch mesh and its size.
+        grad_accum_steps: microbatches per optimizer step per rank.
+        windows_consumed: global windows consumed so far (the whole loader state).
+    """
+
+    windows: PackedWindows
+    local_batch_size: int
+    dp_rank: int
+    dp_degree: int
+    grad_accum_steps: int
+    windows_consumed: int = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over all ranks (G)."""
+        return self.local_batch_size * self.dp_degree * self.grad_accum_steps
+
+    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's ``grad_accum_steps`` microbatches of the next step; each
+        (inputs, labels) of shape (local_batch_size, seq_len), int64, on CPU."""
+        base = self.windows_consumed
+        b, dp = self.local_batch_size, self.dp_degree
+        micro = [
+            self.windows.batch(base + m * b * dp + self.dp_rank * b, b)
+            for m in range(self.grad_accum_steps)
+        ]
+        self.windows_consumed += self.global_batch_size
+        return micro
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "windows_consumed": self.windows_consumed,
+            "seq_len": self.windows.seq_len,
+            "seed": self.windows.seed,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if int(state_dict["seq_len"]) != self.windows.seq_len:
+            raise ConfigError(
+                "training.seq_len",
+                self.windows.seq_len,
+                f"the checkpoint's data loader was at seq_len {int(state_dict['seq_len'])}",
+            )
+        self.windows_consumed = int(state_dict["windows_consumed"])

@@ -1,0 +1,73 @@
+"""Tokenizers: a byte-level one that needs no files, and TorchTitan's Hugging Face wrapper."""
+
+import os
+from typing import Any
+
+import numpy as np
+from torchtitan.components.tokenizer import BaseTokenizer, HuggingFaceTokenizer
+
+from torchtitan_ext.config.manager import ConfigError
+
+
+class ByteTokenizer(BaseTokenizer):
+    """UTF-8 bytes as token ids 0-255, plus BOS = 256 and EOS = 257 (vocab size 258).
+
+    Needs no files, so a fresh machine trains on real text with no download. Follows the
+    byte-level models of ByT5 (arXiv 2105.13626) without their extra special ids.
+    """
+
+    BOS_ID = 256
+    EOS_ID = 257
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bos_id = self.BOS_ID
+        self.eos_id = self.EOS_ID
+
+    def encode(self, *args: Any, **kwargs: Any) -> list[int]:
+        """``encode(text, add_bos=True, add_eos=True) -> list[int]``."""
+        return self.encode_array(*args, **kwargs).tolist()
+
+    def encode_array(self, text: str, add_bos: bool = True, add_eos: bool = True) -> np.ndarray:
+        """Token ids of ``text`` as a (n,) int32 array."""
+        ids = np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+        parts = [np.array([self.BOS_ID], dtype=np.int32)] if add_bos else []
+        parts.append(ids)
+        if add_eos:
+            parts.append(np.array([self.EOS_ID], dtype=np.int32))
+        return np.concatenate(parts)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        """``decode(ids) -> str``; special ids are dropped, invalid UTF-8 replaced."""
+        ids = args[0] if args else kwargs["token_ids"]
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def get_vocab_size(self) -> int:
+        return 258
+
+
+def build_tokenizer(cfg: Any) -> BaseTokenizer:
+    """The tokenizer chosen by ``model.tokenizer`` (see ``torchtitan_ext.config.schema``).
+
+    Raises:
+        ConfigError: ``model.tokenizer = "hf"`` without a tokenizer.json under
+            ``model.hf_assets_path``.
+    """
+    path = cfg.model.hf_assets_path
+    has_hf = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    mode = cfg.model.tokenizer
+    if mode == "hf" and not has_hf:
+        raise ConfigError(
+            "model.hf_assets_path", path, "no tokenizer.json there (model.tokenizer = 'hf')"
+        )
+    if mode == "hf" or (mode == "auto" and has_hf):
+        return HuggingFaceTokenizer(path)
+    return ByteTokenizer()
+
+
+def encode_document(tokenizer: BaseTokenizer, text: str) -> np.ndarray:
+    """BOS + tokens of ``text`` + EOS as a (n,) int32 array (TorchTitan's packing convention:
+    ``torchtitan/hf_datasets/text_datasets.py`` encodes each sample with add_bos/add_eos)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.encode_array(text)
+    return np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), dtype=np.int32)

@@ -1,0 +1,202 @@
+"""Training metrics: a console line, tensorboard scalars and ``metrics.jsonl`` per logged step.
+
+Throughput follows TorchTitan 0.2.2 (``torchtitan/components/metrics.py``): tokens/s is per
+rank (tokens this rank processed since the last log over the wall time), TFLOP/s is
+tokens/s x model FLOPs per token (``get_dense_model_nparams_and_flops``: 6N plus attention),
+and MFU divides that by the device's peak bf16 FLOP/s (GPU only).
+"""
+
+import json
+import logging
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("torchtitan_ext")
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory in MiB: the CUDA caching allocator's peak reserved bytes on
+    GPU, the peak resident set size (``getrusage`` ru_maxrss, KiB on Linux) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of ``device`` (TorchTitan's table), or None on CPU."""
+    if device.type != "cuda":
+        return None
+    from torchtitan.tools.utils import get_peak_flops
+
+    return float(get_peak_flops(torch.cuda.get_device_name(device)))
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``"1h02m05s"``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = round(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+@dataclass
+class MetricsLogger:
+    """Writes one record per logged step (only on the logging rank).
+
+    Attributes:
+        dump_folder: job folder; ``metrics.jsonl`` goes there, tensorboard events to
+            ``<dump_folder>/<tb_folder>``.
+        enabled: whether this rank writes (rank 0).
+        enable_tensorboard: write tensorboard events.
+        tb_folder: ``metrics.save_tb_folder``.
+        flops_per_token: model FLOPs per token (forward + backward).
+        peak_flops: device peak FLOP/s for MFU, None on CPU.
+        total_steps: steps of the run (for the ETA).
+        color: ANSI colors on the console line.
+    """
+
+    dump_folder: str
+    enabled: bool
+    enable_tensorboard: bool
+    tb_folder: str
+    flops_per_token: float
+    peak_flops: float | None
+    total_steps: int
+    color: bool = True
+    _writer: Any = field(default=None, repr=False)
+    _jsonl: Any = field(default=None, repr=False)
+    _last_time: float = field(default_factory=time.perf_counter, repr=False)
+    _start_time: float = field(default_factory=time.perf_counter, repr=False)
+    _start_step: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.enabled:
+            return
+        os.makedirs(self.dump_folder, exist_ok=True)
+        self._jsonl = open(os.path.join(self.dump_folder, "metrics.jsonl"), "a")  # noqa: SIM115
+        if self.enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(os.path.join(self.dump_folder, self.tb_folder))
+
+    def reset_timer(self, step: int) -> None:
+        """Start timing from now (call before the first step of this process)."""
+        self._last_time = self._start_time = time.perf_counter()
+        self._start_step = step
+
+    def log(
+        self,
+        step: int,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        tokens_since_last: int,
+        seq_len: int,
+        peak_mem_mib: float,
+        extra: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """Record one step.
+
+        Args:
+            step: 1-based optimizer step.
+            loss: global mean loss over every label token of the step (nats).
+            grad_norm: total L2 norm of the gradients before clipping.
+            lr: learning rate used in this step.
+            tokens_since_last: tokens this rank processed since the previous log.
+            seq_len: training sequence length (tokens).
+            peak_mem_mib: peak memory (max over ranks), MiB.
+            extra: more scalars to record.
+
+        Returns:
+            The record written (also on non-logging ranks, which write nothing).
+        """
+        now = time.perf_counter()
+        dt = max(now - self._last_time, 1e-9)
+        self._last_time = now
+        tps = tokens_since_last / dt
+        tflops = tps * self.flops_per_token / 1e12
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_sec": tps,
+            "tflops": tflops,
+            "seq_len": seq_len,
+            "peak_mem_mib": peak_mem_mib,
+            "elapsed_sec": now - self._start_time,
+        }
+        if self.peak_flops:
+            record["mfu_pct"] = 100.0 * tps * self.flops_per_token / self.peak_flops
+        if extra:
+            record.update(extra)
+        if not self.enabled:
+            return record
+        start = self._start_step if self._start_step is not None else 0
+        done = max(step - start, 1)
+        eta = (now - self._start_time) / done * (self.total_steps - step)
+        self._console(record, eta)
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key != "step":
+                    self._writer.add_scalar(key, value, step)
+            self._writer.flush()
+        return record
+
+    def log_validation(self, step: int, loss: float) -> None:
+        """Record a validation loss (global mean over the validation batches)."""
+        if not self.enabled:
+            return
+        logger.info(f"step {step:5d}  validation loss {loss:8.4f}")
+        self._jsonl.write(json.dumps({"step": step, "validation_loss": loss}) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            self._writer.add_scalar("validation_loss", loss, step)
+            self._writer.flush()
+
+    def _console(self, r: dict[str, Any], eta: float) -> None:
+        c = _Colors(self.color)
+        line = (
+            f"{c.red}step: {r['step']:5d}  {c.green}loss: {r['loss']:8.4f}  "
+            f"{c.reset}grad_norm: {r['grad_norm']:7.4f}  lr: {r['lr']:.2e}  "
+            f"{c.yellow}memory: {r['peak_mem_mib']:8.1f}MiB  "
+            f"{c.blue}tps: {r['tokens_per_sec']:,.0f}  "
+            f"{c.cyan}tflops: {r['tflops']:.3f}  "
+        )
+        if "mfu_pct" in r:
+            line += f"{c.magenta}mfu: {r['mfu_pct']:.2f}%  "
+        line += f"{c.reset}eta: {format_duration(eta)}"
+        logger.info(line)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+class _Colors:
+    def __init__(self, enabled: bool) -> None:
+        codes = {
+            "red": "\033[31m",
+            "green": "\033[32m",
+            "yellow": "\033[33m",
+            "blue": "\033[34m",
+            "magenta": "\033[35m",
+            "cyan": "\033[36m",
+            "reset": "\033[39m",
+        }
+        for name, code in codes.items():
+            setattr(self, name, code if enabled else "")
+
+    red = green = yellow = blue = magenta = cyan = reset = ""

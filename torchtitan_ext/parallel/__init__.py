@@ -1,0 +1,1 @@
+"""One module per parallelism; ``torchtitan_ext.parallelize`` applies them in order."""

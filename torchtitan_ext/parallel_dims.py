@@ -1,0 +1,199 @@
+"""The parallel degrees of a job and the one DeviceMesh built from them.
+
+Follows TorchTitan's ``ParallelDims`` (``torchtitan/distributed/parallel_dims.py`` at v0.2.2):
+one object validates the degrees once, builds the named meshes and answers ``*_enabled``; it is
+passed around explicitly, nothing reads ``WORLD_SIZE`` ad hoc. Differences: the order of the mesh
+dims is a recipe setting (``parallelism.mesh_dim_order``, cp innermost by default, where
+TorchTitan fixes tp innermost), and every error is a ``ConfigError`` raised before any
+collective.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.config.schema import MESH_DIM_NAMES
+
+_FLAT_MESHES: dict[str, tuple[str, ...]] = {
+    # FSDP shards over dp_shard x cp: CP ranks hold the same parameters and their gradients
+    # must be reduced too (TorchTitan's "fsdp" mesh).
+    "fsdp": ("dp_shard", "cp"),
+    # The data-loading mesh: ranks in different batch groups read different samples.
+    "batch": ("dp_replicate", "dp_shard"),
+    # The loss is averaged over every rank that holds a different part of the global batch.
+    "loss": ("dp_replicate", "dp_shard", "cp"),
+}
+
+
+@dataclass
+class ParallelDims:
+    """Degrees of pp, dp_replicate, dp_shard, tp and cp, and the meshes built from them.
+
+    Attributes:
+        pp, dp_replicate, dp_shard, tp, cp: resolved degrees (``dp_shard = -1`` in a recipe is
+            resolved to world_size / (pp * dp_replicate * tp * cp)).
+        world_size: number of ranks; the product of the degrees.
+        order: mesh dim names, outermost first.
+    """
+
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    cp: int
+    world_size: int
+    order: tuple[str, ...] = MESH_DIM_NAMES
+    _meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_config(cls, cfg: Any, world_size: int) -> "ParallelDims":
+        """Resolve and validate the degrees of ``cfg.parallelism`` for ``world_size`` ranks.
+
+        Raises:
+            ConfigError: a degree < 1 (other than dp_shard = -1), a product that does not equal
+                the world size, or an invalid ``mesh_dim_order``.
+        """
+        p = cfg.parallelism
+        keys = {
+            "pp": "parallelism.pipeline_parallel_degree",
+            "dp_replicate": "parallelism.data_parallel_replicate_degree",
+            "dp_shard": "parallelism.data_parallel_shard_degree",
+            "tp": "parallelism.tensor_parallel_degree",
+            "cp": "parallelism.context_parallel_degree",
+        }
+        degrees = {
+            "pp": p.pipeline_parallel_degree,
+            "dp_replicate": p.data_parallel_replicate_degree,
+            "dp_shard": p.data_parallel_shard_degree,
+            "tp": p.tensor_parallel_degree,
+            "cp": p.context_parallel_degree,
+        }
+        for name, d in degrees.items():
+            if d < 1 and not (name == "dp_shard" and d == -1):
+                allowed = ">= 1 or -1 (the rest of the world)" if name == "dp_shard" else ">= 1"
+                raise ConfigError(keys[name], d, f"must be {allowed}")
+        others = degrees["pp"] * degrees["dp_replicate"] * degrees["tp"] * degrees["cp"]
+        if degrees["dp_shard"] == -1:
+            if world_size % others != 0:
+                raise ConfigError(
+                    keys["dp_shard"],
+                    -1,
+                    f"world size {world_size} is not divisible by pp * dp_replicate * tp * cp "
+                    f"= {others}",
+                )
+            degrees["dp_shard"] = world_size // others
+        product = others * degrees["dp_shard"]
+        if product != world_size:
+            shape = " x ".join(f"{n} {degrees[n]}" for n in MESH_DIM_NAMES)
+            raise ConfigError(
+                "parallelism",
+                shape,
+                f"the degrees multiply to {product} but the world size is {world_size}",
+            )
+        order = tuple(p.mesh_dim_order)
+        check_mesh_dim_order(order)
+        return cls(world_size=world_size, order=order, **degrees)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: the number of groups that read different samples."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def dp_enabled(self) -> bool:
+        return self.dp > 1
+
+    @property
+    def dp_replicate_enabled(self) -> bool:
+        return self.dp_replicate > 1
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        """FSDP is applied over dp_shard x cp whenever that product is > 1."""
+        return self.dp_shard * self.cp > 1
+
+    @property
+    def tp_enabled(self) -> bool:
+        return self.tp > 1
+
+    @property
+    def cp_enabled(self) -> bool:
+        return self.cp > 1
+
+    @property
+    def pp_enabled(self) -> bool:
+        return self.pp > 1
+
+    @property
+    def loss_parallel_size(self) -> int:
+        """Ranks over which the loss is averaged (dp x cp)."""
+        return self.dp * self.cp
+
+    def shape_str(self) -> str:
+        """E.g. ``"pp 1 x dp_replicate 1 x dp_shard 4 x tp 1 x cp 1"`` in mesh order."""
+        return " x ".join(f"{n} {getattr(self, n)}" for n in self.order)
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """Build the world DeviceMesh (dims in ``order``) and the flattened sub-meshes.
+
+        Collective: every rank must call it, after ``init_process_group``.
+
+        Named meshes afterwards available from ``get_mesh``: the five dims, ``fsdp``
+        (dp_shard x cp), ``batch`` (dp_replicate x dp_shard), ``loss`` (dp_replicate x dp_shard
+        x cp) and ``hsdp`` (2-D: dp_replicate, dp_shard x cp).
+        """
+        shape = tuple(getattr(self, n) for n in self.order)
+        world = init_device_mesh(device_type, shape, mesh_dim_names=self.order)
+        meshes: dict[str, DeviceMesh] = {"world": world}
+        for name in self.order:
+            meshes[name] = world[name]
+        for flat_name, dims in _FLAT_MESHES.items():
+            in_order = tuple(d for d in self.order if d in dims)
+            meshes[flat_name] = world[in_order]._flatten(flat_name)
+        # dp_replicate is the outermost data dim (check_mesh_dim_order), so the loss mesh's
+        # rank layout is dp_replicate-major and unflattens into (dp_replicate, dp_shard x cp).
+        meshes["hsdp"] = meshes["loss"]._unflatten(
+            0, (self.dp_replicate, self.dp_shard * self.cp), ("hsdp_replicate", "hsdp_shard")
+        )
+        self._meshes = meshes
+        return world
+
+    def get_mesh(self, name: str) -> DeviceMesh:
+        """A mesh built by ``build_mesh``: a dim name, ``fsdp``, ``batch``, ``loss``, ``hsdp``
+        or ``world``.
+
+        Raises:
+            RuntimeError: ``build_mesh`` has not run.
+            KeyError: unknown name.
+        """
+        if not self._meshes:
+            raise RuntimeError("ParallelDims.build_mesh() must run before get_mesh()")
+        return self._meshes[name]
+
+    def dp_rank(self) -> int:
+        """This rank's index in the batch mesh (which slice of the global batch it reads)."""
+        return self.get_mesh("batch").get_local_rank()
+
+
+def check_mesh_dim_order(order: tuple[str, ...]) -> None:
+    """Validate ``parallelism.mesh_dim_order``.
+
+    Rules: a permutation of pp, dp_replicate, dp_shard, tp, cp; pp outermost (stages span the
+    slowest links, as in TorchTitan and Megatron-LM); dp_replicate next (HSDP replicas span
+    nodes, and the HSDP mesh is built by unflattening the loss mesh, which needs it outermost
+    among the data dims). dp_shard, tp and cp may come in any order.
+
+    Raises:
+        ConfigError: naming ``parallelism.mesh_dim_order`` and the given list.
+    """
+    key = "parallelism.mesh_dim_order"
+    if sorted(order) != sorted(MESH_DIM_NAMES):
+        raise ConfigError(key, list(order), f"must be a permutation of {', '.join(MESH_DIM_NAMES)}")
+    if order[0] != "pp" or order[1] != "dp_replicate":
+        raise ConfigError(
+            key,
+            list(order),
+            "pp must be first and dp_replicate second; dp_shard, tp and cp may be in any order",
+        )

@@ -1,0 +1,61 @@
+"""The parallelize function: every parallelism, applied to one model (or pipeline stage) over
+one DeviceMesh, in the order it must happen.
+
+Order (TorchTitan 0.2.2 ``parallelize_llama``): tensor parallel first (it rewrites the
+parameters into DTensors over the tp mesh), then context parallel on the attention modules,
+then activation checkpointing (wraps the blocks, which TP and CP have already rewritten), then
+``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), and
+FSDP2 last (it shards whatever parameters the previous steps produced, composing its dp_shard x
+cp mesh with the tp mesh into 2-D DTensors). The model definition carries no parallel code.
+TP and CP land with issues 4 and 3; until then the trainer rejects tp > 1 and cp > 1 before
+any collective.
+"""
+
+from typing import Any
+
+import torch
+from torch import nn
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.models.llama3.infra.parallelize import apply_compile
+
+from torchtitan_ext.parallel.activation_checkpoint import apply_ac
+from torchtitan_ext.parallel.fsdp import apply_fsdp
+from torchtitan_ext.parallel_dims import ParallelDims
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.device) -> nn.Module:
+    """Apply AC, compile and FSDP/HSDP to ``model`` (on the meta device), in place.
+
+    Args:
+        model: a TorchTitan Llama-style model on the meta device.
+        dims: the job's ParallelDims with its mesh built.
+        cfg: the merged JobConfig.
+        device: the training device (mixed precision is bf16 on CUDA, fp32 on CPU).
+
+    Returns:
+        The same model.
+    """
+    compile_model = cfg.compile.enable and "model" in cfg.compile.components
+    if cfg.activation_checkpoint.mode != "none":
+        apply_ac(model, cfg.activation_checkpoint, compile_model, cfg.job.dump_folder)
+    if compile_model:
+        apply_compile(model, cfg.compile)
+    if dims.fsdp_enabled or dims.dp_replicate_enabled:
+        mesh = dims.get_mesh("hsdp") if dims.dp_replicate_enabled else dims.get_mesh("fsdp")
+        apply_fsdp(
+            model,
+            mesh,
+            param_dtype=param_dtype(cfg, device),
+            reduce_dtype=TORCH_DTYPE_MAP[cfg.training.mixed_precision_reduce],
+            reshard_after_forward_policy=cfg.parallelism.fsdp_reshard_after_forward,
+            pp_enabled=dims.pp_enabled,
+        )
+    return model
+
+
+def param_dtype(cfg: Any, device: torch.device) -> torch.dtype:
+    """Compute dtype of parameters: ``training.mixed_precision_param`` on CUDA, fp32 on CPU
+    (CPU bf16 matmuls are slow and parity checks need fp32)."""
+    if device.type == "cpu":
+        return torch.float32
+    return TORCH_DTYPE_MAP[cfg.training.mixed_precision_param]

@@ -1,0 +1,445 @@
+"""The training loop, in TorchTitan's style (``Trainer.train -> train_step``), on CPU/gloo and
+CUDA/NCCL.
+
+Reuses TorchTitan 0.2.2's schema, model registry, loss, optimizer and LR-scheduler builders and
+gradient clipping; not its ``Trainer`` (which assumes CUDA). Start-up order matters: everything
+that can fail on a bad recipe (config, mesh degrees, dataset, tokenizer) runs on every rank
+before the first collective, so a bad recipe exits on every rank with one message instead of
+hanging.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torchtitan.components.checkpoint import ModelWrapper
+from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
+from torchtitan.components.lr_scheduler import build_lr_schedulers
+from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.distributed.utils import clip_grad_norm_
+from torchtitan.protocols.train_spec import get_train_spec
+from torchtitan.tools.utils import GarbageCollection
+
+from torchtitan_ext.checkpoint import Checkpointer, TrainState
+from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.validate import resolve_model_args, validate
+from torchtitan_ext.data import (
+    GlobalBatchLoader,
+    PackedWindows,
+    build_tokenizer,
+    load_documents,
+    split_documents,
+    tokenize,
+)
+from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_backend, resolve_device
+from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
+from torchtitan_ext.models import build_model_on_meta, init_weights_mesh_independent
+from torchtitan_ext.parallel_dims import ParallelDims
+from torchtitan_ext.parallelize import parallelize
+
+logger = logging.getLogger("torchtitan_ext")
+
+
+@dataclass
+class Prepared:
+    """Everything resolved before the first collective."""
+
+    cfg: Any
+    rank: RankInfo
+    dims: ParallelDims
+    device: torch.device
+    backend: str
+    tokenizer: BaseTokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    model_args: Any
+
+
+def check_trainer_support(cfg: Any, dims: ParallelDims) -> None:
+    """Reject recipe settings that TorchTitan's schema has but this trainer does not implement
+    (yet), rather than ignoring them.
+
+    Raises:
+        ConfigError: the first unsupported setting.
+    """
+    unsupported: list[tuple[str, Any, bool, str]] = [
+        ("parallelism.tensor_parallel_degree", dims.tp, dims.tp_enabled, "TP arrives with issue 4"),
+        (
+            "parallelism.pipeline_parallel_degree",
+            dims.pp,
+            dims.pp_enabled,
+            "PP arrives with issue 4",
+        ),
+        (
+            "parallelism.context_parallel_degree",
+            dims.cp,
+            dims.cp_enabled,
+            "CP arrives with issue 3",
+        ),
+        (
+            "checkpoint.async_mode",
+            cfg.checkpoint.async_mode,
+            cfg.checkpoint.async_mode != "disabled",
+            "only 'disabled' is supported",
+        ),
+        (
+            "checkpoint.create_seed_checkpoint",
+            True,
+            cfg.checkpoint.create_seed_checkpoint,
+            "not needed: initialization does not depend on the mesh",
+        ),
+        (
+            "checkpoint.initial_load_in_hf",
+            True,
+            cfg.checkpoint.initial_load_in_hf,
+            "HF-format loading is not supported",
+        ),
+        (
+            "checkpoint.last_save_in_hf",
+            True,
+            cfg.checkpoint.last_save_in_hf,
+            "HF-format saving is not supported",
+        ),
+        (
+            "model.converters",
+            cfg.model.converters,
+            bool(cfg.model.converters),
+            "model converters (float8, mx) are not supported",
+        ),
+        ("fault_tolerance.enable", True, cfg.fault_tolerance.enable, "not supported"),
+        ("metrics.enable_wandb", True, cfg.metrics.enable_wandb, "use tensorboard"),
+        ("profiling.enable_profiling", True, cfg.profiling.enable_profiling, "not supported yet"),
+        (
+            "optimizer.early_step_in_backward",
+            True,
+            cfg.optimizer.early_step_in_backward,
+            "not supported",
+        ),
+        ("comm.mode", cfg.comm.mode, cfg.comm.mode != "default", "only 'default' is supported"),
+    ]
+    for key, value, bad, why in unsupported:
+        if bad:
+            raise ConfigError(key, value, f"not supported by torchtitan_ext's trainer: {why}")
+
+
+def prepare(args: list[str], rank: RankInfo) -> Prepared:
+    """Parse, validate and load data: no collective, identical on every rank.
+
+    Raises:
+        ConfigError: any problem with the recipe, the environment or the data.
+    """
+    cfg = load_config(args)
+    dims = validate(cfg, rank.world_size)
+    assert dims is not None
+    check_trainer_support(cfg, dims)
+    device = resolve_device(cfg, rank.local_rank)
+    backend = resolve_backend(cfg, device)
+    model_args = resolve_model_args(cfg)
+    model_args.update_from_config(cfg)
+    tokenizer = build_tokenizer(cfg)
+    if tokenizer.get_vocab_size() > model_args.vocab_size:
+        raise ConfigError(
+            "model.flavor",
+            cfg.model.flavor,
+            f"vocab_size {model_args.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.get_vocab_size()}",
+        )
+    docs = load_documents(cfg)
+    train_docs, val_docs = split_documents(
+        docs, cfg.data.validation_fraction, cfg.data.shuffle_seed
+    )
+    if cfg.validation.enable and not val_docs:
+        raise ConfigError("validation.enable", True, "data.validation_fraction leaves no documents")
+    train_tokens = tokenize(train_docs, tokenizer)
+    val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
+    # Fail now, not at the first step, if the data cannot fill one window.
+    PackedWindows(train_tokens, cfg.training.seq_len, cfg.data.shuffle_seed)
+    if cfg.validation.enable:
+        PackedWindows(val_tokens, cfg.validation.seq_len, 0, shuffle=False)
+    return Prepared(
+        cfg, rank, dims, device, backend, tokenizer, train_tokens, val_tokens, model_args
+    )
+
+
+class Trainer:
+    """Builds the mesh, model, optimizer, data loader and checkpointer, then trains.
+
+    Collective from construction on: every rank must construct and ``train()`` it.
+    """
+
+    def __init__(self, p: Prepared) -> None:
+        cfg, dims, device = p.cfg, p.dims, p.device
+        self.cfg, self.dims, self.device, self.rank = cfg, dims, device, p.rank.rank
+        dims.build_mesh(device.type)
+        seed = cfg.debug.seed if cfg.debug.seed is not None else 0
+        torch.manual_seed(seed)
+        if cfg.debug.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=cfg.debug.deterministic_warn_only)
+
+        # Model: meta -> parallelize -> materialize and initialize (mesh-independent).
+        spec = get_train_spec(cfg.model.name)
+        model = build_model_on_meta(spec.model_cls, p.model_args)
+        nparams, self.flops_per_token = p.model_args.get_nparams_and_flops(
+            model, cfg.training.seq_len
+        )
+        logger.info(
+            f"model {cfg.model.name}/{cfg.model.flavor}: {nparams:,} parameters, "
+            f"mesh {dims.shape_str()}, device {device}, backend {p.backend}"
+        )
+        parallelize(model, dims, cfg, device)
+        init_weights_mesh_independent(model, seed, device)
+        model.train()
+        self.model = model
+        self.model_parts: list[nn.Module] = [model]
+        self.amp = self._amp_context()
+
+        self.loss_fn = build_cross_entropy_loss(cfg)
+        self.optimizers = build_optimizers(self.model_parts, cfg.optimizer, dims)
+        self.lr_schedulers = build_lr_schedulers(
+            self.optimizers, cfg.lr_scheduler, cfg.training.steps
+        )
+
+        # Data: the same global batch at every step whatever the mesh.
+        t = cfg.training
+        global_batch = (
+            t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp
+        )
+        self.dataloader = GlobalBatchLoader(
+            PackedWindows(p.train_tokens, t.seq_len, cfg.data.shuffle_seed),
+            local_batch_size=t.local_batch_size,
+            dp_rank=dims.dp_rank(),
+            dp_degree=dims.dp,
+            grad_accum_steps=global_batch // (t.local_batch_size * dims.dp),
+        )
+        self.val_windows = (
+            PackedWindows(p.val_tokens, cfg.validation.seq_len, 0, shuffle=False)
+            if cfg.validation.enable
+            else None
+        )
+        self.train_state = TrainState()
+        self.checkpointer = Checkpointer(
+            cfg,
+            {
+                "model": ModelWrapper(self.model_parts),
+                "optimizer": self.optimizers,
+                "lr_scheduler": self.lr_schedulers,
+                "dataloader": self.dataloader,
+                "train_state": self.train_state,
+            },
+            rank=self.rank,
+        )
+        self.metrics = MetricsLogger(
+            dump_folder=cfg.job.dump_folder,
+            enabled=self.rank == 0,
+            enable_tensorboard=cfg.metrics.enable_tensorboard,
+            tb_folder=cfg.metrics.save_tb_folder,
+            flops_per_token=self.flops_per_token,
+            peak_flops=device_peak_flops(device),
+            total_steps=t.steps,
+            color=not cfg.metrics.disable_color_printing,
+        )
+        logger.info(
+            f"global batch {self.dataloader.global_batch_size} x {t.seq_len} tokens "
+            f"(local batch {t.local_batch_size}, {self.dataloader.grad_accum_steps} "
+            f"microbatch(es) per step, dp {dims.dp})"
+        )
+
+    def _amp_context(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast for bf16 on a single CUDA device without FSDP (FSDP's MixedPrecisionPolicy
+        casts otherwise); nothing on CPU, where training is fp32."""
+        sharded = self.dims.fsdp_enabled or self.dims.dp_replicate_enabled
+        if self.device.type == "cuda" and not sharded:
+            dtype = TORCH_DTYPE_MAP[self.cfg.training.mixed_precision_param]
+            if dtype != torch.float32:
+                return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def train_step(
+        self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this rank's microbatches.
+
+        The loss of each microbatch is its summed cross-entropy divided by the number of label
+        tokens in the whole global batch (all microbatches, all dp ranks), so that summing the
+        gradients over microbatches and over dp ranks (FSDP reduce-scatter with divide factor 1)
+        gives exactly the gradient of the global mean loss, whatever the mesh
+        (TorchTitan 0.2.2 ``Trainer.train_step``).
+
+        Returns:
+            (this rank's loss contribution: local loss sum / global tokens, fp32 scalar;
+             total gradient norm before clipping, fp32 scalar).
+        """
+        self.optimizers.zero_grad()
+        local_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
+        global_tokens = torch.tensor(float(local_tokens), device=self.device)
+        if self.dims.dp_enabled:
+            dist.all_reduce(global_tokens, group=self.dims.get_mesh("batch").get_group())
+        loss_acc = torch.zeros((), device=self.device)
+        for inputs, labels in microbatches:
+            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            with self.amp:
+                pred = self.model(inputs)
+                loss = self.loss_fn(pred, labels) / global_tokens
+            del pred
+            loss.backward()
+            loss_acc += loss.detach()
+        grad_norm = clip_grad_norm_(
+            [p for m in self.model_parts for p in m.parameters()],
+            self.cfg.training.max_norm,
+            foreach=True,
+        )
+        self.optimizers.step()
+        self.lr_schedulers.step()
+        return loss_acc, grad_norm
+
+    def _global_loss(self, local: torch.Tensor) -> float:
+        """Sum the ranks' loss contributions over the loss mesh (dp x cp): the global mean."""
+        if self.dims.loss_parallel_size > 1:
+            local = local.clone()
+            dist.all_reduce(local, group=self.dims.get_mesh("loss").get_group())
+        return float(local.item())
+
+    def _max_peak_memory(self) -> float:
+        mem = torch.tensor(peak_memory_mib(self.device), device=self.device)
+        if self.dims.world_size > 1:
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        return float(mem.item())
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean cross-entropy over the validation split (``validation.steps`` batches of
+        ``validation.local_batch_size`` per dp rank; -1: the whole split once)."""
+        assert self.val_windows is not None
+        v = self.cfg.validation
+        dp, dp_rank = self.dims.dp, self.dims.dp_rank()
+        per_batch = v.local_batch_size * dp
+        n_batches = self.val_windows.num_windows // per_batch
+        if v.steps != -1:
+            n_batches = min(n_batches, v.steps)
+        self.model.eval()
+        sums = torch.zeros(2, device=self.device)  # (loss sum, tokens)
+        for b in range(n_batches):
+            inputs, labels = self.val_windows.batch(
+                b * per_batch + dp_rank * v.local_batch_size, v.local_batch_size
+            )
+            with self.amp:
+                pred = self.model(inputs.to(self.device))
+                sums[0] += self.loss_fn(pred, labels.to(self.device)).float()
+            sums[1] += (labels != IGNORE_INDEX).sum()
+        self.model.train()
+        # A forward without backward leaves FSDP units built with reshard_after_forward=False
+        # (norm + output) unsharded; reshard so parameters are the optimizer's DTensors again.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        if dp > 1:
+            dist.all_reduce(sums, group=self.dims.get_mesh("batch").get_group())
+        return float(sums[0] / sums[1].clamp(min=1))
+
+    def train(self) -> list[dict[str, Any]]:
+        """Run until ``training.steps``, resuming from the latest checkpoint if any.
+
+        Returns:
+            The metric records of the logged steps (also on non-logging ranks).
+        """
+        cfg = self.cfg
+        self.checkpointer.maybe_load()
+        start = self.train_state.step
+        if start >= cfg.training.steps:
+            logger.info(f"nothing to do: checkpoint at step {start} >= training.steps")
+            return []
+        logger.info(f"training from step {start + 1} to {cfg.training.steps}")
+        gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq)
+        records: list[dict[str, Any]] = []
+        tokens_since_log = 0
+        self.metrics.reset_timer(start)
+        for step in range(start + 1, cfg.training.steps + 1):
+            gc_handler.run(step)
+            lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+            microbatches = self.dataloader.next_step()
+            loss, grad_norm = self.train_step(microbatches)
+            self.train_state.step = step
+            step_tokens = self.dataloader.global_batch_size * cfg.training.seq_len
+            self.train_state.tokens_seen += step_tokens
+            tokens_since_log += sum(x.numel() for x, _ in microbatches)
+            last = step == cfg.training.steps
+            if step == 1 or step % cfg.metrics.log_freq == 0 or last:
+                global_loss = self._global_loss(loss)
+                if not math.isfinite(global_loss):
+                    raise FloatingPointError(f"loss is {global_loss} at step {step}")
+                records.append(
+                    self.metrics.log(
+                        step,
+                        global_loss,
+                        float(grad_norm.item()),
+                        float(lr),
+                        tokens_since_log,
+                        cfg.training.seq_len,
+                        self._max_peak_memory(),
+                        extra={"tokens_seen": float(self.train_state.tokens_seen)},
+                    )
+                )
+                tokens_since_log = 0
+            if self.val_windows is not None and (step % cfg.validation.freq == 0 or last):
+                self.metrics.log_validation(step, self.validate())
+            if self.checkpointer.should_save(step, last):
+                self.checkpointer.save(step)
+        self.metrics.close()
+        return records
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, WARNING elsewhere (TorchTitan logs through the root logger too)."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
+
+
+def main(args: list[str]) -> int:
+    """``train.py``'s entry point; returns the exit status (2 on a bad recipe)."""
+    try:
+        rank = RankInfo.from_env()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(rank.rank)
+    try:
+        prepared = prepare(args, rank)
+    except ConfigError as e:
+        # Same message on every rank, before any collective: no hang, no traceback.
+        print(f"[rank{rank.rank}] config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    cfg = prepared.cfg
+    if cfg.job.print_config and rank.rank == 0:
+        from torchtitan_ext.config.__main__ import format_toml
+
+        print(format_toml(cfg))
+    init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)
+    try:
+        t0 = time.perf_counter()
+        trainer = Trainer(prepared)
+        trainer.train()
+        out = os.path.abspath(cfg.job.dump_folder)
+        logger.info(f"training done in {time.perf_counter() - t0:.1f}s; outputs in {out}")
+    except ConfigError as e:
+        print(f"[rank{rank.rank}] config error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.destroy_process_group()
+    return 0
