@@ -1,0 +1,621 @@
+"""Trainer overhead benchmark: ``train.py`` on 1 rank vs. a minimal hand-written PyTorch loop.
+
+What is measured: steady-state training throughput in tokens/s per rank (input tokens processed
+per second of wall time by the one training process; with 1 rank this is also the job's
+throughput), for
+
+* the trainer: ``python train.py --job.config_file <recipe>`` without torchrun (a 1-rank gloo
+  group), with checkpointing, validation and tensorboard off and ``metrics.log_freq = 1``; its
+  throughput is read from ``<dump_folder>/metrics.jsonl``;
+* a minimal loop (this script's hidden ``--_minimal`` mode): the same TorchTitan Llama 3 model
+  and flavor, initial weights (``init_weights_mesh_independent``, same seed), data (the packed
+  windows of the tokenized stdlib corpus, same split, order and batches), fp32, local batch,
+  sequence length, optimizer (``torch.optim.AdamW`` with the recipe's hyperparameters and
+  implementation), LR schedule (written out by hand), summed cross-entropy divided by the label
+  tokens, ``clip_grad_norm_``, ``zero_grad`` and ``step``, timed with ``time.perf_counter``.
+
+Both run as subprocesses of this script, with the same interpreter, working directory and
+``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` (the minimal loop also calls ``torch.set_num_threads``
+with that count). The first ``--warmup`` steps of every run are excluded; the throughput of a
+run is (tokens of the timed steps) / (wall time of the timed steps). Runs alternate in ABBA
+order over ``--repeats`` repeats and the median over repeats is reported for each side.
+
+Result: ``ratio = trainer tokens/s / minimal-loop tokens/s``; target ``ratio >= 0.97`` (the
+trainer costs at most 3% over a bare loop). PASS/FAIL is printed against the target; the exit
+status is 0 either way, and non-zero only if a run crashed or the setup is invalid. Since both
+sides start from the same weights and see the same batches, their per-step losses should agree
+closely; the largest difference is printed as a check that they did the same work.
+
+Usage::
+
+    .venv/bin/python scripts/bench_overhead.py [--config train_configs/debug_cpu.toml]
+        [--steps 60] [--warmup 10] [--repeats 2] [--threads N]
+        [--flavor NAME] [--local-batch-size B] [--seq-len S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_RATIO = 0.97
+# Environment variables that would make train.py join a torchrun job instead of running alone.
+_LAUNCHER_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "GROUP_RANK",
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What both sides run: the recipe plus the values the parent resolved and passes to both
+    explicitly (so an override cannot reach one side only)."""
+
+    config: str
+    flavor: str
+    local_batch_size: int
+    seq_len: int
+    steps: int
+    warmup: int
+    threads: int
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One timed run of one side."""
+
+    tokens_per_sec: float  # tokens of the timed steps / their wall time
+    timed_steps: int
+    timed_sec: float
+    losses: list[float]  # every step's loss
+    step_sec: list[float]  # wall time of each timed step
+    tokens_per_step: int
+    wall_sec: float  # the whole subprocess, start-up included
+
+    @property
+    def median_step_tokens_per_sec(self) -> float:
+        """tokens per step / median step time: insensitive to a few steps slowed by other
+        processes on the machine (a noise check, not the headline number)."""
+        return self.tokens_per_step / statistics.median(self.step_sec)
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    """The recipe TOML as a dict of sections."""
+    import tomli
+
+    with open(path, "rb") as f:
+        return tomli.load(f)
+
+
+def section(recipe: dict[str, Any], name: str) -> dict[str, Any]:
+    """A section of the recipe, empty when absent."""
+    value = recipe.get(name, {})
+    return value if isinstance(value, dict) else {}
+
+
+def resolve_config_path(path: str) -> str:
+    """``path`` as given if it exists (relative to the current directory), else relative to the
+    repository root; absolute either way, since the runs use the repository root as cwd."""
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (REPO / p).is_file():
+        p = REPO / p
+    if not p.is_file():
+        raise SystemExit(f"bench_overhead: no such recipe: {path}")
+    return str(p.resolve())
+
+
+def check_recipe(recipe: dict[str, Any]) -> list[str]:
+    """Recipe settings under which the minimal loop would not do the trainer's work.
+
+    Returns:
+        Warnings to print (settings the minimal loop does not reproduce).
+
+    Raises:
+        SystemExit: settings the minimal loop cannot reproduce at all (other data/tokenizer).
+    """
+    model, training = section(recipe, "model"), section(recipe, "training")
+    if training.get("dataset_path") or training.get("dataset", "python_stdlib") != "python_stdlib":
+        raise SystemExit("bench_overhead: only the embedded python_stdlib dataset is supported")
+    if model.get("tokenizer", "auto") == "hf":
+        raise SystemExit("bench_overhead: only the byte-level tokenizer is supported")
+    if model.get("name", "llama3") != "llama3":
+        raise SystemExit("bench_overhead: only model.name = llama3 is supported")
+    warnings = []
+    if section(recipe, "activation_checkpoint").get("mode", "selective") != "none":
+        warnings.append("activation checkpointing is on in the recipe; the minimal loop has none")
+    if section(recipe, "compile").get("enable", False):
+        warnings.append("torch.compile is on in the recipe; the minimal loop runs eagerly")
+    if section(recipe, "debug").get("deterministic", False):
+        warnings.append("debug.deterministic is on in the recipe; the minimal loop does not set it")
+    return warnings
+
+
+def clean_env(threads: int) -> dict[str, str]:
+    """The environment of both sides: ours, minus torchrun's variables, with the thread count
+    pinned so that torch's intra-op pool has the same size in both processes."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env["OMP_NUM_THREADS"] = str(threads)
+    env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def trainer_command(w: Workload, dump_folder: str) -> list[str]:
+    """The train.py command line of one trainer run."""
+    return [
+        sys.executable,
+        "train.py",
+        "--job.config_file", w.config,
+        "--job.dump_folder", dump_folder,
+        "--model.flavor", w.flavor,
+        "--training.local_batch_size", str(w.local_batch_size),
+        "--training.seq_len", str(w.seq_len),
+        "--training.steps", str(w.steps),
+        "--metrics.log_freq", "1",
+        "--metrics.no-enable-tensorboard",
+        "--checkpoint.no-enable",
+        "--validation.no-enable",
+    ]  # fmt: skip
+
+
+def minimal_command(w: Workload) -> list[str]:
+    """The command line of one minimal-loop run (this script in ``--_minimal`` mode)."""
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--_minimal",
+        "--config", w.config,
+        "--flavor", w.flavor,
+        "--local-batch-size", str(w.local_batch_size),
+        "--seq-len", str(w.seq_len),
+        "--steps", str(w.steps),
+        "--warmup", str(w.warmup),
+        "--threads", str(w.threads),
+    ]  # fmt: skip
+
+
+def run_checked(cmd: list[str], env: dict[str, str], timeout: float, what: str) -> str:
+    """Run ``cmd`` in the repository root; its stdout (stderr merged) on success.
+
+    Raises:
+        RuntimeError: non-zero exit status or timeout, with the output's tail.
+    """
+    try:
+        proc = subprocess.run(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{what} timed out after {timeout:.0f}s: {shlex.join(cmd)}") from e
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stdout.splitlines()[-30:])
+        raise RuntimeError(
+            f"{what} exited with status {proc.returncode}: {shlex.join(cmd)}\n{tail}"
+        )
+    return proc.stdout
+
+
+def steady_state_from_metrics(
+    records: list[dict[str, Any]], warmup: int
+) -> tuple[float, int, float, list[float]]:
+    """Steady-state throughput of a trainer run from its per-step metrics records.
+
+    With ``log_freq = 1`` there is one record per step, and ``elapsed_sec`` is the wall time
+    from the start of the training loop to the logging of that step. The timed window is
+    therefore ``elapsed_sec[last] - elapsed_sec[warmup]`` (start 0 for warmup 0: the timer
+    starts just before step 1): every loop iteration of steps warmup+1..last, data loading,
+    the train step and the trainer's own per-step logging included, which is what the minimal
+    loop times too. The tokens of the window are ``tokens_seen[last] - tokens_seen[warmup]``
+    (tokens of all ranks; with one rank, this rank's). Throughput is total tokens / total
+    time over the window, not the mean of the per-step ``tokens_per_sec`` values: a mean of
+    rates over-weights the fast steps, whereas tokens / time weights every second equally
+    (summing ``tokens_per_sec * dt`` over the records gives the same token count).
+
+    Returns:
+        (tokens/s, number of timed steps, timed seconds, each timed step's seconds).
+    """
+    by_step = {int(r["step"]): r for r in records if "loss" in r}
+    last = max(by_step)
+    if last <= warmup:
+        raise RuntimeError(f"only {last} steps logged, not more than warmup {warmup}")
+    missing = [s for s in range(max(warmup, 1), last + 1) if s not in by_step]
+    if missing:
+        raise RuntimeError(f"metrics.jsonl lacks steps {missing[:5]} (log_freq not 1?)")
+    start_sec = float(by_step[warmup]["elapsed_sec"]) if warmup > 0 else 0.0
+    start_tokens = float(by_step[warmup]["tokens_seen"]) if warmup > 0 else 0.0
+    seconds = float(by_step[last]["elapsed_sec"]) - start_sec
+    tokens = float(by_step[last]["tokens_seen"]) - start_tokens
+    ends = [start_sec] + [float(by_step[s]["elapsed_sec"]) for s in range(warmup + 1, last + 1)]
+    step_sec = [b - a for a, b in itertools.pairwise(ends)]
+    return tokens / seconds, last - warmup, seconds, step_sec
+
+
+def run_trainer(w: Workload, env: dict[str, str], timeout: float) -> RunResult:
+    """One trainer run in a temporary dump folder."""
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_") as dump:
+        t0 = time.perf_counter()
+        run_checked(trainer_command(w, dump), env, timeout, "train.py")
+        wall = time.perf_counter() - t0
+        with open(os.path.join(dump, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    train_records = sorted((r for r in records if "loss" in r), key=lambda r: int(r["step"]))
+    tps, steps, seconds, step_sec = steady_state_from_metrics(train_records, w.warmup)
+    losses = [float(r["loss"]) for r in train_records]
+    tokens_per_step = round(tps * seconds / steps)
+    return RunResult(tps, steps, seconds, losses, step_sec, tokens_per_step, wall)
+
+
+def run_minimal(w: Workload, env: dict[str, str], timeout: float) -> RunResult:
+    """One minimal-loop run; it prints its result as one JSON line, last on stdout."""
+    t0 = time.perf_counter()
+    out = run_checked(minimal_command(w), env, timeout, "minimal loop")
+    wall = time.perf_counter() - t0
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"minimal loop printed no result:\n{out[-2000:]}")
+    r = json.loads(lines[-1])
+    return RunResult(
+        float(r["tokens_per_sec"]),
+        int(r["timed_steps"]),
+        float(r["timed_sec"]),
+        [float(x) for x in r["losses"]],
+        [float(x) for x in r["step_sec"]],
+        int(r["tokens_per_step"]),
+        wall,
+    )
+
+
+# ----------------------------------------------------------------------------- minimal loop
+
+
+def lr_factor(
+    step: int,
+    warmup_steps: int,
+    stable_steps: int,
+    decay_steps: int,
+    decay_type: str,
+    min_lr_factor: float,
+) -> float:
+    """TorchTitan 0.2.2's linear-warmup / stable / decay LR multiplier at 0-based ``step``
+    (``torchtitan/components/lr_scheduler.py``), written out so the minimal loop follows the
+    same LR schedule (and hence the same losses) as the trainer."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step < warmup_steps + stable_steps:
+        return 1.0
+    progress = (step + 1 - warmup_steps - stable_steps) / decay_steps
+    if decay_type == "linear":
+        factor = 1 - progress
+    elif decay_type == "sqrt":
+        factor = 1 - math.sqrt(progress)
+    elif decay_type == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown lr_scheduler.decay_type {decay_type!r}")
+    return min_lr_factor + (1 - min_lr_factor) * factor
+
+
+def schedule_lengths(sched: dict[str, Any], training_steps: int) -> tuple[int, int, int]:
+    """(warmup, stable, decay) steps as TorchTitan's ``build_lr_schedulers`` computes them."""
+    total = sched["total_steps"] if sched.get("total_steps") is not None else training_steps
+    warmup = min(int(sched["warmup_steps"]), total)
+    if sched.get("decay_ratio") is not None:
+        decay = min(round(total * sched["decay_ratio"]), total - warmup)
+    else:
+        decay = total - warmup
+    return warmup, total + 1 - warmup - decay, decay
+
+
+def minimal_loop(w: Workload) -> dict[str, Any]:
+    """The hand-written training loop; returns its throughput and per-step losses."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import copy
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+    from torchtitan.components.loss import IGNORE_INDEX
+    from torchtitan.config import LRScheduler, Optimizer
+    from torchtitan.models.llama3 import Transformer, llama3_args
+
+    import torchtitan_ext.models  # registers the CPU flavors into llama3_args
+    from torchtitan_ext.data import (
+        ByteTokenizer,
+        PackedWindows,
+        python_stdlib_documents,
+        split_documents,
+        tokenize,
+    )
+
+    torch.set_num_threads(w.threads)
+    recipe = load_recipe(w.config)
+    # Hyperparameters: the recipe's values over TorchTitan's (and torchtitan_ext's) defaults.
+    opt = {**dataclasses.asdict(Optimizer()), **section(recipe, "optimizer")}
+    sched = {**dataclasses.asdict(LRScheduler()), **section(recipe, "lr_scheduler")}
+    training = section(recipe, "training")
+    data = {"validation_fraction": 0.02, "shuffle_seed": 0, **section(recipe, "data")}
+    seed = section(recipe, "debug").get("seed") or 0
+    max_norm = float(training.get("max_norm", 1.0))
+    global_batch = int(training.get("global_batch_size", -1))
+    accum = 1 if global_batch == -1 else global_batch // w.local_batch_size
+
+    # Data: the trainer's training split and window order; step k reads windows
+    # [k * G, (k + 1) * G) for global batch G (one rank: G = accum x local batch).
+    docs = python_stdlib_documents()
+    train_docs, _ = split_documents(docs, data["validation_fraction"], data["shuffle_seed"])
+    windows = PackedWindows(tokenize(train_docs, ByteTokenizer()), w.seq_len, data["shuffle_seed"])
+
+    # Model: fp32 on CPU, the trainer's initial weights.
+    torch.manual_seed(seed)
+    model_args = copy.deepcopy(llama3_args[w.flavor])
+    model_args.max_seq_len = w.seq_len  # what TransformerModelArgs.update_from_config does
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    torchtitan_ext.models.init_weights_mesh_independent(model, seed, torch.device("cpu"))
+    model.train()
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[opt["name"]]
+    optimizer = optimizer_cls(
+        params,
+        lr=opt["lr"],
+        betas=(opt["beta1"], opt["beta2"]),
+        eps=opt["eps"],
+        weight_decay=opt["weight_decay"],
+        foreach=opt["implementation"] == "foreach",
+        fused=opt["implementation"] == "fused",
+    )
+    warmup_steps, stable_steps, decay_steps = schedule_lengths(sched, w.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_factor(
+            s,
+            warmup_steps,
+            stable_steps,
+            decay_steps,
+            sched["decay_type"],
+            sched["min_lr_factor"],
+        ),
+    )
+
+    # Timing mirrors the trainer's metrics: ends[k] is the end of step k (ends[0]: the start
+    # of the loop); the timed window runs from the end of step `warmup` to the end of the last.
+    losses: list[float] = []
+    ends = [time.perf_counter()]
+    consumed = 0
+    for _step in range(1, w.steps + 1):
+        micro = [
+            windows.batch(consumed + m * w.local_batch_size, w.local_batch_size)
+            for m in range(accum)
+        ]
+        consumed += accum * w.local_batch_size
+        optimizer.zero_grad()
+        n_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro)
+        loss_sum = 0.0
+        for inputs, labels in micro:
+            pred = model(inputs)
+            loss = (
+                F.cross_entropy(
+                    pred.flatten(0, 1).float(),
+                    labels.flatten(0, 1),
+                    reduction="sum",
+                    ignore_index=IGNORE_INDEX,
+                )
+                / n_tokens
+            )
+            del pred
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss_sum)
+        ends.append(time.perf_counter())
+    seconds = ends[-1] - ends[w.warmup]
+    timed_steps = w.steps - w.warmup
+    tokens_per_step = accum * w.local_batch_size * w.seq_len
+    return {
+        "tokens_per_sec": timed_steps * tokens_per_step / seconds,
+        "timed_steps": timed_steps,
+        "timed_sec": seconds,
+        "losses": losses,
+        "step_sec": [b - a for a, b in itertools.pairwise(ends[w.warmup :])],
+        "tokens_per_step": tokens_per_step,
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line (``--_minimal`` is internal: the child process mode)."""
+    p = argparse.ArgumentParser(
+        description="tokens/s of train.py (1 rank) vs. a minimal PyTorch loop; target ratio "
+        f">= {TARGET_RATIO}",
+    )
+    p.add_argument("--config", default="train_configs/debug_cpu.toml", help="recipe TOML")
+    p.add_argument("--steps", type=int, default=60, help="training steps per run")
+    p.add_argument("--warmup", type=int, default=10, help="first steps excluded from timing")
+    p.add_argument("--repeats", type=int, default=2, help="runs per side (ABBA order)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS/torch threads of both sides (default: torch's default)",
+    )
+    p.add_argument("--flavor", default=None, help="model flavor (default: the recipe's)")
+    p.add_argument("--local-batch-size", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the recipe's")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument("--_minimal", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps <= args.warmup or args.warmup < 0:
+        p.error("need 0 <= --warmup < --steps")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def resolve_workload(args: argparse.Namespace, recipe: dict[str, Any], config: str) -> Workload:
+    """The workload from the command line over the recipe's values."""
+    threads = args.threads
+    if threads is None:
+        import torch
+
+        threads = torch.get_num_threads()
+    training = section(recipe, "training")
+    return Workload(
+        config=config,
+        flavor=args.flavor or section(recipe, "model").get("flavor", "debugmodel"),
+        local_batch_size=args.local_batch_size or int(training.get("local_batch_size", 8)),
+        seq_len=args.seq_len or int(training.get("seq_len", 2048)),
+        steps=args.steps,
+        warmup=args.warmup,
+        threads=threads,
+    )
+
+
+NOISE_TOLERANCE = 0.05
+"""Relative spread over repeats, or shortfall of a run's tokens/s against its median-step
+tokens/s, above which the report flags the measurement as noisy."""
+
+
+def noise_notes(trainer: list[RunResult], minimal: list[RunResult]) -> list[str]:
+    """Signs that other load on the machine distorted the timings."""
+    notes = []
+    for side, runs in (("trainer", trainer), ("minimal", minimal)):
+        tps = [r.tokens_per_sec for r in runs]
+        spread = (max(tps) - min(tps)) / statistics.median(tps)
+        if len(runs) > 1 and spread > NOISE_TOLERANCE:
+            notes.append(f"{side} tokens/s varies by {spread:.0%} over repeats")
+        for i, r in enumerate(runs, start=1):
+            shortfall = 1 - r.tokens_per_sec / r.median_step_tokens_per_sec
+            if shortfall > NOISE_TOLERANCE:
+                notes.append(
+                    f"{side} #{i}: tokens/s {shortfall:.0%} below its median-step tokens/s "
+                    "(some steps were slowed down)"
+                )
+    return notes
+
+
+def print_report(
+    w: Workload,
+    trainer: list[RunResult],
+    minimal: list[RunResult],
+    argv: list[str],
+    load: tuple[float, float],
+) -> None:
+    """The results table, the ratio and PASS/FAIL."""
+
+    def row(name: str, tps: float, step_tps: float, timed: str = "", wall: str = "") -> None:
+        print(f"{name:<16}{tps:>12,.0f}{step_tps:>18,.0f}{timed:>10}{wall:>9}")
+
+    print()
+    print(f"command: {shlex.join([sys.executable, sys.argv[0], *argv])}")
+    print(
+        f"workload: {Path(w.config).name}, flavor {w.flavor}, local batch {w.local_batch_size}"
+        f" x seq_len {w.seq_len}, fp32, {w.threads} threads; steps {w.warmup + 1}..{w.steps}"
+        f" of {w.steps} timed; units: tokens/s per rank"
+    )
+    print(f"1-min load average before / after: {load[0]:.2f} / {load[1]:.2f}")
+    print()
+    print(f"{'run':<16}{'tokens/s':>12}{'median-step tok/s':>18}{'timed s':>10}{'wall s':>9}")
+    for i, (t, m) in enumerate(zip(trainer, minimal, strict=True), start=1):
+        for name, r in ((f"trainer #{i}", t), (f"minimal #{i}", m)):
+            row(
+                name,
+                r.tokens_per_sec,
+                r.median_step_tokens_per_sec,
+                f"{r.timed_sec:.2f}",
+                f"{r.wall_sec:.1f}",
+            )
+    t_med = statistics.median(r.tokens_per_sec for r in trainer)
+    m_med = statistics.median(r.tokens_per_sec for r in minimal)
+    t_step = statistics.median(r.median_step_tokens_per_sec for r in trainer)
+    m_step = statistics.median(r.median_step_tokens_per_sec for r in minimal)
+    row("trainer median", t_med, t_step)
+    row("minimal median", m_med, m_step)
+    print()
+    pair_ratios = [
+        t.tokens_per_sec / m.tokens_per_sec for t, m in zip(trainer, minimal, strict=True)
+    ]
+    print("per-repeat ratios: " + ", ".join(f"{r:.3f}" for r in pair_ratios))
+    print(f"median-step ratio (noise check): {t_step / m_step:.3f}")
+    t_loss, m_loss = trainer[0].losses, minimal[0].losses
+    if len(t_loss) == len(m_loss):
+        diff = max(abs(a - b) for a, b in zip(t_loss, m_loss, strict=True))
+        print(
+            f"loss check (repeat 1, {len(t_loss)} steps): max |trainer - minimal| = {diff:.2e}"
+            f" (final loss {t_loss[-1]:.4f} vs {m_loss[-1]:.4f})"
+        )
+    else:
+        print(f"loss check: step counts differ ({len(t_loss)} vs {len(m_loss)})")
+    for note in noise_notes(trainer, minimal):
+        print(f"NOISY: {note}")
+    ratio = t_med / m_med
+    verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
+    print(f"ratio = trainer / minimal = {ratio:.3f}  (target >= {TARGET_RATIO}): {verdict}")
+
+
+def main(argv: list[str]) -> int:
+    """Entry point; 0 whatever the ratio, non-zero if a run crashed."""
+    args = parse_args(argv)
+    config = resolve_config_path(args.config)
+    recipe = load_recipe(config)
+    w = resolve_workload(args, recipe, config)
+    if args._minimal:
+        print(json.dumps(minimal_loop(w)), flush=True)
+        return 0
+    for warning in check_recipe(recipe):
+        print(f"warning: {warning}", flush=True)
+    env = clean_env(w.threads)
+    load_before = os.getloadavg()[0]
+    trainer: list[RunResult] = []
+    minimal: list[RunResult] = []
+    try:
+        for i in range(args.repeats):
+            # ABBA order: a slow drift of the machine's load biases neither side.
+            order = ("trainer", "minimal") if i % 2 == 0 else ("minimal", "trainer")
+            for side in order:
+                print(f"repeat {i + 1}/{args.repeats}: {side} ...", end=" ", flush=True)
+                if side == "trainer":
+                    r = run_trainer(w, env, args.timeout)
+                    trainer.append(r)
+                else:
+                    r = run_minimal(w, env, args.timeout)
+                    minimal.append(r)
+                print(f"{r.tokens_per_sec:,.0f} tokens/s", flush=True)
+    except RuntimeError as e:
+        print(f"\nbench_overhead: {e}", file=sys.stderr)
+        return 1
+    print_report(w, trainer, minimal, argv, (load_before, os.getloadavg()[0]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,81 @@
+"""Shared helpers: real multi-process launches (torchrun and torch.multiprocessing) over gloo."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch.multiprocessing as mp
+
+ROOT = Path(__file__).resolve().parent.parent
+TITAN_RECIPES = ROOT.parent / "shared" / "reference" / "torchtitan_v0.2.2_recipes"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def torchrun(
+    nproc: int, args: list[str], timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``torchrun --nproc_per_node nproc train.py args`` from the repo root."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        str(ROOT / "train.py"), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
+def read_metrics(dump_folder: Path) -> list[dict[str, Any]]:
+    """Training records (those with a ``loss``) of ``metrics.jsonl``, in file order."""
+    lines = (dump_folder / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _spawn_entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args: Any) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+    )  # fmt: skip
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable[..., None], world_size: int, *args: Any) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` real processes over a gloo
+    process group; an exception in any rank fails the test."""
+    mp.start_processes(
+        _spawn_entry,
+        args=(fn, world_size, free_port(), args),
+        nprocs=world_size,
+        join=True,
+        start_method="spawn",
+    )
+
+
+@pytest.fixture
+def titan_recipes() -> Path:
+    if not TITAN_RECIPES.is_dir():
+        pytest.skip(f"TorchTitan reference recipes not found at {TITAN_RECIPES}")
+    return TITAN_RECIPES

@@ -1,0 +1,140 @@
+"""Recipe loading and validation (in-process; no collectives involved)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from torchtitan_ext.config import ConfigError, load_config, validate
+from torchtitan_ext.config.__main__ import main as config_main
+
+DEBUG_CPU = str(ROOT / "train_configs" / "debug_cpu.toml")
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "recipe.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "world_size", "shape"),
+    [
+        ("debug_model.toml", 8, (1, 1, 8, 1, 1)),
+        ("llama3_8b.toml", 64, (1, 1, 64, 1, 1)),
+        ("llama3_70b.toml", 64, (1, 1, 8, 8, 1)),
+        ("llama3_405b.toml", 512, (1, 1, 64, 8, 1)),
+    ],
+)
+def test_torchtitan_recipes_load_unmodified(titan_recipes, name, world_size, shape):
+    cfg = load_config(["--job.config_file", str(titan_recipes / name)])
+    dims = validate(cfg, world_size)
+    assert dims is not None
+    assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp, dims.cp) == shape
+    # TorchTitan's values survive the merge with our sections, ours get their defaults.
+    assert cfg.model.name == "llama3"
+    assert cfg.model.tokenizer == "auto"
+    assert cfg.data.validation_fraction == 0.02
+
+
+def test_cli_overrides_titan_and_our_keys():
+    cfg = load_config(
+        [
+            "--job.config_file", DEBUG_CPU,
+            "--training.seq_len", "128",
+            "--data.shuffle_seed", "7",
+            "--parallelism.mesh_dim_order", "pp,dp_replicate,cp,dp_shard,tp",
+        ]
+    )  # fmt: skip
+    assert cfg.training.seq_len == 128  # TorchTitan key: CLI > TOML
+    assert cfg.data.shuffle_seed == 7  # our key
+    assert cfg.parallelism.mesh_dim_order == ["pp", "dp_replicate", "cp", "dp_shard", "tp"]
+    assert cfg.training.steps == 300  # TOML > default
+    assert cfg.optimizer.lr == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize(
+    ("toml", "key", "fragment"),
+    [
+        ('[training]\nseq_len = "abc"\n', "training.seq_len", "expected an int"),
+        ("[training]\nseq_lenn = 128\n", "training.seq_lenn", "did you mean 'training.seq_len'"),
+        ("[trainng]\nsteps = 1\n", "trainng", "did you mean 'training'"),
+        ('[model]\ntokenizer = "bpe"\n', "model.tokenizer", "one of 'auto', 'byte', 'hf'"),
+        ("[metrics]\nenable_tensorboard = 1\n", "metrics.enable_tensorboard", "expected a bool"),
+        ('[parallelism]\nmesh_dim_order = "pp"\n', "parallelism.mesh_dim_order", "a list of"),
+        ('[model]\nflavor = "debugmodel_cpuu"\n', "model.flavor", "did you mean 'debugmodel_cpu'"),
+        ("[training]\nsteps = 0\n", "training.steps", "must be >= 1"),
+        (
+            "[parallelism]\nmesh_dim_order = ['dp_shard', 'pp', 'dp_replicate', 'tp', 'cp']\n",
+            "parallelism.mesh_dim_order",
+            "pp must be first",
+        ),
+        (
+            "[parallelism]\nmesh_dim_order = ['pp', 'dp_replicate', 'dp_shard', 'tp']\n",
+            "parallelism.mesh_dim_order",
+            "permutation",
+        ),
+    ],
+)
+def test_bad_recipe_values_name_key_and_value(tmp_path, toml, key, fragment):
+    path = write(tmp_path, toml)
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(["--job.config_file", path]), None)
+    assert err.value.key == key
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "key", "fragment"),
+    [
+        ([], 6, "parallelism", "multiply to"),  # dp_shard 4 fixed below, world 6
+        (["--parallelism.tensor_parallel_degree", "3"], 6, "parallelism.tensor_parallel_degree",
+         "n_heads = 8 is not divisible"),
+        (["--parallelism.tensor_parallel_degree", "8"], 8, "parallelism.tensor_parallel_degree",
+         "n_kv_heads = 4 is not divisible"),
+        (["--parallelism.context_parallel_degree", "4", "--training.seq_len", "260"], 4,
+         "training.seq_len", "2 x cp (4) = 8"),
+        (["--parallelism.tensor_parallel_degree", "2", "--training.seq_len", "255"], 2,
+         "training.seq_len", "tp (2) = 2"),
+        (["--parallelism.data_parallel_shard_degree", "-1",
+          "--parallelism.context_parallel_degree", "3", "--training.seq_len", "258"], 4,
+         "parallelism.data_parallel_shard_degree", "not divisible by"),
+        (["--training.global_batch_size", "6"], 4, "training.global_batch_size",
+         "multiple of local_batch_size (4) x data-parallel degree (4) = 16"),
+    ],
+)  # fmt: skip
+def test_bad_mesh_for_world_size(overrides, world_size, key, fragment):
+    args = ["--job.config_file", DEBUG_CPU, "--parallelism.data_parallel_shard_degree", "4"]
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(args + overrides), world_size)
+    assert err.value.key == key
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(["--job.config_file", str(tmp_path / "nope.toml")])
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(["--job.config_file", write(tmp_path, "[training\n")])
+
+
+def test_config_cli_prints_resolved_config(capsys):
+    assert config_main(["--job.config_file", DEBUG_CPU, "--world_size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert 'flavor = "debugmodel_cpu"' in out
+    assert "[parallelism]" in out and "[data]" in out
+    assert "pp 1 x dp_replicate 1 x dp_shard 4 x tp 1 x cp 1" in out
+
+
+def test_config_cli_error_is_one_line_and_nonzero(tmp_path):
+    path = write(tmp_path, '[training]\nseq_len = "abc"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchtitan_ext.config", "--job.config_file", path],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "config error: training.seq_len = 'abc': expected an int"
+    ]

@@ -1,0 +1,164 @@
+"""End-to-end training under torchrun on real gloo ranks: parity of meshes against 1 rank, loss
+falling on the real corpus, checkpoint resume (same mesh: exact; other meshes: fp32 noise),
+tensorboard read-back, and the fail-fast path for bad recipes.
+
+Launches are the expensive part on 2 cores, so the two reference runs are module fixtures that
+several tests read.
+"""
+
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, read_metrics, torchrun
+
+STEPS = 20
+INTERVAL = 5
+
+
+def base_args(dump: Path, steps: int = STEPS) -> list[str]:
+    return [
+        "--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"),
+        "--job.dump_folder", str(dump),
+        "--model.flavor", "debugmodel_cpu_tiny",
+        "--training.seq_len", "64",
+        "--training.local_batch_size", "2",
+        "--training.global_batch_size", "8",
+        "--training.steps", str(steps),
+        "--lr_scheduler.warmup_steps", "3",
+        "--metrics.log_freq", "1",
+        "--checkpoint.interval", str(INTERVAL),
+        "--checkpoint.keep_latest_k", "2",
+        "--validation.no-enable",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_1rank(tmp_path_factory) -> Path:
+    dump = tmp_path_factory.mktemp("r1")
+    # 1 rank: local batch 2 x 4 microbatches = the same global batch of 8 sequences.
+    torchrun(1, base_args(dump))
+    return dump
+
+
+@pytest.fixture(scope="module")
+def run_4rank(tmp_path_factory) -> Path:
+    dump = tmp_path_factory.mktemp("r4")
+    torchrun(4, base_args(dump))  # FSDP over dp_shard 4, local batch 2, 1 microbatch
+    return dump
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def by_step(records: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {r["step"]: r for r in records}
+
+
+def test_fsdp4_matches_single_rank(run_1rank, run_4rank):
+    ref, fsdp = by_step(read_metrics(run_1rank)), by_step(read_metrics(run_4rank))
+    assert sorted(ref) == sorted(fsdp) == list(range(1, STEPS + 1))
+    # Step 1 is pure forward numerics: identical weights and batch, fp32.
+    assert rel(fsdp[1]["loss"], ref[1]["loss"]) < 1e-5
+    assert rel(fsdp[1]["grad_norm"], ref[1]["grad_norm"]) < 1e-5
+    for step in ref:
+        assert rel(fsdp[step]["loss"], ref[step]["loss"]) < 5e-4, step
+        assert rel(fsdp[step]["grad_norm"], ref[step]["grad_norm"]) < 5e-4, step
+
+
+def test_loss_falls_on_real_text(run_4rank):
+    losses = [r["loss"] for r in read_metrics(run_4rank)]
+    assert losses[0] > math.log(320) - 0.5  # near-uniform predictions over the vocab at init
+    assert max(losses[-3:]) < 0.75 * losses[0]
+
+
+def test_metrics_jsonl_and_tensorboard(run_4rank):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = read_metrics(run_4rank)
+    for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec", "seq_len", "peak_mem_mib"):
+        assert all(key in r for r in records), key
+    assert all(r["seq_len"] == 64 and r["tokens_per_sec"] > 0 for r in records)
+    acc = EventAccumulator(str(run_4rank / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"loss", "grad_norm", "lr", "tokens_per_sec", "peak_mem_mib", "seq_len"} <= tags
+    tb_loss = {e.step: e.value for e in acc.Scalars("loss")}
+    assert sorted(tb_loss) == [r["step"] for r in records]
+    for r in records:
+        assert tb_loss[r["step"]] == pytest.approx(r["loss"], rel=1e-6)
+
+
+def test_checkpoints_keep_latest_k(run_4rank):
+    folder = run_4rank / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-15", "step-20"]
+    assert (folder / "step-20" / ".metadata").is_file()
+
+
+def _resume_copy(src: Path, dst: Path) -> Path:
+    """A copy of a finished run as if it had stopped right after the step-15 checkpoint, plus
+    the debris a crash mid-save leaves behind."""
+    shutil.copytree(src, dst)
+    shutil.rmtree(dst / "checkpoint" / "step-20")
+    (dst / "metrics.jsonl").unlink()
+    shutil.rmtree(dst / "tb")
+    partial = dst / "checkpoint" / "step-17.tmp"  # crashed mid-save, never renamed
+    partial.mkdir()
+    (partial / "__0_0.distcp").write_bytes(b"truncated")
+    (dst / "checkpoint" / "step-18").mkdir()  # a folder without DCP metadata
+    return dst
+
+
+def test_resume_same_mesh_is_exact(run_4rank, tmp_path):
+    dump = _resume_copy(run_4rank, tmp_path / "resume")
+    proc = torchrun(4, base_args(dump))
+    assert "resumed from" in proc.stdout and "step-15" in proc.stdout
+    full, resumed = by_step(read_metrics(run_4rank)), by_step(read_metrics(dump))
+    assert sorted(resumed) == list(range(16, STEPS + 1))
+    for step, r in resumed.items():
+        assert r["loss"] == full[step]["loss"], step
+        assert r["grad_norm"] == full[step]["grad_norm"], step
+    # The next save cleaned up the crashed one.
+    assert not (dump / "checkpoint" / "step-17.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    ("nproc", "mesh"),
+    [
+        (1, []),  # world size 4 -> 1: no FSDP
+        (4, ["--parallelism.data_parallel_replicate_degree", "2"]),  # FSDP 4 -> HSDP 2 x 2
+    ],
+)
+def test_resume_into_another_mesh(run_4rank, tmp_path, nproc, mesh):
+    dump = _resume_copy(run_4rank, tmp_path / "resume")
+    torchrun(nproc, base_args(dump) + mesh)
+    full, resumed = by_step(read_metrics(run_4rank)), by_step(read_metrics(dump))
+    assert sorted(resumed) == list(range(16, STEPS + 1))
+    for step, r in resumed.items():
+        assert rel(r["loss"], full[step]["loss"]) < 5e-4, step
+        assert rel(r["grad_norm"], full[step]["grad_norm"]) < 5e-4, step
+
+
+def test_bad_recipe_fails_fast_on_every_rank(tmp_path):
+    bad = tmp_path / "bad.toml"
+    recipe = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
+    bad.write_text(recipe.replace("seq_len = 256\n", 'seq_len = "abc"\n', 1))
+    start = time.monotonic()
+    proc = torchrun(4, ["--job.config_file", str(bad)], timeout=120, check=False)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 90  # no hang waiting for a collective
+    errors = [line for line in proc.stderr.splitlines() if "config error" in line]
+    assert sorted(errors) == [
+        f"[rank{r}] config error: training.seq_len = 'abc': expected an int" for r in range(4)
+    ]
+    # No worker prints a traceback; torchrun's launcher prints its own ChildFailedError summary
+    # (one traceback of torch/distributed/run.py), which no worker can suppress.
+    output = proc.stdout + proc.stderr
+    assert output.count("Traceback (most recent call last)") <= 1
+    for ours in (ROOT / "train.py", ROOT / "torchtitan_ext"):
+        assert f'File "{ours}' not in output  # no frame of our code anywhere
