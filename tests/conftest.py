@@ -40,6 +40,19 @@ def torchrun(
     return proc
 
 
+def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``python train.py args`` (1 rank, no torchrun) from the repo root."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
 def read_metrics(dump_folder: Path) -> list[dict[str, Any]]:
     """Training records (those with a ``loss``) of ``metrics.jsonl``, in file order."""
     lines = (dump_folder / "metrics.jsonl").read_text().splitlines()

@@ -79,6 +79,20 @@ _UNSUPPORTED_RANDOM_OPS: frozenset[Callable[..., Any]] = frozenset(
 )
 
 
+# Module wrappers that insert a level into parameter names: activation checkpointing and
+# torch.compile. The seed of a parameter must not depend on them.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def canonical_name(fqn: str) -> str:
+    """A parameter's name in the unwrapped model:
+    ``layers.0._checkpoint_wrapped_module.attention.wq.weight`` -> ``layers.0.attention.wq.weight``.
+    """
+    for prefix in _WRAPPER_PREFIXES:
+        fqn = fqn.replace(prefix, "")
+    return fqn
+
+
 def _param_seed(seed: int, name: str, count: int) -> int:
     digest = hashlib.sha256(f"{seed}:{name}:{count}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -149,8 +163,9 @@ def init_weights_mesh_independent(
     DTensor's random ops only give sharding-independent results on CUDA (its offset-based
     Philox tracker, ``torch/distributed/tensor/_random.py``); on CPU each shard would draw from
     its rank's generator. Here each random fill of a parameter draws the full tensor from a
-    generator seeded by (seed, parameter name) and keeps the local shard, so a 1-rank run and
-    any mesh start from bit-identical weights. Cost: each rank draws every full parameter once
+    generator seeded by (seed, parameter name without AC/compile wrapper levels) and keeps the
+    local shard, so a 1-rank run and any mesh, with or without activation checkpointing or
+    compile, start from bit-identical weights. Cost: each rank draws every full parameter once
     (transient memory: the largest parameter).
 
     Args:
@@ -164,7 +179,7 @@ def init_weights_mesh_independent(
         RuntimeError: the model's init ran a random op on a tensor that is not a parameter.
     """
     model.to_empty(device=device)
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): canonical_name(n) for n, p in model.named_parameters()}
     init: Callable[..., None] = model.init_weights  # type: ignore[assignment]
     with torch.no_grad(), _PerParameterRNG(names, seed):
         init(buffer_device=buffer_device or device)

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.protocols.train_spec import get_train_spec
-from torchtitan.tools.utils import GarbageCollection
+from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
 from torchtitan_ext.checkpoint import Checkpointer, TrainState
 from torchtitan_ext.config.manager import ConfigError, load_config
@@ -67,70 +68,43 @@ class Prepared:
     model_args: Any
 
 
-def check_trainer_support(cfg: Any, dims: ParallelDims) -> None:
-    """Reject recipe settings that TorchTitan's schema has but this trainer does not implement
-    (yet), rather than ignoring them.
+def _enabled(v: Any) -> bool:
+    return bool(v)
+
+
+def _above_one(v: Any) -> bool:
+    return int(v) > 1
+
+
+# TorchTitan settings this trainer does not implement (yet): rejected, never silently ignored.
+_UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
+    ("parallelism.tensor_parallel_degree", _above_one, "TP arrives with issue 4"),
+    ("parallelism.pipeline_parallel_degree", _above_one, "PP arrives with issue 4"),
+    ("parallelism.context_parallel_degree", _above_one, "CP arrives with issue 3"),
+    ("checkpoint.async_mode", lambda v: v != "disabled", "only 'disabled' is supported"),
+    ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
+    ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
+    ("checkpoint.last_save_in_hf", _enabled, "HF-format checkpoints are not supported"),
+    ("model.converters", _enabled, "float8/mx converters are not supported"),
+    ("fault_tolerance.enable", _enabled, "not supported"),
+    ("metrics.enable_wandb", _enabled, "use tensorboard"),
+    ("profiling.enable_profiling", _enabled, "not supported yet"),
+    ("optimizer.early_step_in_backward", _enabled, "not supported"),
+    ("comm.mode", lambda v: v != "default", "only 'default' is supported"),
+    ("training.enable_cpu_offload", _enabled, "FSDP CPU offload is not supported"),
+]
+
+
+def check_trainer_support(cfg: Any) -> None:
+    """Reject recipe settings that TorchTitan's schema has but this trainer does not implement.
 
     Raises:
-        ConfigError: the first unsupported setting.
+        ConfigError: the first unsupported setting, e.g. ``model.converters = ['float8']``.
     """
-    unsupported: list[tuple[str, Any, bool, str]] = [
-        ("parallelism.tensor_parallel_degree", dims.tp, dims.tp_enabled, "TP arrives with issue 4"),
-        (
-            "parallelism.pipeline_parallel_degree",
-            dims.pp,
-            dims.pp_enabled,
-            "PP arrives with issue 4",
-        ),
-        (
-            "parallelism.context_parallel_degree",
-            dims.cp,
-            dims.cp_enabled,
-            "CP arrives with issue 3",
-        ),
-        (
-            "checkpoint.async_mode",
-            cfg.checkpoint.async_mode,
-            cfg.checkpoint.async_mode != "disabled",
-            "only 'disabled' is supported",
-        ),
-        (
-            "checkpoint.create_seed_checkpoint",
-            True,
-            cfg.checkpoint.create_seed_checkpoint,
-            "not needed: initialization does not depend on the mesh",
-        ),
-        (
-            "checkpoint.initial_load_in_hf",
-            True,
-            cfg.checkpoint.initial_load_in_hf,
-            "HF-format loading is not supported",
-        ),
-        (
-            "checkpoint.last_save_in_hf",
-            True,
-            cfg.checkpoint.last_save_in_hf,
-            "HF-format saving is not supported",
-        ),
-        (
-            "model.converters",
-            cfg.model.converters,
-            bool(cfg.model.converters),
-            "model converters (float8, mx) are not supported",
-        ),
-        ("fault_tolerance.enable", True, cfg.fault_tolerance.enable, "not supported"),
-        ("metrics.enable_wandb", True, cfg.metrics.enable_wandb, "use tensorboard"),
-        ("profiling.enable_profiling", True, cfg.profiling.enable_profiling, "not supported yet"),
-        (
-            "optimizer.early_step_in_backward",
-            True,
-            cfg.optimizer.early_step_in_backward,
-            "not supported",
-        ),
-        ("comm.mode", cfg.comm.mode, cfg.comm.mode != "default", "only 'default' is supported"),
-    ]
-    for key, value, bad, why in unsupported:
-        if bad:
+    for key, is_bad, why in _UNSUPPORTED:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if is_bad(value):
             raise ConfigError(key, value, f"not supported by torchtitan_ext's trainer: {why}")
 
 
@@ -143,7 +117,7 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
     cfg = load_config(args)
     dims = validate(cfg, rank.world_size)
     assert dims is not None
-    check_trainer_support(cfg, dims)
+    check_trainer_support(cfg)
     device = resolve_device(cfg, rank.local_rank)
     backend = resolve_backend(cfg, device)
     model_args = resolve_model_args(cfg)
@@ -190,7 +164,8 @@ class Trainer:
 
         # Model: meta -> parallelize -> materialize and initialize (mesh-independent).
         spec = get_train_spec(cfg.model.name)
-        model = build_model_on_meta(spec.model_cls, p.model_args)
+        with set_default_dtype(TORCH_DTYPE_MAP[cfg.training.dtype]):
+            model = build_model_on_meta(spec.model_cls, p.model_args)
         nparams, self.flops_per_token = p.model_args.get_nparams_and_flops(
             model, cfg.training.seq_len
         )
@@ -361,7 +336,7 @@ class Trainer:
             logger.info(f"nothing to do: checkpoint at step {start} >= training.steps")
             return []
         logger.info(f"training from step {start + 1} to {cfg.training.steps}")
-        gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq)
+        gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq, debug=cfg.training.gc_debug)
         records: list[dict[str, Any]] = []
         tokens_since_log = 0
         self.metrics.reset_timer(start)
