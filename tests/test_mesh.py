@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from tests.conftest import spawn
 from torchtitan_ext.config import ConfigError
@@ -84,6 +85,7 @@ def _init_checks(rank: int, world_size: int) -> None:
         apply_fsdp(model, mesh, torch.float32, torch.float32)
         init_weights_mesh_independent(model, seed=5, device=torch.device("cpu"))
         for (name, p), ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+            assert isinstance(p, DTensor)
             full = p.full_tensor()
             assert torch.equal(full, ref), f"{name} differs (replicate={replicate})"
             if replicate == 1 and p.shape[0] >= world_size:
