@@ -55,30 +55,12 @@ class ParallelDims:
             ConfigError: a degree < 1 (other than dp_shard = -1), a product that does not equal
                 the world size, or an invalid ``mesh_dim_order``.
         """
-        p = cfg.parallelism
-        keys = {
-            "pp": "parallelism.pipeline_parallel_degree",
-            "dp_replicate": "parallelism.data_parallel_replicate_degree",
-            "dp_shard": "parallelism.data_parallel_shard_degree",
-            "tp": "parallelism.tensor_parallel_degree",
-            "cp": "parallelism.context_parallel_degree",
-        }
-        degrees = {
-            "pp": p.pipeline_parallel_degree,
-            "dp_replicate": p.data_parallel_replicate_degree,
-            "dp_shard": p.data_parallel_shard_degree,
-            "tp": p.tensor_parallel_degree,
-            "cp": p.context_parallel_degree,
-        }
-        for name, d in degrees.items():
-            if d < 1 and not (name == "dp_shard" and d == -1):
-                allowed = ">= 1 or -1 (the rest of the world)" if name == "dp_shard" else ">= 1"
-                raise ConfigError(keys[name], d, f"must be {allowed}")
+        degrees = check_degrees(cfg)
         others = degrees["pp"] * degrees["dp_replicate"] * degrees["tp"] * degrees["cp"]
         if degrees["dp_shard"] == -1:
             if world_size % others != 0:
                 raise ConfigError(
-                    keys["dp_shard"],
+                    f"parallelism.{DEGREE_KEYS['dp_shard']}",
                     -1,
                     f"world size {world_size} is not divisible by pp * dp_replicate * tp * cp "
                     f"= {others}",
@@ -92,9 +74,17 @@ class ParallelDims:
                 shape,
                 f"the degrees multiply to {product} but the world size is {world_size}",
             )
-        order = tuple(p.mesh_dim_order)
+        order = tuple(cfg.parallelism.mesh_dim_order)
         check_mesh_dim_order(order)
-        return cls(world_size=world_size, order=order, **degrees)
+        return cls(
+            pp=degrees["pp"],
+            dp_replicate=degrees["dp_replicate"],
+            dp_shard=degrees["dp_shard"],
+            tp=degrees["tp"],
+            cp=degrees["cp"],
+            world_size=world_size,
+            order=order,
+        )
 
     @property
     def dp(self) -> int:
@@ -175,6 +165,31 @@ class ParallelDims:
     def dp_rank(self) -> int:
         """This rank's index in the batch mesh (which slice of the global batch it reads)."""
         return self.get_mesh("batch").get_local_rank()
+
+
+DEGREE_KEYS: dict[str, str] = {
+    "pp": "pipeline_parallel_degree",
+    "dp_replicate": "data_parallel_replicate_degree",
+    "dp_shard": "data_parallel_shard_degree",
+    "tp": "tensor_parallel_degree",
+    "cp": "context_parallel_degree",
+}
+"""Mesh dim name -> its degree's key in the ``parallelism`` section."""
+
+
+def check_degrees(cfg: Any) -> dict[str, int]:
+    """The degrees of ``cfg.parallelism`` by mesh dim name, each checked to be >= 1
+    (``dp_shard`` may be -1: the rest of the world).
+
+    Raises:
+        ConfigError: naming the degree's key, e.g. ``parallelism.tensor_parallel_degree = 0``.
+    """
+    degrees = {name: int(getattr(cfg.parallelism, key)) for name, key in DEGREE_KEYS.items()}
+    for name, d in degrees.items():
+        if d < 1 and not (name == "dp_shard" and d == -1):
+            allowed = ">= 1 or -1 (the rest of the world)" if name == "dp_shard" else ">= 1"
+            raise ConfigError(f"parallelism.{DEGREE_KEYS[name]}", d, f"must be {allowed}")
+    return degrees
 
 
 def check_mesh_dim_order(order: tuple[str, ...]) -> None:

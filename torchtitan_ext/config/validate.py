@@ -8,8 +8,7 @@ bad value hangs or prints one traceback per rank) and misses others. Each check 
 from typing import Any
 
 from torchtitan_ext.config.manager import ConfigError
-from torchtitan_ext.config.schema import MESH_DIM_NAMES
-from torchtitan_ext.parallel_dims import ParallelDims, check_mesh_dim_order
+from torchtitan_ext.parallel_dims import ParallelDims, check_degrees, check_mesh_dim_order
 
 SUPPORTED_AC_MODES = ("none", "selective", "full")
 
@@ -124,21 +123,7 @@ def _check_positive(cfg: Any) -> None:
     for key, value, ok, rule in checks:
         if not ok:
             raise ConfigError(key, value, f"must be {rule}")
-    p = cfg.parallelism
-    for key in (
-        "pipeline_parallel_degree",
-        "data_parallel_replicate_degree",
-        "tensor_parallel_degree",
-        "context_parallel_degree",
-    ):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallelism.{key}", getattr(p, key), "must be >= 1")
-    if p.data_parallel_shard_degree < 1 and p.data_parallel_shard_degree != -1:
-        raise ConfigError(
-            "parallelism.data_parallel_shard_degree",
-            p.data_parallel_shard_degree,
-            "must be >= 1 or -1 (the rest of the world)",
-        )
+    check_degrees(cfg)
 
 
 def _check_heads(model_args: Any, tp: int) -> None:
@@ -184,4 +169,4 @@ def _check_batch(cfg: Any, dims: ParallelDims) -> None:
         )
 
 
-__all__ = ["MESH_DIM_NAMES", "resolve_model_args", "seq_len_divisor", "validate"]
+__all__ = ["resolve_model_args", "seq_len_divisor", "validate"]
