@@ -223,7 +223,8 @@ class Trainer:
             flops_per_token=self.flops_per_token,
             peak_flops=device_peak_flops(device),
             total_steps=t.steps,
-            color=not cfg.metrics.disable_color_printing,
+            # Colors only on a terminal: piped logs stay free of escape codes.
+            color=not cfg.metrics.disable_color_printing and sys.stdout.isatty(),
         )
         logger.info(
             f"global batch {self.dataloader.global_batch_size} x {t.seq_len} tokens "
