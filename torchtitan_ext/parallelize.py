@@ -7,8 +7,7 @@ then activation checkpointing (wraps the blocks, which TP and CP have already re
 ``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), and
 FSDP2 last (it shards whatever parameters the previous steps produced, composing its dp_shard x
 cp mesh with the tp mesh into 2-D DTensors). The model definition carries no parallel code.
-TP and CP land with issues 4 and 3; until then the trainer rejects tp > 1 and cp > 1 before
-any collective.
+TP lands with issue 4; until then the trainer rejects tp > 1 before any collective.
 """
 
 from typing import Any
@@ -19,12 +18,13 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
 from torchtitan_ext.parallel.activation_checkpoint import apply_ac
+from torchtitan_ext.parallel.context_parallel import apply_cp
 from torchtitan_ext.parallel.fsdp import apply_fsdp
 from torchtitan_ext.parallel_dims import ParallelDims
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.device) -> nn.Module:
-    """Apply AC, compile and FSDP/HSDP to ``model`` (on the meta device), in place.
+    """Apply CP, AC, compile and FSDP/HSDP to ``model`` (on the meta device), in place.
 
     Args:
         model: a TorchTitan Llama-style model on the meta device.
@@ -36,6 +36,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
         The same model.
     """
     compile_model = cfg.compile.enable and "model" in cfg.compile.components
+    if dims.cp_enabled:
+        p = cfg.parallelism
+        apply_cp(
+            model,
+            dims.get_mesh("cp"),
+            p.context_parallel_rotate_method,
+            p.context_parallel_load_balancer,
+        )
     if cfg.activation_checkpoint.mode != "none":
         apply_ac(model, cfg.activation_checkpoint, compile_model, cfg.job.dump_folder)
     if compile_model:

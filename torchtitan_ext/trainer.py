@@ -47,6 +47,7 @@ from torchtitan_ext.data import (
 from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_backend, resolve_device
 from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
 from torchtitan_ext.models import build_model_on_meta, init_weights_mesh_independent
+from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
 
@@ -80,7 +81,6 @@ def _above_one(v: Any) -> bool:
 _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("parallelism.tensor_parallel_degree", _above_one, "TP arrives with issue 4"),
     ("parallelism.pipeline_parallel_degree", _above_one, "PP arrives with issue 4"),
-    ("parallelism.context_parallel_degree", _above_one, "CP arrives with issue 3"),
     ("checkpoint.async_mode", lambda v: v != "disabled", "only 'disabled' is supported"),
     ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
     ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
@@ -264,9 +264,9 @@ class Trainer:
             dist.all_reduce(global_tokens, group=self.dims.get_mesh("batch").get_group())
         loss_acc = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
-            inputs, labels = inputs.to(self.device), labels.to(self.device)
+            inputs, labels, positions = self._shard_sequence(inputs, labels)
             with self.amp:
-                pred = self.model(inputs)
+                pred = self.model(inputs, positions=positions)
                 loss = self.loss_fn(pred, labels) / global_tokens
             del pred
             loss.backward()
@@ -279,6 +279,21 @@ class Trainer:
         self.optimizers.step()
         self.lr_schedulers.step()
         return loss_acc, grad_norm
+
+    def _shard_sequence(
+        self, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Move a microbatch to the device and, with CP, keep this rank's part of the sequence
+        (with the RoPE positions of the kept tokens; None without CP)."""
+        inputs, labels = inputs.to(self.device), labels.to(self.device)
+        if not self.dims.cp_enabled:
+            return inputs, labels, None
+        return shard_sequence(
+            self.dims.get_mesh("cp"),
+            inputs,
+            labels,
+            self.cfg.parallelism.context_parallel_load_balancer,
+        )
 
     def _global_loss(self, local: torch.Tensor) -> float:
         """Sum the ranks' loss contributions over the loss mesh (dp x cp): the global mean."""
@@ -310,9 +325,10 @@ class Trainer:
             inputs, labels = self.val_windows.batch(
                 b * per_batch + dp_rank * v.local_batch_size, v.local_batch_size
             )
+            inputs, labels, positions = self._shard_sequence(inputs, labels)
             with self.amp:
-                pred = self.model(inputs.to(self.device))
-                sums[0] += self.loss_fn(pred, labels.to(self.device)).float()
+                pred = self.model(inputs, positions=positions)
+                sums[0] += self.loss_fn(pred, labels).float()
             sums[1] += (labels != IGNORE_INDEX).sum()
         self.model.train()
         # A forward without backward leaves FSDP units built with reshard_after_forward=False
@@ -320,8 +336,8 @@ class Trainer:
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-        if dp > 1:
-            dist.all_reduce(sums, group=self.dims.get_mesh("batch").get_group())
+        if self.dims.loss_parallel_size > 1:
+            dist.all_reduce(sums, group=self.dims.get_mesh("loss").get_group())
         return float(sums[0] / sums[1].clamp(min=1))
 
     def train(self) -> list[dict[str, Any]]:
@@ -349,7 +365,8 @@ class Trainer:
             self.train_state.step = step
             step_tokens = self.dataloader.global_batch_size * cfg.training.seq_len
             self.train_state.tokens_seen += step_tokens
-            tokens_since_log += sum(x.numel() for x, _ in microbatches)
+            # Tokens this rank computed on: its 1/cp of each sequence.
+            tokens_since_log += sum(x.numel() for x, _ in microbatches) // self.dims.cp
             last = step == cfg.training.steps
             if step == 1 or step % cfg.metrics.log_freq == 0 or last:
                 global_loss = self._global_loss(loss)

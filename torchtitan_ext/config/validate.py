@@ -32,7 +32,11 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
     p = cfg.parallelism
     tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
     _check_heads(model_args, tp)
-    _check_seq_len(cfg, tp, cp)
+    _check_seq_len(cfg, "training.seq_len", cfg.training.seq_len, tp, cp)
+    if cfg.validation.enable:
+        _check_seq_len(cfg, "validation.seq_len", cfg.validation.seq_len, tp, cp)
+    if cp > 1:
+        _check_cp(cfg, model_args)
     if cfg.activation_checkpoint.mode not in SUPPORTED_AC_MODES:
         raise ConfigError(
             "activation_checkpoint.mode",
@@ -143,15 +147,33 @@ def _check_heads(model_args: Any, tp: int) -> None:
         )
 
 
-def _check_seq_len(cfg: Any, tp: int, cp: int) -> None:
+def _check_seq_len(cfg: Any, key: str, seq_len: int, tp: int, cp: int) -> None:
     lb = cfg.parallelism.context_parallel_load_balancer
     div = seq_len_divisor(tp, cp, lb)
-    if cfg.training.seq_len % div != 0:
+    if seq_len % div != 0:
         why = f"tp ({tp})"
         if cp > 1:
             why += f" x {'2 x ' if lb else ''}cp ({cp})"
+        raise ConfigError(key, seq_len, f"must be divisible by {why} = {div}")
+
+
+def _check_cp(cfg: Any, model_args: Any) -> None:
+    """What context parallel can shard: SDPA attention, head-tail or no load balancing."""
+    from torchtitan_ext.parallel.context_parallel import LOAD_BALANCERS
+
+    attn_type = getattr(model_args, "attn_type", "sdpa")
+    if attn_type != "sdpa":
         raise ConfigError(
-            "training.seq_len", cfg.training.seq_len, f"must be divisible by {why} = {div}"
+            "model.flavor",
+            cfg.model.flavor,
+            f"its attn_type is {attn_type!r}; context parallel supports 'sdpa' attention",
+        )
+    lb = cfg.parallelism.context_parallel_load_balancer
+    if lb not in LOAD_BALANCERS:
+        raise ConfigError(
+            "parallelism.context_parallel_load_balancer",
+            lb,
+            "supported with SDPA: 'headtail', or '' for no load balancing",
         )
 
 
