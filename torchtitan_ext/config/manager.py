@@ -69,9 +69,22 @@ class ConfigManager(TitanConfigManager):
             raise ConfigError("job.config_file", path, f"invalid TOML: {e}") from None
 
     def _dict_to_dataclass(self, cls: Any, data: dict[str, Any]) -> Any:
-        # Called by TorchTitan once, on the root class, with the whole TOML dict.
-        check_toml_values(cls, data)
-        return super()._dict_to_dataclass(cls, data)
+        # TorchTitan calls this on the root class with the whole TOML dict, then recursively
+        # (through this override) on each section.
+        if cls is self.config_cls:
+            check_toml_values(cls, data)
+        try:
+            return super()._dict_to_dataclass(cls, data)
+        except (ValueError, AssertionError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            # A TorchTitan section's __post_init__ check: name the field its message names.
+            section = _section_path(self.config_cls, cls) or cls.__name__
+            message = str(e)
+            named = [f.name for f in dataclasses.fields(cls) if f.name in message]
+            field = max(named, key=len) if named else None
+            key = f"{section}.{field}" if field else section
+            raise ConfigError(key, data.get(field) if field else data, message) from None
 
     def _validate_config(self) -> None:
         cfg: Any = self.config
@@ -79,6 +92,20 @@ class ConfigManager(TitanConfigManager):
             cfg.job.custom_config_module = cfg.experimental.custom_args_module
         if cfg.model.tokenizer_path:
             cfg.model.hf_assets_path = cfg.model.tokenizer_path
+
+
+def _section_path(root: Any, cls: Any, prefix: str = "") -> str | None:
+    """Dotted path of the section of type ``cls`` inside the config class ``root``."""
+    for f in dataclasses.fields(root):
+        tp = typing.get_type_hints(root)[f.name]
+        if not dataclasses.is_dataclass(tp):
+            continue
+        if tp is cls:
+            return f"{prefix}{f.name}"
+        found = _section_path(tp, cls, f"{prefix}{f.name}.")
+        if found:
+            return found
+    return None
 
 
 def _config_file_arg(args: list[str]) -> str | None:

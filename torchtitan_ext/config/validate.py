@@ -173,7 +173,7 @@ def _check_cp(cfg: Any, model_args: Any) -> None:
         raise ConfigError(
             "parallelism.context_parallel_load_balancer",
             lb,
-            "supported with SDPA: 'headtail', or '' for no load balancing",
+            "supported with SDPA: 'headtail', or None (no load balancing)",
         )
 
 

@@ -25,9 +25,10 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 from torchtitan_ext.parallel import cpu_ring_attention
 
-LOAD_BALANCERS = ("headtail", "", None)
-"""Values of ``parallelism.context_parallel_load_balancer`` supported with SDPA ("" or None:
-no balancing). TorchTitan's "ptrr" needs FlexAttention."""
+LOAD_BALANCERS = ("headtail", None)
+"""Values of ``parallelism.context_parallel_load_balancer`` supported with SDPA (None: no
+balancing; TOML cannot spell None, so from the CLI: ``--parallelism.context_parallel_load_balancer
+None``). TorchTitan's "ptrr" needs FlexAttention."""
 
 
 def apply_cp(
