@@ -60,9 +60,12 @@ def read_metrics(dump_folder: Path) -> list[dict[str, Any]]:
 
 
 def _spawn_entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args: Any) -> None:
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
+    faulthandler.enable()
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -71,6 +74,7 @@ def _spawn_entry(rank: int, fn: Callable[..., None], world_size: int, port: int,
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # no rank tears down its process group while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

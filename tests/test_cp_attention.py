@@ -1,0 +1,138 @@
+"""CPU ring attention through torch's own context-parallel APIs, against single-device SDPA.
+
+Every combination of torch's knobs (rotate method, head-tail load balancing, causal or not,
+fp32/bf16, GQA, batch 2), through both ``context_parallel()`` (buffers API) and the module
+style TorchTitan uses (``_ContextParallel`` + ``_context_parallel_shard``), on 2 and 4 real
+gloo ranks: forward output and q/k/v gradients. One launch per world size.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.conftest import spawn
+
+
+class _SDPA(nn.Module):
+    """Stands in for TorchTitan's ScaledDotProductAttentionWrapper."""
+
+    def __init__(self, is_causal: bool, enable_gqa: bool) -> None:
+        super().__init__()
+        self.is_causal, self.enable_gqa = is_causal, enable_gqa
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=self.is_causal, enable_gqa=self.enable_gqa
+        )
+
+
+def _cases() -> list[tuple[bool, bool, str, torch.dtype, bool]]:
+    cases = []
+    for lb, causal, rotate, dtype, gqa in itertools.product(
+        (False, True), (True, False), ("allgather", "alltoall"),
+        (torch.float32, torch.bfloat16), (False, True),
+    ):  # fmt: skip
+        if lb and not causal:
+            continue  # torch's load balancing is defined for causal attention only
+        cases.append((lb, causal, rotate, dtype, gqa))
+    return cases
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def _check_all(rank: int, world_size: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+    from torch.distributed.tensor.experimental._attention import (
+        _context_parallel_shard,
+        _ContextParallel,
+        _cp_options,
+        _enable_context_parallel_dispatcher,
+        _HeadTailLoadBalancer,
+        context_parallel_unshard,
+        set_rotate_method,
+    )
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    import torchtitan_ext  # noqa: F401  (registers the CPU op)
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    failures = []
+    for case_id, (lb, causal, rotate, dtype, gqa) in enumerate(_cases()):
+        _cp_options.enable_load_balance = lb
+        set_rotate_method(rotate)
+        # Fresh inputs per case, identical on every rank.
+        gen = torch.Generator().manual_seed(1000 * world_size + case_id)
+        b, h, s, d = 2, 4, 8 * world_size, 16
+        hk = 2 if gqa else h
+        q, k, v = (
+            torch.randn(b, n, s, d, generator=gen).to(dtype) for n in (h, hk, hk)
+        )  # fmt: skip
+        # Reference: single-device SDPA in fp32 on the same (rounded) inputs.
+        rq, rk, rv = (t.float().clone().requires_grad_() for t in (q, k, v))
+        ref_out = F.scaled_dot_product_attention(rq, rk, rv, is_causal=causal, enable_gqa=gqa)
+        grad = torch.randn(ref_out.shape, generator=gen)
+        ref_out.backward(grad)
+        ref = (ref_out.detach(), rq.grad, rk.grad, rv.grad)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+        # 1) torch's context_parallel() context manager (buffers API).
+        bufs = [t.clone() for t in (q, k, v)] + [grad.to(dtype)]
+        with context_parallel(mesh, buffers=bufs, buffer_seq_dims=[2, 2, 2, 2]):
+            lq, lk, lv = (t.detach().clone().requires_grad_() for t in bufs[:3])
+            out = F.scaled_dot_product_attention(lq, lk, lv, is_causal=causal, enable_gqa=gqa)
+            out.backward(bufs[3])
+            got = context_parallel_unshard(
+                mesh, [out.detach(), lq.grad, lk.grad, lv.grad], [2, 2, 2, 2]
+            )
+        errs_cm = [_rel(g, r) for g, r in zip(got, ref, strict=True)]
+
+        # 2) The module style TorchTitan 0.2.2 applies to each block's inner attention.
+        _enable_context_parallel_dispatcher()
+        module = _SDPA(causal, gqa)
+        style = _ContextParallel(seq_dim=2, attention_type=_ContextParallel.AttentionType.SDPA)
+        parallelize_module(module, mesh, style)
+        balancer = _HeadTailLoadBalancer(s, world_size, "cpu") if lb else None
+        shards = _context_parallel_shard(
+            mesh, [q, k, v, grad.to(dtype)], seq_dims=(2, 2, 2, 2), load_balancer=balancer
+        )
+        mq, mk, mv = (t.detach().clone().requires_grad_() for t in shards[:3])
+        out = module(mq, mk, mv)
+        out.backward(shards[3])
+        locals_ = [out.detach(), mq.grad, mk.grad, mv.grad]
+        gathered = []
+        for t in locals_:
+            parts = [torch.empty_like(t) for _ in range(world_size)]
+            dist.all_gather(parts, t.contiguous())
+            full = torch.cat(parts, dim=2)
+            if balancer is not None:
+                full = full.index_select(2, balancer._generate_indices(restore=True)[0])
+            gathered.append(full)
+        errs_mod = [_rel(g, r) for g, r in zip(gathered, ref, strict=True)]
+
+        for api, errs in (("context_parallel", errs_cm), ("module", errs_mod)):
+            if max(errs) > tol:
+                failures.append(
+                    f"{api} lb={lb} causal={causal} {rotate} {dtype} gqa={gqa}: "
+                    f"out/dq/dk/dv rel err {[f'{e:.1e}' for e in errs]} > {tol}"
+                )
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_cpu_ring_attention_matches_sdpa(world_size):
+    spawn(_check_all, world_size)
+
+
+def test_unsupported_torch_version_fails_loudly(monkeypatch):
+    from torchtitan_ext.parallel import cpu_ring_attention
+
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    with pytest.raises(RuntimeError, match=r"checked against torch 2\.13"):
+        cpu_ring_attention._check_torch_version()
