@@ -77,6 +77,11 @@ def _spawn_entry(rank: int, fn: Callable[..., None], world_size: int, port: int,
         dist.barrier()  # no rank tears down its process group while a peer still talks to it
     finally:
         dist.destroy_process_group()
+    # Skip C++ static destruction at interpreter exit (see train.py): a gloo process group
+    # still referenced then can abort the process after the work succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable[..., None], world_size: int, *args: Any) -> None:
