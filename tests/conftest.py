@@ -40,6 +40,30 @@ def torchrun(
     return proc
 
 
+def tiny_run_args(
+    dump: Path,
+    steps: int,
+    seq_len: int = 64,
+    local_batch_size: int = 2,
+    global_batch_size: int = -1,
+    warmup_steps: int = 3,
+) -> list[str]:
+    """The README recipe shrunk for tests: the tiny flavor, short sequences, every step logged,
+    validation off. Tests append what they vary (mesh, checkpointing, tensorboard)."""
+    return [
+        "--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"),
+        "--job.dump_folder", str(dump),
+        "--model.flavor", "debugmodel_cpu_tiny",
+        "--training.seq_len", str(seq_len),
+        "--training.local_batch_size", str(local_batch_size),
+        "--training.global_batch_size", str(global_batch_size),
+        "--training.steps", str(steps),
+        "--lr_scheduler.warmup_steps", str(warmup_steps),
+        "--metrics.log_freq", "1",
+        "--validation.no-enable",
+    ]  # fmt: skip
+
+
 def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``python train.py args`` (1 rank, no torchrun) from the repo root."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}

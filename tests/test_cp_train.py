@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, read_metrics, torchrun, train_single
+from tests.conftest import read_metrics, tiny_run_args, torchrun, train_single
 
 STEPS = 5
 DP2_CP2_ALLTOALL_NO_LB = (
@@ -18,19 +18,9 @@ DP2_CP2_ALLTOALL_NO_LB = (
 
 def args(dump: Path) -> list[str]:
     return [
-        "--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"),
-        "--job.dump_folder", str(dump),
-        "--model.flavor", "debugmodel_cpu_tiny",
-        "--training.seq_len", "128",
-        "--training.local_batch_size", "2",
-        "--training.global_batch_size", "4",
-        "--training.steps", str(STEPS),
-        "--lr_scheduler.warmup_steps", "2",
-        "--metrics.log_freq", "1",
-        "--metrics.no-enable-tensorboard",
-        "--checkpoint.no-enable",
-        "--validation.no-enable",
-    ]  # fmt: skip
+        *tiny_run_args(dump, STEPS, seq_len=128, global_batch_size=4, warmup_steps=2),
+        *("--metrics.no-enable-tensorboard", "--checkpoint.no-enable"),
+    ]
 
 
 @pytest.fixture(scope="module")

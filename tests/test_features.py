@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, read_metrics, train_single
+from tests.conftest import ROOT, read_metrics, tiny_run_args, train_single
 from torchtitan_ext.config import ConfigError, load_config
 from torchtitan_ext.data.tokenizer import build_tokenizer, encode_document
 from torchtitan_ext.trainer import check_trainer_support
@@ -19,13 +19,10 @@ SAC_OPTION = "--activation_checkpoint.selective_ac_option"
 def short_run(dump: Path, *extra: str, steps: int = 3) -> list[dict]:
     train_single(
         [
-            "--job.config_file", DEBUG_CPU, "--job.dump_folder", str(dump),
-            "--model.flavor", "debugmodel_cpu_tiny", "--training.seq_len", "64",
-            "--training.local_batch_size", "2", "--training.steps", str(steps),
-            "--metrics.log_freq", "1", "--checkpoint.no-enable", "--validation.no-enable",
-            "--metrics.no-enable-tensorboard", *extra,
+            *tiny_run_args(dump, steps, warmup_steps=20),
+            *("--checkpoint.no-enable", "--metrics.no-enable-tensorboard", *extra),
         ]
-    )  # fmt: skip
+    )
     return read_metrics(dump)
 
 
