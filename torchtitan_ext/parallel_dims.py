@@ -76,6 +76,16 @@ class ParallelDims:
             )
         order = tuple(cfg.parallelism.mesh_dim_order)
         check_mesh_dim_order(order)
+        fsdp_dims = [order.index(d) for d in ("dp_shard", "cp") if degrees[d] > 1]
+        if degrees["tp"] > 1 and fsdp_dims and order.index("tp") < max(fsdp_dims):
+            # FSDP2 composes its (dp_shard x cp) mesh with the tp mesh of TP's DTensors as one
+            # 2-D mesh, which DeviceMesh only builds from dims in ascending order.
+            raise ConfigError(
+                "parallelism.mesh_dim_order",
+                list(order),
+                "with tp > 1 and FSDP over dp_shard x cp, tp must come after dp_shard and cp, "
+                "e.g. ['pp', 'dp_replicate', 'dp_shard', 'cp', 'tp']",
+            )
         return cls(
             pp=degrees["pp"],
             dp_replicate=degrees["dp_replicate"],

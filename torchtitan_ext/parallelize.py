@@ -7,7 +7,8 @@ then activation checkpointing (wraps the blocks, which TP and CP have already re
 ``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), and
 FSDP2 last (it shards whatever parameters the previous steps produced, composing its dp_shard x
 cp mesh with the tp mesh into 2-D DTensors). The model definition carries no parallel code.
-TP lands with issue 4; until then the trainer rejects tp > 1 before any collective.
+Pipeline stages land with issue 4; until then the trainer rejects pp > 1 before any
+collective.
 """
 
 from typing import Any
@@ -20,11 +21,12 @@ from torchtitan.models.llama3.infra.parallelize import apply_compile
 from torchtitan_ext.parallel.activation_checkpoint import apply_ac
 from torchtitan_ext.parallel.context_parallel import apply_cp
 from torchtitan_ext.parallel.fsdp import apply_fsdp
+from torchtitan_ext.parallel.tensor_parallel import apply_tp
 from torchtitan_ext.parallel_dims import ParallelDims
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.device) -> nn.Module:
-    """Apply CP, AC, compile and FSDP/HSDP to ``model`` (on the meta device), in place.
+    """Apply TP, CP, AC, compile and FSDP/HSDP to ``model`` (on the meta device), in place.
 
     Args:
         model: a TorchTitan Llama-style model on the meta device.
@@ -36,6 +38,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
         The same model.
     """
     compile_model = cfg.compile.enable and "model" in cfg.compile.components
+    if dims.tp_enabled:
+        apply_tp(model, dims.get_mesh("tp"), not cfg.parallelism.disable_loss_parallel)
     if dims.cp_enabled:
         p = cfg.parallelism
         apply_cp(

@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from torchtitan.components.checkpoint import ModelWrapper
 from torchtitan.components.loss import IGNORE_INDEX, build_cross_entropy_loss
 from torchtitan.components.lr_scheduler import build_lr_schedulers
@@ -79,7 +81,6 @@ def _above_one(v: Any) -> bool:
 
 # TorchTitan settings this trainer does not implement (yet): rejected, never silently ignored.
 _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("parallelism.tensor_parallel_degree", _above_one, "TP arrives with issue 4"),
     ("parallelism.pipeline_parallel_degree", _above_one, "PP arrives with issue 4"),
     ("checkpoint.async_mode", lambda v: v != "disabled", "only 'disabled' is supported"),
     ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
@@ -265,11 +266,12 @@ class Trainer:
         loss_acc = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
             inputs, labels, positions = self._shard_sequence(inputs, labels)
-            with self.amp:
-                pred = self.model(inputs, positions=positions)
-                loss = self.loss_fn(pred, labels) / global_tokens
-            del pred
-            loss.backward()
+            with self._loss_parallel():
+                with self.amp:
+                    pred = self.model(inputs, positions=positions)
+                    loss = _local(self.loss_fn(pred, labels)) / global_tokens
+                del pred
+                loss.backward()
             loss_acc += loss.detach()
         grad_norm = clip_grad_norm_(
             [p for m in self.model_parts for p in m.parameters()],
@@ -279,6 +281,13 @@ class Trainer:
         self.optimizers.step()
         self.lr_schedulers.step()
         return loss_acc, grad_norm
+
+    def _loss_parallel(self) -> contextlib.AbstractContextManager[Any]:
+        """torch's ``loss_parallel()`` with TP (cross-entropy on vocab-sharded logits) unless
+        ``parallelism.disable_loss_parallel``."""
+        if self.dims.tp_enabled and not self.cfg.parallelism.disable_loss_parallel:
+            return loss_parallel()
+        return contextlib.nullcontext()
 
     def _shard_sequence(
         self, inputs: torch.Tensor, labels: torch.Tensor
@@ -326,9 +335,9 @@ class Trainer:
                 b * per_batch + dp_rank * v.local_batch_size, v.local_batch_size
             )
             inputs, labels, positions = self._shard_sequence(inputs, labels)
-            with self.amp:
+            with self._loss_parallel(), self.amp:
                 pred = self.model(inputs, positions=positions)
-                sums[0] += self.loss_fn(pred, labels).float()
+                sums[0] += _local(self.loss_fn(pred, labels)).float()
             sums[1] += (labels != IGNORE_INDEX).sum()
         self.model.train()
         # A forward without backward leaves FSDP units built with reshard_after_forward=False
@@ -391,6 +400,11 @@ class Trainer:
                 self.checkpointer.save(step)
         self.metrics.close()
         return records
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (loss parallel's loss) as its local tensor; autograd flows through."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def setup_logging(rank: int) -> None:

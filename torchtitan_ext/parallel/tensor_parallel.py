@@ -1,0 +1,71 @@
+"""Tensor parallel (Megatron-LM style, arXiv 1909.08053) with sequence parallel (arXiv
+2205.05198) for TorchTitan's Llama models, with ``torch.distributed.tensor.parallel`` plans.
+
+The plan follows TorchTitan 0.2.2's ``apply_tp`` (``torchtitan/models/llama3/infra/
+parallelize.py``): column-parallel q/k/v and w1/w3 (heads and FFN hidden units split over tp
+ranks), row-parallel wo and w2 whose outputs are reduce-scattered back to sequence-sharded
+activations, the norms in sequence-parallel form, the embedding row-parallel over the vocab, and
+the output projection column-parallel over the vocab with loss parallel (cross-entropy computed
+on vocab-sharded logits, ``loss_parallel()``) unless ``parallelism.disable_loss_parallel``.
+"""
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+    """Shard ``model`` over ``tp_mesh`` in place.
+
+    Activations between blocks are (B, S / tp, dim) sequence shards; inside attention and the
+    feed-forward they are (B, S, dim / tp)-style head / hidden shards. With ``loss_parallel``
+    the logits stay a DTensor sharded on the vocab dim (B, S, vocab / tp) for
+    ``torch.distributed.tensor.parallel.loss_parallel``; else they are replicated plain tensors.
+
+    Requires n_heads and n_kv_heads divisible by tp and seq_len by tp (checked by the config).
+    """
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(
+                input_layouts=Shard(1),
+                output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                use_local_output=not loss_parallel,
+            ),
+        },
+    )
+    layers: nn.Module = model.get_submodule("layers")
+    for block in layers.children():
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attention_norm": SequenceParallel(),
+                # (x, freqs_cis, attention_masks, positions): only x is sharded.
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None, None, None),
+                    desired_input_layouts=(Replicate(), None, None, None),
+                ),
+                "attention.wq": ColwiseParallel(),
+                "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+                "feed_forward.w3": ColwiseParallel(),
+            },
+        )
