@@ -407,6 +407,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _report_config_error(rank: int | None, err: ConfigError) -> None:
+    """One line on stderr, written with a single write() so that ranks sharing the launcher's
+    pipe cannot interleave their lines."""
+    prefix = f"[rank{rank}] " if rank is not None else ""
+    sys.stderr.write(f"{prefix}config error: {err}\n")
+    sys.stderr.flush()
+
+
 def setup_logging(rank: int) -> None:
     """INFO on rank 0, WARNING elsewhere (TorchTitan logs through the root logger too)."""
     logging.basicConfig(
@@ -423,14 +431,14 @@ def main(args: list[str]) -> int:
     try:
         rank = RankInfo.from_env()
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        _report_config_error(None, e)
         return 2
     setup_logging(rank.rank)
     try:
         prepared = prepare(args, rank)
     except ConfigError as e:
         # Same message on every rank, before any collective: no hang, no traceback.
-        print(f"[rank{rank.rank}] config error: {e}", file=sys.stderr, flush=True)
+        _report_config_error(rank.rank, e)
         return 2
     cfg = prepared.cfg
     if cfg.job.print_config and rank.rank == 0:
@@ -445,7 +453,7 @@ def main(args: list[str]) -> int:
         out = os.path.abspath(cfg.job.dump_folder)
         logger.info(f"training done in {time.perf_counter() - t0:.1f}s; outputs in {out}")
     except ConfigError as e:
-        print(f"[rank{rank.rank}] config error: {e}", file=sys.stderr, flush=True)
+        _report_config_error(rank.rank, e)
         return 2
     finally:
         dist.destroy_process_group()
