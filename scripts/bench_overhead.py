@@ -11,8 +11,8 @@ throughput), for
   and flavor, initial weights (``init_weights_mesh_independent``, same seed), data (the packed
   windows of the tokenized stdlib corpus, same split, order and batches), parameter dtype
   (``training.dtype``: fp32 in the CPU recipes), local batch, sequence length, optimizer
-  (``torch.optim.AdamW`` with the recipe's hyperparameters and implementation), LR schedule
-  (written out by hand), summed cross-entropy divided by the label tokens, ``clip_grad_norm_``,
+  (``torch.optim.AdamW`` with the recipe's hyperparameters and implementation), TorchTitan's LR
+  schedule builder, summed cross-entropy divided by the label tokens, ``clip_grad_norm_``,
   ``zero_grad`` and ``step``, timed with ``time.perf_counter``.
 
 Both run as subprocesses of this script, with the same interpreter, working directory and
@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import shlex
 import statistics
@@ -107,26 +106,19 @@ class RunResult:
 
 
 class Recipe:
-    """A recipe TOML file read with tomli; a missing key falls back to the trainer's default
-    (TorchTitan 0.2.2's JobConfig merged with torchtitan_ext's sections)."""
+    """A recipe as the trainer resolves it (``torchtitan_ext.config.load_config``: TorchTitan
+    0.2.2's JobConfig with torchtitan_ext's sections, TOML over defaults)."""
 
     def __init__(self, path: str) -> None:
-        import tomli
-
         if str(REPO) not in sys.path:
             sys.path.insert(0, str(REPO))
-        from torchtitan_ext.config.manager import merged_config_class
+        from torchtitan_ext.config import load_config
 
-        with open(path, "rb") as f:
-            self.toml: dict[str, Any] = tomli.load(f)
-        self.defaults = merged_config_class()()
+        self.cfg = load_config(["--job.config_file", path])
 
     def get(self, section: str, key: str) -> Any:
-        """``[section] key`` of the recipe, or its default."""
-        values = self.toml.get(section, {})
-        if isinstance(values, dict) and key in values:
-            return values[key]
-        return getattr(getattr(self.defaults, section), key)
+        """``[section] key`` of the resolved recipe."""
+        return getattr(getattr(self.cfg, section), key)
 
 
 def resolve_config_path(path: str) -> str:
@@ -315,46 +307,6 @@ def run_minimal(w: Workload, env: dict[str, str], timeout: float) -> RunResult:
 # ----------------------------------------------------------------------------- minimal loop
 
 
-def lr_factor(
-    step: int,
-    warmup_steps: int,
-    stable_steps: int,
-    decay_steps: int,
-    decay_type: str,
-    min_lr_factor: float,
-) -> float:
-    """TorchTitan 0.2.2's linear-warmup / stable / decay LR multiplier at 0-based ``step``
-    (``torchtitan/components/lr_scheduler.py``), written out so the minimal loop follows the
-    same LR schedule (and hence the same losses) as the trainer."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if step < warmup_steps + stable_steps:
-        return 1.0
-    progress = (step + 1 - warmup_steps - stable_steps) / decay_steps
-    if decay_type == "linear":
-        factor = 1 - progress
-    elif decay_type == "sqrt":
-        factor = 1 - math.sqrt(progress)
-    elif decay_type == "cosine":
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ValueError(f"unknown lr_scheduler.decay_type {decay_type!r}")
-    return min_lr_factor + (1 - min_lr_factor) * factor
-
-
-def schedule_lengths(recipe: Recipe, training_steps: int) -> tuple[int, int, int]:
-    """(warmup, stable, decay) steps as TorchTitan's ``build_lr_schedulers`` computes them."""
-    total = recipe.get("lr_scheduler", "total_steps")
-    total = training_steps if total is None else int(total)
-    warmup = min(int(recipe.get("lr_scheduler", "warmup_steps")), total)
-    decay_ratio = recipe.get("lr_scheduler", "decay_ratio")
-    if decay_ratio is not None:
-        decay = min(round(total * decay_ratio), total - warmup)
-    else:
-        decay = total - warmup
-    return warmup, total + 1 - warmup - decay, decay
-
-
 def minimal_loop(w: Workload) -> dict[str, Any]:
     """The hand-written training loop; returns its throughput and per-step losses."""
     import copy
@@ -362,6 +314,7 @@ def minimal_loop(w: Workload) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from torchtitan.components.loss import IGNORE_INDEX
+    from torchtitan.components.lr_scheduler import build_lr_schedulers
     from torchtitan.config import TORCH_DTYPE_MAP
     from torchtitan.models.llama3 import Transformer, llama3_args
 
@@ -422,15 +375,9 @@ def minimal_loop(w: Workload) -> dict[str, Any]:
         foreach=implementation == "foreach",
         fused=implementation == "fused",
     )
-    warmup_steps, stable_steps, decay_steps = schedule_lengths(recipe, w.steps)
-    decay_type, min_lr_factor = (
-        recipe.get("lr_scheduler", "decay_type"),
-        recipe.get("lr_scheduler", "min_lr_factor"),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_factor(s, warmup_steps, stable_steps, decay_steps, decay_type, min_lr_factor),
-    )
+    # TorchTitan's warmup/stable/decay schedule, as the trainer builds it (one LambdaLR per
+    # optimizer; a plain list of optimizers is all it iterates).
+    scheduler = build_lr_schedulers([optimizer], recipe.cfg.lr_scheduler, w.steps)
 
     # Timing mirrors the trainer's metrics: ends[k] is the end of step k (ends[0]: the start
     # of the loop); the timed window runs from the end of step `warmup` to the end of the last.
