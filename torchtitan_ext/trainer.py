@@ -36,7 +36,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
 from torchtitan_ext.checkpoint import Checkpointer, TrainState
-from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.manager import ConfigError, format_toml, load_config
 from torchtitan_ext.config.validate import resolve_model_args, validate
 from torchtitan_ext.data import (
     GlobalBatchLoader,
@@ -442,8 +442,6 @@ def main(args: list[str]) -> int:
         return 2
     cfg = prepared.cfg
     if cfg.job.print_config and rank.rank == 0:
-        from torchtitan_ext.config.__main__ import format_toml
-
         print(format_toml(cfg))
     init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)
     try:

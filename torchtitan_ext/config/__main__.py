@@ -10,40 +10,16 @@ resolved config as TOML on stdout; on a bad recipe, exit status 2 and one line o
 the key and the value.
 """
 
-import dataclasses
-import json
 import os
 import sys
-from typing import Any
 
-from torchtitan_ext.config.manager import ConfigError, load_config, pop_world_size_arg
+from torchtitan_ext.config.manager import (
+    ConfigError,
+    format_toml,
+    load_config,
+    pop_world_size_arg,
+)
 from torchtitan_ext.config.validate import validate
-
-
-def format_toml(cfg: Any) -> str:
-    """Render a (nested) config dataclass as TOML; None values become comments."""
-    lines: list[str] = []
-
-    def section(obj: Any, name: str) -> None:
-        scalars = [
-            f for f in dataclasses.fields(obj) if not dataclasses.is_dataclass(getattr(obj, f.name))
-        ]
-        subs = [
-            f for f in dataclasses.fields(obj) if dataclasses.is_dataclass(getattr(obj, f.name))
-        ]
-        if name and scalars:
-            lines.append(f"\n[{name}]")
-        for f in scalars:
-            value = getattr(obj, f.name)
-            if value is None:
-                lines.append(f"# {f.name} = (none)")
-            else:
-                lines.append(f"{f.name} = {json.dumps(value)}")
-        for f in subs:
-            section(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
-
-    section(cfg, "")
-    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def main(args: list[str]) -> int:

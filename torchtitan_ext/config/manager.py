@@ -10,6 +10,7 @@ key and the value.
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -206,6 +207,32 @@ def _type_name(tp: Any) -> str:
 def config_to_dict(cfg: Any) -> dict[str, Any]:
     """The resolved config as nested plain dicts (for printing and for metrics files)."""
     return dataclasses.asdict(cfg)
+
+
+def format_toml(cfg: Any) -> str:
+    """Render a (nested) config dataclass as TOML; None values become comments."""
+    lines: list[str] = []
+
+    def section(obj: Any, name: str) -> None:
+        scalars = [
+            f for f in dataclasses.fields(obj) if not dataclasses.is_dataclass(getattr(obj, f.name))
+        ]
+        subs = [
+            f for f in dataclasses.fields(obj) if dataclasses.is_dataclass(getattr(obj, f.name))
+        ]
+        if name and scalars:
+            lines.append(f"\n[{name}]")
+        for f in scalars:
+            value = getattr(obj, f.name)
+            if value is None:
+                lines.append(f"# {f.name} = (none)")
+            else:
+                lines.append(f"{f.name} = {json.dumps(value)}")
+        for f in subs:
+            section(getattr(obj, f.name), f"{name}.{f.name}" if name else f.name)
+
+    section(cfg, "")
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def pop_world_size_arg(args: list[str]) -> tuple[list[str], int | None]:
