@@ -22,22 +22,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _run(cmd: list[str], timeout: float, check: bool) -> subprocess.CompletedProcess[str]:
+    """Run a training command from the repo root, 1 thread per process; on ``check``, a non-zero
+    exit fails the test with the tail of its output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{cmd[1:4]} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
+    return proc
+
+
 def torchrun(
     nproc: int, args: list[str], timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``torchrun --nproc_per_node nproc train.py args`` from the repo root."""
+    """Run ``torchrun --nproc_per_node nproc train.py args``."""
     cmd = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         str(ROOT / "train.py"), *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-        )
-    return proc
+    return _run(cmd, timeout, check)
 
 
 def tiny_run_args(
@@ -65,16 +72,8 @@ def tiny_run_args(
 
 
 def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Run ``python train.py args`` (1 rank, no torchrun) from the repo root."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MASTER_ADDR", None)
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
-    if proc.returncode != 0:
-        raise AssertionError(f"train.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    """Run ``python train.py args`` (1 rank, no torchrun)."""
+    return _run([sys.executable, str(ROOT / "train.py"), *args], timeout, check=True)
 
 
 def read_metrics(dump_folder: Path) -> list[dict[str, Any]]:
