@@ -40,6 +40,18 @@ CPU_FLAVORS: dict[str, TransformerModelArgs] = {
         multiple_of=32,
         rope_theta=500000,
     ),
+    # ~0.3M parameters: the parity matrix. 8 heads and 8 kv heads so that tp up to 8 divides
+    # them; 6 layers (+ embedding and output) so that pp 8, or pp 4 with 2 stages per rank,
+    # gets one module per stage.
+    "debugmodel_cpu_deep": TransformerModelArgs(
+        dim=64,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=8,
+        vocab_size=320,
+        multiple_of=32,
+        rope_theta=500000,
+    ),
 }
 for _name, _args in CPU_FLAVORS.items():
     llama3_args.setdefault(_name, _args)

@@ -22,8 +22,11 @@ _FLAT_MESHES: dict[str, tuple[str, ...]] = {
     "fsdp": ("dp_shard", "cp"),
     # The data-loading mesh: ranks in different batch groups read different samples.
     "batch": ("dp_replicate", "dp_shard"),
-    # The loss is averaged over every rank that holds a different part of the global batch.
-    "loss": ("dp_replicate", "dp_shard", "cp"),
+    # The data dims with cp, dp_replicate outermost: unflattened into the 2-D HSDP mesh.
+    "dp_cp": ("dp_replicate", "dp_shard", "cp"),
+    # The loss is summed over every rank that holds a different share of it: the dp x cp ranks
+    # of the last pipeline stage (other stages contribute zeros).
+    "loss": ("pp", "dp_replicate", "dp_shard", "cp"),
 }
 
 
@@ -128,8 +131,13 @@ class ParallelDims:
 
     @property
     def loss_parallel_size(self) -> int:
-        """Ranks over which the loss is averaged (dp x cp)."""
-        return self.dp * self.cp
+        """Ranks over which the loss contributions are summed (pp x dp x cp)."""
+        return self.pp * self.dp * self.cp
+
+    @property
+    def non_data_parallel_size(self) -> int:
+        """Ranks that share each sample's compute: pp x tp x cp (TorchTitan's name)."""
+        return self.pp * self.tp * self.cp
 
     def shape_str(self) -> str:
         """E.g. ``"pp 1 x dp_replicate 1 x dp_shard 4 x tp 1 x cp 1"`` in mesh order."""
@@ -141,8 +149,9 @@ class ParallelDims:
         Collective: every rank must call it, after ``init_process_group``.
 
         Named meshes afterwards available from ``get_mesh``: the five dims, ``fsdp``
-        (dp_shard x cp), ``batch`` (dp_replicate x dp_shard), ``loss`` (dp_replicate x dp_shard
-        x cp) and ``hsdp`` (2-D: dp_replicate, dp_shard x cp).
+        (dp_shard x cp), ``batch`` (dp_replicate x dp_shard), ``dp_cp`` (dp_replicate x
+        dp_shard x cp), ``loss`` (pp x dp_replicate x dp_shard x cp) and ``hsdp`` (2-D:
+        dp_replicate, dp_shard x cp).
         """
         shape = tuple(getattr(self, n) for n in self.order)
         world = init_device_mesh(device_type, shape, mesh_dim_names=self.order)
@@ -152,17 +161,17 @@ class ParallelDims:
         for flat_name, dims in _FLAT_MESHES.items():
             in_order = tuple(d for d in self.order if d in dims)
             meshes[flat_name] = world[in_order]._flatten(flat_name)
-        # dp_replicate is the outermost data dim (check_mesh_dim_order), so the loss mesh's
+        # dp_replicate is the outermost data dim (check_mesh_dim_order), so the dp_cp mesh's
         # rank layout is dp_replicate-major and unflattens into (dp_replicate, dp_shard x cp).
-        meshes["hsdp"] = meshes["loss"]._unflatten(
+        meshes["hsdp"] = meshes["dp_cp"]._unflatten(
             0, (self.dp_replicate, self.dp_shard * self.cp), ("hsdp_replicate", "hsdp_shard")
         )
         self._meshes = meshes
         return world
 
     def get_mesh(self, name: str) -> DeviceMesh:
-        """A mesh built by ``build_mesh``: a dim name, ``fsdp``, ``batch``, ``loss``, ``hsdp``
-        or ``world``.
+        """A mesh built by ``build_mesh``: a dim name, ``fsdp``, ``batch``, ``dp_cp``,
+        ``loss``, ``hsdp`` or ``world``.
 
         Raises:
             RuntimeError: ``build_mesh`` has not run.

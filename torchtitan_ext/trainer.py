@@ -50,6 +50,7 @@ from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_backe
 from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
 from torchtitan_ext.models import build_model_on_meta, init_weights_mesh_independent
 from torchtitan_ext.parallel.context_parallel import shard_sequence
+from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
 
@@ -81,7 +82,11 @@ def _above_one(v: Any) -> bool:
 
 # TorchTitan settings this trainer does not implement (yet): rejected, never silently ignored.
 _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    ("parallelism.pipeline_parallel_degree", _above_one, "PP arrives with issue 4"),
+    (
+        "parallelism.pipeline_parallel_schedule_csv",
+        _enabled,
+        "use one of torch's schedules by name",
+    ),
     ("checkpoint.async_mode", lambda v: v != "disabled", "only 'disabled' is supported"),
     ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
     ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
@@ -174,14 +179,30 @@ class Trainer:
             f"model {cfg.model.name}/{cfg.model.flavor}: {nparams:,} parameters, "
             f"mesh {dims.shape_str()}, device {device}, backend {p.backend}"
         )
-        parallelize(model, dims, cfg, device)
-        init_weights_mesh_independent(model, seed, device)
-        model.train()
-        self.model = model
-        self.model_parts: list[nn.Module] = [model]
+        self.loss_fn = build_cross_entropy_loss(cfg)
+        # 1 / (label tokens in the global batch), set per step (see train_step).
+        self._loss_scale = torch.ones((), device=device)
+        self.pipeline: Pipeline | None = None
+        if dims.pp_enabled:
+            # Pipeline split first; each stage gets the same parallelize() as a whole model.
+            self.pipeline = pipeline_split(
+                model,
+                dims.get_mesh("pp"),
+                plan_pipeline(cfg, p.model_args.n_layers),
+                cfg,
+                device,
+                lambda part: parallelize(part, dims, cfg, device),
+                self._scaled_loss,
+            )
+            self.model_parts: list[nn.Module] = self.pipeline.model_parts
+        else:
+            self.model_parts = [parallelize(model, dims, cfg, device)]
+        del model
+        for part in self.model_parts:
+            init_weights_mesh_independent(part, seed, device)
+            part.train()
         self.amp = self._amp_context()
 
-        self.loss_fn = build_cross_entropy_loss(cfg)
         self.optimizers = build_optimizers(self.model_parts, cfg.optimizer, dims)
         self.lr_schedulers = build_lr_schedulers(
             self.optimizers, cfg.lr_scheduler, cfg.training.steps
@@ -232,6 +253,14 @@ class Trainer:
             f"(local batch {t.local_batch_size}, {self.dataloader.grad_accum_steps} "
             f"microbatch(es) per step, dp {dims.dp})"
         )
+        if self.pipeline is not None:
+            plan = plan_pipeline(cfg, p.model_args.n_layers)
+            logger.info(
+                f"pipeline: {plan.schedule}, {plan.num_stages} stages ({plan.stages_per_rank} "
+                f"per rank), {plan.n_microbatches} pipeline microbatches of "
+                f"{cfg.parallelism.pipeline_parallel_microbatch_size}; stages: "
+                f"{plan.module_fqns}"
+            )
 
     def _amp_context(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast for bf16 on a single CUDA device without FSDP (FSDP's MixedPrecisionPolicy
@@ -263,13 +292,19 @@ class Trainer:
         global_tokens = torch.tensor(float(local_tokens), device=self.device)
         if self.dims.dp_enabled:
             dist.all_reduce(global_tokens, group=self.dims.get_mesh("batch").get_group())
+        self._loss_scale = 1.0 / global_tokens
         loss_acc = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
             inputs, labels, positions = self._shard_sequence(inputs, labels)
+            if self.pipeline is not None:
+                # The schedule runs forward and backward of its pipeline microbatches; the
+                # last stage's losses (already scaled) come back in the list.
+                loss_acc += self._pipeline_step(inputs, labels, positions, train=True)
+                continue
             with self._loss_parallel():
                 with self.amp:
-                    pred = self.model(inputs, positions=positions)
-                    loss = _local(self.loss_fn(pred, labels)) / global_tokens
+                    pred = self.model_parts[0](inputs, positions=positions)
+                    loss = self._scaled_loss(pred, labels)
                 del pred
                 loss.backward()
             loss_acc += loss.detach()
@@ -277,10 +312,47 @@ class Trainer:
             [p for m in self.model_parts for p in m.parameters()],
             self.cfg.training.max_norm,
             foreach=True,
+            # Each pp rank holds different parameters: the norm sums over stages too.
+            pp_mesh=self.dims.get_mesh("pp") if self.dims.pp_enabled else None,
         )
         self.optimizers.step()
         self.lr_schedulers.step()
         return loss_acc, grad_norm
+
+    def _scaled_loss(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of (B, S, vocab) logits against (B, S) labels, times the current
+        ``_loss_scale``: a local fp32 scalar (loss parallel's replicated DTensor unwrapped)."""
+        return _local(self.loss_fn(pred, labels)) * self._loss_scale
+
+    def _pipeline_step(
+        self,
+        inputs: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor | None,
+        train: bool,
+    ) -> torch.Tensor:
+        """One local batch through the pipeline schedule (forward + backward when ``train``,
+        forward only otherwise; torch splits it into ``n_microbatches``).
+
+        Returns:
+            The sum of this rank's pipeline-microbatch losses (scaled by ``_loss_scale``) on
+            the last stage; 0 on the other stages.
+        """
+        assert self.pipeline is not None
+        pl = self.pipeline
+        kwargs: dict[str, Any] = {} if positions is None else {"positions": positions}
+        losses: list[torch.Tensor] | None = [] if pl.has_last_stage else None
+        target = labels if pl.has_last_stage else None
+        args = (inputs,) if pl.has_first_stage else ()
+        run = pl.schedule.step if train else pl.schedule.eval
+        with self._loss_parallel(), self.amp:
+            if train:
+                run(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+            else:
+                run(*args, target=target, losses=losses, **kwargs)
+        if not losses:
+            return torch.zeros((), device=self.device)
+        return torch.stack([x.detach() for x in losses]).sum()
 
     def _loss_parallel(self) -> contextlib.AbstractContextManager[Any]:
         """torch's ``loss_parallel()`` with TP (cross-entropy on vocab-sharded logits) unless
@@ -305,7 +377,8 @@ class Trainer:
         )
 
     def _global_loss(self, local: torch.Tensor) -> float:
-        """Sum the ranks' loss contributions over the loss mesh (dp x cp): the global mean."""
+        """Sum the ranks' loss contributions over the loss mesh (pp x dp x cp; stages other
+        than the last contribute 0): the global mean."""
         if self.dims.loss_parallel_size > 1:
             local = local.clone()
             dist.all_reduce(local, group=self.dims.get_mesh("loss").get_group())
@@ -328,23 +401,32 @@ class Trainer:
         n_batches = self.val_windows.num_windows // per_batch
         if v.steps != -1:
             n_batches = min(n_batches, v.steps)
-        self.model.eval()
+        for part in self.model_parts:
+            part.eval()
+        self._loss_scale = torch.ones((), device=self.device)  # sums, not means
+        computes_loss = self.pipeline is None or self.pipeline.has_last_stage
         sums = torch.zeros(2, device=self.device)  # (loss sum, tokens)
         for b in range(n_batches):
             inputs, labels = self.val_windows.batch(
                 b * per_batch + dp_rank * v.local_batch_size, v.local_batch_size
             )
             inputs, labels, positions = self._shard_sequence(inputs, labels)
-            with self._loss_parallel(), self.amp:
-                pred = self.model(inputs, positions=positions)
-                sums[0] += _local(self.loss_fn(pred, labels)).float()
-            sums[1] += (labels != IGNORE_INDEX).sum()
-        self.model.train()
-        # A forward without backward leaves FSDP units built with reshard_after_forward=False
-        # (norm + output) unsharded; reshard so parameters are the optimizer's DTensors again.
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+            if self.pipeline is not None:
+                sums[0] += self._pipeline_step(inputs, labels, positions, train=False)
+            else:
+                with self._loss_parallel(), self.amp:
+                    pred = self.model_parts[0](inputs, positions=positions)
+                    sums[0] += self._scaled_loss(pred, labels).float()
+            if computes_loss:
+                sums[1] += (labels != IGNORE_INDEX).sum()
+        for part in self.model_parts:
+            part.train()
+            # A forward without backward leaves FSDP units built with
+            # reshard_after_forward=False (norm + output; every unit with PP) unsharded;
+            # reshard so parameters are the optimizer's DTensors again.
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
         if self.dims.loss_parallel_size > 1:
             dist.all_reduce(sums, group=self.dims.get_mesh("loss").get_group())
         return float(sums[0] / sums[1].clamp(min=1))
@@ -374,8 +456,11 @@ class Trainer:
             self.train_state.step = step
             step_tokens = self.dataloader.global_batch_size * cfg.training.seq_len
             self.train_state.tokens_seen += step_tokens
-            # Tokens this rank computed on: its 1/cp of each sequence.
-            tokens_since_log += sum(x.numel() for x, _ in microbatches) // self.dims.cp
+            # Tokens per device (TorchTitan's convention): each sample's tokens are shared by
+            # the pp x tp x cp ranks that compute on it.
+            tokens_since_log += (
+                sum(x.numel() for x, _ in microbatches) // self.dims.non_data_parallel_size
+            )
             last = step == cfg.training.steps
             if step == 1 or step % cfg.metrics.log_freq == 0 or last:
                 global_loss = self._global_loss(loss)

@@ -37,6 +37,10 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
         _check_seq_len(cfg, "validation.seq_len", cfg.validation.seq_len, tp, cp)
     if cp > 1:
         _check_cp(cfg, model_args)
+    if p.pipeline_parallel_degree > 1:
+        from torchtitan_ext.parallel.pipeline import plan_pipeline
+
+        plan_pipeline(cfg, model_args.n_layers)
     if cfg.activation_checkpoint.mode not in SUPPORTED_AC_MODES:
         raise ConfigError(
             "activation_checkpoint.mode",

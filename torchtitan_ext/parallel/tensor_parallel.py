@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
@@ -30,20 +31,21 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None
     ``torch.distributed.tensor.parallel.loss_parallel``; else they are replicated plain tensors.
 
     Requires n_heads and n_kv_heads divisible by tp and seq_len by tp (checked by the config).
+    A pipeline stage (embedding, norm or output set to None) gets the plan of what it holds.
     """
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
-            "norm": SequenceParallel(),
-            "output": ColwiseParallel(
-                input_layouts=Shard(1),
-                output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                use_local_output=not loss_parallel,
-            ),
-        },
-    )
+    outer_plan: dict[str, ParallelStyle] = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
+    }
+    # A pipeline stage holds some of these modules (the others are None).
+    present = {k: v for k, v in outer_plan.items() if getattr(model, k, None) is not None}
+    if present:
+        parallelize_module(model, tp_mesh, present)
     layers: nn.Module = model.get_submodule("layers")
     for block in layers.children():
         parallelize_module(

@@ -1,0 +1,351 @@
+"""Mesh parity: every mesh shape must train the same model as one rank on the same global batch.
+
+A *shape* is a set of degrees (pp, dp_replicate, dp_shard, tp, cp), optionally a pipeline
+schedule and options, written as a name: ``pp2xdp_shard2xcp2``, ``pp4xcp2@Interleaved1F1B``,
+``dp_shard2xcp2+alltoall+nolb``, ``single`` (1 rank). Shapes with the same number of ranks run
+one after another inside one launch (``python -m torchtitan_ext.parity --worker`` under
+torchrun), because starting 8 processes costs ~25 s on a 2-core machine; each shape's metrics go
+to ``<out>/<shape>/metrics.jsonl`` and are compared with the 1-rank run's, fp32: the step-1 loss
+and grad norm within 1e-5 relative, steps 1..N within 5e-4 (``compare``).
+
+Used by ``scripts/parity_matrix.py`` (every factorization of 8 ranks, and a 16-rank 4D shape)
+and by ``tests/test_parity.py`` (a representative subset).
+"""
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.config.validate import validate
+from torchtitan_ext.parallel_dims import DEGREE_KEYS
+
+ROOT = Path(__file__).resolve().parent.parent
+STEP1_RTOL = 1e-5
+ALL_STEPS_RTOL = 5e-4
+
+# Shape options: suffix "+name" -> recipe overrides.
+OPTIONS: dict[str, list[str]] = {
+    "alltoall": ["--parallelism.context_parallel_rotate_method", "alltoall"],
+    "nolb": ["--parallelism.context_parallel_load_balancer", "None"],
+    "nolossparallel": ["--parallelism.disable_loss_parallel"],
+    "tpinner": ["--parallelism.mesh_dim_order", "pp,dp_replicate,dp_shard,cp,tp"],
+    "cpinner": ["--parallelism.mesh_dim_order", "pp,dp_replicate,dp_shard,tp,cp"],
+}
+_TP_INNERMOST = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A mesh shape to check.
+
+    Attributes:
+        degrees: degree per mesh dim name (missing dims are 1).
+        schedule: pipeline schedule (torch's name) when pp > 1; None: the recipe's (1F1B).
+        options: names from ``OPTIONS``.
+    """
+
+    degrees: dict[str, int] = field(hash=False)
+    schedule: str | None = None
+    options: tuple[str, ...] = ()
+
+    @property
+    def nproc(self) -> int:
+        n = 1
+        for d in self.degrees.values():
+            n *= d
+        return n
+
+    @property
+    def name(self) -> str:
+        dims = "x".join(f"{k}{v}" for k, v in self.degrees.items() if v > 1) or "single"
+        sched = f"@{self.schedule}" if self.schedule else ""
+        return dims + sched + "".join(f"+{o}" for o in self.options)
+
+    def args(self) -> list[str]:
+        """Recipe overrides for this shape. With tp > 1 and FSDP (dp_shard x cp > 1) the mesh
+        order puts tp innermost, which FSDP2's 2-D (fsdp, tp) composition requires
+        (``ParallelDims.from_config``), unless an option sets the order."""
+        out: list[str] = []
+        for dim in MESH_DIM_NAMES:
+            out += [f"--parallelism.{DEGREE_KEYS[dim]}", str(self.degrees.get(dim, 1))]
+        if self.schedule:
+            out += ["--parallelism.pipeline_parallel_schedule", self.schedule]
+        d = self.degrees
+        order_set = any(OPTIONS[o][0] == "--parallelism.mesh_dim_order" for o in self.options)
+        if d.get("tp", 1) > 1 and d.get("dp_shard", 1) * d.get("cp", 1) > 1 and not order_set:
+            out += ["--parallelism.mesh_dim_order", ",".join(_TP_INNERMOST)]
+        for o in self.options:
+            out += OPTIONS[o]
+        return out
+
+
+def parse_shape(name: str) -> Shape:
+    """``"pp2xdp_shard2xcp2@1F1B+alltoall"`` -> Shape; ``"single"`` is 1 rank.
+
+    Raises:
+        ValueError: an unknown dim, option, or a degree that is not an integer >= 1.
+    """
+    rest, *opts = name.split("+")
+    dims, _, schedule = rest.partition("@")
+    degrees: dict[str, int] = {}
+    if dims != "single":
+        for part in dims.split("x"):
+            dim = part.rstrip("0123456789")
+            value = part[len(dim) :]
+            if dim not in MESH_DIM_NAMES or not value.isdigit() or int(value) < 1:
+                raise ValueError(f"bad shape {name!r}: {part!r} is not <dim><degree>")
+            degrees[dim] = int(value)
+    for o in opts:
+        if o not in OPTIONS:
+            raise ValueError(f"bad shape {name!r}: unknown option {o!r} (known: {list(OPTIONS)})")
+    ordered = {d: degrees[d] for d in MESH_DIM_NAMES if d in degrees}
+    return Shape(ordered, schedule or None, tuple(opts))
+
+
+def factorizations(world_size: int) -> list[Shape]:
+    """Every assignment of degrees (pp, dp_replicate, dp_shard, tp, cp) whose product is
+    ``world_size``, in a stable order (e.g. 35 shapes for 8 ranks)."""
+    divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+    shapes = []
+    for combo in itertools.product(divisors, repeat=len(MESH_DIM_NAMES)):
+        n = 1
+        for c in combo:
+            n *= c
+        if n == world_size:
+            shapes.append(Shape({k: v for k, v in zip(MESH_DIM_NAMES, combo, strict=True)}))
+    return shapes
+
+
+def base_args(global_batch: int, steps: int, flavor: str, seq_len: int) -> list[str]:
+    """The parity recipe: the debug recipe with a small model, every step logged, no
+    validation, checkpoints or tensorboard."""
+    return [
+        "--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"),
+        "--model.flavor", flavor,
+        "--training.seq_len", str(seq_len),
+        "--training.global_batch_size", str(global_batch),
+        "--training.steps", str(steps),
+        "--lr_scheduler.warmup_steps", "2",
+        "--metrics.log_freq", "1",
+        "--validation.no-enable",
+        "--metrics.no-enable-tensorboard",
+        "--checkpoint.no-enable",
+    ]  # fmt: skip
+
+
+def shape_run_args(shape: Shape, base: list[str], out: Path, global_batch: int) -> list[str]:
+    """Full CLI for one shape: one optimizer step per global batch (local batch = global /
+    dp), so PP has local_batch microbatches of 1."""
+    dp = shape.degrees.get("dp_replicate", 1) * shape.degrees.get("dp_shard", 1)
+    local = max(1, global_batch // dp)
+    return [
+        *base,
+        "--training.local_batch_size", str(local),
+        "--job.dump_folder", str(out / shape.name),
+        *shape.args(),
+    ]  # fmt: skip
+
+
+def check_shape(shape: Shape, args: list[str]) -> str | None:
+    """None if the shape's recipe validates for its world size, else the one-line reason."""
+    try:
+        validate(load_config(args), shape.nproc)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+def _worker(args: list[list[str]]) -> int:
+    """Run every recipe in ``args`` in turn on this launch's ranks (collective)."""
+    import torch.distributed as dist
+
+    from torchtitan_ext.distributed import RankInfo, init_distributed
+    from torchtitan_ext.trainer import Trainer, prepare, setup_logging
+
+    rank = RankInfo.from_env()
+    setup_logging(rank.rank)
+    try:
+        prepared = [prepare(a, rank) for a in args]
+    except ConfigError as e:
+        sys.stderr.write(f"[rank{rank.rank}] config error: {e}\n")
+        return 2
+    first = prepared[0]
+    init_distributed(first.backend, first.device, first.cfg.comm.init_timeout_seconds)
+    try:
+        for p in prepared:
+            Trainer(p).train()
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def launch(
+    shapes: list[Shape], base: list[str], out: Path, global_batch: int, timeout: float
+) -> "subprocess.CompletedProcess[str]":
+    """Run ``shapes`` (all with the same number of ranks) in one launch: torchrun for > 1
+    rank, plain python for 1.
+
+    Returns:
+        The CompletedProcess (its returncode is the launch's).
+    """
+    nproc = shapes[0].nproc
+    assert all(s.nproc == nproc for s in shapes)
+    payload = out / f"launch-{nproc}-{shapes[0].name}.json"
+    payload.write_text(json.dumps([shape_run_args(s, base, out, global_batch) for s in shapes]))
+    entry = ["-m", "torchtitan_ext.parity", "--worker", str(payload)]
+    if nproc == 1:
+        cmd = [sys.executable, *entry]
+    else:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--no-python",
+            sys.executable, *entry,
+        ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_ADDR", None)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _first_error(proc: "subprocess.CompletedProcess[str]") -> str:
+    """The first worker line that names an error (not torchrun's own summary)."""
+    lines = (proc.stderr + proc.stdout).splitlines()
+    for line in lines:
+        names_error = "Error" in line or "error:" in line
+        if names_error and not any(s in line for s in ("ChildFailedError", "Traceback", "File ")):
+            return line.strip()
+    return lines[-1].strip() if lines else ""
+
+
+def read_records(dump: Path) -> list[dict[str, Any]]:
+    """The training records (with a ``loss``) of ``<dump>/metrics.jsonl``; [] if missing."""
+    path = dump / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+@dataclass
+class Result:
+    """One shape's comparison with the 1-rank reference.
+
+    Attributes:
+        shape: the shape's name; nproc: its ranks.
+        status: "PASS", "FAIL" (deviation over tolerance, or missing steps), "SKIP"
+            (invalid for the recipe: ``detail`` says why) or "ERROR" (the launch failed).
+        step1_dev: max relative deviation of step 1's loss and grad norm.
+        loss_dev, grad_norm_dev: max relative deviation over all steps.
+    """
+
+    shape: str
+    nproc: int
+    status: str
+    step1_dev: float = float("nan")
+    loss_dev: float = float("nan")
+    grad_norm_dev: float = float("nan")
+    detail: str = ""
+
+
+def compare(shape: Shape, got: list[dict[str, Any]], ref: list[dict[str, Any]]) -> Result:
+    """Compare a shape's records with the reference's, step by step."""
+    if [r["step"] for r in got] != [r["step"] for r in ref] or not ref:
+        steps = [r["step"] for r in got]
+        return Result(shape.name, shape.nproc, "FAIL", detail=f"logged steps {steps}")
+    loss = [_rel(g["loss"], r["loss"]) for g, r in zip(got, ref, strict=True)]
+    gn = [_rel(g["grad_norm"], r["grad_norm"]) for g, r in zip(got, ref, strict=True)]
+    step1 = max(loss[0], gn[0])
+    ok = step1 <= STEP1_RTOL and max(loss + gn) <= ALL_STEPS_RTOL
+    return Result(shape.name, shape.nproc, "PASS" if ok else "FAIL", step1, max(loss), max(gn))
+
+
+def run_matrix(
+    shapes: list[Shape],
+    out: Path,
+    *,
+    steps: int = 5,
+    global_batch: int = 8,
+    flavor: str = "debugmodel_cpu_deep",
+    seq_len: int = 128,
+    timeout: float = 900,
+    log: Any = None,
+) -> list[Result]:
+    """Validate, run (grouped by rank count, one launch per group) and compare ``shapes``
+    against the 1-rank run of the same recipe.
+
+    Returns:
+        One Result per shape, in the given order.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_args(global_batch, steps, flavor, seq_len)
+    single = Shape({})
+    results: dict[str, Result] = {}
+    runnable: dict[int, list[Shape]] = {1: [single]}
+    for s in shapes:
+        why = check_shape(s, shape_run_args(s, base, out, global_batch))
+        if why is not None:
+            results[s.name] = Result(s.name, s.nproc, "SKIP", detail=why)
+        elif s.nproc > 1:
+            runnable.setdefault(s.nproc, []).append(s)
+    errors: dict[str, str] = {}
+    for nproc, group in sorted(runnable.items()):
+        if log:
+            log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
+        proc = launch(group, base, out, global_batch, timeout)
+        if proc.returncode != 0:
+            for s in group:
+                errors[s.name] = f"launch exit {proc.returncode}: {_first_error(proc)}"
+    ref = read_records(out / single.name)
+    if not ref:
+        raise RuntimeError(f"the 1-rank reference produced no metrics: {errors.get('single')}")
+    for s in shapes:
+        if s.name in results:
+            continue
+        got = read_records(out / s.name)
+        res = compare(s, got, ref)
+        if s.name in errors and len(got) != len(ref):
+            res = Result(s.name, s.nproc, "ERROR", detail=errors[s.name][-300:])
+        results[s.name] = res
+    return [results[s.name] for s in shapes]
+
+
+def format_table(results: list[Result]) -> str:
+    """A Markdown table: shape, ranks, deviations (relative), status."""
+    lines = [
+        "| shape | ranks | step-1 dev | max loss dev | max grad-norm dev | status |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        status = r.status if not r.detail else f"{r.status}: {r.detail}"
+        lines.append(
+            f"| {r.shape} | {r.nproc} | {r.step1_dev:.1e} | {r.loss_dev:.1e} | "
+            f"{r.grad_norm_dev:.1e} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--worker", type=Path, help="internal: JSON list of recipes to run")
+    a = ap.parse_args(argv)
+    if a.worker is None:
+        ap.error("use scripts/parity_matrix.py")
+    code = _worker(json.loads(a.worker.read_text()))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # see train.py: skip gloo's static teardown
+
+
+if __name__ == "__main__":
+    main()
