@@ -133,6 +133,84 @@ def test_bad_mesh_for_world_size(overrides, world_size, key, fragment):
     assert fragment in str(err.value), str(err.value)
 
 
+PP = ["--parallelism.pipeline_parallel_degree"]
+SCHED = ["--parallelism.pipeline_parallel_schedule"]
+LPS = ["--parallelism.pipeline_parallel_layers_per_stage"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        ([*PP, "2", *SCHED, "Fancy1F1B"], "parallelism.pipeline_parallel_schedule",
+         "supported schedules: GPipe, 1F1B"),
+        ([*PP, "2", *SCHED, "Interleaved1F1B", *LPS, "3"],
+         "parallelism.pipeline_parallel_layers_per_stage", "needs >= 2"),
+        ([*PP, "2", *SCHED, "GPipe", *LPS, "1"],
+         "parallelism.pipeline_parallel_layers_per_stage", "exactly 1 per rank"),
+        ([*PP, "2", *SCHED, "ZBVZeroBubble", *LPS, "1"],
+         "parallelism.pipeline_parallel_layers_per_stage", "ZBVZeroBubble needs 2"),
+        ([*PP, "4", *SCHED, "Interleaved1F1B"], "parallelism.pipeline_parallel_degree",
+         "cannot be greater than effective layers (6)"),
+        ([*PP, "2", *LPS, "2"], "parallelism.pipeline_parallel_layers_per_stage",
+         "gives 3 stages, not divisible by pp = 2"),
+        ([*PP, "2", "--parallelism.pipeline_parallel_microbatch_size", "3"],
+         "parallelism.pipeline_parallel_microbatch_size", "must divide training.local_batch_size"),
+        ([*PP, "4", "--training.local_batch_size", "2", "--training.global_batch_size", "4",
+          "--model.flavor", "debugmodel_cpu_deep"], "training.local_batch_size",
+         "1F1B needs >= 4"),
+        ([*PP, "2", *SCHED, "DualPipeV", "--training.local_batch_size", "2"],
+         "training.local_batch_size", "DualPipeV needs >= 4"),
+        ([*PP, "2", "--validation.local_batch_size", "2"], "validation.local_batch_size",
+         "shaped like training ones"),
+        ([*PP, "2", *SCHED, "ZBVZeroBubble"], "validation.enable", "V-shaped schedules"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_settings(overrides, key, fragment):
+    args = ["--job.config_file", DEBUG_CPU, "--parallelism.data_parallel_shard_degree", "1"]
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(args + overrides), None)
+    assert err.value.key == key
+    assert fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fqns", "fragment"),
+    [
+        ('[["tok_embeddings", "layers.0"], ["layers.1", "layers.3", "norm", "output"]]',
+         "missing ['layers.2']"),
+        ('[["tok_embeddings", "layers.1", "layers.0"], ["layers.2", "layers.3", "norm", '
+         '"output"]]', "in model order"),
+        ('[["tok_embeddings", "layers.0", "layers.1", "layers.2", "layers.3", "norm", '
+         '"output"], []]', "at least one module"),
+    ],
+)  # fmt: skip
+def test_bad_module_fqns_per_model_part(tmp_path, fqns, fragment):
+    recipe = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
+    recipe = recipe.replace(
+        "[parallelism]\n", f"[parallelism]\nmodule_fqns_per_model_part = {fqns}\n"
+    )
+    args = ["--job.config_file", write(tmp_path, recipe), *PP, "2"]
+    with pytest.raises(ConfigError) as err:
+        validate(load_config([*args, "--parallelism.data_parallel_shard_degree", "1"]), None)
+    assert err.value.key == "parallelism.module_fqns_per_model_part"
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_pipeline_plan_splits_layers_like_torchtitan():
+    from torchtitan_ext.parallel.pipeline import plan_pipeline
+
+    args = ["--job.config_file", DEBUG_CPU, "--model.flavor", "debugmodel_cpu_deep"]
+    plan = plan_pipeline(load_config([*args, *PP, "2", *SCHED, "Interleaved1F1B"]), 6)
+    assert plan.num_stages == 4 and plan.stages_per_rank == 2 and plan.n_microbatches == 4
+    # 6 layers + embedding + output (weight 1 each) over 4 stages: 2 "layers" per stage.
+    assert plan.module_fqns == [
+        ["tok_embeddings", "layers.0"],
+        ["layers.1", "layers.2"],
+        ["layers.3", "layers.4"],
+        ["layers.5", "norm", "output"],
+    ]
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="no such file"):
         load_config(["--job.config_file", str(tmp_path / "nope.toml")])

@@ -103,7 +103,10 @@ def test_hf_tokenizer_missing_is_a_config_error(tmp_path):
     [
         (["--model.converters", "float8"], "model.converters"),
         (["--checkpoint.async_mode", "async"], "checkpoint.async_mode"),
-        (["--parallelism.pipeline_parallel_degree", "2"], "parallelism.pipeline_parallel_degree"),
+        (
+            ["--parallelism.pipeline_parallel_schedule_csv", "schedule.csv"],
+            "parallelism.pipeline_parallel_schedule_csv",
+        ),
     ],
 )
 def test_unsupported_titan_settings_are_rejected(override, key):

@@ -7,8 +7,11 @@ then activation checkpointing (wraps the blocks, which TP and CP have already re
 ``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), and
 FSDP2 last (it shards whatever parameters the previous steps produced, composing its dp_shard x
 cp mesh with the tp mesh into 2-D DTensors). The model definition carries no parallel code.
-Pipeline stages land with issue 4; until then the trainer rejects pp > 1 before any
-collective.
+
+With pipeline parallel, the model is first split into stages
+(``torchtitan_ext.parallel.pipeline.pipeline_split``) and this function runs on each stage
+module: a stage is a TorchTitan model whose other stages' modules are None, and every step
+below only touches the modules a stage holds.
 """
 
 from typing import Any

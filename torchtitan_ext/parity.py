@@ -13,6 +13,7 @@ and by ``tests/test_parity.py`` (a representative subset).
 """
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -25,6 +26,7 @@ from typing import Any
 from torchtitan_ext.config.manager import ConfigError, load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.config.validate import validate
+from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,9 +84,16 @@ class Shape:
         order_set = any(OPTIONS[o][0] == "--parallelism.mesh_dim_order" for o in self.options)
         if d.get("tp", 1) > 1 and d.get("dp_shard", 1) * d.get("cp", 1) > 1 and not order_set:
             out += ["--parallelism.mesh_dim_order", ",".join(_TP_INNERMOST)]
+        if not self.validates:
+            out += ["--validation.no-enable"]
         for o in self.options:
             out += OPTIONS[o]
         return out
+
+    @property
+    def validates(self) -> bool:
+        """Whether the run validates: not with V schedules (``plan_pipeline`` explains)."""
+        return self.schedule not in V_SCHEDULES
 
 
 def parse_shape(name: str) -> Shape:
@@ -125,8 +134,8 @@ def factorizations(world_size: int) -> list[Shape]:
 
 
 def base_args(global_batch: int, steps: int, flavor: str, seq_len: int) -> list[str]:
-    """The parity recipe: the debug recipe with a small model, every step logged, no
-    validation, checkpoints or tensorboard."""
+    """The parity recipe: the debug recipe with a small model, every step logged, validation
+    (2 batches) after the last step, no checkpoints or tensorboard."""
     return [
         "--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"),
         "--model.flavor", flavor,
@@ -135,7 +144,9 @@ def base_args(global_batch: int, steps: int, flavor: str, seq_len: int) -> list[
         "--training.steps", str(steps),
         "--lr_scheduler.warmup_steps", "2",
         "--metrics.log_freq", "1",
-        "--validation.no-enable",
+        "--validation.freq", str(steps),
+        "--validation.steps", "2",
+        "--validation.seq_len", str(seq_len),
         "--metrics.no-enable-tensorboard",
         "--checkpoint.no-enable",
     ]  # fmt: skip
@@ -143,12 +154,14 @@ def base_args(global_batch: int, steps: int, flavor: str, seq_len: int) -> list[
 
 def shape_run_args(shape: Shape, base: list[str], out: Path, global_batch: int) -> list[str]:
     """Full CLI for one shape: one optimizer step per global batch (local batch = global /
-    dp), so PP has local_batch microbatches of 1."""
+    dp), so PP has local_batch microbatches of 1; validation batches shaped like training ones
+    (as PP requires)."""
     dp = shape.degrees.get("dp_replicate", 1) * shape.degrees.get("dp_shard", 1)
     local = max(1, global_batch // dp)
     return [
         *base,
         "--training.local_batch_size", str(local),
+        "--validation.local_batch_size", str(local),
         "--job.dump_folder", str(out / shape.name),
         *shape.args(),
     ]  # fmt: skip
@@ -166,23 +179,36 @@ def check_shape(shape: Shape, args: list[str]) -> str | None:
 def _worker(args: list[list[str]]) -> int:
     """Run every recipe in ``args`` in turn on this launch's ranks (collective)."""
     import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _world
 
     from torchtitan_ext.distributed import RankInfo, init_distributed
-    from torchtitan_ext.trainer import Trainer, prepare, setup_logging
+    from torchtitan_ext.trainer import Trainer, check_trainer_support, prepare, setup_logging
 
     rank = RankInfo.from_env()
     setup_logging(rank.rank)
     try:
-        prepared = [prepare(a, rank) for a in args]
+        # Every recipe is checked before the first collective; each one's data is loaded
+        # only when it runs (a tokenized corpus per recipe would not fit 8 ranks' memory).
+        for a in args:
+            cfg = load_config(a)
+            validate(cfg, rank.world_size)
+            check_trainer_support(cfg)
+        p = prepare(args[0], rank)
     except ConfigError as e:
         sys.stderr.write(f"[rank{rank.rank}] config error: {e}\n")
         return 2
-    first = prepared[0]
-    init_distributed(first.backend, first.device, first.cfg.comm.init_timeout_seconds)
+    init_distributed(p.backend, p.device, p.cfg.comm.init_timeout_seconds)
     try:
-        for p in prepared:
+        for i, a in enumerate(args):
+            if i > 0:
+                p = prepare(a, rank)  # the previous recipe's data is released here
+            groups_before = set(_world.pg_map)
             Trainer(p).train()
+            gc.collect()  # the trainer's reference cycles (stage closures) hold its model
             dist.barrier()
+            # Each mesh creates ~15 process groups (with their threads); free them.
+            for group in [g for g in _world.pg_map if g not in groups_before]:
+                dist.destroy_process_group(group)
     finally:
         dist.destroy_process_group()
     return 0
@@ -195,7 +221,8 @@ def launch(
     rank, plain python for 1.
 
     Returns:
-        The CompletedProcess (its returncode is the launch's).
+        The CompletedProcess (its returncode is the launch's); its output is also written to
+        ``<out>/launch-<nproc>-<first shape>.log``.
     """
     nproc = shapes[0].nproc
     assert all(s.nproc == nproc for s in shapes)
@@ -212,7 +239,9 @@ def launch(
         ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MASTER_ADDR", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    payload.with_suffix(".log").write_text(proc.stdout + proc.stderr)
+    return proc
 
 
 def _first_error(proc: "subprocess.CompletedProcess[str]") -> str:
@@ -225,12 +254,13 @@ def _first_error(proc: "subprocess.CompletedProcess[str]") -> str:
     return lines[-1].strip() if lines else ""
 
 
-def read_records(dump: Path) -> list[dict[str, Any]]:
-    """The training records (with a ``loss``) of ``<dump>/metrics.jsonl``; [] if missing."""
+def read_records(dump: Path, key: str = "loss") -> list[dict[str, Any]]:
+    """The records of ``<dump>/metrics.jsonl`` that have ``key`` (``loss``: training steps,
+    ``validation_loss``: validations); [] if the file is missing."""
     path = dump / "metrics.jsonl"
     if not path.exists():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+    return [r for r in map(json.loads, path.read_text().splitlines()) if key in r]
 
 
 def _rel(a: float, b: float) -> float:
@@ -247,6 +277,7 @@ class Result:
             (invalid for the recipe: ``detail`` says why) or "ERROR" (the launch failed).
         step1_dev: max relative deviation of step 1's loss and grad norm.
         loss_dev, grad_norm_dev: max relative deviation over all steps.
+        val_dev: relative deviation of the validation loss after the last step.
     """
 
     shape: str
@@ -255,19 +286,38 @@ class Result:
     step1_dev: float = float("nan")
     loss_dev: float = float("nan")
     grad_norm_dev: float = float("nan")
+    val_dev: float = float("nan")
     detail: str = ""
 
 
-def compare(shape: Shape, got: list[dict[str, Any]], ref: list[dict[str, Any]]) -> Result:
-    """Compare a shape's records with the reference's, step by step."""
+def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
+    """Compare a shape's metrics with the reference's, step by step: training loss and grad
+    norm (step 1 within ``STEP1_RTOL``, all within ``ALL_STEPS_RTOL``) and the validation loss
+    (within ``ALL_STEPS_RTOL``)."""
+    got, ref = read_records(dump), read_records(ref_dump)
+    got_val, ref_val = (
+        read_records(dump, "validation_loss"),
+        read_records(ref_dump, "validation_loss"),
+    )
     if [r["step"] for r in got] != [r["step"] for r in ref] or not ref:
         steps = [r["step"] for r in got]
         return Result(shape.name, shape.nproc, "FAIL", detail=f"logged steps {steps}")
+    if shape.validates and (len(got_val) != len(ref_val) or not ref_val):
+        return Result(shape.name, shape.nproc, "FAIL", detail=f"validations {got_val}")
     loss = [_rel(g["loss"], r["loss"]) for g, r in zip(got, ref, strict=True)]
     gn = [_rel(g["grad_norm"], r["grad_norm"]) for g, r in zip(got, ref, strict=True)]
+    val = max(
+        (
+            _rel(g["validation_loss"], r["validation_loss"])
+            for g, r in zip(got_val, ref_val, strict=shape.validates)
+        ),
+        default=float("nan"),
+    )
     step1 = max(loss[0], gn[0])
     ok = step1 <= STEP1_RTOL and max(loss + gn) <= ALL_STEPS_RTOL
-    return Result(shape.name, shape.nproc, "PASS" if ok else "FAIL", step1, max(loss), max(gn))
+    ok = ok and (not shape.validates or val <= ALL_STEPS_RTOL)
+    status = "PASS" if ok else "FAIL"
+    return Result(shape.name, shape.nproc, status, step1, max(loss), max(gn), val)
 
 
 def run_matrix(
@@ -278,11 +328,12 @@ def run_matrix(
     global_batch: int = 8,
     flavor: str = "debugmodel_cpu_deep",
     seq_len: int = 128,
-    timeout: float = 900,
+    timeout: float = 120,
     log: Any = None,
 ) -> list[Result]:
     """Validate, run (grouped by rank count, one launch per group) and compare ``shapes``
-    against the 1-rank run of the same recipe.
+    against the 1-rank run of the same recipe. A launch of n shapes may take
+    ``timeout * (n + 1)`` seconds.
 
     Returns:
         One Result per shape, in the given order.
@@ -302,19 +353,22 @@ def run_matrix(
     for nproc, group in sorted(runnable.items()):
         if log:
             log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
-        proc = launch(group, base, out, global_batch, timeout)
+        try:
+            proc = launch(group, base, out, global_batch, timeout * (1 + len(group)))
+        except subprocess.TimeoutExpired:
+            for s in group:
+                errors[s.name] = f"launch timed out after {timeout * (1 + len(group)):.0f}s"
+            continue
         if proc.returncode != 0:
             for s in group:
                 errors[s.name] = f"launch exit {proc.returncode}: {_first_error(proc)}"
-    ref = read_records(out / single.name)
-    if not ref:
+    if not read_records(out / single.name):
         raise RuntimeError(f"the 1-rank reference produced no metrics: {errors.get('single')}")
     for s in shapes:
         if s.name in results:
             continue
-        got = read_records(out / s.name)
-        res = compare(s, got, ref)
-        if s.name in errors and len(got) != len(ref):
+        res = compare(s, out / s.name, out / single.name)
+        if s.name in errors and res.status != "PASS":
             res = Result(s.name, s.nproc, "ERROR", detail=errors[s.name][-300:])
         results[s.name] = res
     return [results[s.name] for s in shapes]
@@ -323,14 +377,14 @@ def run_matrix(
 def format_table(results: list[Result]) -> str:
     """A Markdown table: shape, ranks, deviations (relative), status."""
     lines = [
-        "| shape | ranks | step-1 dev | max loss dev | max grad-norm dev | status |",
-        "|---|---:|---:|---:|---:|---|",
+        "| shape | ranks | step-1 dev | max loss dev | max grad-norm dev | val-loss dev | status |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         status = r.status if not r.detail else f"{r.status}: {r.detail}"
         lines.append(
             f"| {r.shape} | {r.nproc} | {r.step1_dev:.1e} | {r.loss_dev:.1e} | "
-            f"{r.grad_norm_dev:.1e} | {status} |"
+            f"{r.grad_norm_dev:.1e} | {r.val_dev:.1e} | {status} |"
         )
     return "\n".join(lines)
 

@@ -55,6 +55,8 @@ SCHEDULES = (
 """The schedule names ``parallelism.pipeline_parallel_schedule`` accepts (torch's names)."""
 
 _V_SCHEDULES = (ScheduleZBVZeroBubble, ScheduleDualPipeV)
+V_SCHEDULES = ("ZBVZeroBubble", "DualPipeV")
+"""Schedules with two stages per rank in a V (stage r and 2 pp - 1 - r on rank r)."""
 _KEY = "parallelism.pipeline_parallel_schedule"
 
 
@@ -102,7 +104,8 @@ def plan_pipeline(cfg: Any, n_layers: int) -> PipelinePlan:
             that do not split into that many non-empty stages; an explicit module list that
             misses, repeats or misorders modules; ``local_batch_size`` not divisible by
             ``pipeline_parallel_microbatch_size``; too few microbatches for the schedule; a
-            validation batch shaped differently from a training batch.
+            validation batch shaped differently from a training batch; validation with a
+            V-shaped schedule.
     """
     p = cfg.parallelism
     pp = int(p.pipeline_parallel_degree)
@@ -226,6 +229,17 @@ def _check_microbatches(
                 f"max(1, microbatches // pp) = {rounds}",
             )
     v = cfg.validation
+    if v.enable and issubclass(schedule_cls, _V_SCHEDULES):
+        # torch 2.13's _PipelineSchedule.eval() hands activations between the two local stages
+        # of a V schedule through the backward path and asserts ("can't steal_bwd_input if
+        # this stage doesn't have backward"); TorchTitan's validator calls the same eval().
+        raise ConfigError(
+            "validation.enable",
+            True,
+            f"validation with {name} is not supported (torch's schedule.eval() fails for "
+            "V-shaped schedules); disable validation or use Interleaved1F1B / "
+            "InterleavedZeroBubble",
+        )
     if v.enable and (v.local_batch_size, v.seq_len) != (t.local_batch_size, t.seq_len):
         # The stages size their receive buffers at the first step; evaluation reuses them.
         raise ConfigError(
