@@ -32,6 +32,7 @@ from torchtitan_ext.parallel_dims import DEGREE_KEYS
 ROOT = Path(__file__).resolve().parent.parent
 STEP1_RTOL = 1e-5
 ALL_STEPS_RTOL = 5e-4
+MAX_SHAPES_PER_LAUNCH = 10
 
 # Shape options: suffix "+name" -> recipe overrides.
 OPTIONS: dict[str, list[str]] = {
@@ -179,7 +180,6 @@ def check_shape(shape: Shape, args: list[str]) -> str | None:
 def _worker(args: list[list[str]]) -> int:
     """Run every recipe in ``args`` in turn on this launch's ranks (collective)."""
     import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _world
 
     from torchtitan_ext.distributed import RankInfo, init_distributed
     from torchtitan_ext.trainer import Trainer, check_trainer_support, prepare, setup_logging
@@ -202,13 +202,9 @@ def _worker(args: list[list[str]]) -> int:
         for i, a in enumerate(args):
             if i > 0:
                 p = prepare(a, rank)  # the previous recipe's data is released here
-            groups_before = set(_world.pg_map)
             Trainer(p).train()
             gc.collect()  # the trainer's reference cycles (stage closures) hold its model
             dist.barrier()
-            # Each mesh creates ~15 process groups (with their threads); free them.
-            for group in [g for g in _world.pg_map if g not in groups_before]:
-                dist.destroy_process_group(group)
     finally:
         dist.destroy_process_group()
     return 0
@@ -342,15 +338,24 @@ def run_matrix(
     base = base_args(global_batch, steps, flavor, seq_len)
     single = Shape({})
     results: dict[str, Result] = {}
-    runnable: dict[int, list[Shape]] = {1: [single]}
+    by_nproc: dict[int, list[Shape]] = {1: [single]}
     for s in shapes:
         why = check_shape(s, shape_run_args(s, base, out, global_batch))
         if why is not None:
             results[s.name] = Result(s.name, s.nproc, "SKIP", detail=why)
         elif s.nproc > 1:
-            runnable.setdefault(s.nproc, []).append(s)
+            by_nproc.setdefault(s.nproc, []).append(s)
+    # Each mesh keeps ~15 process groups (gloo threads and buffers) alive until its launch
+    # ends (torch caches groups by name, so they cannot be destroyed early): at most
+    # MAX_SHAPES_PER_LAUNCH shapes share a launch.
+    launches = [
+        group[i : i + MAX_SHAPES_PER_LAUNCH]
+        for _, group in sorted(by_nproc.items())
+        for i in range(0, len(group), MAX_SHAPES_PER_LAUNCH)
+    ]
     errors: dict[str, str] = {}
-    for nproc, group in sorted(runnable.items()):
+    for group in launches:
+        nproc = group[0].nproc
         if log:
             log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
         try:
