@@ -61,6 +61,8 @@ class MetricsLogger:
         peak_flops: device peak FLOP/s for MFU, None on CPU.
         total_steps: steps of the run (for the ETA).
         color: ANSI colors on the console line.
+        stage_last_step, stage_label: with a curriculum, the current stage's last step and
+            "i/n" label: the console line adds the stage and its ETA.
     """
 
     dump_folder: str
@@ -71,6 +73,8 @@ class MetricsLogger:
     peak_flops: float | None
     total_steps: int
     color: bool = True
+    stage_last_step: int | None = None
+    stage_label: str = ""
     _writer: Any = field(default=None, repr=False)
     _jsonl: Any = field(default=None, repr=False)
     _last_time: float = field(default_factory=time.perf_counter, repr=False)
@@ -142,8 +146,12 @@ class MetricsLogger:
             return record
         start = self._start_step if self._start_step is not None else 0
         done = max(step - start, 1)
-        eta = (now - self._start_time) / done * (self.total_steps - step)
-        self._console(record, eta)
+        per_step = (now - self._start_time) / done
+        eta = per_step * (self.total_steps - step)
+        stage_eta = None
+        if self.stage_last_step is not None:
+            stage_eta = per_step * (self.stage_last_step - step)
+        self._console(record, eta, stage_eta)
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._writer is not None:
@@ -164,7 +172,7 @@ class MetricsLogger:
             self._writer.add_scalar("validation_loss", loss, step)
             self._writer.flush()
 
-    def _console(self, r: dict[str, Any], eta: float) -> None:
+    def _console(self, r: dict[str, Any], eta: float, stage_eta: float | None = None) -> None:
         c = _Colors(self.color)
         line = (
             f"{c.red}step: {r['step']:5d}  {c.green}loss: {r['loss']:8.4f}  "
@@ -175,6 +183,8 @@ class MetricsLogger:
         )
         if "mfu_pct" in r:
             line += f"{c.magenta}mfu: {r['mfu_pct']:.2f}%  "
+        if stage_eta is not None:
+            line += f"{c.reset}stage {self.stage_label} eta: {format_duration(stage_eta)}  "
         line += f"{c.reset}eta: {format_duration(eta)}"
         logger.info(line)
 

@@ -9,6 +9,8 @@ hanging.
 """
 
 import contextlib
+import dataclasses
+import gc
 import logging
 import math
 import os
@@ -35,9 +37,16 @@ from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
-from torchtitan_ext.checkpoint import Checkpointer, TrainState
+from torchtitan_ext.checkpoint import Checkpointer, TrainState, complete_steps
 from torchtitan_ext.config.manager import ConfigError, format_toml, load_config
 from torchtitan_ext.config.validate import resolve_model_args, validate
+from torchtitan_ext.curriculum import (
+    Stage,
+    format_plan,
+    plan_curriculum,
+    stage_config,
+    stage_of_step,
+)
 from torchtitan_ext.data import (
     GlobalBatchLoader,
     PackedWindows,
@@ -70,6 +79,8 @@ class Prepared:
     train_tokens: np.ndarray
     val_tokens: np.ndarray
     model_args: Any
+    stages: list[Stage] = dataclasses.field(default_factory=list)
+    """Curriculum stages ([] without a curriculum); ``cfg`` is then stage 0's recipe."""
 
 
 def _enabled(v: Any) -> bool:
@@ -121,6 +132,15 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
         ConfigError: any problem with the recipe, the environment or the data.
     """
     cfg = load_config(args)
+    stages = plan_curriculum(cfg, rank.world_size)
+    if stages:
+        if not cfg.checkpoint.enable:
+            raise ConfigError(
+                "checkpoint.enable",
+                False,
+                "a curriculum needs checkpoints: stage boundaries re-shard the state through them",
+            )
+        cfg = stage_config(cfg, stages[0])
     dims = validate(cfg, rank.world_size)
     assert dims is not None
     check_trainer_support(cfg)
@@ -144,13 +164,28 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
         raise ConfigError("validation.enable", True, "data.validation_fraction leaves no documents")
     train_tokens = tokenize(train_docs, tokenizer)
     val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
-    # Fail now, not at the first step, if the data cannot fill one window.
-    PackedWindows(train_tokens, cfg.training.seq_len, cfg.data.shuffle_seed)
-    if cfg.validation.enable:
-        PackedWindows(val_tokens, cfg.validation.seq_len, 0, shuffle=False)
+    # Fail now, not at the first step, if the data cannot fill one window (of any stage).
+    for seq_len in [s.seq_len for s in stages] or [cfg.training.seq_len]:
+        PackedWindows(train_tokens, seq_len, cfg.data.shuffle_seed)
+        if cfg.validation.enable:
+            PackedWindows(val_tokens, seq_len if stages else cfg.validation.seq_len, 0, False)
     return Prepared(
-        cfg, rank, dims, device, backend, tokenizer, train_tokens, val_tokens, model_args
+        cfg, rank, dims, device, backend, tokenizer, train_tokens, val_tokens, model_args, stages
     )
+
+
+def prepare_stage(p: Prepared, stage: Stage) -> Prepared:
+    """The Prepared of one curriculum stage: its recipe, mesh degrees and model args (RoPE
+    theta, max_seq_len); the tokenized data is shared. No collective."""
+    cfg = stage_config(p.cfg, stage)
+    if stage.index > 0:
+        # Later stages continue from the boundary checkpoint, not from a recipe's start point.
+        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, load_step=-1, initial_load_path="")
+    dims = validate(cfg, p.rank.world_size)
+    assert dims is not None
+    model_args = resolve_model_args(cfg)
+    model_args.update_from_config(cfg)
+    return dataclasses.replace(p, cfg=cfg, dims=dims, model_args=model_args)
 
 
 class Trainer:
@@ -159,8 +194,9 @@ class Trainer:
     Collective from construction on: every rank must construct and ``train()`` it.
     """
 
-    def __init__(self, p: Prepared) -> None:
+    def __init__(self, p: Prepared, stage: Stage | None = None, n_stages: int = 1) -> None:
         cfg, dims, device = p.cfg, p.dims, p.device
+        self.stage, self.n_stages = stage, n_stages
         self.cfg, self.dims, self.device, self.rank = cfg, dims, device, p.rank.rank
         dims.build_mesh(device.type)
         seed = cfg.debug.seed if cfg.debug.seed is not None else 0
@@ -219,6 +255,7 @@ class Trainer:
             dp_rank=dims.dp_rank(),
             dp_degree=dims.dp,
             grad_accum_steps=global_batch // (t.local_batch_size * dims.dp),
+            continue_at_new_seq_len=stage is not None,
         )
         self.val_windows = (
             PackedWindows(p.val_tokens, cfg.validation.seq_len, 0, shuffle=False)
@@ -245,6 +282,8 @@ class Trainer:
             flops_per_token=self.flops_per_token,
             peak_flops=device_peak_flops(device),
             total_steps=t.steps,
+            stage_last_step=stage.last_step if stage else None,
+            stage_label=f"{stage.index + 1}/{n_stages}" if stage else "",
             # Colors only on a terminal: piped logs stay free of escape codes.
             color=not cfg.metrics.disable_color_printing and sys.stdout.isatty(),
         )
@@ -431,24 +470,33 @@ class Trainer:
             dist.all_reduce(sums, group=self.dims.get_mesh("loss").get_group())
         return float(sums[0] / sums[1].clamp(min=1))
 
-    def train(self) -> list[dict[str, Any]]:
-        """Run until ``training.steps``, resuming from the latest checkpoint if any.
+    def train(self, until: int | None = None) -> list[dict[str, Any]]:
+        """Run until step ``until`` (default ``training.steps``), resuming from the latest
+        checkpoint if any; the last step is logged, validated and checkpointed.
 
         Returns:
             The metric records of the logged steps (also on non-logging ranks).
         """
         cfg = self.cfg
+        end = until if until is not None else cfg.training.steps
         self.checkpointer.maybe_load()
         start = self.train_state.step
-        if start >= cfg.training.steps:
-            logger.info(f"nothing to do: checkpoint at step {start} >= training.steps")
+        if start >= end:
+            logger.info(f"nothing to do: checkpoint at step {start} >= {end}")
             return []
-        logger.info(f"training from step {start + 1} to {cfg.training.steps}")
+        logger.info(f"training from step {start + 1} to {end}")
         gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq, debug=cfg.training.gc_debug)
         records: list[dict[str, Any]] = []
         tokens_since_log = 0
         self.metrics.reset_timer(start)
-        for step in range(start + 1, cfg.training.steps + 1):
+        extra: dict[str, float] = {}
+        if self.stage is not None:
+            extra = {
+                "stage": float(self.stage.index),
+                "cp": float(self.dims.cp),
+                "tokens_per_step": float(self.stage.tokens_per_step),
+            }
+        for step in range(start + 1, end + 1):
             gc_handler.run(step)
             lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
             microbatches = self.dataloader.next_step()
@@ -461,7 +509,7 @@ class Trainer:
             tokens_since_log += (
                 sum(x.numel() for x, _ in microbatches) // self.dims.non_data_parallel_size
             )
-            last = step == cfg.training.steps
+            last = step == end
             if step == 1 or step % cfg.metrics.log_freq == 0 or last:
                 global_loss = self._global_loss(loss)
                 if not math.isfinite(global_loss):
@@ -475,7 +523,7 @@ class Trainer:
                         tokens_since_log,
                         cfg.training.seq_len,
                         self._max_peak_memory(),
-                        extra={"tokens_seen": float(self.train_state.tokens_seen)},
+                        extra={"tokens_seen": float(self.train_state.tokens_seen), **extra},
                     )
                 )
                 tokens_since_log = 0
@@ -485,6 +533,34 @@ class Trainer:
                 self.checkpointer.save(step)
         self.metrics.close()
         return records
+
+
+def run(p: Prepared) -> None:
+    """Train the recipe: one Trainer, or with a curriculum one per stage from the stage of the
+    latest checkpoint on. At each boundary the last stage's final step is checkpointed, and the
+    next stage builds its mesh (its CP degree may differ), model (RoPE theta and length),
+    optimizer and data loader anew and loads that checkpoint through DCP, which reshards it
+    to the new mesh. Collective.
+    """
+    if not p.stages:
+        Trainer(p).train()
+        return
+    logger.info("curriculum:\n" + format_plan(p.stages))
+    ckpt = p.cfg.checkpoint
+    folder = os.path.join(p.cfg.job.dump_folder, ckpt.folder)
+    done = complete_steps(folder) if ckpt.load_step == -1 else [ckpt.load_step]
+    first = stage_of_step(p.stages, done[-1] if done else 0)
+    for stage in p.stages[first.index :]:
+        logger.info(
+            f"stage {stage.index + 1}/{len(p.stages)}: steps {stage.first_step}-"
+            f"{stage.last_step}, seq_len {stage.seq_len}, cp {stage.cp}, dp_shard "
+            f"{stage.dp_shard}, global batch {stage.global_batch_size}, rope_theta "
+            f"{stage.rope_theta or 'flavor default'}"
+        )
+        trainer = Trainer(prepare_stage(p, stage), stage, len(p.stages))
+        trainer.train(until=stage.last_step)
+        del trainer
+        gc.collect()  # free this stage's model and optimizer before the next is built
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -531,8 +607,7 @@ def main(args: list[str]) -> int:
     init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)
     try:
         t0 = time.perf_counter()
-        trainer = Trainer(prepared)
-        trainer.train()
+        run(prepared)
         out = os.path.abspath(cfg.job.dump_folder)
         logger.info(f"training done in {time.perf_counter() - t0:.1f}s; outputs in {out}")
     except ConfigError as e:

@@ -5,7 +5,8 @@ Usage::
     python -m torchtitan_ext.config --job.config_file train_configs/debug_cpu.toml \
         [--world_size 8] [--section.key value ...]
 
-The world size defaults to ``$WORLD_SIZE`` when set (as under torchrun). Exit status 0 and the
+The world size defaults to ``$WORLD_SIZE`` when set (as under torchrun). With a world size, a
+curriculum recipe has every stage checked and its plan printed. Exit status 0 and the
 resolved config as TOML on stdout; on a bad recipe, exit status 2 and one line on stderr naming
 the key and the value.
 """
@@ -20,6 +21,7 @@ from torchtitan_ext.config.manager import (
     pop_world_size_arg,
 )
 from torchtitan_ext.config.validate import validate
+from torchtitan_ext.curriculum import format_plan, plan_curriculum, stage_config
 
 
 def main(args: list[str]) -> int:
@@ -29,13 +31,24 @@ def main(args: list[str]) -> int:
         if world_size is None and os.environ.get("WORLD_SIZE"):
             world_size = int(os.environ["WORLD_SIZE"])
         cfg = load_config(args)
-        dims = validate(cfg, world_size)
+        stages = []
+        if cfg.curriculum.stages and world_size is not None:
+            # Every stage is checked for the world size; the mesh shown is stage 0's.
+            stages = plan_curriculum(cfg, world_size)
+            dims = validate(stage_config(cfg, stages[0]), world_size)
+        else:
+            dims = validate(cfg, world_size)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(format_toml(cfg))
     if dims is not None:
         print(f"\n# mesh for world size {world_size}: {dims.shape_str()}")
+    if stages:
+        print(
+            "# curriculum:\n"
+            + "\n".join(f"#   {line}" for line in format_plan(stages).splitlines())
+        )
     return 0
 
 

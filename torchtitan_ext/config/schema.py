@@ -10,7 +10,7 @@ Field docstrings are the ``--help`` text (tyro reads them).
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 MESH_DIM_NAMES: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "tp", "cp")
 """Names of the DeviceMesh dims, in the default order (outermost first, cp innermost)."""
@@ -22,6 +22,10 @@ class Model:
     """Tokenizer: "byte" (byte-level, 256 byte ids + BOS + EOS, needs no files), "hf" (the
     Hugging Face tokenizer.json under model.hf_assets_path) or "auto" (hf when that file
     exists, else byte)."""
+
+    rope_theta: float = 0.0
+    """RoPE base frequency (theta); 0 keeps the flavor's (Llama 3: 500000). Curriculum stages
+    set their own."""
 
 
 @dataclass
@@ -65,6 +69,25 @@ class Data:
 
 
 @dataclass
+class Curriculum:
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    """Context-length stages, in order ([[curriculum.stages]] tables). Keys per stage:
+    seq_len and steps (required); rope_theta, context_parallel_degree, global_batch_size,
+    local_batch_size (optional). Empty: no curriculum (the recipe trains training.steps at
+    training.seq_len). With stages, training.steps is their sum and one LR schedule spans
+    them."""
+
+    tokens_per_step: int = 0
+    """Tokens per optimizer step held constant across stages: each stage's global batch is
+    tokens_per_step / seq_len sequences. 0: each stage's global_batch_size, else the
+    training section's."""
+
+    max_tokens_per_cp_rank: int = 0
+    """If > 0, a stage without context_parallel_degree gets the smallest CP degree that keeps
+    seq_len / cp <= this (and divides the world as the other degrees allow)."""
+
+
+@dataclass
 class JobConfig:
     """torchtitan_ext's additions to TorchTitan 0.2.2's JobConfig."""
 
@@ -73,3 +96,4 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     comm: Comm = field(default_factory=Comm)
     data: Data = field(default_factory=Data)
+    curriculum: Curriculum = field(default_factory=Curriculum)

@@ -61,7 +61,8 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
 
 
 def resolve_model_args(cfg: Any) -> Any:
-    """The TorchTitan model args of ``model.name`` / ``model.flavor`` (a deep copy).
+    """The TorchTitan model args of ``model.name`` / ``model.flavor`` (a deep copy), with
+    ``model.rope_theta`` applied when set.
 
     Raises:
         ConfigError: unknown model name or flavor (with the nearest valid flavor).
@@ -84,7 +85,12 @@ def resolve_model_args(cfg: Any) -> Any:
         close = difflib.get_close_matches(cfg.model.flavor, flavors, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(flavors)}"
         raise ConfigError("model.flavor", cfg.model.flavor, f"unknown flavor{hint}")
-    return copy.deepcopy(spec.model_args[cfg.model.flavor])
+    args = copy.deepcopy(spec.model_args[cfg.model.flavor])
+    if cfg.model.rope_theta < 0:
+        raise ConfigError("model.rope_theta", cfg.model.rope_theta, "must be > 0 (0: the flavor's)")
+    if cfg.model.rope_theta > 0:
+        args.rope_theta = float(cfg.model.rope_theta)
+    return args
 
 
 def seq_len_divisor(tp: int, cp: int, load_balancer: str | None) -> int:

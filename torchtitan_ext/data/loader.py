@@ -105,6 +105,9 @@ class GlobalBatchLoader(Stateful):
         dp_rank, dp_degree: this rank's index in the batch mesh and its size.
         grad_accum_steps: microbatches per optimizer step per rank.
         windows_consumed: global windows consumed so far (the whole loader state).
+        continue_at_new_seq_len: loading a state saved at another seq_len (a curriculum
+            stage boundary) continues after the tokens consumed (ceil(windows x old seq_len /
+            new seq_len)) instead of raising.
     """
 
     windows: PackedWindows
@@ -113,6 +116,7 @@ class GlobalBatchLoader(Stateful):
     dp_degree: int
     grad_accum_steps: int
     windows_consumed: int = 0
+    continue_at_new_seq_len: bool = False
 
     @property
     def global_batch_size(self) -> int:
@@ -139,7 +143,13 @@ class GlobalBatchLoader(Stateful):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if int(state_dict["seq_len"]) != self.windows.seq_len:
+        saved_seq_len = int(state_dict["seq_len"])
+        if saved_seq_len != self.windows.seq_len and self.continue_at_new_seq_len:
+            # A new curriculum stage: continue after the tokens already consumed.
+            tokens = int(state_dict["windows_consumed"]) * saved_seq_len
+            self.windows_consumed = -(-tokens // self.windows.seq_len)
+            return
+        if saved_seq_len != self.windows.seq_len:
             raise ConfigError(
                 "training.seq_len",
                 self.windows.seq_len,

@@ -1,0 +1,243 @@
+"""Staged context-length curriculum: the plan of stages and the per-stage recipe.
+
+Long-context models grow their context in stages, each continuing from the previous one: LWM
+(arXiv 2402.08268) went 32K -> 1M with RoPE theta raised per stage at a constant 4M tokens per
+batch; Llama 3 (arXiv 2407.21783) raised the context in six stages up to 128K and the CP degree
+with it, keeping the tokens per CP rank about constant. A recipe's ``[[curriculum.stages]]``
+lists the stages; ``plan_curriculum`` resolves and checks all of them for the world size before
+step 1 (a recipe that would fail at stage 4 fails at start-up), and ``stage_config`` gives the
+recipe one stage trains with: its seq_len, batch, RoPE theta and CP degree, with dp_shard taking
+the rest of the fixed world. tp, pp and dp_replicate stay fixed across stages.
+"""
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.config.validate import seq_len_divisor
+
+_INT_KEYS = ("seq_len", "steps", "context_parallel_degree", "global_batch_size", "local_batch_size")
+_FLOAT_KEYS = ("rope_theta",)
+STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS
+"""Keys a ``[[curriculum.stages]]`` table may set."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One resolved curriculum stage.
+
+    Attributes:
+        index: 0-based stage index.
+        seq_len: tokens per sequence.
+        steps: optimizer steps in this stage.
+        first_step, last_step: global step numbers (1-based, inclusive) of the stage.
+        rope_theta: RoPE base frequency (0: the model flavor's).
+        cp: context-parallel degree; dp_shard: the data-parallel shard degree it leaves.
+        global_batch_size: sequences per optimizer step; local_batch_size: per microbatch and
+            dp rank.
+    """
+
+    index: int
+    seq_len: int
+    steps: int
+    first_step: int
+    last_step: int
+    rope_theta: float
+    cp: int
+    dp_shard: int
+    global_batch_size: int
+    local_batch_size: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+
+def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
+    """Resolve and check every stage of ``cfg.curriculum`` for ``world_size`` ranks.
+
+    Rules: seq_len strictly increasing; steps >= 1; the CP degree (given, or the smallest one
+    that keeps seq_len / cp <= ``max_tokens_per_cp_rank``, or the recipe's) divides
+    world / (pp x dp_replicate x tp), and dp_shard is the quotient; seq_len divisible as
+    TP/CP need; the global batch (tokens_per_step / seq_len, or the stage's, or the recipe's)
+    a multiple of local batch x dp; each stage's recipe passes the full config validation.
+
+    Returns:
+        The stages, in order ([] when the recipe has no curriculum).
+
+    Raises:
+        ConfigError: naming ``curriculum.stages[i].<key>`` (or the curriculum key) and value.
+    """
+    from torchtitan_ext.config.validate import validate
+
+    cur = cfg.curriculum
+    if not cur.stages:
+        return []
+    if cfg.parallelism.data_parallel_shard_degree not in (-1,):
+        raise ConfigError(
+            "parallelism.data_parallel_shard_degree",
+            cfg.parallelism.data_parallel_shard_degree,
+            "must be -1 with a curriculum: each stage's dp_shard is the world left by its CP "
+            "degree",
+        )
+    for key in ("tokens_per_step", "max_tokens_per_cp_rank"):
+        if getattr(cur, key) < 0:
+            raise ConfigError(f"curriculum.{key}", getattr(cur, key), "must be >= 0")
+    p = cfg.parallelism
+    others = p.pipeline_parallel_degree * p.data_parallel_replicate_degree
+    others *= p.tensor_parallel_degree
+    if world_size % others != 0:
+        raise ConfigError(
+            "parallelism",
+            world_size,
+            f"world size not divisible by pp x dp_replicate x tp = {others}",
+        )
+    free = world_size // others  # ranks for dp_shard x cp
+    stages: list[Stage] = []
+    step = 0
+    for i, raw in enumerate(cur.stages):
+        stage = _resolve_stage(cfg, i, raw, free, step)
+        if stages and stage.seq_len <= stages[-1].seq_len:
+            raise ConfigError(
+                f"curriculum.stages[{i}].seq_len",
+                stage.seq_len,
+                f"must be greater than the previous stage's {stages[-1].seq_len}",
+            )
+        try:
+            validate(stage_config(cfg, stage), world_size)
+        except ConfigError as e:
+            raise ConfigError(f"curriculum.stages[{i}] -> {e.key}", e.value, e.reason) from None
+        stages.append(stage)
+        step = stage.last_step
+    return stages
+
+
+def _resolve_stage(cfg: Any, i: int, raw: dict[str, Any], free: int, step: int) -> Stage:
+    key = f"curriculum.stages[{i}]"
+    for k, v in raw.items():
+        if k not in STAGE_KEYS:
+            raise ConfigError(f"{key}.{k}", v, f"unknown stage key; valid: {', '.join(STAGE_KEYS)}")
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if k in _INT_KEYS and not (isinstance(v, int) and numeric):
+            raise ConfigError(f"{key}.{k}", v, "expected an int")
+        if k in _FLOAT_KEYS and not numeric:
+            raise ConfigError(f"{key}.{k}", v, "expected a number")
+        if v <= 0:
+            raise ConfigError(f"{key}.{k}", v, "must be > 0")
+    for required in ("seq_len", "steps"):
+        if required not in raw:
+            raise ConfigError(f"{key}.{required}", None, "every stage needs seq_len and steps")
+    seq_len, steps = int(raw["seq_len"]), int(raw["steps"])
+    cur, p = cfg.curriculum, cfg.parallelism
+
+    if "context_parallel_degree" in raw:
+        cp = int(raw["context_parallel_degree"])
+    elif cur.max_tokens_per_cp_rank > 0:
+        cp = _auto_cp(cfg, i, seq_len, free)
+    else:
+        cp = p.context_parallel_degree
+    if free % cp != 0:
+        raise ConfigError(
+            f"{key}.context_parallel_degree",
+            cp,
+            f"must divide the {free} ranks left for dp_shard x cp (world / (pp x dp_replicate x "
+            "tp))",
+        )
+    dp_shard = free // cp
+    dp = dp_shard * p.data_parallel_replicate_degree
+
+    if cur.tokens_per_step > 0:
+        if cur.tokens_per_step % seq_len != 0:
+            raise ConfigError(
+                "curriculum.tokens_per_step",
+                cur.tokens_per_step,
+                f"not divisible by stage {i}'s seq_len {seq_len}",
+            )
+        global_batch = cur.tokens_per_step // seq_len
+    else:
+        global_batch = int(raw.get("global_batch_size", cfg.training.global_batch_size))
+        if global_batch == -1:
+            global_batch = cfg.training.local_batch_size * dp
+    local = int(raw.get("local_batch_size", 0)) or max(
+        1, min(cfg.training.local_batch_size, global_batch // dp)
+    )
+    if global_batch % (local * dp) != 0:
+        raise ConfigError(
+            f"{key}.global_batch_size",
+            global_batch,
+            f"not a multiple of local_batch_size ({local}) x dp ({dp}) = {local * dp}",
+        )
+    theta = float(raw.get("rope_theta", cfg.model.rope_theta))
+    return Stage(
+        i, seq_len, steps, step + 1, step + steps, theta, cp, dp_shard, global_batch, local
+    )
+
+
+def _auto_cp(cfg: Any, i: int, seq_len: int, free: int) -> int:
+    """Smallest CP degree dividing ``free`` with seq_len / cp <= max_tokens_per_cp_rank and
+    seq_len divisible as TP / CP need."""
+    cap = cfg.curriculum.max_tokens_per_cp_rank
+    p = cfg.parallelism
+    for cp in range(1, free + 1):
+        if free % cp:
+            continue
+        divisor = seq_len_divisor(p.tensor_parallel_degree, cp, p.context_parallel_load_balancer)
+        if seq_len / cp <= cap and seq_len % divisor == 0:
+            return cp
+    raise ConfigError(
+        f"curriculum.stages[{i}].seq_len",
+        seq_len,
+        f"no CP degree dividing {free} keeps seq_len / cp <= max_tokens_per_cp_rank = {cap}",
+    )
+
+
+def stage_config(cfg: Any, stage: Stage) -> Any:
+    """A copy of ``cfg`` for one stage: training.seq_len / batch / steps (the whole run's, so
+    one LR schedule spans all stages), validation.seq_len, CP and dp_shard degrees, RoPE theta.
+    """
+    out = copy.deepcopy(cfg)
+    total = stage.last_step if not cfg.curriculum.stages else _total_steps(cfg)
+    out.training = dataclasses.replace(
+        out.training,
+        seq_len=stage.seq_len,
+        global_batch_size=stage.global_batch_size,
+        local_batch_size=stage.local_batch_size,
+        steps=total,
+    )
+    out.validation = dataclasses.replace(
+        out.validation, seq_len=stage.seq_len, local_batch_size=stage.local_batch_size
+    )
+    out.parallelism = dataclasses.replace(
+        out.parallelism,
+        context_parallel_degree=stage.cp,
+        data_parallel_shard_degree=stage.dp_shard,
+    )
+    out.model = dataclasses.replace(out.model, rope_theta=stage.rope_theta)
+    return out
+
+
+def _total_steps(cfg: Any) -> int:
+    return sum(int(s.get("steps", 0)) for s in cfg.curriculum.stages)
+
+
+def stage_of_step(stages: list[Stage], step: int) -> Stage:
+    """The stage that runs the step after ``step`` (the last stage when the run is over)."""
+    for stage in stages:
+        if step < stage.last_step:
+            return stage
+    return stages[-1]
+
+
+def format_plan(stages: list[Stage]) -> str:
+    """A table of the stages for the log."""
+    lines = ["stage  steps (global)    seq_len  rope_theta   cp  dp_shard  batch  tokens/step"]
+    for s in stages:
+        lines.append(
+            f"{s.index:5d}  {s.first_step:6d}-{s.last_step:<8d} {s.seq_len:8d}  "
+            f"{s.rope_theta or math.nan:10.3g}  {s.cp:3d}  {s.dp_shard:8d}  "
+            f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}"
+        )
+    return "\n".join(lines)
