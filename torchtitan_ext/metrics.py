@@ -172,6 +172,20 @@ class MetricsLogger:
             self._writer.add_scalar("validation_loss", loss, step)
             self._writer.flush()
 
+    def log_event(self, record: dict[str, Any]) -> None:
+        """Write a non-step record (e.g. a curriculum stage boundary) to ``metrics.jsonl`` and
+        the log; its numeric fields also go to tensorboard at ``record["step"]``."""
+        if not self.enabled:
+            return
+        logger.info(" ".join(f"{k}={v}" for k, v in record.items()))
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            for key, value in record.items():
+                if key not in ("step", "stage") and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, record["step"])
+            self._writer.flush()
+
     def _console(self, r: dict[str, Any], eta: float, stage_eta: float | None = None) -> None:
         c = _Colors(self.color)
         line = (

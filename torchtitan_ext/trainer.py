@@ -197,6 +197,9 @@ class Trainer:
     def __init__(self, p: Prepared, stage: Stage | None = None, n_stages: int = 1) -> None:
         cfg, dims, device = p.cfg, p.dims, p.device
         self.stage, self.n_stages = stage, n_stages
+        # perf_counter() at the end of the stage's last step (before validation): where the
+        # next stage's switch time starts.
+        self.last_step_ended: float | None = None
         self.cfg, self.dims, self.device, self.rank = cfg, dims, device, p.rank.rank
         dims.build_mesh(device.type)
         seed = cfg.debug.seed if cfg.debug.seed is not None else 0
@@ -470,9 +473,33 @@ class Trainer:
             dist.all_reduce(sums, group=self.dims.get_mesh("loss").get_group())
         return float(sums[0] / sums[1].clamp(min=1))
 
-    def train(self, until: int | None = None) -> list[dict[str, Any]]:
+    @torch.no_grad()
+    def param_fingerprint(self) -> tuple[float, float]:
+        """(sum, sum of squares) over every element of the full model's parameters, fp64:
+        the same numbers on every mesh that holds the same model (to fp64 rounding of the
+        summation order). Gathers one parameter at a time; collective."""
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for part in self.model_parts:
+            for param in part.parameters():
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                full = full.detach().to(torch.float64)
+                stats[0] += full.sum()
+                stats[1] += full.square().sum()
+        if self.dims.pp_enabled:  # each pp rank holds other stages' parameters
+            dist.all_reduce(stats, group=self.dims.get_mesh("pp").get_group())
+        return float(stats[0]), float(stats[1])
+
+    def train(
+        self, until: int | None = None, switch_started: float | None = None
+    ) -> list[dict[str, Any]]:
         """Run until step ``until`` (default ``training.steps``), resuming from the latest
         checkpoint if any; the last step is logged, validated and checkpointed.
+
+        Args:
+            until: the last step to run (a curriculum stage's last step).
+            switch_started: with a curriculum, ``time.perf_counter()`` when the previous
+                stage's last step ended: the stage switch time (boundary checkpoint, new mesh,
+                model, optimizer, reload) is logged as ``stage_switch_sec``.
 
         Returns:
             The metric records of the logged steps (also on non-logging ranks).
@@ -481,6 +508,10 @@ class Trainer:
         end = until if until is not None else cfg.training.steps
         self.checkpointer.maybe_load()
         start = self.train_state.step
+        if self.stage is not None and start == self.stage.first_step - 1 and start > 0:
+            # Entering a stage from the previous one's checkpoint: the state must be the
+            # one the previous stage ended with, whatever the mesh change.
+            self._log_boundary("start", start, switch_started)
         if start >= end:
             logger.info(f"nothing to do: checkpoint at step {start} >= {end}")
             return []
@@ -527,12 +558,31 @@ class Trainer:
                     )
                 )
                 tokens_since_log = 0
+            val_sec = 0.0
             if self.val_windows is not None and (step % cfg.validation.freq == 0 or last):
+                t_val = time.perf_counter()
                 self.metrics.log_validation(step, self.validate())
+                val_sec = time.perf_counter() - t_val
+            if last and self.stage is not None and step < cfg.training.steps:
+                self.last_step_ended = time.perf_counter() - val_sec
+                self._log_boundary("end", step, None)
             if self.checkpointer.should_save(step, last):
                 self.checkpointer.save(step)
         self.metrics.close()
         return records
+
+    def _log_boundary(self, event: str, step: int, switch_started: float | None) -> None:
+        total, squares = self.param_fingerprint()
+        record: dict[str, Any] = {
+            "step": step,
+            "stage_boundary": event,
+            "stage": self.stage.index if self.stage else 0,
+            "param_sum": total,
+            "param_sq_sum": squares,
+        }
+        if switch_started is not None:
+            record["stage_switch_sec"] = time.perf_counter() - switch_started
+        self.metrics.log_event(record)
 
 
 def run(p: Prepared) -> None:
@@ -550,6 +600,7 @@ def run(p: Prepared) -> None:
     folder = os.path.join(p.cfg.job.dump_folder, ckpt.folder)
     done = complete_steps(folder) if ckpt.load_step == -1 else [ckpt.load_step]
     first = stage_of_step(p.stages, done[-1] if done else 0)
+    switch_started: float | None = None
     for stage in p.stages[first.index :]:
         logger.info(
             f"stage {stage.index + 1}/{len(p.stages)}: steps {stage.first_step}-"
@@ -558,7 +609,8 @@ def run(p: Prepared) -> None:
             f"{stage.rope_theta or 'flavor default'}"
         )
         trainer = Trainer(prepare_stage(p, stage), stage, len(p.stages))
-        trainer.train(until=stage.last_step)
+        trainer.train(until=stage.last_step, switch_started=switch_started)
+        switch_started = trainer.last_step_ended
         del trainer
         gc.collect()  # free this stage's model and optimizer before the next is built
 

@@ -1,0 +1,223 @@
+"""The context-length curriculum: planning and its errors (in-process), and one real 4-rank
+run through three stages with two re-meshes (cp 1 -> 2 -> 4), resumed mid-stage and at a
+boundary."""
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ROOT, torchrun
+from torchtitan_ext.config import ConfigError, load_config
+from torchtitan_ext.curriculum import plan_curriculum
+
+STAGES = """
+[curriculum]
+tokens_per_step = 1024
+
+[[curriculum.stages]]
+seq_len = 64
+steps = 3
+rope_theta = 10000
+context_parallel_degree = 1
+
+[[curriculum.stages]]
+seq_len = 128
+steps = 3
+rope_theta = 100000
+context_parallel_degree = 2
+
+[[curriculum.stages]]
+seq_len = 256
+steps = 3
+rope_theta = 1000000
+context_parallel_degree = 4
+"""
+
+
+def recipe(tmp_path: Path, stages: str = STAGES) -> Path:
+    """The debug recipe with its [parallelism] / [training] and a test curriculum."""
+    text = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
+    path = tmp_path / "curriculum.toml"
+    path.write_text(text + "\n" + stages)
+    return path
+
+
+def plan(tmp_path: Path, stages: str, world_size: int = 4, extra: list[str] | None = None):
+    cfg = load_config(["--job.config_file", str(recipe(tmp_path, stages)), *(extra or [])])
+    return plan_curriculum(cfg, world_size)
+
+
+def test_plan_resolves_stages(tmp_path):
+    stages = plan(tmp_path, STAGES, extra=["--parallelism.data_parallel_shard_degree", "-1"])
+    assert [(s.first_step, s.last_step) for s in stages] == [(1, 3), (4, 6), (7, 9)]
+    assert [(s.cp, s.dp_shard) for s in stages] == [(1, 4), (2, 2), (4, 1)]
+    assert [s.global_batch_size for s in stages] == [16, 8, 4]
+    assert {s.tokens_per_step for s in stages} == {1024}
+    assert [s.rope_theta for s in stages] == [1e4, 1e5, 1e6]
+
+
+def test_auto_cp_from_max_tokens_per_cp_rank(tmp_path):
+    stages_toml = """
+[curriculum]
+max_tokens_per_cp_rank = 128
+[[curriculum.stages]]
+seq_len = 128
+steps = 1
+[[curriculum.stages]]
+seq_len = 256
+steps = 1
+[[curriculum.stages]]
+seq_len = 512
+steps = 1
+"""
+    stages = plan(tmp_path, stages_toml, extra=["--parallelism.data_parallel_shard_degree", "-1"])
+    assert [s.cp for s in stages] == [1, 2, 4]
+
+
+def _stage(seq_len: int, steps: int, cp: int, more: str = "") -> str:
+    return (
+        f"[[curriculum.stages]]\nseq_len = {seq_len}\nsteps = {steps}\n"
+        f"context_parallel_degree = {cp}\n{more}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("stages", "key", "fragment"),
+    [
+        (_stage(128, 2, 1) + _stage(128, 2, 2), "curriculum.stages[1].seq_len",
+         "greater than the previous stage's 128"),
+        (_stage(128, 2, 1) + _stage(256, 2, 3), "curriculum.stages[1].context_parallel_degree",
+         "must divide the 4 ranks"),
+        (_stage(128, 0, 1), "curriculum.stages[0].steps", "must be > 0"),
+        (_stage(128, 2, 1, "tensor_parallel_degree = 2\n"),
+         "curriculum.stages[0].tensor_parallel_degree", "unknown stage key"),
+        (_stage(128, 2, 1) + _stage(250, 2, 2), "curriculum.stages[1] -> training.seq_len",
+         "2 x cp (2) = 4"),
+        ("[curriculum]\ntokens_per_step = 1000\n" + _stage(128, 2, 1),
+         "curriculum.tokens_per_step", "not divisible by stage 0's seq_len 128"),
+        ("[[curriculum.stages]]\nsteps = 2\n", "curriculum.stages[0].seq_len",
+         "needs seq_len and steps"),
+    ],
+)  # fmt: skip
+def test_bad_curricula(tmp_path, stages, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        plan(tmp_path, stages, extra=["--parallelism.data_parallel_shard_degree", "-1"])
+    assert err.value.key == key
+    assert fragment in str(err.value), str(err.value)
+
+
+def test_fixed_dp_shard_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="must be -1 with a curriculum") as err:
+        plan(tmp_path, STAGES, extra=["--parallelism.data_parallel_shard_degree", "4"])
+    assert err.value.key == "parallelism.data_parallel_shard_degree"
+
+
+def run_args(path: Path, dump: Path) -> list[str]:
+    return [
+        "--job.config_file", str(path),
+        "--job.dump_folder", str(dump),
+        "--model.flavor", "debugmodel_cpu_tiny",
+        "--parallelism.data_parallel_shard_degree", "-1",
+        "--training.local_batch_size", "4",
+        "--lr_scheduler.warmup_steps", "2",
+        "--metrics.log_freq", "1",
+        "--metrics.no-enable-tensorboard",
+        "--validation.no-enable",
+        "--checkpoint.interval", "2",
+        "--checkpoint.keep_latest_k", "0",
+    ]  # fmt: skip
+
+
+def records(dump: Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    import json
+
+    lines = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in lines if "loss" in r}
+    return steps, [r for r in lines if "stage_boundary" in r]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("curriculum")
+    path = recipe(tmp)
+    dump = tmp / "run"
+    torchrun(4, run_args(path, dump))
+    return path, dump
+
+
+def test_stages_switch_at_configured_steps(full_run):
+    _, dump = full_run
+    steps, _ = records(dump)
+    assert sorted(steps) == list(range(1, 10))
+    expected = {1: (0, 64, 1), 4: (1, 128, 2), 7: (2, 256, 4)}
+    for step, r in steps.items():
+        first = max(s for s in expected if s <= step)
+        assert (r["stage"], r["seq_len"], r["cp"]) == expected[first], step
+        assert r["tokens_per_step"] == 1024
+    for boundary in (3, 6):  # the first loss of a stage is finite and near the last one
+        before, after = steps[boundary]["loss"], steps[boundary + 1]["loss"]
+        assert abs(after - before) / before < 0.3, (boundary, before, after)
+
+
+def test_state_survives_remesh(full_run):
+    _, dump = full_run
+    _, boundaries = records(dump)
+    by_step: dict[int, dict[str, dict[str, Any]]] = {}
+    for b in boundaries:
+        by_step.setdefault(b["step"], {})[b["stage_boundary"]] = b
+    assert sorted(by_step) == [3, 6]
+    for step, pair in by_step.items():
+        end, start = pair["end"], pair["start"]
+        # Gathered parameters after the re-mesh equal those before it (fp64 sums; only the
+        # summation order differs between meshes).
+        assert start["param_sq_sum"] == pytest.approx(end["param_sq_sum"], rel=1e-12), step
+        assert start["param_sum"] == pytest.approx(end["param_sum"], rel=1e-9, abs=1e-9), step
+        assert start["stage_switch_sec"] > 0
+
+
+@pytest.mark.parametrize("resume_step", [4, 3], ids=["mid-stage", "at-boundary"])
+def test_resume_equals_uninterrupted(full_run, tmp_path, resume_step):
+    path, dump = full_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(dump / "checkpoint", resumed / "checkpoint")
+    for ckpt in (resumed / "checkpoint").iterdir():
+        if int(ckpt.name.split("-")[1]) > resume_step:
+            shutil.rmtree(ckpt)
+    torchrun(4, run_args(path, resumed))
+    full, _ = records(dump)
+    got, _ = records(resumed)
+    assert sorted(got) == list(range(resume_step + 1, 10))
+    for step, r in got.items():
+        assert r["loss"] == full[step]["loss"], step
+        assert r["grad_norm"] == full[step]["grad_norm"], step
+
+
+def test_curriculum_needs_checkpoints(tmp_path):
+    from torchtitan_ext.distributed import RankInfo
+    from torchtitan_ext.trainer import prepare
+
+    args = [*run_args(recipe(tmp_path), tmp_path / "run"), "--checkpoint.no-enable"]
+    with pytest.raises(ConfigError, match="stage boundaries re-shard") as err:
+        prepare(args, RankInfo(rank=0, local_rank=0, world_size=4))
+    assert err.value.key == "checkpoint.enable"
+
+
+def test_8b_1m_recipe_validates_for_its_cluster():
+    from torchtitan_ext.config import validate
+    from torchtitan_ext.curriculum import stage_config
+
+    cfg = load_config(
+        ["--job.config_file", str(ROOT / "train_configs" / "llama3_8b_curriculum_1m.toml")]
+    )
+    stages = plan_curriculum(cfg, 256)
+    assert stages[0].seq_len == 4096 and stages[-1].seq_len == 1048576
+    thetas = [s.rope_theta for s in stages]
+    assert thetas == sorted(thetas) and len(set(thetas)) > 1
+    # Once CP is on, the tokens per CP rank stay at the cap (Llama 3's rule).
+    per_rank = [s.seq_len // s.cp for s in stages]
+    assert all(n <= 16384 for n in per_rank), per_rank
+    assert [n for s, n in zip(stages, per_rank, strict=True) if s.cp > 1] == [16384] * 3
+    for s in stages:
+        assert validate(stage_config(cfg, s), 256) is not None
