@@ -27,12 +27,15 @@ seq_len = 128
 steps = 3
 rope_theta = 100000
 context_parallel_degree = 2
+lr = 1e-3
+warmup_steps = 2
 
 [[curriculum.stages]]
 seq_len = 256
 steps = 3
 rope_theta = 1000000
 context_parallel_degree = 4
+min_doc_tokens = 100000
 """
 
 
@@ -56,6 +59,11 @@ def test_plan_resolves_stages(tmp_path):
     assert [s.global_batch_size for s in stages] == [16, 8, 4]
     assert {s.tokens_per_step for s in stages} == {1024}
     assert [s.rope_theta for s in stages] == [1e4, 1e5, 1e6]
+    assert [(s.lr, s.warmup_steps, s.min_doc_tokens) for s in stages] == [
+        (None, 0, 0),
+        (1e-3, 2, 0),
+        (None, 0, 100000),
+    ]
 
 
 def test_auto_cp_from_max_tokens_per_cp_rank(tmp_path):
@@ -159,6 +167,25 @@ def test_stages_switch_at_configured_steps(full_run):
     for boundary in (3, 6):  # the first loss of a stage is finite and near the last one
         before, after = steps[boundary]["loss"], steps[boundary + 1]["loss"]
         assert abs(after - before) / before < 0.3, (boundary, before, after)
+
+
+def test_one_lr_schedule_with_stage_lr_and_warmup(full_run, tmp_path):
+    """The run's schedule (warmup 2, cosine decay over 9 steps) spans the stages; stage 2
+    (steps 4-6) has peak LR 1e-3 and a 2-step warmup of its own, the others the recipe's 3e-3."""
+    import torch
+    from torchtitan.components.lr_scheduler import build_lr_schedulers
+
+    path, dump = full_run
+    steps, _ = records(dump)
+    cfg = load_config(["--job.config_file", str(path), "--lr_scheduler.warmup_steps", "2"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_schedulers([opt], cfg.lr_scheduler, 9).schedulers[0]
+    factor = [sched.lr_lambdas[0](e) for e in range(9)]  # factor of step k is factor[k - 1]
+    peak = {1: 3e-3, 2: 3e-3, 3: 3e-3, 4: 1e-3, 5: 1e-3, 6: 1e-3, 7: 3e-3, 8: 3e-3, 9: 3e-3}
+    warm = {4: 0.5}
+    for step, r in steps.items():
+        expected = peak[step] * factor[step - 1] * warm.get(step, 1.0)
+        assert r["lr"] == pytest.approx(expected, rel=1e-6), step
 
 
 def test_state_survives_remesh(full_run):

@@ -143,3 +143,14 @@ def test_unavailable_dataset_is_a_config_error():
     )
     with pytest.raises(ConfigError, match=r"training\.dataset = 'c4': not available offline"):
         load_documents(cfg)
+
+
+def test_long_documents_keeps_whole_long_documents():
+    from torchtitan_ext.data import ByteTokenizer, long_documents, tokenize_with_offsets
+
+    docs = ["ab", "abcdefgh", "abcd", "abcdefghij"]
+    tokens, offsets = tokenize_with_offsets(docs, ByteTokenizer())
+    assert offsets.tolist() == [0, 4, 14, 20, 32]  # BOS + bytes + EOS per document
+    kept = long_documents(tokens, offsets, min_tokens=10)
+    assert kept.tolist() == tokens[4:14].tolist() + tokens[20:32].tolist()
+    assert len(long_documents(tokens, offsets, min_tokens=100)) == 0

@@ -19,8 +19,16 @@ from typing import Any
 from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.config.validate import seq_len_divisor
 
-_INT_KEYS = ("seq_len", "steps", "context_parallel_degree", "global_batch_size", "local_batch_size")
-_FLOAT_KEYS = ("rope_theta",)
+_INT_KEYS = (
+    "seq_len",
+    "steps",
+    "context_parallel_degree",
+    "global_batch_size",
+    "local_batch_size",
+    "warmup_steps",
+    "min_doc_tokens",
+)
+_FLOAT_KEYS = ("rope_theta", "lr")
 STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS
 """Keys a ``[[curriculum.stages]]`` table may set."""
 
@@ -38,6 +46,12 @@ class Stage:
         cp: context-parallel degree; dp_shard: the data-parallel shard degree it leaves.
         global_batch_size: sequences per optimizer step; local_batch_size: per microbatch and
             dp rank.
+        lr: peak learning rate of the stage (None: ``optimizer.lr``); the run's one schedule
+            (warmup, decay) multiplies it.
+        warmup_steps: if > 0, a linear warmup over the stage's first steps on top of the
+            schedule (the schedule's factor times min(1, k / warmup_steps) at the k-th step).
+        min_doc_tokens: if > 0, the stage trains only on documents of at least this many
+            tokens (long stages see long documents).
     """
 
     index: int
@@ -50,6 +64,9 @@ class Stage:
     dp_shard: int
     global_batch_size: int
     local_batch_size: int
+    lr: float | None = None
+    warmup_steps: int = 0
+    min_doc_tokens: int = 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -172,7 +189,19 @@ def _resolve_stage(cfg: Any, i: int, raw: dict[str, Any], free: int, step: int) 
         )
     theta = float(raw.get("rope_theta", cfg.model.rope_theta))
     return Stage(
-        i, seq_len, steps, step + 1, step + steps, theta, cp, dp_shard, global_batch, local
+        i,
+        seq_len,
+        steps,
+        step + 1,
+        step + steps,
+        theta,
+        cp,
+        dp_shard,
+        global_batch,
+        local,
+        lr=float(raw["lr"]) if "lr" in raw else None,
+        warmup_steps=int(raw.get("warmup_steps", 0)),
+        min_doc_tokens=int(raw.get("min_doc_tokens", 0)),
     )
 
 
@@ -221,6 +250,15 @@ def stage_config(cfg: Any, stage: Stage) -> Any:
 
 def _total_steps(cfg: Any) -> int:
     return sum(int(s.get("steps", 0)) for s in cfg.curriculum.stages)
+
+
+def stage_lr_factor(stage: Stage, epoch: int) -> float:
+    """The stage's warmup factor for the LR scheduler's ``epoch`` (= the number of scheduler
+    steps taken; the lr of global step k is computed at epoch k - 1)."""
+    if stage.warmup_steps <= 0:
+        return 1.0
+    k = epoch - (stage.first_step - 1) + 1  # 1 at the stage's first step
+    return min(1.0, max(k, 1) / stage.warmup_steps)
 
 
 def stage_of_step(stages: list[Stage], step: int) -> Stage:

@@ -45,6 +45,7 @@ from torchtitan_ext.curriculum import (
     format_plan,
     plan_curriculum,
     stage_config,
+    stage_lr_factor,
     stage_of_step,
 )
 from torchtitan_ext.data import (
@@ -52,8 +53,10 @@ from torchtitan_ext.data import (
     PackedWindows,
     build_tokenizer,
     load_documents,
+    long_documents,
     split_documents,
     tokenize,
+    tokenize_with_offsets,
 )
 from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_backend, resolve_device
 from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
@@ -81,6 +84,8 @@ class Prepared:
     model_args: Any
     stages: list[Stage] = dataclasses.field(default_factory=list)
     """Curriculum stages ([] without a curriculum); ``cfg`` is then stage 0's recipe."""
+    train_doc_offsets: np.ndarray | None = None
+    """(n_docs + 1,) offsets of the documents in ``train_tokens`` (for stages' min_doc_tokens)."""
 
 
 def _enabled(v: Any) -> bool:
@@ -162,15 +167,36 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
     )
     if cfg.validation.enable and not val_docs:
         raise ConfigError("validation.enable", True, "data.validation_fraction leaves no documents")
-    train_tokens = tokenize(train_docs, tokenizer)
+    train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
     val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
     # Fail now, not at the first step, if the data cannot fill one window (of any stage).
-    for seq_len in [s.seq_len for s in stages] or [cfg.training.seq_len]:
-        PackedWindows(train_tokens, seq_len, cfg.data.shuffle_seed)
+    PackedWindows(train_tokens, cfg.training.seq_len, cfg.data.shuffle_seed)
+    if cfg.validation.enable:
+        PackedWindows(val_tokens, cfg.validation.seq_len, 0, shuffle=False)
+    for s in stages:
+        stream = train_tokens
+        if s.min_doc_tokens:
+            stream = long_documents(train_tokens, train_doc_offsets, s.min_doc_tokens)
+        if len(stream) < s.seq_len + 1:
+            raise ConfigError(
+                f"curriculum.stages[{s.index}].min_doc_tokens",
+                s.min_doc_tokens,
+                f"leaves {len(stream)} training tokens, less than one window of {s.seq_len}",
+            )
         if cfg.validation.enable:
-            PackedWindows(val_tokens, seq_len if stages else cfg.validation.seq_len, 0, False)
+            PackedWindows(val_tokens, s.seq_len, 0, shuffle=False)
     return Prepared(
-        cfg, rank, dims, device, backend, tokenizer, train_tokens, val_tokens, model_args, stages
+        cfg,
+        rank,
+        dims,
+        device,
+        backend,
+        tokenizer,
+        train_tokens,
+        val_tokens,
+        model_args,
+        stages,
+        train_doc_offsets,
     )
 
 
@@ -185,7 +211,10 @@ def prepare_stage(p: Prepared, stage: Stage) -> Prepared:
     assert dims is not None
     model_args = resolve_model_args(cfg)
     model_args.update_from_config(cfg)
-    return dataclasses.replace(p, cfg=cfg, dims=dims, model_args=model_args)
+    tokens = p.train_tokens
+    if stage.min_doc_tokens and p.train_doc_offsets is not None:
+        tokens = long_documents(tokens, p.train_doc_offsets, stage.min_doc_tokens)
+    return dataclasses.replace(p, cfg=cfg, dims=dims, model_args=model_args, train_tokens=tokens)
 
 
 class Trainer:
@@ -507,6 +536,8 @@ class Trainer:
         cfg = self.cfg
         end = until if until is not None else cfg.training.steps
         self.checkpointer.maybe_load()
+        if self.stage is not None:
+            self._apply_stage_lr(self.stage)
         start = self.train_state.step
         if self.stage is not None and start == self.stage.first_step - 1 and start > 0:
             # Entering a stage from the previous one's checkpoint: the state must be the
@@ -570,6 +601,24 @@ class Trainer:
                 self.checkpointer.save(step)
         self.metrics.close()
         return records
+
+    def _apply_stage_lr(self, stage: Stage) -> None:
+        """Give the run's LR schedule this stage's peak LR (``lr``, else ``optimizer.lr``)
+        and warmup (``warmup_steps``). After loading a checkpoint, which restores the previous
+        stage's base LR; deterministic in the step, so resuming gives the same LRs."""
+        peak = stage.lr if stage.lr is not None else self.cfg.optimizer.lr
+        for sched in self.lr_schedulers.schedulers:
+            sched.base_lrs = [peak for _ in sched.base_lrs]
+            if stage.warmup_steps > 0:
+                run_lambdas = list(sched.lr_lambdas)
+                sched.lr_lambdas = [
+                    (lambda e, f=f: f(e) * stage_lr_factor(stage, e)) for f in run_lambdas
+                ]
+            groups = sched.optimizer.param_groups
+            for group, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+                group["initial_lr"] = base
+                group["lr"] = base * fn(sched.last_epoch)
+            sched._last_lr = [float(g["lr"]) for g in groups]
 
     def _log_boundary(self, event: str, step: int, switch_started: float | None) -> None:
         total, squares = self.param_fingerprint()

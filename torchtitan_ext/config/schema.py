@@ -73,9 +73,10 @@ class Curriculum:
     stages: list[dict[str, Any]] = field(default_factory=list)
     """Context-length stages, in order ([[curriculum.stages]] tables). Keys per stage:
     seq_len and steps (required); rope_theta, context_parallel_degree, global_batch_size,
-    local_batch_size (optional). Empty: no curriculum (the recipe trains training.steps at
-    training.seq_len). With stages, training.steps is their sum and one LR schedule spans
-    them."""
+    local_batch_size, lr (peak LR), warmup_steps (a warmup at the stage's start),
+    min_doc_tokens (train on documents at least this long) (optional). Empty: no curriculum
+    (the recipe trains training.steps at training.seq_len). With stages, training.steps is
+    their sum and one LR schedule spans them."""
 
     tokens_per_step: int = 0
     """Tokens per optimizer step held constant across stages: each stage's global batch is

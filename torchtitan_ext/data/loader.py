@@ -44,9 +44,30 @@ def split_documents(
 
 def tokenize(docs: list[str], tokenizer: BaseTokenizer) -> np.ndarray:
     """Concatenate BOS + tokens + EOS of every document: a (n_tokens,) int32 array."""
+    return tokenize_with_offsets(docs, tokenizer)[0]
+
+
+def tokenize_with_offsets(
+    docs: list[str], tokenizer: BaseTokenizer
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like ``tokenize``, plus (n_docs + 1,) int64 offsets: document i is
+    ``tokens[offsets[i]:offsets[i + 1]]``."""
     if not docs:
+        return np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64)
+    encoded = [encode_document(tokenizer, d) for d in docs]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(e) for e in encoded], out=offsets[1:])
+    return np.concatenate(encoded), offsets
+
+
+def long_documents(tokens: np.ndarray, offsets: np.ndarray, min_tokens: int) -> np.ndarray:
+    """The token stream of the documents with at least ``min_tokens`` tokens (BOS and EOS
+    included), in their order: a (n,) int32 array."""
+    lengths = np.diff(offsets)
+    keep = np.flatnonzero(lengths >= min_tokens)
+    if len(keep) == 0:
         return np.zeros(0, dtype=np.int32)
-    return np.concatenate([encode_document(tokenizer, d) for d in docs])
+    return np.concatenate([tokens[offsets[i] : offsets[i + 1]] for i in keep])
 
 
 class PackedWindows:

@@ -1,0 +1,119 @@
+"""Cost of a curriculum stage switch, with and without a re-mesh, in units of training steps.
+
+Runs ``train.py`` under torchrun (4 CPU ranks by default) on the debug recipe with a 4-stage
+curriculum at a constant 4096 tokens per step:
+
+    stage 0: seq 256,  cp 1, dp_shard 4
+    stage 1: seq 512,  cp 1, dp_shard 4   <- switch without re-mesh (same degrees)
+    stage 2: seq 1024, cp 2, dp_shard 2   <- switch with re-mesh
+    stage 3: seq 2048, cp 4, dp_shard 1   <- switch with re-mesh
+
+A switch is timed by the trainer (``stage_switch_sec`` in ``metrics.jsonl``): from the end of a
+stage's last step to the start of the next stage's first step, i.e. the parameter fingerprint
+before and after, the boundary checkpoint (DCP save), the new mesh, model (new RoPE length and
+theta), optimizer and data loader, and the DCP load that reshards the state to the new mesh.
+Validation at the boundary is not counted. The mean step time around a switch is taken from
+the per-step ``elapsed_sec`` of the ``--window`` steps before and after it (first step of a stage
+excluded: it includes one-time warm-up). Target: a switch with re-mesh costs at most 5 steps.
+
+    .venv/bin/python scripts/bench_curriculum_switch.py [--nproc 4] [--steps-per-stage 12]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET_STEPS = 5.0
+
+STAGES = [(256, 1), (512, 1), (1024, 2), (2048, 4)]
+
+
+def recipe(steps_per_stage: int) -> str:
+    """The debug recipe plus the benchmark's curriculum."""
+    text = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
+    text += "\n[curriculum]\ntokens_per_step = 4096\n"
+    for seq_len, cp in STAGES:
+        text += (
+            f"\n[[curriculum.stages]]\nseq_len = {seq_len}\nsteps = {steps_per_stage}\n"
+            f"context_parallel_degree = {cp}\nrope_theta = {seq_len * 1000}\n"
+        )
+    return text
+
+
+def step_times(steps: dict[int, dict[str, Any]]) -> dict[int, float]:
+    """Wall seconds of each step from consecutive ``elapsed_sec`` (within one stage)."""
+    out: dict[int, float] = {}
+    for step, r in steps.items():
+        prev = steps.get(step - 1)
+        if prev is not None and prev.get("stage") == r.get("stage"):
+            out[step] = r["elapsed_sec"] - prev["elapsed_sec"]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument("--steps-per-stage", type=int, default=12)
+    ap.add_argument("--window", type=int, default=5, help="steps each side of a switch")
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "curriculum.toml"
+        path.write_text(recipe(a.steps_per_stage))
+        dump = Path(tmp) / "run"
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}",
+            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(ROOT / "train.py"),
+            "--job.config_file", str(path), "--job.dump_folder", str(dump),
+            "--parallelism.data_parallel_shard_degree", "-1",
+            "--training.local_batch_size", "4", "--metrics.log_freq", "1",
+            "--metrics.no-enable-tensorboard", "--validation.no-enable",
+            "--checkpoint.interval", "100000", "--checkpoint.keep_latest_k", "0",
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("MASTER_ADDR", None)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+            return 1
+        lines = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r for r in lines if "loss" in r}
+    starts = [r for r in lines if r.get("stage_boundary") == "start"]
+    times = step_times(steps)
+    print(f"{a.nproc} ranks, debugmodel_cpu, 4096 tokens/step, {a.steps_per_stage} steps/stage")
+    print("switch                         re-mesh  switch s  step s (around)  ratio  target")
+    worst_remesh = 0.0
+    for b in starts:
+        step = b["step"]  # last step of the previous stage
+        before, after = steps[step], steps[step + 1]
+        around = [times[s] for s in range(step - a.window + 1, step + 1) if s in times]
+        around += [times[s] for s in range(step + 2, step + 2 + a.window) if s in times]
+        mean_step = sum(around) / len(around)
+        ratio = b["stage_switch_sec"] / mean_step
+        remesh = before["cp"] != after["cp"]
+        label = (
+            f"seq {before['seq_len']:5d} cp {int(before['cp'])} -> "
+            f"{after['seq_len']:5d} cp {int(after['cp'])}"
+        )
+        verdict = ("PASS" if ratio <= TARGET_STEPS else "FAIL") if remesh else ""
+        if remesh:
+            worst_remesh = max(worst_remesh, ratio)
+        print(
+            f"{label:30s} {'yes' if remesh else 'no':7s} {b['stage_switch_sec']:8.2f}  "
+            f"{mean_step:15.3f}  {ratio:5.1f}  {verdict}"
+        )
+    print(f"worst re-mesh switch: {worst_remesh:.1f} steps (target <= {TARGET_STEPS:.0f}); "
+          f"run wall {wall:.0f}s")  # fmt: skip
+    return 0 if worst_remesh <= TARGET_STEPS else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
