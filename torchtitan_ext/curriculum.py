@@ -271,11 +271,16 @@ def stage_of_step(stages: list[Stage], step: int) -> Stage:
 
 def format_plan(stages: list[Stage]) -> str:
     """A table of the stages for the log."""
-    lines = ["stage  steps (global)    seq_len  rope_theta   cp  dp_shard  batch  tokens/step"]
+    lines = [
+        "stage  steps (global)    seq_len  rope_theta   cp  dp_shard  batch  tokens/step"
+        "  peak lr  warmup  min doc tokens"
+    ]
     for s in stages:
+        lr = f"{s.lr:.2e}" if s.lr is not None else "recipe"
         lines.append(
             f"{s.index:5d}  {s.first_step:6d}-{s.last_step:<8d} {s.seq_len:8d}  "
             f"{s.rope_theta or math.nan:10.3g}  {s.cp:3d}  {s.dp_shard:8d}  "
-            f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}"
+            f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}  {lr:>7s}  "
+            f"{s.warmup_steps:6d}  {s.min_doc_tokens:14d}"
         )
     return "\n".join(lines)

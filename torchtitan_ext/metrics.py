@@ -177,7 +177,7 @@ class MetricsLogger:
         the log; its numeric fields also go to tensorboard at ``record["step"]``."""
         if not self.enabled:
             return
-        logger.info(" ".join(f"{k}={v}" for k, v in record.items()))
+        logger.info(" ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, dict)))
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._writer is not None:

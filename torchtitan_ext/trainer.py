@@ -60,7 +60,11 @@ from torchtitan_ext.data import (
 )
 from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_backend, resolve_device
 from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
-from torchtitan_ext.models import build_model_on_meta, init_weights_mesh_independent
+from torchtitan_ext.models import (
+    build_model_on_meta,
+    canonical_name,
+    init_weights_mesh_independent,
+)
 from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -503,20 +507,25 @@ class Trainer:
         return float(sums[0] / sums[1].clamp(min=1))
 
     @torch.no_grad()
-    def param_fingerprint(self) -> tuple[float, float]:
-        """(sum, sum of squares) over every element of the full model's parameters, fp64:
-        the same numbers on every mesh that holds the same model (to fp64 rounding of the
-        summation order). Gathers one parameter at a time; collective."""
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def param_fingerprint(self) -> dict[str, tuple[float, float]]:
+        """Per parameter (canonical FQN), the (sum, sum of squares) of its full tensor in fp64:
+        the same numbers on every mesh that holds the same model (up to fp64 rounding of the
+        summation order). Gathers one parameter at a time; collective.
+
+        Returns:
+            {fqn: (sum, sum of squares)} for every parameter of the whole model (all stages).
+        """
+        stats: dict[str, tuple[float, float]] = {}
         for part in self.model_parts:
-            for param in part.parameters():
+            for name, param in part.named_parameters():
                 full = param.full_tensor() if isinstance(param, DTensor) else param
                 full = full.detach().to(torch.float64)
-                stats[0] += full.sum()
-                stats[1] += full.square().sum()
+                stats[canonical_name(name)] = (float(full.sum()), float(full.square().sum()))
         if self.dims.pp_enabled:  # each pp rank holds other stages' parameters
-            dist.all_reduce(stats, group=self.dims.get_mesh("pp").get_group())
-        return float(stats[0]), float(stats[1])
+            gathered: list[Any] = [None] * self.dims.pp
+            dist.all_gather_object(gathered, stats, group=self.dims.get_mesh("pp").get_group())
+            stats = {k: v for part_stats in gathered for k, v in part_stats.items()}
+        return stats
 
     def train(
         self, until: int | None = None, switch_started: float | None = None
@@ -572,7 +581,8 @@ class Trainer:
                 sum(x.numel() for x, _ in microbatches) // self.dims.non_data_parallel_size
             )
             last = step == end
-            if step == 1 or step % cfg.metrics.log_freq == 0 or last:
+            # The first step of the run and of every (re)start: a stage's first loss shows.
+            if step == start + 1 or step % cfg.metrics.log_freq == 0 or last:
                 global_loss = self._global_loss(loss)
                 if not math.isfinite(global_loss):
                     raise FloatingPointError(f"loss is {global_loss} at step {step}")
@@ -621,13 +631,14 @@ class Trainer:
             sched._last_lr = [float(g["lr"]) for g in groups]
 
     def _log_boundary(self, event: str, step: int, switch_started: float | None) -> None:
-        total, squares = self.param_fingerprint()
+        stats = self.param_fingerprint()
         record: dict[str, Any] = {
             "step": step,
             "stage_boundary": event,
             "stage": self.stage.index if self.stage else 0,
-            "param_sum": total,
-            "param_sq_sum": squares,
+            "param_sum": sum(v[0] for v in stats.values()),
+            "param_sq_sum": sum(v[1] for v in stats.values()),
+            "param_stats": stats,
         }
         if switch_started is not None:
             record["stage_switch_sec"] = time.perf_counter() - switch_started
