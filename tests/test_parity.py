@@ -73,3 +73,15 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
     assert res.status == "FAIL" and res.loss_dev > 1e-3
     same = compare(Shape({"tp": 2}), tmp_path / "single", tmp_path / "single")
     assert same.status == "PASS" and same.loss_dev == 0.0
+
+
+def test_native_crash_is_told_apart_from_python_errors() -> None:
+    import subprocess
+
+    from torchtitan_ext.parity import native_crash
+
+    def proc(err: str) -> "subprocess.CompletedProcess[str]":
+        return subprocess.CompletedProcess(["x"], 1, stdout="", stderr=err)
+
+    assert native_crash(proc("[rank0] step 3\nmalloc(): unaligned tcache chunk detected\n"))
+    assert native_crash(proc("[rank1]: RuntimeError: shapes do not match\n")) is None

@@ -1,0 +1,315 @@
+"""Mesh-shape ablations: train a recipe on every valid mesh shape of N ranks for a few steps and
+tabulate throughput, memory and the loss.
+
+For a recipe and a world size, ``enumerate_shapes`` lists every factorization into (pp,
+dp_replicate, dp_shard, tp, cp), in one or more mesh dim orders, and splits it into the shapes
+that pass the config validation (heads, layers, sequence and batch divisibility...) and those
+that do not (with the reason). ``sweep`` runs each valid shape with ``torchrun train.py`` on the
+same global batch (so every shape sees the same tokens and the last-step losses must agree:
+a free numerics check), reads ``metrics.jsonl`` and writes one row per shape to
+``<out>/ablation.csv`` as soon as the shape finishes, so an interrupted sweep restarted with the
+same ``--out`` skips the shapes it has. ``write_report`` adds a Markdown table sorted by
+throughput and PNG plots (matplotlib).
+
+Like nanotron's scaling-study generator and TorchTitan's hand-made mesh tables, but run from one
+command: ``scripts/ablate_mesh.py``.
+"""
+
+import csv
+import dataclasses
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torchtitan_ext.config.manager import load_config
+from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.parity import (
+    ROOT,
+    Shape,
+    check_shape,
+    factorizations,
+    first_error_line,
+    read_records,
+)
+
+ORDERS = ("auto", "cpinner", "tpinner")
+"""Mesh dim orders a sweep can try: "auto" (cp innermost unless tp > 1 with FSDP, which needs
+tp innermost), "cpinner" (pp, dp_replicate, dp_shard, tp, cp), "tpinner" (..., cp, tp)."""
+
+LOSS_RTOL = 1e-3
+"""Relative deviation of a shape's last-step loss from the median that flags its numerics."""
+
+
+@dataclass
+class Row:
+    """One shape's result (a CSV row).
+
+    Units: tokens_per_sec per rank (tokens/s), step_time_sec (s), peak_mem_mib (MiB, max over
+    ranks), mfu_pct (% of peak, GPU only, else NaN).
+    """
+
+    shape: str
+    order: str
+    nproc: int
+    pp: int
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    cp: int
+    status: str  # ok | error | timeout
+    tokens_per_sec: float = math.nan
+    step_time_sec: float = math.nan
+    peak_mem_mib: float = math.nan
+    last_loss: float = math.nan
+    mfu_pct: float = math.nan
+    numerics: str = ""  # ok | DEVIATES (set by flag_numerics)
+    detail: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.shape}/{self.order}"
+
+
+def _with_order(shape: Shape, order: str) -> Shape:
+    if order == "auto":
+        return shape
+    return dataclasses.replace(shape, options=(*shape.options, order))
+
+
+def shape_args(recipe: Path, shape: Shape, out: Path, steps: int, global_batch: int) -> list[str]:
+    """CLI overrides that train ``recipe`` on ``shape`` for ``steps`` steps with a fixed global
+    batch (the recipe's local batch per microbatch; gradient accumulation fills the rest)."""
+    return [
+        "--job.config_file", str(recipe),
+        "--job.dump_folder", str(out / "runs" / f"{shape.name}"),
+        "--training.steps", str(steps),
+        "--training.global_batch_size", str(global_batch),
+        "--metrics.log_freq", "1",
+        "--metrics.no-enable-tensorboard",
+        "--validation.no-enable",
+        "--checkpoint.no-enable",
+        *shape.args(),
+    ]  # fmt: skip
+
+
+def global_batch_for(recipe: Path, nproc: int) -> int:
+    """The sweep's global batch: the recipe's, or its local batch x the world size."""
+    cfg = load_config(["--job.config_file", str(recipe)])
+    g = int(cfg.training.global_batch_size)
+    return g if g != -1 else int(cfg.training.local_batch_size) * nproc
+
+
+def enumerate_shapes(
+    recipe: Path,
+    nproc: int,
+    out: Path,
+    steps: int,
+    orders: tuple[str, ...] = ("auto",),
+    fixed: dict[str, int] | None = None,
+    max_degree: dict[str, int] | None = None,
+) -> tuple[list[tuple[Shape, str, list[str]]], list[tuple[Shape, str, str]]]:
+    """Every factorization of ``nproc`` (filtered by ``fixed`` degrees and ``max_degree``), in
+    each of ``orders``.
+
+    Returns:
+        (valid, invalid): valid as (shape, order, CLI args); invalid as (shape, order, the
+        config error that rules it out).
+    """
+    fixed, max_degree = fixed or {}, max_degree or {}
+    g = global_batch_for(recipe, nproc)
+    valid: list[tuple[Shape, str, list[str]]] = []
+    invalid: list[tuple[Shape, str, str]] = []
+    for base in factorizations(nproc):
+        d = {n: base.degrees.get(n, 1) for n in MESH_DIM_NAMES}
+        if any(d[k] != v for k, v in fixed.items()) or any(d[k] > v for k, v in max_degree.items()):
+            continue
+        for order in orders:
+            shape = _with_order(base, order)
+            args = shape_args(recipe, shape, out, steps, g)
+            why = check_shape(shape, args)
+            if why is None:
+                valid.append((shape, order, args))
+            else:
+                invalid.append((shape, order, why))
+    return valid, invalid
+
+
+def run_shape(shape: Shape, order: str, args: list[str], warmup: int, timeout: float) -> Row:
+    """Train one shape under torchrun and summarize its ``metrics.jsonl`` (steps after
+    ``warmup`` for the timings)."""
+    g = shape.degrees.get
+    row = Row(
+        shape.name, order, shape.nproc, g("pp", 1), g("dp_replicate", 1), g("dp_shard", 1),
+        g("tp", 1), g("cp", 1), status="error",
+    )  # fmt: skip
+    dump = Path(args[args.index("--job.dump_folder") + 1])
+    if (dump / "metrics.jsonl").exists():
+        (dump / "metrics.jsonl").unlink()  # a partial run of an interrupted sweep
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={shape.nproc}",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(ROOT / "train.py"), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MASTER_ADDR", None)
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        row.status, row.detail = "timeout", f"no result within {timeout:.0f}s"
+        return row
+    if proc.returncode != 0:
+        row.detail = first_error_line(proc)[:300]
+        return row
+    records = read_records(dump)
+    if not records:
+        row.detail = "no metrics written"
+        return row
+    timed = [r for r in records if r["step"] > warmup] or records[-1:]
+    by_step = {r["step"]: r for r in records}
+    step_times = [
+        r["elapsed_sec"] - by_step[r["step"] - 1]["elapsed_sec"]
+        for r in timed
+        if r["step"] - 1 in by_step
+    ]
+    row.status = "ok"
+    row.tokens_per_sec = statistics.fmean(r["tokens_per_sec"] for r in timed)
+    row.step_time_sec = statistics.fmean(step_times) if step_times else math.nan
+    row.peak_mem_mib = max(r["peak_mem_mib"] for r in records)
+    row.last_loss = records[-1]["loss"]
+    if "mfu_pct" in timed[0]:
+        row.mfu_pct = statistics.fmean(r["mfu_pct"] for r in timed)
+    return row
+
+
+def flag_numerics(rows: list[Row]) -> None:
+    """Mark each ok row's last loss against the median of all ok rows (same global batch and
+    initial model: they must agree up to fp rounding)."""
+    ok = [r for r in rows if r.status == "ok"]
+    if not ok:
+        return
+    median = statistics.median(r.last_loss for r in ok)
+    for r in ok:
+        dev = abs(r.last_loss - median) / max(abs(median), 1e-12)
+        r.numerics = "ok" if dev <= LOSS_RTOL else f"DEVIATES ({dev:.1e})"
+
+
+def read_csv(path: Path) -> list[Row]:
+    """Rows of an earlier (possibly interrupted) sweep; [] if none."""
+    if not path.exists():
+        return []
+    types = {f.name: f.type for f in dataclasses.fields(Row)}
+    rows = []
+    with path.open() as f:
+        for raw in csv.DictReader(f):
+            values: dict[str, Any] = {}
+            for k, v in raw.items():
+                t = types[k]
+                values[k] = (
+                    int(v) if t in (int, "int") else float(v) if t in (float, "float") else v
+                )
+            rows.append(Row(**values))
+    return rows
+
+
+def write_csv(path: Path, rows: list[Row]) -> None:
+    """Write all rows (atomically: a crash never leaves a half-written CSV)."""
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(Row)])
+        w.writeheader()
+        for r in rows:
+            w.writerow(dataclasses.asdict(r))
+    os.replace(tmp, path)
+
+
+def sweep(
+    recipe: Path,
+    nproc: int,
+    out: Path,
+    steps: int = 4,
+    warmup: int = 1,
+    orders: tuple[str, ...] = ("auto",),
+    fixed: dict[str, int] | None = None,
+    max_degree: dict[str, int] | None = None,
+    timeout: float = 600,
+    log: Callable[[str], None] = print,
+) -> tuple[list[Row], list[tuple[Shape, str, str]]]:
+    """Run every valid shape not already in ``<out>/ablation.csv``; returns (rows, invalid)."""
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "ablation.csv"
+    valid, invalid = enumerate_shapes(recipe, nproc, out, steps, orders, fixed, max_degree)
+    rows = read_csv(csv_path)
+    done = {r.key for r in rows}
+    todo = [(s, o, a) for s, o, a in valid if f"{s.name}/{o}" not in done]
+    log(
+        f"{len(valid)} valid shapes ({len(invalid)} invalid), {len(valid) - len(todo)} already "
+        f"in {csv_path}, {len(todo)} to run"
+    )
+    t0 = time.perf_counter()
+    for i, (shape, order, args) in enumerate(todo):
+        elapsed = time.perf_counter() - t0
+        eta = elapsed / i * (len(todo) - i) if i else math.nan
+        log(f"[{i + 1}/{len(todo)}] {shape.name} ({order})  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+        row = run_shape(shape, order, args, warmup, timeout)
+        log(f"    {row.status}: {row.tokens_per_sec:,.0f} tokens/s/rank, {row.detail}")
+        rows.append(row)
+        write_csv(csv_path, rows)
+    flag_numerics(rows)
+    write_csv(csv_path, rows)
+    return rows, invalid
+
+
+def markdown_table(rows: list[Row], invalid: list[tuple[Shape, str, str]]) -> str:
+    """Rows sorted by throughput (best first, marked), failures last, then the invalid shapes."""
+    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: -r.tokens_per_sec)
+    failed = [r for r in rows if r.status != "ok"]
+    lines = [
+        "| | shape | order | tokens/s/rank | step s | peak MiB | last loss | numerics | status |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for i, r in enumerate(ok + failed):
+        best = "**best**" if i == 0 and r.status == "ok" else ""
+        status = r.status if not r.detail else f"{r.status}: {r.detail}"
+        lines.append(
+            f"| {best} | {r.shape} | {r.order} | {r.tokens_per_sec:,.0f} | {r.step_time_sec:.3f} | "
+            f"{r.peak_mem_mib:,.0f} | {r.last_loss:.4f} | {r.numerics} | {status} |"
+        )
+    if invalid:
+        lines += ["", "Invalid for this recipe and world size:", ""]
+        lines += [f"- {s.name} ({o}): {why}" for s, o, why in invalid]
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Two horizontal bar charts (tokens/s per rank, peak memory per rank) of the ok shapes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = sorted((r for r in rows if r.status == "ok"), key=lambda r: r.tokens_per_sec)
+    labels = [f"{r.shape} ({r.order})" if r.order != "auto" else r.shape for r in ok]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.35 * len(ok) + 1.5), sharey=True)
+    ax1.barh(labels, [r.tokens_per_sec for r in ok], color="tab:blue")
+    ax1.set_xlabel("tokens/s per rank")
+    ax2.barh(labels, [r.peak_mem_mib for r in ok], color="tab:orange")
+    ax2.set_xlabel("peak memory per rank (MiB)")
+    fig.suptitle("mesh-shape ablation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(rows: list[Row], invalid: list[tuple[Shape, str, str]], out: Path) -> None:
+    """``<out>/ablation.md`` and ``<out>/ablation.png`` next to the CSV."""
+    (out / "ablation.md").write_text(markdown_table(rows, invalid) + "\n")
+    if any(r.status == "ok" for r in rows):
+        plot(rows, out / "ablation.png")
