@@ -256,8 +256,8 @@ def sweep(
     t0 = time.perf_counter()
     for i, (shape, order, args) in enumerate(todo):
         elapsed = time.perf_counter() - t0
-        eta = elapsed / i * (len(todo) - i) if i else math.nan
-        log(f"[{i + 1}/{len(todo)}] {shape.name} ({order})  elapsed {elapsed:.0f}s  eta {eta:.0f}s")
+        eta = f"{elapsed / i * (len(todo) - i):.0f}s" if i else "?"
+        log(f"[{i + 1}/{len(todo)}] {shape.name} ({order})  elapsed {elapsed:.0f}s  eta {eta}")
         row = run_shape(shape, order, args, warmup, timeout)
         log(f"    {row.status}: {row.tokens_per_sec:,.0f} tokens/s/rank, {row.detail}")
         rows.append(row)
