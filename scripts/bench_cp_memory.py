@@ -27,12 +27,13 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from torchtitan_ext.distributed import launch_env, torchrun_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -192,19 +193,10 @@ def worker_balance(seq_len: int, out: str) -> None:
 def launch(nproc: int, worker_args: list[str]) -> Any:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0",
-            __file__, *worker_args, "--out", out,
-        ]  # fmt: skip
+        cmd = torchrun_command(nproc, [__file__, *worker_args, "--out", out])
         # Large tensors straight from mmap and back to the OS on free (no dynamic threshold),
         # so the resident set follows live tensor memory instead of malloc's retained arenas.
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MALLOC_MMAP_THRESHOLD_": "65536",
-            "MALLOC_TRIM_THRESHOLD_": "65536",
-        }
+        env = launch_env(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(out):
             raise SystemExit(

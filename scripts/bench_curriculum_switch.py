@@ -21,13 +21,14 @@ excluded: it includes one-time warm-up). Target: a switch with re-mesh costs at 
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from torchtitan_ext.distributed import launch_env, torchrun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_STEPS = 5.0
@@ -67,19 +68,16 @@ def main() -> int:
         path = Path(tmp) / "curriculum.toml"
         path.write_text(recipe(a.steps_per_stage))
         dump = Path(tmp) / "run"
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={a.nproc}",
-            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(ROOT / "train.py"),
+        cmd = torchrun_command(a.nproc, [
+            str(ROOT / "train.py"),
             "--job.config_file", str(path), "--job.dump_folder", str(dump),
             "--parallelism.data_parallel_shard_degree", "-1",
             "--training.local_batch_size", "4", "--metrics.log_freq", "1",
             "--metrics.no-enable-tensorboard", "--validation.no-enable",
             "--checkpoint.interval", "100000", "--checkpoint.keep_latest_k", "0",
-        ]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        env.pop("MASTER_ADDR", None)
+        ])  # fmt: skip
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")

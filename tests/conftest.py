@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch.multiprocessing as mp
 
+from torchtitan_ext.distributed import launch_env, torchrun_command
+
 ROOT = Path(__file__).resolve().parent.parent
 TITAN_RECIPES = ROOT.parent / "shared" / "reference" / "torchtitan_v0.2.2_recipes"
 
@@ -25,9 +27,9 @@ def free_port() -> int:
 def _run(cmd: list[str], timeout: float, check: bool) -> subprocess.CompletedProcess[str]:
     """Run a training command from the repo root, 1 thread per process; on ``check``, a non-zero
     exit fails the test with the tail of its output."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MASTER_ADDR", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{cmd[1:4]} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -39,12 +41,7 @@ def torchrun(
     nproc: int, args: list[str], timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run ``torchrun --nproc_per_node nproc train.py args``."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-        str(ROOT / "train.py"), *args,
-    ]  # fmt: skip
-    return _run(cmd, timeout, check)
+    return _run(torchrun_command(nproc, [str(ROOT / "train.py"), *args]), timeout, check)
 
 
 def tiny_run_args(

@@ -21,7 +21,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 
 from torchtitan_ext.config.manager import load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.distributed import launch_env, torchrun_command
 from torchtitan_ext.parity import (
     ROOT,
     Shape,
@@ -152,12 +152,8 @@ def run_shape(shape: Shape, order: str, args: list[str], warmup: int, timeout: f
     dump = Path(args[args.index("--job.dump_folder") + 1])
     if (dump / "metrics.jsonl").exists():
         (dump / "metrics.jsonl").unlink()  # a partial run of an interrupted sweep
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={shape.nproc}",
-        "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", str(ROOT / "train.py"), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MASTER_ADDR", None)
+    cmd = torchrun_command(shape.nproc, [str(ROOT / "train.py"), *args])
+    env = launch_env()
     try:
         proc = subprocess.run(
             cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout

@@ -8,6 +8,7 @@ recipe (``training.device``, ``comm.backend``, both "auto" by default) and the m
 
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -96,3 +97,21 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def torchrun_command(nproc: int, target: list[str]) -> list[str]:
+    """``python -m torch.distributed.run`` for ``nproc`` ranks on this host, then ``target`` (a
+    script and its arguments, or ``--no-python`` and a command). Rendezvous: c10d on port 0 of
+    127.0.0.1, so several launches can run side by side."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", *target,
+    ]  # fmt: skip
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """The environment for launching training processes from a script or test: one OpenMP
+    thread per rank (ranks share the cores), unbuffered output, no inherited MASTER_ADDR."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("MASTER_ADDR", None)
+    return env

@@ -27,6 +27,7 @@ from typing import Any
 from torchtitan_ext.config.manager import ConfigError, load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.config.validate import validate
+from torchtitan_ext.distributed import launch_env, torchrun_command
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
 
@@ -229,14 +230,10 @@ def launch(
     if nproc == 1:
         cmd = [sys.executable, *entry]
     else:
-        cmd = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--no-python",
-            sys.executable, *entry,
-        ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MASTER_ADDR", None)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        cmd = torchrun_command(nproc, ["--no-python", sys.executable, *entry])
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout
+    )
     payload.with_suffix(".log").write_text(proc.stdout + proc.stderr)
     return proc
 
