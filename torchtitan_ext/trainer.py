@@ -255,12 +255,13 @@ class Trainer:
         # 1 / (label tokens in the global batch), set per step (see train_step).
         self._loss_scale = torch.ones((), device=device)
         self.pipeline: Pipeline | None = None
-        if dims.pp_enabled:
+        plan = plan_pipeline(cfg, p.model_args.n_layers) if dims.pp_enabled else None
+        if plan is not None:
             # Pipeline split first; each stage gets the same parallelize() as a whole model.
             self.pipeline = pipeline_split(
                 model,
                 dims.get_mesh("pp"),
-                plan_pipeline(cfg, p.model_args.n_layers),
+                plan,
                 cfg,
                 device,
                 lambda part: parallelize(part, dims, cfg, device),
@@ -328,8 +329,7 @@ class Trainer:
             f"(local batch {t.local_batch_size}, {self.dataloader.grad_accum_steps} "
             f"microbatch(es) per step, dp {dims.dp})"
         )
-        if self.pipeline is not None:
-            plan = plan_pipeline(cfg, p.model_args.n_layers)
+        if plan is not None:
             logger.info(
                 f"pipeline: {plan.schedule}, {plan.num_stages} stages ({plan.stages_per_rank} "
                 f"per rank), {plan.n_microbatches} pipeline microbatches of "
