@@ -93,7 +93,7 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
     cur = cfg.curriculum
     if not cur.stages:
         return []
-    if cfg.parallelism.data_parallel_shard_degree not in (-1,):
+    if cfg.parallelism.data_parallel_shard_degree != -1:
         raise ConfigError(
             "parallelism.data_parallel_shard_degree",
             cfg.parallelism.data_parallel_shard_degree,
@@ -228,13 +228,12 @@ def stage_config(cfg: Any, stage: Stage) -> Any:
     one LR schedule spans all stages), validation.seq_len, CP and dp_shard degrees, RoPE theta.
     """
     out = copy.deepcopy(cfg)
-    total = stage.last_step if not cfg.curriculum.stages else _total_steps(cfg)
     out.training = dataclasses.replace(
         out.training,
         seq_len=stage.seq_len,
         global_batch_size=stage.global_batch_size,
         local_batch_size=stage.local_batch_size,
-        steps=total,
+        steps=sum(int(s.get("steps", 0)) for s in cfg.curriculum.stages),
     )
     out.validation = dataclasses.replace(
         out.validation, seq_len=stage.seq_len, local_batch_size=stage.local_batch_size
@@ -246,10 +245,6 @@ def stage_config(cfg: Any, stage: Stage) -> Any:
     )
     out.model = dataclasses.replace(out.model, rope_theta=stage.rope_theta)
     return out
-
-
-def _total_steps(cfg: Any) -> int:
-    return sum(int(s.get("steps", 0)) for s in cfg.curriculum.stages)
 
 
 def stage_lr_factor(stage: Stage, epoch: int) -> float:
