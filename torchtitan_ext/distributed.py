@@ -112,6 +112,12 @@ def torchrun_command(nproc: int, target: list[str]) -> list[str]:
 def launch_env(**extra: str) -> dict[str, str]:
     """The environment for launching training processes from a script or test: one OpenMP
     thread per rank (ranks share the cores), unbuffered output, no inherited MASTER_ADDR."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONFAULTHANDLER": "1",
+        **extra,
+    }
     env.pop("MASTER_ADDR", None)
     return env

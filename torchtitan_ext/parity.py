@@ -43,6 +43,7 @@ OPTIONS: dict[str, list[str]] = {
     "nolossparallel": ["--parallelism.disable_loss_parallel"],
     "tpinner": ["--parallelism.mesh_dim_order", "pp,dp_replicate,dp_shard,cp,tp"],
     "cpinner": ["--parallelism.mesh_dim_order", "pp,dp_replicate,dp_shard,tp,cp"],
+    "fullac": ["--activation_checkpoint.mode", "full"],
 }
 _TP_INNERMOST = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
@@ -255,6 +256,16 @@ def native_crash(proc: "subprocess.CompletedProcess[str]") -> str | None:
     return None
 
 
+NATIVE_CRASH_RETRIES = 2
+"""Fresh launches for the unfinished shapes of a launch that died in native code."""
+
+
+def _finished(shape: Shape, out: Path) -> bool:
+    """Whether a shape's run wrote its last record (the validation, or the last step)."""
+    key = "validation_loss" if shape.validates else "loss"
+    return bool(read_records(out / shape.name, key))
+
+
 def first_error_line(proc: "subprocess.CompletedProcess[str]") -> str:
     """The first worker line that names an error (not torchrun's own summary)."""
     lines = (proc.stderr + proc.stdout).splitlines()
@@ -372,9 +383,9 @@ def run_matrix(
     retried: dict[str, str] = {}
     for group in launches:
         nproc = group[0].nproc
-        if log:
-            log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
-        for attempt in (1, 2):
+        for attempt in range(1, 2 + NATIVE_CRASH_RETRIES):
+            if log:
+                log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
             try:
                 proc = launch(group, base, out, global_batch, timeout * (1 + len(group)))
             except subprocess.TimeoutExpired:
@@ -386,14 +397,17 @@ def run_matrix(
             crash = native_crash(proc)
             for s in group:
                 errors[s.name] = f"launch exit {proc.returncode}: {crash or first_error_line(proc)}"
-            if crash is None or attempt == 2:
+            if crash is None or attempt == 1 + NATIVE_CRASH_RETRIES:
                 break
             # A rare heap corruption inside a worker (glibc abort, no Python error; see
-            # native_crash): run the group again from scratch, once, and say so in the results.
-            if log:
-                log(f"launch crashed in native code ({crash}); retrying it once")
+            # native_crash): the shapes that finished keep their results, the others run
+            # again in a fresh launch, and the results say so.
             log_path = out / f"launch-{nproc}-{group[0].name}.log"
-            shutil.copy(log_path, log_path.with_suffix(".crash.log"))
+            shutil.copy(log_path, log_path.with_suffix(f".crash{attempt}.log"))
+            group = [s for s in group if not _finished(s, out)]
+            if log:
+                log(f"launch crashed in native code ({crash}); running {len(group)} unfinished "
+                    f"shape(s) again")  # fmt: skip
             for s in group:
                 shutil.rmtree(out / s.name, ignore_errors=True)
                 retried[s.name] = crash
