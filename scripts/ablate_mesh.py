@@ -11,13 +11,28 @@ marked, failed shapes with their first error line, invalid shapes with the confi
 rules them out) and ``ablation.png``. Every shape trains the same global batch from the same
 initial model, so their last-step losses must agree; a shape that deviates by more than 1e-3
 relative is flagged in the ``numerics`` column (exit status 1).
+
+With ``--dry-run`` nothing trains: each valid shape of a world size this machine does not have
+is planned on torch's fake process group (``scripts/plan.py``'s dry run) and the shapes that fit
+``--budget-gib`` per device are ranked by estimated bytes sent per rank per step. Arguments
+after the options are recipe overrides for every shape:
+
+    .venv/bin/python scripts/ablate_mesh.py --dry-run --nproc 256 --budget-gib 80 \\
+        --config train_configs/llama3_8b_curriculum_1m.toml --training.seq_len 131072
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from torchtitan_ext.ablation import ORDERS, sweep, write_report
+from torchtitan_ext.ablation import (
+    ORDERS,
+    dry_run_sweep,
+    enumerate_shapes,
+    plan_table,
+    sweep,
+    write_report,
+)
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 
 
@@ -44,13 +59,32 @@ def main() -> int:
     ap.add_argument("--fixed", help="degrees every shape must have, e.g. pp=1,tp=2")
     ap.add_argument("--max", help="largest degrees to try, e.g. cp=4")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per shape")
-    a = ap.parse_args()
+    ap.add_argument(
+        "--dry-run", action="store_true",
+        help="plan instead of train: rank shapes by estimated communication (fake process group)",
+    )  # fmt: skip
+    ap.add_argument("--budget-gib", type=float, default=80, help="memory per device (--dry-run)")
+    a, extra = ap.parse_known_args()
+    if extra and not a.dry_run:
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
     orders = tuple(o.strip() for o in a.orders.split(","))
     if any(o not in ORDERS for o in orders):
         ap.error(f"--orders: choose from {', '.join(ORDERS)}")
     if a.steps <= a.warmup:
         ap.error("--steps must be larger than --warmup")
     out = a.out or Path("outputs/ablation") / f"{a.config.stem}-{a.nproc}"
+    fixed, max_degree = _degrees(a.fixed, "--fixed", ap), _degrees(a.max, "--max", ap)
+    if a.dry_run:
+        valid, invalid = enumerate_shapes(
+            a.config, a.nproc, out, a.steps, orders, fixed, max_degree, tuple(extra)
+        )
+        print(f"{len(valid)} valid shapes, {len(invalid)} invalid; planning...", flush=True)
+        table = plan_table(dry_run_sweep(valid, a.nproc, a.budget_gib), a.budget_gib)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "dry_run.md").write_text(table + "\n")
+        print(table)
+        print(f"wrote {out}/dry_run.md")
+        return 0
     rows, invalid = sweep(
         a.config,
         a.nproc,
@@ -58,8 +92,8 @@ def main() -> int:
         steps=a.steps,
         warmup=a.warmup,
         orders=orders,
-        fixed=_degrees(a.fixed, "--fixed", ap),
-        max_degree=_degrees(a.max, "--max", ap),
+        fixed=fixed,
+        max_degree=max_degree,
         timeout=a.timeout,
         log=lambda m: print(m, flush=True),
     )

@@ -6,7 +6,9 @@ collectives), one representative rank per pipeline stage, every curriculum stage
         --world_size 256 --budget-gib 80
 
 Parameters, gradients and optimizer state come from the rank's actual DTensor shards;
-activations are an estimate (formula and source in ``torchtitan_ext.dry_run.activation_bytes``).
+activations and the bytes sent per step by each kind of traffic are estimates (formulas and
+sources in ``torchtitan_ext.dry_run.activation_estimate`` and ``comm_estimate``; checked against
+real runs by ``scripts/check_dry_run.py``).
 """
 
 import argparse

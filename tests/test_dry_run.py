@@ -32,3 +32,50 @@ def test_param_bytes_per_rank(titan_recipes, recipe, world_size, divisor):
     assert plan.grad_bytes == plan.param_bytes
     assert plan.optim_bytes == 2 * plan.param_bytes  # AdamW: two fp32 moments
     assert plan.activation_bytes > 0
+
+
+def test_estimates_match_real_runs():
+    """The dry run's communication and activation estimates against what real gloo runs of
+    the same shapes send and save (scripts/check_dry_run.py): within 10% for every kind of
+    traffic and rank. The script fails on a larger error, so this can fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shapes = "single,single+fullac,dp_shard2,tp2,cp2,pp2,dp_replicate2"
+    proc = subprocess.run(
+        [sys.executable, str(root / "scripts" / "check_dry_run.py"), "--shapes", shapes],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in shapes.split(","):
+        assert f"| {name} |" in proc.stdout
+    assert "worst relative error" in proc.stdout
+
+
+def test_dry_run_sweep_ranks_shapes_that_fit_by_communication(titan_recipes, tmp_path):
+    from torchtitan_ext.ablation import dry_run_sweep, enumerate_shapes, plan_table
+
+    valid, _ = enumerate_shapes(
+        titan_recipes / "llama3_8b.toml", 64, tmp_path, steps=2,
+        fixed={"pp": 1, "dp_replicate": 1}, max_degree={"tp": 2, "cp": 2},
+    )  # fmt: skip
+    assert {s.name for s, _, _ in valid} == {
+        "dp_shard64", "dp_shard32xtp2", "dp_shard32xcp2", "dp_shard16xtp2xcp2",
+    }  # fmt: skip
+    rows = dry_run_sweep(valid, 64, budget_gib=1e9)
+    comm = [r.total_comm_gib for r in rows]
+    assert comm == sorted(comm) and all(r.fits for r in rows)
+    # TP and CP traffic only where those dims are > 1.
+    for r in rows:
+        assert (r.comm_gib["tp"] > 0) == (r.degrees["tp"] > 1)
+        assert (r.comm_gib["cp"] > 0) == (r.degrees["cp"] > 1)
+    # A budget between the smallest and largest memory: what fits comes first, then the rest.
+    peaks = sorted(r.peak_gib for r in rows)
+    budget = (peaks[0] + peaks[-1]) / 2
+    ranked = dry_run_sweep(valid, 64, budget_gib=budget)
+    fits = [r.fits for r in ranked]
+    assert fits == sorted(fits, reverse=True) and any(fits) and not all(fits)
+    assert all((r.peak_gib <= budget) == r.fits for r in ranked)
+    assert "**best**" in plan_table(ranked, budget).splitlines()[2]

@@ -83,9 +83,17 @@ def _with_order(shape: Shape, order: str) -> Shape:
     return dataclasses.replace(shape, options=(*shape.options, order))
 
 
-def shape_args(recipe: Path, shape: Shape, out: Path, steps: int, global_batch: int) -> list[str]:
+def shape_args(
+    recipe: Path,
+    shape: Shape,
+    out: Path,
+    steps: int,
+    global_batch: int,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
     """CLI overrides that train ``recipe`` on ``shape`` for ``steps`` steps with a fixed global
-    batch (the recipe's local batch per microbatch; gradient accumulation fills the rest)."""
+    batch (the recipe's local batch per microbatch; gradient accumulation fills the rest), then
+    ``extra`` recipe overrides."""
     return [
         "--job.config_file", str(recipe),
         "--job.dump_folder", str(out / "runs" / f"{shape.name}"),
@@ -96,12 +104,13 @@ def shape_args(recipe: Path, shape: Shape, out: Path, steps: int, global_batch: 
         "--validation.no-enable",
         "--checkpoint.no-enable",
         *shape.args(),
+        *extra,
     ]  # fmt: skip
 
 
-def global_batch_for(recipe: Path, nproc: int) -> int:
+def global_batch_for(recipe: Path, nproc: int, extra: tuple[str, ...] = ()) -> int:
     """The sweep's global batch: the recipe's, or its local batch x the world size."""
-    cfg = load_config(["--job.config_file", str(recipe)])
+    cfg = load_config(["--job.config_file", str(recipe), *extra])
     g = int(cfg.training.global_batch_size)
     return g if g != -1 else int(cfg.training.local_batch_size) * nproc
 
@@ -114,16 +123,17 @@ def enumerate_shapes(
     orders: tuple[str, ...] = ("auto",),
     fixed: dict[str, int] | None = None,
     max_degree: dict[str, int] | None = None,
+    extra: tuple[str, ...] = (),
 ) -> tuple[list[tuple[Shape, str, list[str]]], list[tuple[Shape, str, str]]]:
     """Every factorization of ``nproc`` (filtered by ``fixed`` degrees and ``max_degree``), in
-    each of ``orders``.
+    each of ``orders``, with ``extra`` recipe overrides.
 
     Returns:
         (valid, invalid): valid as (shape, order, CLI args); invalid as (shape, order, the
         config error that rules it out).
     """
     fixed, max_degree = fixed or {}, max_degree or {}
-    g = global_batch_for(recipe, nproc)
+    g = global_batch_for(recipe, nproc, extra)
     valid: list[tuple[Shape, str, list[str]]] = []
     invalid: list[tuple[Shape, str, str]] = []
     for base in factorizations(nproc):
@@ -132,7 +142,7 @@ def enumerate_shapes(
             continue
         for order in orders:
             shape = _with_order(base, order)
-            args = shape_args(recipe, shape, out, steps, g)
+            args = shape_args(recipe, shape, out, steps, g, extra)
             why = check_shape(shape, args)
             if why is None:
                 valid.append((shape, order, args))
@@ -309,3 +319,72 @@ def write_report(rows: list[Row], invalid: list[tuple[Shape, str, str]], out: Pa
     (out / "ablation.md").write_text(markdown_table(rows, invalid) + "\n")
     if any(r.status == "ok" for r in rows):
         plot(rows, out / "ablation.png")
+
+
+@dataclass
+class PlanRow:
+    """One shape of a dry-run sweep (``dry_run_sweep``): the worst of its first- and last-stage
+    ranks.
+
+    Attributes:
+        peak_gib: estimated memory per device (parameters, gradients, optimizer state,
+            activations), GiB; fits: within the budget.
+        comm_gib: estimated bytes sent per rank per step by kind (``COMM_KINDS``), GiB, for the
+            rank that sends the most; total_comm_gib: their sum.
+    """
+
+    shape: str
+    order: str
+    degrees: dict[str, int]
+    peak_gib: float
+    fits: bool
+    comm_gib: dict[str, float]
+
+    @property
+    def total_comm_gib(self) -> float:
+        return sum(self.comm_gib.values())
+
+
+def dry_run_sweep(
+    valid: list[tuple[Shape, str, list[str]]], nproc: int, budget_gib: float
+) -> list[PlanRow]:
+    """Plan every valid shape with the dry run (``torchtitan_ext.dry_run.plan_rank`` on torch's
+    fake process group, ranks of the first and last pipeline stage) and rank them: shapes within
+    ``budget_gib`` first, by estimated bytes sent per rank per step, then the rest by memory.
+    """
+    from torchtitan_ext.config.validate import validate
+    from torchtitan_ext.dry_run import GIB, plan_rank, stage_ranks
+
+    rows = []
+    for shape, order, args in valid:
+        cfg = load_config(args)
+        dims = validate(cfg, nproc)
+        assert dims is not None
+        ranks = stage_ranks(dims)
+        plans = [plan_rank(cfg, nproc, r) for r in sorted({ranks[0], ranks[-1]})]
+        peak = max(p.total_bytes for p in plans) / GIB
+        busiest = max(plans, key=lambda p: sum(p.comm_bytes.values()))
+        comm = {k: v / GIB for k, v in busiest.comm_bytes.items()}
+        degrees = {n: shape.degrees.get(n, 1) for n in MESH_DIM_NAMES}
+        rows.append(PlanRow(shape.name, order, degrees, peak, peak <= budget_gib, comm))
+    return sorted(rows, key=lambda r: (not r.fits, r.total_comm_gib if r.fits else r.peak_gib))
+
+
+def plan_table(rows: list[PlanRow], budget_gib: float) -> str:
+    """Markdown table of a dry-run sweep, best shape marked."""
+    from torchtitan_ext.dry_run import COMM_KINDS
+
+    lines = [
+        f"| shape | order | memory GiB/device | fits {budget_gib:g} GiB | comm GiB/step/rank "
+        "| " + " | ".join(COMM_KINDS) + " |",
+        "|---|---|---:|---|---:|" + "---:|" * len(COMM_KINDS),
+    ]
+    for i, r in enumerate(rows):
+        best = " **best**" if i == 0 and r.fits else ""
+        lines.append(
+            f"| {r.shape}{best} | {r.order} | {r.peak_gib:.1f} | {'yes' if r.fits else 'NO'} | "
+            f"{r.total_comm_gib:.1f} | "
+            + " | ".join(f"{r.comm_gib[k]:.1f}" for k in COMM_KINDS)
+            + " |"
+        )
+    return "\n".join(lines)

@@ -11,15 +11,20 @@ fp32 moments per parameter. Activations are estimated, not measured (see
 Used by ``scripts/plan.py``; no GPU and no real process group needed.
 """
 
+import contextlib
 import copy
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
+from torch.distributed.distributed_c10d import GroupName
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import set_default_dtype
@@ -33,32 +38,6 @@ from torchtitan_ext.parallelize import parallelize
 GIB = 1024**3
 
 
-@dataclass
-class RankPlan:
-    """One rank's memory (bytes) for a recipe and world size.
-
-    Attributes:
-        rank: global rank; coords: its index in each mesh dim.
-        modules: the top-level modules its pipeline stage(s) hold.
-        param_bytes: this rank's parameter shards (training.dtype, fp32 by default).
-        grad_bytes: gradients, sharded like the parameters (same dtype).
-        optim_bytes: AdamW's two moments (fp32) per local parameter element.
-        activation_bytes: estimate for one step (see ``activation_bytes``).
-    """
-
-    rank: int
-    coords: dict[str, int]
-    modules: list[str]
-    param_bytes: int
-    grad_bytes: int
-    optim_bytes: int
-    activation_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.optim_bytes + self.activation_bytes
-
-
 def _local_numel_bytes(parts: list[nn.Module]) -> tuple[int, int]:
     numel = nbytes = 0
     for part in parts:
@@ -69,42 +48,273 @@ def _local_numel_bytes(parts: list[nn.Module]) -> tuple[int, int]:
     return numel, nbytes
 
 
-def activation_bytes(cfg: Any, dims: ParallelDims, model_args: Any, n_layers_here: int,
-                     stage_index: int, n_microbatches: int, has_output: bool) -> int:  # fmt: skip
-    """Estimated activation memory of one rank at its peak, in bytes.
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes the estimates need, read off the unsharded (meta) model.
 
-    Per transformer layer and microbatch, with sequence parallel, s·b·h·34/tp activations of 2
-    bytes (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
-    Models", arXiv 2205.05198, Table 2, without its 5·a·s/h attention-score term: SDPA /
-    FlashAttention does not store the scores), with s = seq_len / cp. Activation checkpointing
-    "full" keeps only each layer's input (2·s·b·h/tp) plus one layer recomputed at a time;
-    "selective" is counted like "none" (the scores it would save are not stored anyway). Scaled
-    by the activation dtype (bf16 on GPU: x1; fp32: x2). The logits and their gradient (fp32,
-    vocab / tp with loss parallel) on the last stage. With pipeline parallel, stage k holds
-    min(microbatches, pp - k) microbatches in flight (1F1B); without, one.
+    Attributes:
+        dim: hidden size h; kv_dim: n_kv_heads x head_dim; ffn_dim: SwiGLU hidden size f;
+        vocab: vocabulary size V; n_layers: transformer blocks L.
     """
-    h, vocab = model_args.dim, model_args.vocab_size
-    tp, cp = dims.tp, dims.cp
-    s = cfg.training.seq_len // cp
-    b = (
-        cfg.parallelism.pipeline_parallel_microbatch_size
-        if dims.pp > 1
-        else (cfg.training.local_batch_size)
+
+    dim: int
+    kv_dim: int
+    ffn_dim: int
+    vocab: int
+    n_layers: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "ModelDims":
+        """From a TorchTitan Llama-style model (``tok_embeddings``, ``layers[i].attention.wk``,
+        ``layers[i].feed_forward.w1``), before it is parallelized."""
+        layers = list(model.get_submodule("layers").children())
+        block = layers[0]
+        vocab, dim = model.get_parameter("tok_embeddings.weight").shape
+        return cls(
+            dim=dim,
+            kv_dim=block.get_parameter("attention.wk.weight").shape[0],
+            ffn_dim=block.get_parameter("feed_forward.w1.weight").shape[0],
+            vocab=vocab,
+            n_layers=len(layers),
+        )
+
+
+@dataclass(frozen=True)
+class Work:
+    """The per-microbatch sizes both estimates use.
+
+    Attributes:
+        s: tokens per sequence on this rank (seq_len / cp); b: sequences per microbatch (the
+        pipeline microbatch size with PP, else the local batch size); microbatches: forward
+        passes per optimizer step on this rank (pipeline microbatches with PP, else gradient
+        accumulation steps); act_bytes: bytes per activation element (the compute dtype).
+    """
+
+    s: int
+    b: int
+    microbatches: int
+    act_bytes: int
+
+
+def work_of(cfg: Any, dims: ParallelDims, act_dtype: torch.dtype) -> Work:
+    """``Work`` for a validated recipe on ``dims``."""
+    t = cfg.training
+    global_batch = (
+        t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp
     )
-    act_dtype = TORCH_DTYPE_MAP[cfg.training.mixed_precision_param]
-    scale = torch.tensor([], dtype=act_dtype).element_size() / 2
-    per_layer = s * b * h * 34 / tp * scale
-    if cfg.activation_checkpoint.mode == "full":
-        held = n_layers_here * 2 * s * b * h / tp * scale + per_layer
+    accum = global_batch // (t.local_batch_size * dims.dp)
+    if dims.pp > 1:
+        b = cfg.parallelism.pipeline_parallel_microbatch_size
+        micro = accum * t.local_batch_size // b
     else:
-        held = n_layers_here * per_layer
-    in_flight = min(n_microbatches, dims.pp - stage_index) if dims.pp > 1 else 1
-    logits = 2 * s * b * vocab / tp * 4 if has_output else 0
-    return int(held * in_flight + logits)
+        b, micro = t.local_batch_size, accum
+    return Work(t.seq_len // dims.cp, b, micro, torch.tensor([], dtype=act_dtype).element_size())
 
 
-def plan_rank(cfg: Any, world_size: int, rank: int) -> RankPlan:
+def layer_saved_elements(m: ModelDims, w: Work, tp: int) -> int:
+    """Activation elements one transformer block saves for backward, per microbatch.
+
+    Counted from what autograd keeps in TorchTitan's Llama block under torch TP with sequence
+    parallel, and checked against real runs (``scripts/check_dry_run.py``). Each RMSNorm keeps
+    its input and its normalized input (s·b·h/tp each, sequence-sharded) and the linear after
+    it keeps the all-gathered output (s·b·h); SDPA keeps q, k, v and its output
+    (s·b·(2·h + 2·kv)/tp; no attention scores), whose transposed view is wo's input; SwiGLU
+    keeps w1's, silu's, w3's and the product's outputs (4·s·b·f/tp). In all
+    s·b·(2·h + (6·h + 2·kv + 4·f)/tp); without TP s·b·(8·h + 2·kv + 4·f), 24.5·s·b·h for
+    Llama 3 8B, against 17·s·b·h (34 bytes in 16-bit) for GPT in Korthikanti et al. 2022
+    (arXiv 2205.05198, Table 2), whose MLP is 4·h wide, which keeps dropout masks and the
+    attention scores, and whose LayerNorm keeps less. Terms of s·b·heads (softmax
+    statistics) are left out. A fused RMSNorm kernel (CUDA) keeps one tensor less per norm.
+    """
+    h, kv, f = m.dim, m.kv_dim, m.ffn_dim
+    return w.s * w.b * (2 * h + (6 * h + 2 * kv + 4 * f) // tp)
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Estimated activation memory of one rank, bytes.
+
+    Attributes:
+        saved_per_microbatch: what one microbatch's forward keeps for backward (all of this
+            rank's layers; with AC "full" only each block's input plus nothing else).
+        peak: the peak during a step: ``saved_per_microbatch`` times the microbatches in
+            flight, plus one block recomputed (AC "full") and the logits' gradient.
+    """
+
+    saved_per_microbatch: int
+    peak: int
+
+
+def activation_estimate(
+    cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, n_layers_here: int,
+    stage_index: int, has_output: bool,
+) -> Activations:  # fmt: skip
+    """Activation memory of one rank (formula per block in ``layer_saved_elements``).
+
+    AC "full" keeps each block's input (s·b·h/tp) and recomputes one block at a time in
+    backward; AC "selective" is counted like "none" (an upper bound: it saves a subset). The
+    last stage adds the final norm's (s·b·h·(1 + 2/tp)) and the
+    fp32 log-softmax of the logits (4·s·b·V/tp bytes; as much again for its gradient at the
+    peak). With pipeline parallel, stage k of pp holds min(microbatches, pp - k) microbatches in
+    flight (1F1B; interleaved schedules hold more); without, one.
+    """
+    tp, e = dims.tp, w.act_bytes
+    layer = layer_saved_elements(m, w, tp) * e
+    block_input = w.s * w.b * m.dim // tp * e
+    held = n_layers_here * (block_input if cfg.activation_checkpoint.mode == "full" else layer)
+    logits = 4 * w.s * w.b * m.vocab // tp
+    final = (w.s * w.b * m.dim * (tp + 2) // tp * e + logits) if has_output else 0
+    saved = held + final
+    in_flight = min(w.microbatches, dims.pp - stage_index) if dims.pp > 1 else 1
+    recompute = layer if cfg.activation_checkpoint.mode == "full" else 0
+    return Activations(saved, saved * in_flight + recompute + (logits if has_output else 0))
+
+
+COMM_KINDS = ("fsdp", "dp_replicate", "tp", "cp", "pp")
+"""Keys of the communication estimate: FSDP all-gathers and reduce-scatters over dp_shard x cp,
+the HSDP all-reduce over dp_replicate, TP, CP ring and PP point-to-point traffic."""
+
+
+def comm_estimate(
+    cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, local_numel: int,
+    last_unit_numel: int, n_layers_here: int, stages: list[tuple[bool, bool]],
+) -> dict[str, int]:  # fmt: skip
+    """Bytes this rank sends per optimizer step, per kind of traffic (``COMM_KINDS``).
+
+    Counted as a bandwidth-optimal (ring) algorithm moves them: an all-gather or reduce-scatter
+    of a full tensor of X bytes over n ranks sends (n-1)/n·X per rank, an all-reduce 2·(n-1)/n·X,
+    a point-to-point send its size.
+
+    - FSDP (n = dp_shard·cp; ZeRO-3, Rajbhandari et al. 2020): per forward, all-gather of the
+      rank's unsharded parameters in the compute dtype; again in backward for units resharded
+      after forward (all but [norm, output]); reduce-scatter of the gradients in
+      ``mixed_precision_reduce`` per backward. Without PP this happens per gradient-accumulation
+      microbatch; with PP once per step (torch's schedules keep parameters unsharded and defer
+      the reduction to the last microbatch).
+    - dp_replicate (HSDP): all-reduce of the gradient shard (reduce dtype) per reduction.
+    - TP with sequence parallel (n = tp; Korthikanti et al. 2022): per block and microbatch
+      two all-gathers and two reduce-scatters of s·b·h activations forward, the same backward,
+      plus the embedding's reduce-scatter and the output's all-gather (each with its backward);
+      AC "full" repeats the forward ones.
+    - CP ring attention (n = cp; torch's ``_templated_ring_attention``): per block and
+      microbatch, the rank's K and V (2·s·b·kv/tp elements) go to every other rank in forward
+      and again in backward, and the fp32 gradient of K and V makes n hops; AC "full" repeats
+      the forward.
+    - PP: per microbatch, each stage that is not the last sends its output (s·b·h/tp
+      elements: sequence-sharded under TP) and each that is not the first the gradient of its
+      input.
+
+    Args:
+        local_numel: parameter elements this rank holds (its shards);
+        last_unit_numel: those in the [norm, output] FSDP unit (kept unsharded after forward);
+        n_layers_here: transformer blocks on this rank; stages: (is first, is last) for each
+        of its pipeline stages ([(True, True)] without PP).
+
+    Scalar reductions (token counts, loss, grad norm, loss-parallel statistics) are left out.
+    """
+    e, s, b, micro = w.act_bytes, w.s, w.b, w.microbatches
+    full_ac = cfg.activation_checkpoint.mode == "full"
+    out: dict[str, int] = dict.fromkeys(COMM_KINDS, 0)
+    reduce_bytes = TORCH_DTYPE_MAP[cfg.training.mixed_precision_reduce].itemsize
+    n = dims.dp_shard * dims.cp
+    if n > 1 or dims.dp_replicate > 1:
+        per_step = 1 if dims.pp > 1 else micro
+        policy = cfg.parallelism.fsdp_reshard_after_forward
+        if policy == "always":
+            regathered = local_numel
+        elif policy == "never" or dims.pp > 1:
+            regathered = 0
+        else:  # "default": every unit but [norm, output]
+            regathered = local_numel - last_unit_numel
+        gathered = per_step * (local_numel + regathered) * e
+        reduced = per_step * local_numel * reduce_bytes
+        out["fsdp"] = (n - 1) * (gathered + reduced)
+        r = dims.dp_replicate
+        out["dp_replicate"] = 2 * (r - 1) * per_step * local_numel * reduce_bytes // r
+    if dims.tp > 1:
+        per_block = 8 + (4 if full_ac else 0)
+        collectives = n_layers_here * per_block
+        collectives += 2 * sum(first for first, _ in stages)  # embedding
+        collectives += 2 * sum(last for _, last in stages)  # output
+        out["tp"] = int((dims.tp - 1) / dims.tp * collectives * micro * s * b * m.dim * e)
+    if dims.cp > 1:
+        c = dims.cp
+        kv = 2 * s * b * m.kv_dim // dims.tp
+        forward = (c - 1) * kv * e * (2 if full_ac else 1)
+        backward = (c - 1) * kv * e + c * kv * 4
+        out["cp"] = n_layers_here * micro * (forward + backward)
+    if dims.pp > 1:
+        sends = sum((not first) + (not last) for first, last in stages)
+        out["pp"] = sends * micro * s * b * m.dim // dims.tp * e
+    return out
+
+
+@dataclass
+class RankPlan:
+    """One rank's memory (bytes) and communication (bytes per step) for a recipe and world size.
+
+    Attributes:
+        rank: global rank; coords: its index in each mesh dim.
+        modules: the top-level modules its pipeline stage(s) hold.
+        param_bytes: this rank's parameter shards (training.dtype, fp32 by default).
+        grad_bytes: gradients, sharded like the parameters (same dtype).
+        optim_bytes: AdamW's two moments (fp32) per local parameter element.
+        activations: estimate (see ``activation_estimate``).
+        comm_bytes: bytes sent per optimizer step by kind (see ``comm_estimate``).
+    """
+
+    rank: int
+    coords: dict[str, int]
+    modules: list[str]
+    param_bytes: int
+    grad_bytes: int
+    optim_bytes: int
+    activations: Activations
+    comm_bytes: dict[str, int]
+
+    @property
+    def activation_bytes(self) -> int:
+        """Estimated peak activation bytes."""
+        return self.activations.peak
+
+    @property
+    def total_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optim_bytes + self.activation_bytes
+
+
+def estimate(
+    cfg: Any, dims: ParallelDims, model_dims: ModelDims, parts: list[nn.Module],
+    stage_index: int, act_dtype: torch.dtype,
+) -> tuple[Activations, dict[str, int]]:  # fmt: skip
+    """Activation and communication estimates for one rank holding the (parallelized) model
+    ``parts`` of pipeline stage row ``stage_index``."""
+    numel, _ = _local_numel_bytes(parts)
+    last_unit = [
+        m
+        for part in parts
+        for m in (getattr(part, "norm", None), getattr(part, "output", None))
+        if m is not None
+    ]
+    last_numel, _ = _local_numel_bytes(last_unit)
+    layers = sum(len(list(part.get_submodule("layers").children())) for part in parts)
+    stages = [
+        (getattr(p, "tok_embeddings", None) is not None, getattr(p, "output", None) is not None)
+        for p in parts
+    ]
+    has_output = any(last for _, last in stages)
+    work = work_of(cfg, dims, act_dtype)
+    acts = activation_estimate(cfg, dims, model_dims, work, layers, stage_index, has_output)
+    return acts, comm_estimate(cfg, dims, model_dims, work, numel, last_numel, layers, stages)
+
+
+def plan_rank(
+    cfg: Any, world_size: int, rank: int, act_dtype: torch.dtype | None = None
+) -> RankPlan:
     """Build ``rank``'s part of the job on a fake process group and measure it.
+
+    Args:
+        act_dtype: compute dtype of activations and all-gathered parameters; default
+            ``training.mixed_precision_param`` (what a GPU run uses).
 
     Raises:
         ConfigError: the recipe does not validate for ``world_size``.
@@ -123,8 +333,9 @@ def plan_rank(cfg: Any, world_size: int, rank: int) -> RankPlan:
         spec = get_train_spec(cfg.model.name)
         with set_default_dtype(TORCH_DTYPE_MAP[cfg.training.dtype]):
             model = build_model_on_meta(spec.model_cls, model_args)
+        model_dims = ModelDims.of(model)
         device = torch.device("cpu")
-        stage_index, n_micro = 0, 1
+        stage_index = 0
         if dims.pp_enabled:
             plan = plan_pipeline(cfg, model_args.n_layers)
             pipeline = pipeline_split(
@@ -134,7 +345,6 @@ def plan_rank(cfg: Any, world_size: int, rank: int) -> RankPlan:
             )  # fmt: skip
             parts = pipeline.model_parts
             stage_index = dims.get_mesh("pp").get_local_rank()
-            n_micro = plan.n_microbatches
         else:
             parts = [parallelize(model, dims, cfg, device)]
         coords = {name: dims.get_mesh(name).get_local_rank() for name in dims.order}
@@ -142,10 +352,11 @@ def plan_rank(cfg: Any, world_size: int, rank: int) -> RankPlan:
         dist.destroy_process_group()
     numel, param_bytes = _local_numel_bytes(parts)
     modules = [name for part in parts for name, m in part.named_children() if m is not None]
-    layers = sum(len(list(part.get_submodule("layers").children())) for part in parts)
-    has_output = any(getattr(part, "output", None) is not None for part in parts)
-    acts = activation_bytes(cfg, dims, model_args, layers, stage_index, n_micro, has_output)
-    return RankPlan(rank, coords, modules, param_bytes, param_bytes, numel * 8, acts)
+    acts, comm = estimate(
+        cfg, dims, model_dims, parts, stage_index,
+        act_dtype or TORCH_DTYPE_MAP[cfg.training.mixed_precision_param],
+    )  # fmt: skip
+    return RankPlan(rank, coords, modules, param_bytes, param_bytes, numel * 8, acts, comm)
 
 
 def stage_ranks(dims: ParallelDims) -> list[int]:
@@ -156,11 +367,12 @@ def stage_ranks(dims: ParallelDims) -> list[int]:
 
 
 def format_table(plans: list[RankPlan], budget_gib: float | None) -> str:
-    """Per-rank memory in GiB, one row per rank."""
+    """Per-rank memory in GiB and estimated bytes sent per step (GiB) by kind, one row per
+    rank."""
     lines = [
         "| rank | mesh coords | params GiB | grads GiB | optimizer GiB | activations GiB (est.) "
-        "| total GiB | fits |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| total GiB | fits | comm GiB/step: " + " / ".join(COMM_KINDS) + " |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for p in plans:
         coords = " ".join(f"{k}{v}" for k, v in p.coords.items())
@@ -168,6 +380,161 @@ def format_table(plans: list[RankPlan], budget_gib: float | None) -> str:
         lines.append(
             f"| {p.rank} | {coords} | {p.param_bytes / GIB:.2f} | {p.grad_bytes / GIB:.2f} | "
             f"{p.optim_bytes / GIB:.2f} | {p.activation_bytes / GIB:.2f} | "
-            f"{p.total_bytes / GIB:.2f} | {fits} |"
+            f"{p.total_bytes / GIB:.2f} | {fits} | "
+            + " / ".join(f"{p.comm_bytes[k] / GIB:.2f}" for k in COMM_KINDS)
+            + " |"
         )
     return "\n".join(lines)
+
+
+# Measurement, for checking the estimates against real runs (scripts/check_dry_run.py).
+
+_ALL_GATHERS = {"_allgather_base_", "allgather_", "allgather_into_tensor_coalesced_",
+                "all_gather_into_tensor", "all_gather_into_tensor_coalesced"}  # fmt: skip
+_REDUCE_SCATTERS = {"_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_",
+                    "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced"}  # fmt: skip
+_ALL_REDUCES = {"allreduce_", "all_reduce", "all_reduce_coalesced", "allreduce_coalesced_"}
+_ALL_TO_ALLS = {"alltoall_base_", "all_to_all_single"}
+_KNOWN = {"send", *_ALL_GATHERS, *_REDUCE_SCATTERS, *_ALL_REDUCES, *_ALL_TO_ALLS}
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, list | tuple):
+        return [t for y in x for t in _tensors(y)]
+    return []
+
+
+def _nbytes(ts: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+class CommCounter(TorchDispatchMode):
+    """Counts the bytes each collective of this rank sends, by kind of traffic, the way
+    ``comm_estimate`` counts them (ring algorithms: an all-gather sends (n-1) x its input, a
+    reduce-scatter (n-1) x its output, an all-reduce 2·(n-1)/n x its tensor, an all-to-all
+    its input minus the rank's own split, a send its tensor).
+
+    Sees both c10d ops (FSDP, ``dist.*``) and functional collectives (DTensor, ring
+    attention) through torch's dispatcher. A group is labelled by the mesh it belongs to:
+    c10d ops prefer ``fsdp`` / ``dp_replicate`` (FSDP's traffic), functional ones ``tp`` /
+    ``cp`` (DTensor's), since with dp_shard 1 the fsdp and cp groups are the same. Tensors of
+    at most 8 elements (token counts, losses, norms) count as "other".
+
+    Args:
+        groups: the global ranks of a process group -> the labels of the meshes with those
+            ranks (by ranks, not by group name: DTensor caches redistribution plans by mesh
+            layout, so a run may use an equal, earlier mesh's groups).
+    """
+
+    C10D_ORDER = ("fsdp", "dp_replicate", "pp", "tp", "cp")
+    FUNCOL_ORDER = ("tp", "cp", "pp", "dp_replicate", "fsdp")
+
+    def __init__(self, groups: dict[frozenset[int], set[str]]) -> None:
+        super().__init__()
+        self.groups = groups
+        self.bytes: dict[str, int] = dict.fromkeys((*COMM_KINDS, "other"), 0)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if any(t is DTensor for t in types):
+            # Let DTensor run first (as torch's CommDebugMode does): the collectives it issues,
+            # ring attention's included, then come back here as plain-tensor ops.
+            return NotImplemented
+        out = func(*args, **(kwargs or {}))
+        if func.namespace in ("c10d", "_c10d_functional"):
+            self._count(func, list(args))
+        return out
+
+    def _count(self, func: Any, args: list[Any]) -> None:
+        name = func._schema.name.split("::")[1]
+        if name not in _KNOWN:
+            return
+        if func.namespace == "c10d":
+            pgs = [
+                a
+                for a in args
+                if isinstance(a, torch.ScriptObject) and "ProcessGroup" in str(a._type())
+            ]
+            if not pgs:
+                return
+            pg = dist.ProcessGroup.unbox(pgs[0])
+            order = self.C10D_ORDER
+        else:
+            name_arg = next(a for a in reversed(args) if isinstance(a, str))
+            pg = dist.distributed_c10d._resolve_process_group(GroupName(name_arg))
+            order = self.FUNCOL_ORDER
+        size, rank = pg.size(), pg.rank()
+        group = frozenset(dist.get_process_group_ranks(pg))
+        if name in ("send",):
+            sent = _nbytes(_tensors(args[0]))
+        elif name in _ALL_GATHERS:
+            inputs = args[1] if func.namespace == "c10d" else args[0]
+            sent = (size - 1) * _nbytes(_tensors(inputs))
+        elif name in _REDUCE_SCATTERS:
+            if func.namespace == "c10d":
+                sent = (size - 1) * _nbytes(_tensors(args[0]))
+            else:
+                sent = (size - 1) * _nbytes(_tensors(args[0])) // size
+        elif name in _ALL_REDUCES:
+            sent = 2 * (size - 1) * _nbytes(_tensors(args[0])) // size
+        elif name in _ALL_TO_ALLS:
+            inp = args[1] if func.namespace == "c10d" else args[0]
+            splits = args[4] if func.namespace == "c10d" else args[2]
+            own = splits[rank] if splits else inp.shape[0] // size
+            sent = (inp.shape[0] - own) * _nbytes([inp]) // max(inp.shape[0], 1)
+        else:
+            return
+        tensors = _tensors(args[0])
+        small = sum(t.numel() for t in tensors) <= 8
+        labels = self.groups.get(group, set())
+        label = "other" if small else next((k for k in order if k in labels), "other")
+        self.bytes[label] += sent
+
+
+def group_labels(dims: ParallelDims) -> dict[frozenset[int], set[str]]:
+    """Global ranks of a process group -> labels (``COMM_KINDS``) of this rank's meshes with
+    those ranks, for ``CommCounter``. Needs ``dims.build_mesh`` to have run."""
+    meshes = {
+        "fsdp": [dims.get_mesh("fsdp"), dims.get_mesh("hsdp")["hsdp_shard"]],
+        "dp_replicate": [dims.get_mesh("dp_replicate"), dims.get_mesh("hsdp")["hsdp_replicate"]],
+        "tp": [dims.get_mesh("tp")],
+        "cp": [dims.get_mesh("cp")],
+        "pp": [dims.get_mesh("pp")],
+    }
+    out: dict[frozenset[int], set[str]] = {}
+    for label, ms in meshes.items():
+        for m in ms:
+            if m.size() > 1:
+                ranks = frozenset(dist.get_process_group_ranks(m.get_group()))
+                out.setdefault(ranks, set()).add(label)
+    return out
+
+
+@contextlib.contextmanager
+def saved_activations() -> Iterator[list[int]]:
+    """Inside the block, count the bytes autograd saves for backward (unique storages, not
+    parameters: leaf tensors that require grad and views of them are skipped, which covers
+    FSDP's unsharded parameters and TP's DTensor parameters). Yields a one-element list holding
+    the total.
+    """
+    seen: set[int] = set()
+    total = [0]
+
+    def is_param(t: torch.Tensor) -> bool:  # a parameter or a view of one (w.t() in mm)
+        base = t if t._base is None else t._base
+        return base.is_leaf and base.requires_grad
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not is_param(t):
+            local = t.to_local() if isinstance(t, DTensor) else t
+            if isinstance(local, AsyncCollectiveTensor):  # a collective's (waited) output
+                local = local.trigger_wait()
+            storage = local.untyped_storage()
+            if storage.data_ptr() not in seen and storage.nbytes() > 0:
+                seen.add(storage.data_ptr())
+                total[0] += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield total

@@ -1,0 +1,186 @@
+"""Check the dry run's estimates against real runs on this machine: per mesh shape, the bytes
+each rank sends per optimizer step (by kind: fsdp, dp_replicate, tp, cp, pp), counted from the
+collectives torch actually dispatches, and the activation bytes autograd saves for one
+microbatch, each next to ``torchtitan_ext.dry_run``'s estimate for the same rank.
+
+The recipe is the parity one (``debugmodel_cpu_deep``, seq 128, global batch 8, fp32 on gloo
+ranks); step 1 runs first (pipeline shape inference), step 2 is measured. Shapes with the same
+rank count share one launch. Prints two Markdown tables, worst rank per shape, and exits 1 if
+any estimate is off by more than ``--tolerance``.
+
+    .venv/bin/python scripts/check_dry_run.py
+    .venv/bin/python scripts/check_dry_run.py --shapes tp2,cp2+fullac
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from torchtitan_ext.config.manager import load_config  # noqa: E402
+from torchtitan_ext.distributed import launch_env, torchrun_command  # noqa: E402
+from torchtitan_ext.dry_run import COMM_KINDS  # noqa: E402
+from torchtitan_ext.parity import (  # noqa: E402
+    base_args,
+    first_error_line,
+    parse_shape,
+    shape_run_args,
+)
+
+DEFAULT_SHAPES = [
+    "single", "single+fullac",
+    "dp_shard2", "tp2", "cp2", "pp2", "dp_replicate2", "cp2+fullac", "tp2+fullac",
+    "dp_shard2xtp2", "tp2xcp2", "dp_replicate2xdp_shard2", "pp2xdp_shard2", "pp2xtp2",
+    "dp_shard2xtp2xcp2", "pp2xtp2xcp2",
+]  # fmt: skip
+MIB = 2**20
+
+
+def _worker(payload: Path) -> int:
+    """Per rank, for each recipe: build the trainer, run step 1, measure step 2's traffic and
+    one microbatch's saved activations, and estimate both (collective)."""
+    import torch
+    import torch.distributed as dist
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    from torchtitan_ext.distributed import RankInfo, init_distributed
+    from torchtitan_ext.dry_run import (
+        CommCounter,
+        ModelDims,
+        estimate,
+        group_labels,
+        saved_activations,
+    )
+    from torchtitan_ext.models import build_model_on_meta
+    from torchtitan_ext.trainer import Trainer, prepare, setup_logging
+
+    job: dict[str, Any] = json.loads(payload.read_text())
+    rank = RankInfo.from_env()
+    setup_logging(rank.rank)
+    p = prepare(job["runs"][0]["args"], rank)
+    init_distributed(p.backend, p.device, p.cfg.comm.init_timeout_seconds)
+    results: dict[str, Any] = {}
+    for run in job["runs"]:
+        p = prepare(run["args"], rank)
+        trainer = Trainer(p)
+        dims = trainer.dims
+        # Estimated first: parameters are sharded now (a forward without backward below
+        # leaves some unsharded).
+        meta = build_model_on_meta(get_train_spec(p.cfg.model.name).model_cls, p.model_args)
+        stage_index = dims.get_mesh("pp").get_local_rank() if dims.pp_enabled else 0
+        acts, comm = estimate(
+            p.cfg, dims, ModelDims.of(meta), trainer.model_parts, stage_index, torch.float32
+        )
+        trainer.train_step(trainer.dataloader.next_step())
+        counter = CommCounter(group_labels(dims))
+        with counter:
+            trainer.train_step(trainer.dataloader.next_step())
+        saved = None
+        if not dims.pp_enabled:
+            inputs, labels = trainer.dataloader.next_step()[0]
+            inputs, labels, positions = trainer._shard_sequence(inputs, labels)
+            model = trainer.model_parts[0]
+            with trainer._loss_parallel(), saved_activations() as total:
+                loss = trainer._scaled_loss(model(inputs, positions=positions), labels)
+            saved = total[0]
+            del loss
+        mine = {
+            "measured": counter.bytes,
+            "estimated": comm,
+            "saved": saved,
+            "saved_estimated": acts.saved_per_microbatch,
+        }
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        results[run["name"]] = gathered
+        del trainer
+        import gc
+
+        gc.collect()
+        dist.barrier()
+    if rank.rank == 0:
+        Path(job["out"]).write_text(json.dumps(results))
+    dist.destroy_process_group()
+    return 0
+
+
+def _rel(est: float, got: float) -> float:
+    return abs(est - got) / got if got else (0.0 if est == 0 else float("inf"))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
+    ap.add_argument("--tolerance", type=float, default=0.10, help="max relative error")
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return _worker(a.worker)
+    shapes = [parse_shape(n) for n in a.shapes.split(",")]
+    base = base_args(8, 2, "debugmodel_cpu_deep", 128)
+    tmp = Path(tempfile.mkdtemp(prefix="check_dry_run-"))
+    by_nproc: dict[int, list[Any]] = {}
+    for s in shapes:
+        args = [*shape_run_args(s, base, tmp, 8), "--validation.no-enable"]
+        load_config(args)  # fail fast on a bad override
+        by_nproc.setdefault(s.nproc, []).append({"name": s.name, "args": args})
+    results: dict[str, Any] = {}
+    start = time.perf_counter()
+    for nproc, runs in sorted(by_nproc.items()):
+        print(f"[{time.perf_counter() - start:5.0f}s] launch: {nproc} rank(s): "
+              f"{[r['name'] for r in runs]}", flush=True)  # fmt: skip
+        payload = tmp / f"launch-{nproc}.json"
+        out = tmp / f"launch-{nproc}.out.json"
+        payload.write_text(json.dumps({"runs": runs, "out": str(out)}))
+        entry = [str(Path(__file__).resolve()), "--worker", str(payload)]
+        cmd = (
+            [sys.executable, *entry]
+            if nproc == 1
+            else torchrun_command(nproc, ["--no-python", sys.executable, *entry])
+        )
+        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True)
+        if proc.returncode != 0:
+            log = tmp / f"launch-{nproc}.log"
+            log.write_text(proc.stdout + proc.stderr)
+            print(f"launch failed: {first_error_line(proc)} (log: {log})", file=sys.stderr)
+            return 1
+        results.update(json.loads(out.read_text()))
+    worst_all = 0.0
+    print("\n## Bytes sent per rank per step (MiB): estimated / measured, worst rank\n")
+    print("| shape | " + " | ".join(COMM_KINDS) + " | max error |")
+    print("|---|" + "---:|" * (len(COMM_KINDS) + 1))
+    for name, ranks in results.items():
+        cells, worst = [], 0.0
+        for k in COMM_KINDS:
+            errs = [_rel(r["estimated"][k], r["measured"][k]) for r in ranks]
+            i = max(range(len(ranks)), key=lambda j: errs[j])
+            est, got = ranks[i]["estimated"][k], ranks[i]["measured"][k]
+            cells.append("-" if est == got == 0 else f"{est / MIB:.2f} / {got / MIB:.2f}")
+            worst = max(worst, errs[i])
+        worst_all = max(worst_all, worst)
+        print(f"| {name} | " + " | ".join(cells) + f" | {worst:.1%} |")
+    print("\n## Activations saved for backward, one microbatch (MiB): estimated / measured\n")
+    print("| shape | estimated | measured | error |")
+    print("|---|---:|---:|---:|")
+    for name, ranks in results.items():
+        if ranks[0]["saved"] is None:
+            continue  # pipeline shapes: the schedule runs its microbatches itself
+        errs = [_rel(r["saved_estimated"], r["saved"]) for r in ranks]
+        i = max(range(len(ranks)), key=lambda j: errs[j])
+        worst_all = max(worst_all, errs[i])
+        print(f"| {name} | {ranks[i]['saved_estimated'] / MIB:.2f} | "
+              f"{ranks[i]['saved'] / MIB:.2f} | {errs[i]:.1%} |")  # fmt: skip
+    print(f"\nworst relative error {worst_all:.1%} (tolerance {a.tolerance:.0%}); "
+          f"{time.perf_counter() - start:.0f}s")  # fmt: skip
+    return 0 if worst_all <= a.tolerance else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
