@@ -13,6 +13,7 @@ any estimate is off by more than ``--tolerance``.
 """
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -101,8 +102,6 @@ def _worker(payload: Path) -> int:
         dist.all_gather_object(gathered, mine)
         results[run["name"]] = gathered
         del trainer
-        import gc
-
         gc.collect()
         dist.barrier()
     if rank.rank == 0:

@@ -466,7 +466,7 @@ class CommCounter(TorchDispatchMode):
             order = self.FUNCOL_ORDER
         size, rank = pg.size(), pg.rank()
         group = frozenset(dist.get_process_group_ranks(pg))
-        if name in ("send",):
+        if name == "send":
             sent = _nbytes(_tensors(args[0]))
         elif name in _ALL_GATHERS:
             inputs = args[1] if func.namespace == "c10d" else args[0]
