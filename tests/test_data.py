@@ -1,13 +1,20 @@
-"""Data: corpus, tokenizers, packing, and the mesh independence of the global batch."""
+"""Data: corpus (local files and their errors), tokenizers, packing, and the mesh independence
+of the global batch."""
 
 import json
+import os
+import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.conftest import ROOT, tiny_run_args, torchrun
 from torchtitan_ext.config import ConfigError
 from torchtitan_ext.data import (
     ByteTokenizer,
@@ -117,13 +124,30 @@ def test_epochs_wrap_with_a_new_window_order():
     assert sorted(order0) == sorted(order1) and order0 != order1
 
 
+def _cfg(path: Path, text_field: str = "text") -> SimpleNamespace:
+    return SimpleNamespace(
+        training=SimpleNamespace(dataset="mine", dataset_path=str(path)),
+        data=SimpleNamespace(text_field=text_field),
+    )
+
+
+def _load_error(path: Path, text_field: str = "text") -> ConfigError:
+    """The ConfigError of loading ``path``, checked to be one line."""
+    with pytest.raises(ConfigError) as info:
+        load_documents(_cfg(path, text_field))
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+def _parquet(path: Path, column: dict[str, list], row_group_size: int | None = None) -> Path:
+    pq.write_table(pa.table(column), path, row_group_size=row_group_size)
+    return path
+
+
 def test_local_jsonl_and_text_datasets(tmp_path: Path):
     rows = [{"text": f"document number {i}", "id": i} for i in range(5)]
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = SimpleNamespace(
-        training=SimpleNamespace(dataset="mine", dataset_path=str(tmp_path / "a.jsonl")),
-        data=SimpleNamespace(text_field="text"),
-    )
+    cfg = _cfg(tmp_path / "a.jsonl")
     assert load_documents(cfg) == [r["text"] for r in rows]
     cfg.data.text_field = "body"
     with pytest.raises(ConfigError, match=r"data\.text_field"):
@@ -134,6 +158,232 @@ def test_local_jsonl_and_text_datasets(tmp_path: Path):
     (texts / "y.txt").write_text("other file")
     cfg.training.dataset_path = str(texts)
     assert load_documents(cfg) == ["line one\nline two\n", "other file"]
+
+
+def test_valid_local_files_and_folders_give_exactly_their_documents(tmp_path: Path):
+    docs = [
+        "plain",
+        "héllo wörld ✓ 🎉",
+        '  quotes " and \\ backslash ',
+        "two\nlines\n",
+        "x" * 70_000,
+    ]
+    jl = tmp_path / "jl"
+    (jl / "sub").mkdir(parents=True)
+    # Blank lines are skipped; other columns (of any type) are ignored.
+    (jl / "b.jsonl").write_text(
+        "\n".join(json.dumps({"id": i, "text": d, "meta": {"k": [i]}}) for i, d in enumerate(docs))
+        + "\n\n"
+    )
+    (jl / "a.json").write_text(json.dumps([{"text": d, "n": 1.5} for d in docs[:2]]))
+    (jl / "sub" / "c.jsonl").write_text(json.dumps({"text": "last"}) + "\n")
+    assert load_documents(_cfg(jl / "b.jsonl")) == docs
+    assert load_documents(_cfg(jl / "a.json")) == docs[:2]
+    # A folder: files in sorted path order (a.json, b.jsonl, sub/c.jsonl), rows in file order.
+    assert load_documents(_cfg(jl)) == [*docs[:2], *docs, "last"]
+    pqs = tmp_path / "pq"
+    pqs.mkdir()
+    _parquet(pqs / "1.parquet", {"text": docs, "k": list(range(5))}, row_group_size=2)
+    _parquet(pqs / "0.parquet", {"body": ["b0", "b1"], "text": ["p0", "p1"]})
+    assert load_documents(_cfg(pqs / "1.parquet")) == docs
+    assert load_documents(_cfg(pqs)) == ["p0", "p1", *docs]
+    txt = tmp_path / "txt"
+    (txt / "z").mkdir(parents=True)
+    for i, d in enumerate(docs):
+        (txt / f"{i}.txt").write_text(d, encoding="utf-8")
+    (txt / "z" / "crlf.txt").write_bytes(b"a\r\nb\r\n")  # datasets reads text with newline=None
+    assert load_documents(_cfg(txt / "1.txt")) == [docs[1]]
+    assert load_documents(_cfg(txt)) == [*docs, "a\nb\n"]
+
+
+def _write(path: Path, data: bytes | str) -> Path:
+    if isinstance(data, str):
+        path.write_text(data, encoding="utf-8")
+    else:
+        path.write_bytes(data)
+    return path
+
+
+BAD_FILES = [
+    # (file name, content, ConfigError key, what the reason says besides the file's path)
+    ("empty.jsonl", b"", "training.dataset_path", ["empty file", "no documents"]),
+    ("blank.jsonl", "\n  \n\n", "training.dataset_path", ["no documents"]),
+    ("empty.txt", b"", "training.dataset_path", ["empty file"]),
+    ("malformed.jsonl", '{"text": "a"}\n\n{"text": "b"\n', "training.dataset_path",
+     ["line 3", "invalid JSON"]),
+    ("list.jsonl", '{"text": "a"}\n[1, 2]\n', "training.dataset_path",
+     ["line 2", "expected a JSON object"]),
+    ("binary.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', "training.dataset_path",
+     ["byte offset 24 (line 2)", "not UTF-8"]),
+    ("binary.txt", b"hello\nwor\xffld\x00\x01", "training.dataset_path",
+     ["byte 0xff at byte offset 9 (line 2)", "not UTF-8"]),
+    ("missing.jsonl", '{"text": "a"}\n\n{"body": "b"}\n', "data.text_field",
+     ["line 3", "no 'text' field"]),
+    ("null.jsonl", '{"text": "a"}\n{"text": null}\n', "data.text_field", ["line 2", "is null"]),
+    ("number.jsonl", '{"text": 4}\n{"text": "b"}\n', "data.text_field",
+     ["line 1", "int 4, not a string"]),
+    ("objects.jsonl", "{}\n{}\n", "data.text_field", ["line 1", "no 'text' field"]),
+    ("nocolumn.jsonl", '{"body": "a"}\n{"body": "b"}\n', "data.text_field",
+     ["no such column", "['body']"]),
+    ("null.json", '[{"text": "a"}, {"text": "b"}, {"text": null}]', "data.text_field",
+     ["row index 2", "is null"]),
+    ("missing.json", '[{"text": "a"}, {"id": 1, "txt": "b"}]', "data.text_field",
+     ["row index 1", "no 'text' field"]),
+    ("malformed.json", '[{"text": "a"},\n {"text": }]', "training.dataset_path",
+     ["line 2 column 11", "invalid JSON"]),
+    ("empty.json", "[]", "training.dataset_path", ["no documents"]),
+    ("corrupt.parquet", b"PAR1 not really a parquet file", "training.dataset_path",
+     ["not a readable parquet file"]),
+    # Valid for json.loads, not for pyarrow: the file and the first line of datasets' error.
+    ("duplicate.jsonl", '{"text": "a"}\n{"text": "a", "text": "b"}\n', "training.dataset_path",
+     ["datasets' json loader failed: ArrowInvalid: JSON parse error:", "specified twice"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "key", "says"), BAD_FILES, ids=[b[0] for b in BAD_FILES]
+)
+def test_bad_local_file_is_one_config_error_naming_the_file(tmp_path, name, content, key, says):
+    path = _write(tmp_path / name, content)
+    err = _load_error(path)
+    assert err.key == key
+    assert err.value == (str(path) if key == "training.dataset_path" else "text")
+    assert str(path) in err.reason
+    for part in says:
+        assert part in err.reason
+
+
+def test_bad_parquet_files_name_the_file_and_row(tmp_path: Path):
+    zero = _parquet(tmp_path / "zero.parquet", {"text": pa.array([], pa.string())})
+    err = _load_error(zero)
+    assert (err.key, err.value) == ("training.dataset_path", str(zero))
+    assert f"{zero}: no documents" in err.reason
+    nulls = _parquet(tmp_path / "nulls.parquet", {"text": ["a", "b", "c", None]}, 2)
+    err = _load_error(nulls)
+    assert (err.key, err.value) == ("data.text_field", "text")
+    assert f"{nulls}: row index 3: 'text' is null" in err.reason
+    ints = _parquet(tmp_path / "ints.parquet", {"text": [1, 2]})
+    assert f"{ints}: row index 0: 'text' is int 1, not a string" in _load_error(ints).reason
+    err = _load_error(ints, text_field="body")
+    assert (err.key, err.value) == ("data.text_field", "body")
+    assert f"no such column in {ints}; its columns are ['text']" in err.reason
+    good = _parquet(tmp_path / "good.parquet", {"text": [f"doc {i}" for i in range(100)]}, 10)
+    truncated = _write(tmp_path / "truncated.parquet", good.read_bytes()[:-200])
+    err = _load_error(truncated)
+    assert err.key == "training.dataset_path"
+    assert f"{truncated}: not a readable parquet file" in err.reason
+
+
+def test_bad_file_in_a_folder_is_named(tmp_path: Path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "fine"}\n')
+    bad = _write(folder / "b.jsonl", '{"text": "fine"}\n{"text": "oops}\n')
+    err = _load_error(folder)
+    assert (err.key, err.value) == ("training.dataset_path", str(folder))
+    assert f"{bad}: line 2: invalid JSON" in err.reason
+    # Relative dataset paths are reported as absolute file paths.
+    relative = Path(os.path.relpath(folder))
+    assert f"{bad}: line 2" in _load_error(relative).reason
+    # .txt folders load in one call first; a failure still names its file.
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(3):
+        (texts / f"{i}.txt").write_text(f"document {i}")
+    binary = _write(texts / "1.txt", b"ok\xc3")
+    assert (
+        f"{binary}: not UTF-8 text: byte 0xc3 at byte offset 2 (line 1)"
+        in _load_error(texts).reason
+    )
+    empty = _write(texts / "1.txt", b"")
+    assert f"{empty}: empty file" in _load_error(texts).reason
+
+
+def test_unopenable_file_is_a_config_error(tmp_path: Path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "fine"}\n')
+    (folder / "b.jsonl").symlink_to(tmp_path / "gone.jsonl")  # dangling link
+    err = _load_error(folder)
+    assert err.key == "training.dataset_path"
+    assert f"{folder / 'b.jsonl'}: cannot be opened: No such file or directory" in err.reason
+    assert "no such file or folder" in _load_error(tmp_path / "nope.jsonl").reason
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_a_config_error(tmp_path: Path):
+    path = _write(tmp_path / "secret.jsonl", '{"text": "a"}\n')
+    path.chmod(0)
+    try:
+        err = _load_error(path)
+    finally:
+        path.chmod(0o600)
+    assert err.key == "training.dataset_path"
+    assert f"{path}: cannot be opened: Permission denied" in err.reason
+
+
+def test_rewritten_file_is_read_again_and_datasets_left_quiet(tmp_path: Path, capfd):
+    """A corrected file is re-read even with the same mtime (datasets' non-streaming cache is
+    keyed by path and mtime), nothing is printed, and datasets' settings are restored."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+
+    before = (
+        datasets.is_progress_bar_enabled(),
+        datasets_logging.get_verbosity(),
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS,
+    )
+    path = _write(tmp_path / "d.jsonl", '{"text": "first"}\n{"text": "a"\n')
+    stat = path.stat()
+    assert "line 2: invalid JSON" in _load_error(path).reason
+    for text in ("fixed", "again"):
+        path.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "b"}) + "\n")
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert load_documents(_cfg(path)) == [text, "b"]
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "x.txt").write_bytes(b"\xff")
+    _load_error(folder)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    after = (
+        datasets.is_progress_bar_enabled(),
+        datasets_logging.get_verbosity(),
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS,
+    )
+    assert after == before
+
+
+def test_empty_dataset_fails_fast_with_one_line_on_every_rank(tmp_path: Path):
+    """A real 2-rank torchrun: each rank reports the empty file as its one config-error line and
+    exits 2 before any collective; no worker prints a traceback."""
+    empty = _write(tmp_path / "empty.jsonl", b"")
+    args = [*tiny_run_args(tmp_path / "dump", steps=2), "--training.dataset_path", str(empty)]
+    start = time.monotonic()
+    proc = torchrun(2, args, timeout=120, check=False)
+    assert time.monotonic() - start < 90  # no hang waiting for a collective
+    assert proc.returncode != 0  # torchrun itself exits 1 whatever its workers' codes
+    line = (
+        f"config error: training.dataset_path = {str(empty)!r}: {empty}: empty file (0 bytes), "
+        "no documents\n"
+    )
+    # torchrun stops the other rank as soon as one exits, so a rank either printed the line
+    # and exited 2, or was stopped by SIGTERM first (its summary lists every failed rank).
+    codes = dict(
+        re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)", proc.stderr)
+    )
+    assert sorted(codes) == ["0", "1"] and "2" in codes.values(), proc.stderr[-3000:]
+    for rank, code in codes.items():
+        assert code in ("2", "-15"), proc.stderr[-3000:]
+        assert proc.stderr.count(f"[rank{rank}] {line}") == int(code == "2"), proc.stderr[-3000:]
+    assert proc.stderr.count("config error") == list(codes.values()).count("2")
+    output = proc.stdout + proc.stderr
+    # The launcher's own ChildFailedError summary is the only traceback.
+    assert output.count("Traceback (most recent call last)") <= 1
+    for ours in (ROOT / "train.py", ROOT / "torchtitan_ext"):
+        assert f'File "{ours}' not in output  # no frame of our code anywhere
+    assert "site-packages/datasets/" not in output and "StopIteration" not in output
+    assert "Generating train split" not in output  # datasets' progress bars are off
 
 
 def test_unavailable_dataset_is_a_config_error():
