@@ -121,13 +121,18 @@ def test_resume_same_mesh_is_exact(run_4rank, tmp_path):
 @pytest.mark.parametrize(
     ("nproc", "mesh"),
     [
-        (1, []),  # world size 4 -> 1: no FSDP
+        # World size 4 -> 1, no FSDP; global_batch_size = -1 would derive 2 x dp 1 sequences:
+        # the resume keeps the checkpoint's 8 (4 microbatches) and says so.
+        (1, ["--training.global_batch_size", "-1"]),
         (4, ["--parallelism.data_parallel_replicate_degree", "2"]),  # FSDP 4 -> HSDP 2 x 2
     ],
 )
 def test_resume_into_another_mesh(run_4rank, tmp_path, nproc, mesh):
     dump = _resume_copy(run_4rank, tmp_path / "resume")
-    torchrun(nproc, base_args(dump) + mesh)
+    proc = torchrun(nproc, base_args(dump) + mesh)
+    if "-1" in mesh:
+        assert "kept the checkpoint's global batch of 8 sequences" in proc.stdout
+        assert "4 microbatch(es) per step" in proc.stdout
     full, resumed = by_step(read_metrics(run_4rank)), by_step(read_metrics(dump))
     assert sorted(resumed) == list(range(16, STEPS + 1))
     for step, r in resumed.items():

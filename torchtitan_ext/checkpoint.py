@@ -10,18 +10,32 @@ The state is: model (``ModelWrapper`` of TorchTitan), optimizer and LR scheduler
 TorchTitan, the data loader (one global integer, so it loads into any mesh) and the train state
 (step, tokens seen). DCP reshards on load, so a checkpoint written with one mesh loads into
 another.
+
+Integrity (``checkpoint.verify``, on by default): with each save every rank hashes a share of
+the files DCP wrote (size and xxh3-64) and rank 0 writes them to ``manifest.json`` before the
+rename. At load the manifest is checked first (the ranks share the hashing), then DCP loads; a
+checkpoint that fails either is reported in one line naming its folder and file, and the
+previous complete checkpoint is loaded instead. Once an older checkpoint has loaded, the newer
+ones it replaced are renamed ``step-<N>.corrupt`` (failed) or ``step-<N>.superseded`` (an
+explicit ``load_step`` roll-back), so that they are kept on disk but neither resumed from nor
+counted by ``keep_latest_k``.
 """
 
+import json
 import logging
 import os
 import re
 import shutil
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+import xxhash
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 
 from torchtitan_ext.config.manager import ConfigError
@@ -30,6 +44,8 @@ logger = logging.getLogger("torchtitan_ext")
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_KEYS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 16 * 2**20  # bytes read per hash update
 
 
 @dataclass
@@ -65,6 +81,115 @@ def complete_steps(folder: str) -> list[int]:
     return sorted(steps)
 
 
+def incomplete_steps(folder: str) -> list[int]:
+    """Steps with a renamed ``step-<N>`` folder but no DCP ``.metadata`` (a deleted file: a
+    crash mid-save leaves ``.tmp`` instead), ascending."""
+    if not os.path.isdir(folder):
+        return []
+    complete = set(complete_steps(folder))
+    return sorted(
+        int(m.group(1))
+        for m in map(_STEP_DIR.match, os.listdir(folder))
+        if m and int(m.group(1)) not in complete
+    )
+
+
+def file_digest(path: str) -> tuple[int, str]:
+    """(size in bytes, xxh3-64 hex digest) of a file, read in 16 MiB chunks.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    h = xxhash.xxh3_64()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _digest_share(folder: str, files: list[str], rank: int, world: int) -> dict[str, Any]:
+    """This rank's share (every ``world``-th file from ``rank``) of ``files`` hashed:
+    {name: [size, digest]}, or {name: error string} for a file that cannot be read."""
+    out: dict[str, Any] = {}
+    for name in files[rank::world]:
+        try:
+            out[name] = list(file_digest(os.path.join(folder, name)))
+        except OSError as e:
+            out[name] = f"cannot be read ({e.strerror or e})"
+    return out
+
+
+def _all_gather_dicts(local: dict[str, Any]) -> dict[str, Any]:
+    """The union of every rank's dict (collective when the process group is initialized)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return dict(local)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    return {k: v for d in gathered for k, v in d.items()}
+
+
+def write_manifest(folder: str, metadata: Metadata, rank: int) -> None:
+    """Hash the files of the DCP checkpoint in ``folder`` (the ranks share the work) and write
+    ``manifest.json`` (rank 0): {"files": {name: [size, xxh3-64]}}. Collective."""
+    files = sorted({info.relative_path for info in metadata.storage_data.values()})
+    files.append(".metadata")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    digests = _all_gather_dicts(_digest_share(folder, files, rank, world))
+    if rank != 0:
+        return
+    bad = {k: v for k, v in digests.items() if not isinstance(v, list)}
+    if bad:
+        raise OSError(f"checkpoint files could not be read back after the save: {bad}")
+    path = os.path.join(folder, MANIFEST)
+    with open(path, "w") as f:
+        json.dump({"hash": "xxh3_64", "files": digests}, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify_manifest(folder: str, rank: int) -> str | None:
+    """Check a checkpoint folder against its ``manifest.json`` (the ranks share the hashing;
+    collective). Returns None when it matches or has no manifest (written before manifests or
+    with ``checkpoint.verify = false``), else one line naming the first bad file."""
+    path = os.path.join(folder, MANIFEST)
+    problem: str | None = None
+    expected: dict[str, Any] = {}
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                expected = json.load(f)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"{MANIFEST} is unreadable ({type(e).__name__}: {e})"
+    files = sorted(expected)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    got = _all_gather_dicts(_digest_share(folder, files, rank, world)) if files else {}
+    for name in files:
+        if problem is not None:
+            break
+        want, have = expected[name], got.get(name)
+        if isinstance(have, str):
+            problem = f"{name} {have}"
+        elif have is None or have[0] != want[0]:
+            problem = f"{name} has {have[0] if have else '?'} bytes, the manifest says {want[0]}"
+        elif have[1] != want[1]:
+            problem = f"{name} fails its checksum (xxh3-64 {have[1]}, manifest {want[1]})"
+    return problem
+
+
+def describe_load_error(err: BaseException) -> str:
+    """One line for a failed ``dcp.load``: the first failing rank's exception (DCP gathers
+    them into a ``CheckpointException``), its type and the first line of its message."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (exc, _tb) = next(iter(sorted(err.failures.items(), key=lambda kv: kv[0])))
+        err, where = exc, f" (rank {rank})"
+    else:
+        where = ""
+    lines = "".join(traceback.format_exception_only(type(err), err)).strip().splitlines()
+    return (lines[-1] if lines else type(err).__name__)[:300] + where
+
+
 class Checkpointer:
     """Saves and loads the training state (see the module docstring).
 
@@ -75,8 +200,9 @@ class Checkpointer:
 
     Honoured ``checkpoint`` keys: enable, folder, interval, keep_latest_k, load_step,
     exclude_from_loading, initial_load_path, initial_load_model_only,
-    enable_first_step_checkpoint, load_only. Every save holds the full state (model, optimizer,
-    LR scheduler, data loader, train state), including the last one, so any checkpoint resumes.
+    enable_first_step_checkpoint, load_only, verify. Every save holds the full state (model,
+    optimizer, LR scheduler, data loader, train state), including the last one, so any
+    checkpoint resumes.
     """
 
     def __init__(self, cfg: Any, states: dict[str, Stateful], rank: int) -> None:
@@ -91,6 +217,7 @@ class Checkpointer:
         self.initial_load_model_only: bool = c.initial_load_model_only
         self.first_step: bool = c.enable_first_step_checkpoint
         self.load_only: bool = c.load_only
+        self.verify: bool = c.verify
         self.states = states
         self.rank = rank
         unknown = self.exclude - set(STATE_KEYS)
@@ -102,17 +229,26 @@ class Checkpointer:
             )
 
     def maybe_load(self) -> int | None:
-        """Resume from the latest complete checkpoint (or ``load_step``), else from
-        ``initial_load_path``; returns the step loaded, or None when starting fresh.
+        """Resume from the latest checkpoint that verifies and loads (or exactly ``load_step``),
+        else from ``initial_load_path``; returns the step loaded, or None when starting fresh.
 
-        Collective when a checkpoint is found.
+        A newer checkpoint that fails is reported (one warning naming the folder and file) and
+        the next older one is tried; after a successful load the failed ones are renamed
+        ``step-<N>.corrupt``. Collective when a checkpoint folder exists.
 
         Raises:
-            ConfigError: ``load_step`` names a step with no complete checkpoint.
+            ConfigError: ``load_step`` names a step with no complete checkpoint or one that
+                fails; or every complete checkpoint fails (each reason listed).
         """
         if not self.enabled:
             return None
         steps = complete_steps(self.folder)
+        incomplete = incomplete_steps(self.folder)
+        for bad in incomplete:
+            self._warn(
+                f"checkpoint {self.folder}/step-{bad} has no .metadata (deleted, or not "
+                "written by DCP): skipped"
+            )
         if self.load_step != -1:
             if self.load_step not in steps:
                 raise ConfigError(
@@ -120,24 +256,79 @@ class Checkpointer:
                     self.load_step,
                     f"no complete checkpoint for it in {self.folder} (found steps {steps})",
                 )
-            step: int | None = self.load_step
+            candidates = [self.load_step]
         else:
-            step = steps[-1] if steps else None
-        if step is not None:
-            keys = [k for k in STATE_KEYS if k not in self.exclude]
-            self._load(os.path.join(self.folder, f"step-{step}"), keys)
-            logger.info(f"resumed from {self.folder}/step-{step} ({', '.join(keys)})")
-            return step
+            candidates = steps[::-1]
+        keys = [k for k in STATE_KEYS if k not in self.exclude]
+        failed: list[tuple[int, str]] = []
+        for step in candidates:
+            path = os.path.join(self.folder, f"step-{step}")
+            problem = self._try_load(path, keys)
+            if problem is None:
+                logger.info(f"resumed from {path} ({', '.join(keys)})")
+                unusable = {s for s, _ in failed} | set(incomplete)
+                newer = sorted(s for s in set(steps) | unusable if s > step)
+                self._set_aside(newer, unusable, step)
+                return step
+            self._warn(f"checkpoint {path} cannot be loaded: {problem}")
+            failed.append((step, problem))
+        if failed:
+            reasons = "; ".join(f"step-{s}: {why}" for s, why in failed)
+            key, value = (
+                ("checkpoint.load_step", self.load_step)
+                if self.load_step != -1
+                else ("checkpoint.folder", self.folder)
+            )
+            raise ConfigError(key, value, f"no checkpoint could be loaded ({reasons})")
         if self.initial_load_path:
             keys = ["model"] if self.initial_load_model_only else list(STATE_KEYS)
-            self._load(self.initial_load_path, [k for k in keys if k not in self.exclude])
+            keys = [k for k in keys if k not in self.exclude]
+            problem = self._try_load(self.initial_load_path, keys)
+            if problem is not None:
+                raise ConfigError("checkpoint.initial_load_path", self.initial_load_path, problem)
             logger.info(f"loaded {', '.join(keys)} from {self.initial_load_path}")
             return 0
         return None
 
-    def _load(self, path: str, keys: list[str]) -> None:
-        state = {k: self.states[k] for k in keys}
-        dcp.load(state, checkpoint_id=path)
+    def _warn(self, message: str) -> None:
+        """A warning on rank 0 only (every rank reaches the same conclusion)."""
+        if self.rank == 0:
+            logger.warning(message)
+
+    def _try_load(self, path: str, keys: list[str]) -> str | None:
+        """Verify (``checkpoint.verify``) and load ``keys`` from ``path``; None on success,
+        else the one-line reason, the same on every rank. Collective."""
+        if self.verify:
+            problem = verify_manifest(path, self.rank)
+            if problem is not None:
+                return problem
+        try:
+            dcp.load({k: self.states[k] for k in keys}, checkpoint_id=path)
+        except ConfigError:
+            raise  # the recipe cannot use this state (a Stateful said so): not corruption
+        except (Exception, CheckpointException) as e:  # DCP raises the latter on every rank
+            return describe_load_error(e)
+        return None
+
+    def _set_aside(self, newer: list[int], failed: set[int], loaded: int) -> None:
+        """Rename the checkpoints ``newer`` than the one ``loaded`` (listed before the load,
+        the same on every rank; rank 0 renames, then a barrier): those that ``failed`` to
+        ``step-<N>.corrupt``, the others (a ``load_step`` roll-back) to
+        ``step-<N>.superseded``. Kept on disk; never resumed from or purged. Collective."""
+        if self.rank == 0:
+            for s in newer:
+                src = os.path.join(self.folder, f"step-{s}")
+                kind = "corrupt" if s in failed else "superseded"
+                dst, n = f"{src}.{kind}", 1
+                while os.path.exists(dst):  # an earlier one of the same step: keep both
+                    n += 1
+                    dst = f"{src}.{kind}-{n}"
+                os.rename(src, dst)
+                self._warn(f"moved {src} to {dst} (newer than the resumed step-{loaded})")
+            if newer:
+                _fsync_dir(self.folder)
+        if dist.is_initialized():
+            dist.barrier()
 
     def should_save(self, step: int, last_step: bool) -> bool:
         if not self.enabled or self.load_only:
@@ -145,7 +336,8 @@ class Checkpointer:
         return last_step or step % self.interval == 0 or (self.first_step and step == 1)
 
     def save(self, step: int) -> str:
-        """Write the full state as ``step-<step>`` atomically; collective on every rank.
+        """Write the full state as ``step-<step>`` atomically (with its manifest when
+        ``checkpoint.verify``); collective on every rank.
 
         Returns:
             The final folder.
@@ -158,8 +350,10 @@ class Checkpointer:
                 if name.endswith(".tmp"):
                     shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
         dist.barrier()
-        dcp.save(dict(self.states), checkpoint_id=tmp)
+        metadata = dcp.save(dict(self.states), checkpoint_id=tmp)
         dist.barrier()
+        if self.verify:
+            write_manifest(tmp, metadata, self.rank)
         if self.rank == 0:
             if os.path.exists(final):
                 shutil.rmtree(final)

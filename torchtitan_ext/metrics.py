@@ -81,20 +81,30 @@ class MetricsLogger:
     _start_time: float = field(default_factory=time.perf_counter, repr=False)
     _start_step: int | None = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
+    def start(self, step: int) -> None:
+        """Open the outputs and start timing for a run that continues after ``step`` (0 for a
+        fresh start); call once, after the checkpoint is loaded and before the first record.
+
+        Each step is recorded once: records of later steps (left by an earlier attempt that
+        crashed or diverged after the checkpoint this run resumed from) are moved from
+        ``metrics.jsonl`` to ``metrics_superseded.jsonl`` (appended, after a line
+        ``{"superseded_at_resume_from": step}``), and tensorboard hides its events from
+        ``step + 1`` on (``SummaryWriter(purge_step=...)``).
+        """
+        self._last_time = self._start_time = time.perf_counter()
+        self._start_step = step
         if not self.enabled:
             return
         os.makedirs(self.dump_folder, exist_ok=True)
-        self._jsonl = open(os.path.join(self.dump_folder, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(self.dump_folder, "metrics.jsonl")
+        _supersede_after(path, step, os.path.join(self.dump_folder, "metrics_superseded.jsonl"))
+        self._jsonl = open(path, "a")  # noqa: SIM115
         if self.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(os.path.join(self.dump_folder, self.tb_folder))
-
-    def reset_timer(self, step: int) -> None:
-        """Start timing from now (call before the first step of this process)."""
-        self._last_time = self._start_time = time.perf_counter()
-        self._start_step = step
+            self._writer = SummaryWriter(
+                os.path.join(self.dump_folder, self.tb_folder), purge_step=step + 1
+            )
 
     def log(
         self,
@@ -144,6 +154,7 @@ class MetricsLogger:
             record.update(extra)
         if not self.enabled:
             return record
+        assert self._jsonl is not None, "MetricsLogger.start() must run first"
         start = self._start_step if self._start_step is not None else 0
         done = max(step - start, 1)
         per_step = (now - self._start_time) / done
@@ -207,6 +218,38 @@ class MetricsLogger:
             self._jsonl.close()
         if self._writer is not None:
             self._writer.close()
+
+
+def _supersede_after(path: str, step: int, superseded_path: str) -> None:
+    """Move the records of ``path`` (JSON lines) whose ``step`` is after ``step`` to
+    ``superseded_path``; the kept ones are rewritten atomically (temp file + rename)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    keep: list[str] = []
+    later: list[str] = []
+    unterminated = bool(lines) and not lines[-1].endswith("\n")
+    for line in lines:
+        line = line if line.endswith("\n") else line + "\n"
+        try:
+            drop = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, AttributeError, TypeError):
+            drop = True  # a torn last line of a crashed run
+        (later if drop else keep).append(line)
+    if not later and not unterminated:
+        return
+    if later:
+        logger.info(f"metrics: {len(later)} records after step {step} moved to {superseded_path}")
+        with open(superseded_path, "a") as f:
+            f.write(json.dumps({"superseded_at_resume_from": step}) + "\n")
+            f.writelines(later)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class _Colors:

@@ -12,18 +12,19 @@ import contextlib
 import dataclasses
 import gc
 import logging
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import distributed_c10d
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
@@ -90,6 +91,25 @@ class Prepared:
     """Curriculum stages ([] without a curriculum); ``cfg`` is then stage 0's recipe."""
     train_doc_offsets: np.ndarray | None = None
     """(n_docs + 1,) offsets of the documents in ``train_tokens`` (for stages' min_doc_tokens)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The run cannot continue from its current state: more consecutive non-finite gradient
+    norms than ``training.max_consecutive_nonfinite_steps``, or non-finite weights at a save.
+    Raised on every rank at the same step (the decision uses global values only)."""
+
+
+class ResumeEarlierStage(Exception):
+    """A curriculum stage's trainer loaded a checkpoint of an earlier stage (the newer ones
+    failed to load): ``run`` starts again from that checkpoint's stage.
+
+    Attributes:
+        step: the step of the checkpoint that was loaded.
+    """
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"loaded step {step}, before this stage")
+        self.step = step
 
 
 def _enabled(v: Any) -> bool:
@@ -173,10 +193,17 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
         raise ConfigError("validation.enable", True, "data.validation_fraction leaves no documents")
     train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
     val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
-    # Fail now, not at the first step, if the data cannot fill one window (of any stage).
-    PackedWindows(train_tokens, cfg.training.seq_len, cfg.data.shuffle_seed)
+    # Fail now, not at the first step, if the data cannot fill one global batch (of any
+    # stage) or one validation window.
+    _check_fills_global_batch(
+        "training.global_batch_size",
+        train_tokens,
+        cfg.training.seq_len,
+        global_batch_size(cfg, dims),
+        cfg.data.shuffle_seed,
+    )
     if cfg.validation.enable:
-        PackedWindows(val_tokens, cfg.validation.seq_len, 0, shuffle=False)
+        PackedWindows(val_tokens, cfg.validation.seq_len, 0, shuffle=False, key="validation")
     for s in stages:
         stream = train_tokens
         if s.min_doc_tokens:
@@ -187,8 +214,15 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
                 s.min_doc_tokens,
                 f"leaves {len(stream)} training tokens, less than one window of {s.seq_len}",
             )
+        _check_fills_global_batch(
+            f"curriculum.stages[{s.index}].global_batch_size",
+            stream,
+            s.seq_len,
+            s.global_batch_size,
+            cfg.data.shuffle_seed,
+        )
         if cfg.validation.enable:
-            PackedWindows(val_tokens, s.seq_len, 0, shuffle=False)
+            PackedWindows(val_tokens, s.seq_len, 0, shuffle=False, key="validation")
     return Prepared(
         cfg,
         rank,
@@ -202,6 +236,32 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
         stages,
         train_doc_offsets,
     )
+
+
+def global_batch_size(cfg: Any, dims: ParallelDims) -> int:
+    """Sequences per optimizer step: ``training.global_batch_size``, or with -1 the local
+    batch x dp (one microbatch per step)."""
+    t = cfg.training
+    return int(t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp)
+
+
+def _check_fills_global_batch(
+    key: str, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
+) -> None:
+    """Raise unless the token stream holds at least one global batch of windows.
+
+    Raises:
+        ConfigError: naming ``key`` (the global batch size) with the windows available.
+    """
+    windows = PackedWindows(tokens, seq_len, seed).num_windows
+    if windows < global_batch:
+        raise ConfigError(
+            key,
+            global_batch,
+            f"the training set has {windows} windows of {seq_len + 1} tokens "
+            f"({len(tokens)} tokens), fewer than one global batch: use more data, a shorter "
+            "seq_len or a smaller batch",
+        )
 
 
 def prepare_stage(p: Prepared, stage: Stage) -> Prepared:
@@ -283,9 +343,7 @@ class Trainer:
 
         # Data: the same global batch at every step whatever the mesh.
         t = cfg.training
-        global_batch = (
-            t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp
-        )
+        global_batch = global_batch_size(cfg, dims)
         self.dataloader = GlobalBatchLoader(
             PackedWindows(p.train_tokens, t.seq_len, cfg.data.shuffle_seed),
             local_batch_size=t.local_batch_size,
@@ -293,12 +351,16 @@ class Trainer:
             dp_degree=dims.dp,
             grad_accum_steps=global_batch // (t.local_batch_size * dims.dp),
             continue_at_new_seq_len=stage is not None,
+            derived_global_batch=t.global_batch_size == -1,
         )
         self.val_windows = (
-            PackedWindows(p.val_tokens, cfg.validation.seq_len, 0, shuffle=False)
+            PackedWindows(p.val_tokens, cfg.validation.seq_len, 0, shuffle=False, key="validation")
             if cfg.validation.enable
             else None
         )
+        # Non-finite guard (train()): skipped steps in total and in a row.
+        self.skipped_steps = 0
+        self.nonfinite_streak: list[int] = []
         self.train_state = TrainState()
         self.checkpointer = Checkpointer(
             cfg,
@@ -349,7 +411,7 @@ class Trainer:
 
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """One optimizer step over this rank's microbatches.
 
         The loss of each microbatch is its summed cross-entropy divided by the number of label
@@ -358,9 +420,13 @@ class Trainer:
         gives exactly the gradient of the global mean loss, whatever the mesh
         (TorchTitan 0.2.2 ``Trainer.train_step``).
 
+        A step whose global gradient norm is not finite does not update the parameters or
+        the optimizer state (``train`` counts and limits such steps).
+
         Returns:
             (this rank's loss contribution: local loss sum / global tokens, fp32 scalar;
-             total gradient norm before clipping, fp32 scalar).
+             total gradient norm before clipping, fp32 scalar; whether the optimizer
+             stepped).
         """
         self.optimizers.zero_grad()
         local_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in microbatches)
@@ -390,9 +456,15 @@ class Trainer:
             # Each pp rank holds different parameters: the norm sums over stages too.
             pp_mesh=self.dims.get_mesh("pp") if self.dims.pp_enabled else None,
         )
-        self.optimizers.step()
+        # Non-finite guard: the norm is global (reduced over every rank's gradients), so all
+        # ranks take the same decision; a non-finite loss on any rank makes it non-finite.
+        # One host sync per step.
+        updated = bool(torch.isfinite(grad_norm).item())
+        if updated:
+            self.optimizers.step()
+        # The LR schedule advances either way: step k always trains at the LR of step k.
         self.lr_schedulers.step()
-        return loss_acc, grad_norm
+        return loss_acc, grad_norm, updated
 
     def _scaled_loss(self, pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of (B, S, vocab) logits against (B, S) labels, times the current
@@ -465,26 +537,37 @@ class Trainer:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         return float(mem.item())
 
+    def validation_windows(self) -> int:
+        """Validation windows per validation: ``validation.steps`` x the global batch (in
+        sequences), at most the whole split; -1: the whole split. The same on every mesh
+        whenever the global batch is (TorchTitan counts ``steps`` per rank instead)."""
+        assert self.val_windows is not None
+        steps, total = self.cfg.validation.steps, self.val_windows.num_windows
+        return total if steps == -1 else min(total, steps * self.dataloader.global_batch_size)
+
     @torch.no_grad()
     def validate(self) -> float:
-        """Mean cross-entropy over the validation split (``validation.steps`` batches of
-        ``validation.local_batch_size`` per dp rank; -1: the whole split once)."""
+        """Mean cross-entropy over the first ``validation_windows()`` windows of the validation
+        split, the same windows on every mesh: each forward takes ``validation.local_batch_size``
+        windows per dp rank; in the last forward, windows past the end are padding whose
+        labels are ignored, so every rank runs the same number of forwards."""
         assert self.val_windows is not None
         v = self.cfg.validation
         dp, dp_rank = self.dims.dp, self.dims.dp_rank()
-        per_batch = v.local_batch_size * dp
-        n_batches = self.val_windows.num_windows // per_batch
-        if v.steps != -1:
-            n_batches = min(n_batches, v.steps)
+        n_windows = self.validation_windows()
+        per_forward = v.local_batch_size * dp
         for part in self.model_parts:
             part.eval()
         self._loss_scale = torch.ones((), device=self.device)  # sums, not means
         computes_loss = self.pipeline is None or self.pipeline.has_last_stage
         sums = torch.zeros(2, device=self.device)  # (loss sum, tokens)
-        for b in range(n_batches):
-            inputs, labels = self.val_windows.batch(
-                b * per_batch + dp_rank * v.local_batch_size, v.local_batch_size
-            )
+        for b in range(-(-n_windows // per_forward)):
+            start = b * per_forward + dp_rank * v.local_batch_size
+            inputs, labels = self.val_windows.batch(start, v.local_batch_size)
+            n_real = min(max(n_windows - start, 0), v.local_batch_size)
+            if n_real < v.local_batch_size:
+                labels = labels.clone()  # a view sharing memory with inputs
+                labels[n_real:] = IGNORE_INDEX
             inputs, labels, positions = self._shard_sequence(inputs, labels)
             if self.pipeline is not None:
                 sums[0] += self._pipeline_step(inputs, labels, positions, train=False)
@@ -545,9 +628,11 @@ class Trainer:
         cfg = self.cfg
         end = until if until is not None else cfg.training.steps
         self.checkpointer.maybe_load()
-        if self.stage is not None:
-            self._apply_stage_lr(self.stage)
         start = self.train_state.step
+        if self.stage is not None and start < self.stage.first_step - 1:
+            raise ResumeEarlierStage(start)
+        self._apply_recipe_lr(self.stage)
+        self.metrics.start(start)
         if self.stage is not None and start == self.stage.first_step - 1 and start > 0:
             # Entering a stage from the previous one's checkpoint: the state must be the
             # one the previous stage ended with, whatever the mesh change.
@@ -559,7 +644,6 @@ class Trainer:
         gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq, debug=cfg.training.gc_debug)
         records: list[dict[str, Any]] = []
         tokens_since_log = 0
-        self.metrics.reset_timer(start)
         extra: dict[str, float] = {}
         if self.stage is not None:
             extra = {
@@ -571,7 +655,10 @@ class Trainer:
             gc_handler.run(step)
             lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
             microbatches = self.dataloader.next_step()
-            loss, grad_norm = self.train_step(microbatches)
+            loss, grad_norm, updated = self.train_step(microbatches)
+            if step == start + 1:
+                self._set_train_timeout()
+            self._guard_nonfinite(step, updated, float(grad_norm.item()))
             self.train_state.step = step
             step_tokens = self.dataloader.global_batch_size * cfg.training.seq_len
             self.train_state.tokens_seen += step_tokens
@@ -583,19 +670,20 @@ class Trainer:
             last = step == end
             # The first step of the run and of every (re)start: a stage's first loss shows.
             if step == start + 1 or step % cfg.metrics.log_freq == 0 or last:
-                global_loss = self._global_loss(loss)
-                if not math.isfinite(global_loss):
-                    raise FloatingPointError(f"loss is {global_loss} at step {step}")
                 records.append(
                     self.metrics.log(
                         step,
-                        global_loss,
+                        self._global_loss(loss),
                         float(grad_norm.item()),
                         float(lr),
                         tokens_since_log,
                         cfg.training.seq_len,
                         self._max_peak_memory(),
-                        extra={"tokens_seen": float(self.train_state.tokens_seen), **extra},
+                        extra={
+                            "tokens_seen": float(self.train_state.tokens_seen),
+                            "skipped_steps": float(self.skipped_steps),
+                            **extra,
+                        },
                     )
                 )
                 tokens_since_log = 0
@@ -608,18 +696,104 @@ class Trainer:
                 self.last_step_ended = time.perf_counter() - val_sec
                 self._log_boundary("end", step, None)
             if self.checkpointer.should_save(step, last):
-                self.checkpointer.save(step)
+                if self.nonfinite_streak and not last:
+                    # The weights are those before the streak, but possibly what caused it:
+                    # do not let keep_latest_k trade an older checkpoint for them.
+                    self._warn(f"step {step} was skipped: no checkpoint at this step")
+                else:
+                    self._check_state_finite(step)
+                    self.checkpointer.save(step)
         self.metrics.close()
         return records
 
-    def _apply_stage_lr(self, stage: Stage) -> None:
-        """Give the run's LR schedule this stage's peak LR (``lr``, else ``optimizer.lr``)
-        and warmup (``warmup_steps``). After loading a checkpoint, which restores the previous
-        stage's base LR; deterministic in the step, so resuming gives the same LRs."""
-        peak = stage.lr if stage.lr is not None else self.cfg.optimizer.lr
+    def _warn(self, message: str) -> None:
+        """A warning on rank 0 only, for conclusions every rank reaches alike."""
+        if self.rank == 0:
+            logger.warning(message)
+
+    def _guard_nonfinite(self, step: int, updated: bool, grad_norm: float) -> None:
+        """Count a step skipped by ``train_step`` (non-finite gradient norm) and stop the run
+        after more than ``training.max_consecutive_nonfinite_steps`` in a row.
+
+        Raises:
+            TrainingDiverged: on every rank at the same step.
+        """
+        if updated:
+            self.nonfinite_streak = []
+            return
+        self.skipped_steps += 1
+        self.nonfinite_streak.append(step)
+        limit = self.cfg.training.max_consecutive_nonfinite_steps
+        self._warn(
+            f"step {step}: gradient norm {grad_norm}: optimizer update skipped "
+            f"({len(self.nonfinite_streak)} in a row, at most {limit} tolerated)"
+        )
+        if len(self.nonfinite_streak) > limit:
+            done = complete_steps(self.checkpointer.folder) if self.checkpointer.enabled else []
+            newest = f"step-{done[-1]}" if done else "none"
+            streak = self.nonfinite_streak
+            raise TrainingDiverged(
+                f"training diverged: non-finite gradient norm at steps {streak[0]}-{streak[-1]} "
+                f"({len(streak)} in a row, training.max_consecutive_nonfinite_steps = {limit}); "
+                f"newest checkpoint: {newest} (finite); lower optimizer.lr or raise "
+                "lr_scheduler.warmup_steps and run again to resume from it"
+            )
+
+    @torch.no_grad()
+    def _check_state_finite(self, step: int) -> None:
+        """Refuse to checkpoint non-finite weights or optimizer state (collective: every rank
+        checks its shards, the flags are reduced).
+
+        Raises:
+            TrainingDiverged: some parameter or optimizer state tensor holds inf or NaN.
+        """
+        tensors: list[torch.Tensor] = []
+        for part in self.model_parts:
+            tensors += [_local(p.detach()) for p in part.parameters()]
+        for opt in self.optimizers.optimizers:
+            for state in opt.state.values():
+                tensors += [_local(t) for t in state.values() if isinstance(t, torch.Tensor)]
+        bad = torch.zeros((), device=self.device)
+        finite = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+        if finite:
+            bad = (~torch.stack(finite).all()).float()
+        if self.dims.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise TrainingDiverged(
+                f"non-finite weights or optimizer state at step {step}: checkpoint step-{step} "
+                "not written; the newest checkpoint is kept"
+            )
+
+    def _set_train_timeout(self) -> None:
+        """After the first step (lazy init, compilation and the first collectives are done),
+        give every process group ``comm.train_timeout_seconds``, as TorchTitan's trainer does
+        (``torchtitan.distributed.utils.set_pg_timeouts``): a rank that stops responding ends
+        the job within that time. A barrier first, so no rank runs under the short timeout
+        while another is still inside the first step."""
+        if not dist.is_initialized() or self.dims.world_size == 1:
+            return
+        dist.barrier()
+        timeout = timedelta(seconds=self.cfg.comm.train_timeout_seconds)
+        # Every group of this process: the mesh's, the flattened ones and the default group.
+        for group in list(distributed_c10d._world.pg_map):
+            if not distributed_c10d._rank_not_in_group(group):
+                distributed_c10d._set_pg_timeout(timeout, group)
+
+    def _apply_recipe_lr(self, stage: Stage | None) -> None:
+        """Give the LR schedule the recipe's peak LR (``optimizer.lr``, or the stage's ``lr``)
+        and the stage's warmup (``warmup_steps``), after loading a checkpoint: the checkpoint
+        restores the base LR it was saved with, so without this a resumed run ignores a new
+        ``--optimizer.lr`` (e.g. a lower LR after a divergence) and a stage keeps the previous
+        stage's LR. Deterministic in the step, so resuming with the same recipe gives the same
+        LRs."""
+        peak = stage.lr if stage is not None and stage.lr is not None else self.cfg.optimizer.lr
+        saved = self.lr_schedulers.schedulers[0].base_lrs[0]
+        if stage is None and saved != peak and self.train_state.step > 0:
+            self._warn(f"peak LR {peak:g} (optimizer.lr) replaces the checkpoint's {saved:g}")
         for sched in self.lr_schedulers.schedulers:
             sched.base_lrs = [peak for _ in sched.base_lrs]
-            if stage.warmup_steps > 0:
+            if stage is not None and stage.warmup_steps > 0:
                 run_lambdas = list(sched.lr_lambdas)
                 sched.lr_lambdas = [
                     (lambda e, f=f: f(e) * stage_lr_factor(stage, e)) for f in run_lambdas
@@ -660,8 +834,26 @@ def run(p: Prepared) -> None:
     folder = os.path.join(p.cfg.job.dump_folder, ckpt.folder)
     done = complete_steps(folder) if ckpt.load_step == -1 else [ckpt.load_step]
     first = stage_of_step(p.stages, done[-1] if done else 0)
+    while True:
+        try:
+            _run_stages(p, p.stages[first.index :])
+            return
+        except ResumeEarlierStage as e:
+            # The newer checkpoints failed to load and were set aside (Checkpointer): go on
+            # from the stage of the one that loaded.
+            first = stage_of_step(p.stages, e.step)
+            logger.warning(f"resuming from step {e.step}: stage {first.index + 1} again")
+        gc.collect()  # the abandoned stage's trainer
+
+
+def _run_stages(p: Prepared, stages: list[Stage]) -> None:
+    """Train ``stages`` in order, one Trainer each (see ``run``). Collective.
+
+    Raises:
+        ResumeEarlierStage: the first stage's trainer loaded a checkpoint of an earlier stage.
+    """
     switch_started: float | None = None
-    for stage in p.stages[first.index :]:
+    for stage in stages:
         logger.info(
             f"stage {stage.index + 1}/{len(p.stages)}: steps {stage.first_step}-"
             f"{stage.last_step}, seq_len {stage.seq_len}, cp {stage.cp}, dp_shard "
@@ -680,12 +872,33 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _report_config_error(rank: int | None, err: ConfigError) -> None:
+def _report_error(rank: int | None, kind: str, message: str) -> None:
     """One line on stderr, written with a single write() so that ranks sharing the launcher's
     pipe cannot interleave their lines."""
     prefix = f"[rank{rank}] " if rank is not None else ""
-    sys.stderr.write(f"{prefix}config error: {err}\n")
+    sys.stderr.write(f"{prefix}{kind}: {message}\n")
     sys.stderr.flush()
+
+
+def _report_config_error(rank: int | None, err: ConfigError) -> None:
+    _report_error(rank, "config error", str(err))
+
+
+_COMM_FAILURE_MARKERS = ("Timed out", "Connection closed by peer", "Connection reset by peer")
+
+
+def _is_comm_failure(err: BaseException) -> bool:
+    """Whether an exception is a failed collective: torch's ``DistError`` family, or the
+    ``RuntimeError`` gloo raises when a peer times out or disconnects."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err)
+    return "gloo" in text and any(m in text for m in _COMM_FAILURE_MARKERS)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:300] if lines else type(err).__name__
 
 
 def setup_logging(rank: int) -> None:
@@ -725,6 +938,22 @@ def main(args: list[str]) -> int:
     except ConfigError as e:
         _report_config_error(rank.rank, e)
         return 2
+    except TrainingDiverged as e:
+        _report_error(rank.rank, "error", str(e))
+        return 1
+    except (dist.DistError, RuntimeError) as e:
+        if not _is_comm_failure(e):
+            raise
+        # A peer that stopped responding (comm.train_timeout_seconds after the first step,
+        # comm.init_timeout_seconds before) or died: the surviving ranks' one line each.
+        _report_error(
+            rank.rank,
+            "error",
+            f"a collective failed ({type(e).__name__}: {_first_line(e)}): a rank stopped "
+            f"responding for comm.train_timeout_seconds = {cfg.comm.train_timeout_seconds} "
+            "or exited; the newest complete checkpoint is kept",
+        )
+        return 1
     finally:
         dist.destroy_process_group()
     return 0

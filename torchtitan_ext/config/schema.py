@@ -4,7 +4,7 @@
 
 A recipe is one TOML file holding TorchTitan's sections and these; ``--section.key value``
 overrides both. Fields that share a section name with TorchTitan (``model``, ``training``,
-``parallelism``, ``comm``) are merged field by field into TorchTitan's section by
+``parallelism``, ``comm``, ``checkpoint``) are merged field by field into TorchTitan's section by
 ``torchtitan.config.ConfigManager._merge_configs``; ``data`` is a section of our own.
 Field docstrings are the ``--help`` text (tyro reads them).
 """
@@ -38,6 +38,12 @@ class Training:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device type: "auto" picks cuda when a GPU is visible, else cpu."""
 
+    max_consecutive_nonfinite_steps: int = 3
+    """Non-finite guard. A step whose global gradient norm is inf or NaN (a non-finite loss
+    makes it so) is skipped: no optimizer update, the LR schedule and the data still advance.
+    After this many consecutive skipped steps the run stops with an error naming the steps;
+    0 stops at the first. Checkpoints are never written from non-finite weights."""
+
 
 @dataclass
 class Parallelism:
@@ -52,6 +58,14 @@ class Parallelism:
 class Comm:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """Process-group backend: "auto" is nccl on cuda and gloo on cpu."""
+
+
+@dataclass
+class Checkpoint:
+    verify: bool = True
+    """Write a manifest (size and xxh3-64 checksum of every file) with each checkpoint and
+    check it before loading; a checkpoint that fails the check or fails to load is reported
+    and the previous complete one is loaded instead."""
 
 
 @dataclass
@@ -96,5 +110,6 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     parallelism: Parallelism = field(default_factory=Parallelism)
     comm: Comm = field(default_factory=Comm)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     data: Data = field(default_factory=Data)
     curriculum: Curriculum = field(default_factory=Curriculum)

@@ -13,16 +13,20 @@ tokens at every step, and the loader state is one integer (windows consumed), wh
 when a checkpoint is loaded into a different mesh.
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.components.tokenizer import BaseTokenizer
 
 from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.data.tokenizer import encode_document
+
+logger = logging.getLogger("torchtitan_ext")
 
 
 def split_documents(
@@ -78,22 +82,32 @@ class PackedWindows:
         seq_len: tokens per training sequence.
         seed: seed of the window order; epoch e uses ``default_rng((seed, e))``.
         shuffle: False visits windows in stream order (validation).
+        key: the recipe section the windows are for ("training" or "validation"), named in
+            the error.
 
     Raises:
-        ConfigError: the stream holds less than one window.
+        ConfigError: the stream holds less than one window (names ``<key>.seq_len``).
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        seed: int,
+        shuffle: bool = True,
+        key: str = "training",
+    ) -> None:
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
         self.num_windows = len(tokens) // (seq_len + 1)
         if self.num_windows == 0:
+            split = "validation split" if key == "validation" else "training set"
             raise ConfigError(
-                "training.seq_len",
+                f"{key}.seq_len",
                 seq_len,
-                f"the dataset has only {len(tokens)} tokens, less than one window",
+                f"the {split} has only {len(tokens)} tokens, less than one window of {seq_len + 1}",
             )
         self._epoch = -1
         self._perm: np.ndarray = np.arange(self.num_windows)
@@ -116,6 +130,12 @@ class PackedWindows:
         return arr[:, :-1], arr[:, 1:]
 
 
+def _warn_once(message: str) -> None:
+    """A warning on global rank 0 only (every rank reaches the same conclusion)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.warning(message)
+
+
 @dataclass
 class GlobalBatchLoader(Stateful):
     """Yields this rank's microbatches of each optimizer step (see the module docstring).
@@ -129,6 +149,10 @@ class GlobalBatchLoader(Stateful):
         continue_at_new_seq_len: loading a state saved at another seq_len (a curriculum
             stage boundary) continues after the tokens consumed (ceil(windows x old seq_len /
             new seq_len)) instead of raising.
+        derived_global_batch: the recipe's ``training.global_batch_size`` is -1 (local batch
+            x dp). Loading a state saved with another global batch (another dp degree) then
+            keeps the checkpoint's global batch by changing ``grad_accum_steps``; otherwise
+            the recipe's explicit global batch is used. Either way a warning says so.
     """
 
     windows: PackedWindows
@@ -138,6 +162,7 @@ class GlobalBatchLoader(Stateful):
     grad_accum_steps: int
     windows_consumed: int = 0
     continue_at_new_seq_len: bool = False
+    derived_global_batch: bool = False
 
     @property
     def global_batch_size(self) -> int:
@@ -161,9 +186,18 @@ class GlobalBatchLoader(Stateful):
             "windows_consumed": self.windows_consumed,
             "seq_len": self.windows.seq_len,
             "seed": self.windows.seed,
+            "global_batch_size": self.global_batch_size,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the position; see the class docstring for a changed seq_len or global
+        batch.
+
+        Raises:
+            ConfigError: another seq_len outside a curriculum; or a derived global batch
+                (``-1``) that must keep the checkpoint's G but local batch x dp does not
+                divide G.
+        """
         saved_seq_len = int(state_dict["seq_len"])
         if saved_seq_len != self.windows.seq_len and self.continue_at_new_seq_len:
             # A new curriculum stage: continue after the tokens already consumed.
@@ -177,3 +211,28 @@ class GlobalBatchLoader(Stateful):
                 f"the checkpoint's data loader was at seq_len {int(state_dict['seq_len'])}",
             )
         self.windows_consumed = int(state_dict["windows_consumed"])
+        saved_g, g = int(state_dict["global_batch_size"]), self.global_batch_size
+        if saved_g == g:
+            return
+        if not self.derived_global_batch:
+            _warn_once(
+                f"global batch changes from the checkpoint's {saved_g} to {g} sequences "
+                "(training.global_batch_size)"
+            )
+            return
+        per_microbatch = self.local_batch_size * self.dp_degree
+        if saved_g % per_microbatch != 0:
+            raise ConfigError(
+                "training.global_batch_size",
+                -1,
+                f"the checkpoint was trained with a global batch of {saved_g} sequences, "
+                f"which local batch {self.local_batch_size} x dp {self.dp_degree} does not "
+                f"divide; set training.global_batch_size (e.g. {saved_g}, or {g} to change it)",
+            )
+        self.grad_accum_steps = saved_g // per_microbatch
+        _warn_once(
+            f"kept the checkpoint's global batch of {saved_g} sequences (training."
+            f"global_batch_size = -1 would give {g} at dp {self.dp_degree}): "
+            f"{self.grad_accum_steps} microbatch(es) per step; set training.global_batch_size "
+            "to change it"
+        )
