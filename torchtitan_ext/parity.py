@@ -156,16 +156,23 @@ def base_args(global_batch: int, steps: int, flavor: str, seq_len: int) -> list[
     ]  # fmt: skip
 
 
+VAL_LOCAL_BATCH = 3
+"""Validation windows per forward per dp rank without PP: not a divisor of the 2 x 8
+validated windows, so the last forward of most meshes is partly padding (``validate``)."""
+
+
 def shape_run_args(shape: Shape, base: list[str], out: Path, global_batch: int) -> list[str]:
     """Full CLI for one shape: one optimizer step per global batch (local batch = global /
-    dp), so PP has local_batch microbatches of 1; validation batches shaped like training ones
-    (as PP requires)."""
+    dp), so PP has local_batch microbatches of 1. Validation covers the same 2 global batches
+    of windows on every mesh; its local batch is ``VAL_LOCAL_BATCH``, or with PP the training
+    one (the schedule's microbatch count)."""
     dp = shape.degrees.get("dp_replicate", 1) * shape.degrees.get("dp_shard", 1)
     local = max(1, global_batch // dp)
+    val_local = local if shape.degrees.get("pp", 1) > 1 else VAL_LOCAL_BATCH
     return [
         *base,
         "--training.local_batch_size", str(local),
-        "--validation.local_batch_size", str(local),
+        "--validation.local_batch_size", str(val_local),
         "--job.dump_folder", str(out / shape.name),
         *shape.args(),
     ]  # fmt: skip
