@@ -3,17 +3,12 @@
 ``torchrun --nproc_per_node N train.py --job.config_file recipe.toml [--section.key value ...]``
 """
 
-import os
 import sys
 
+from torchtitan_ext.distributed import run_and_exit
 from torchtitan_ext.trainer import main
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    # Leave without C++ static destructors: on CPU, a gloo process group still referenced at
-    # interpreter teardown (after functional all-gathers such as CP's ring) sometimes aborts
-    # with "terminate called without an active exception" after training succeeded.
-    # Everything (metrics, tensorboard, checkpoints) is flushed and closed by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    # Exits with main's status on every path (an unexpected exception: its traceback and 1),
+    # after freeing every process group: see torchtitan_ext.distributed.release_process_groups.
+    run_and_exit(lambda: main(sys.argv[1:]))

@@ -67,7 +67,7 @@ class _PeakRSS:
         self.peak = max(self.peak, _rss_bytes())
 
 
-def worker_memory(seq_len: int, flavor: str, out: str) -> None:
+def worker_memory(seq_len: int, flavor: str, out: str) -> int:
     """One rank: build, parallelize and init the model; measure one forward + backward."""
     import torch
     import torch.distributed as dist
@@ -128,9 +128,10 @@ def worker_memory(seq_len: int, flavor: str, out: str) -> None:
     if rank.rank == 0:
         Path(out).write_text(json.dumps(gathered))
     dist.destroy_process_group()
+    return 0
 
 
-def worker_balance(seq_len: int, out: str) -> None:
+def worker_balance(seq_len: int, out: str) -> int:
     """One rank of cp = world: per-rank compute time of causal ring attention fwd + bwd."""
     import torch
     import torch.distributed as dist
@@ -152,13 +153,17 @@ def worker_balance(seq_len: int, out: str) -> None:
         def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+    from torchtitan_ext.distributed import init_distributed
+
     cuda = torch.cuda.is_available()
     rank = int(os.environ["RANK"])
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    ws = dist.get_world_size()
     device = "cuda" if cuda else "cpu"
+    init_distributed(
+        "nccl" if cuda else "gloo",
+        torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu"),
+        300,
+    )
+    ws = dist.get_world_size()
     mesh = init_device_mesh(device, (ws,), mesh_dim_names=("cp",))
     _enable_context_parallel_dispatcher()
     module = Attn()
@@ -188,6 +193,7 @@ def worker_balance(seq_len: int, out: str) -> None:
     if rank == 0:
         Path(out).write_text(json.dumps(gathered))
     dist.destroy_process_group()
+    return 0
 
 
 def launch(nproc: int, worker_args: list[str]) -> Any:
@@ -214,10 +220,12 @@ def main() -> None:
     p.add_argument("--_worker", choices=["memory", "balance"], help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args()
-    if a._worker == "memory":
-        return worker_memory(a.seq_len, a.flavor, a.out)
-    if a._worker == "balance":
-        return worker_balance(a.seq_len, a.out)
+    if a._worker is not None:
+        from torchtitan_ext.distributed import run_and_exit
+
+        if a._worker == "memory":
+            run_and_exit(lambda: worker_memory(a.seq_len, a.flavor, a.out))
+        run_and_exit(lambda: worker_balance(a.seq_len, a.out))
 
     mib = 2**20
     print(f"# bench_cp_memory: flavor {a.flavor}, batch 1, fp32; activation memory per rank")

@@ -95,7 +95,6 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -327,10 +326,13 @@ def _run_schedule(name: str, rank: int, pp: int, cfg: BenchConfig) -> dict[str, 
 
 def _worker(rank: int, pp: int, port: int, cfg: BenchConfig, out_path: str) -> None:
     """Spawned entry point: one rank of a ``pp``-rank gloo group; rank 0 writes the results."""
+    from torchtitan_ext.distributed import exit_process, init_distributed
+
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=pp, timeout=timedelta(seconds=300))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(pp)
+    )
+    init_distributed("gloo", torch.device("cpu"), 300)
     results: dict[str, list[dict[str, Any]]] = {}
     for name in cfg.schedules:
         local = _run_schedule(name, rank, pp, cfg)
@@ -340,10 +342,7 @@ def _worker(rank: int, pp: int, port: int, cfg: BenchConfig, out_path: str) -> N
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_process(0)  # frees the process groups first: no gloo abort at interpreter exit
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from torchtitan_ext.config.manager import load_config  # noqa: E402
-from torchtitan_ext.distributed import launch_env, torchrun_command  # noqa: E402
+from torchtitan_ext.distributed import launch_env, run_and_exit, torchrun_command  # noqa: E402
 from torchtitan_ext.dry_run import COMM_KINDS  # noqa: E402
 from torchtitan_ext.parity import (  # noqa: E402
     base_args,
@@ -121,7 +121,7 @@ def main() -> int:
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        return _worker(a.worker)
+        run_and_exit(lambda: _worker(a.worker))
     shapes = [parse_shape(n) for n in a.shapes.split(",")]
     base = base_args(8, 2, "debugmodel_cpu_deep", 128)
     tmp = Path(tempfile.mkdtemp(prefix="check_dry_run-"))

@@ -85,23 +85,23 @@ def _spawn_entry(rank: int, fn: Callable[..., None], world_size: int, port: int,
     import torch
     import torch.distributed as dist
 
+    from torchtitan_ext.distributed import exit_process, init_distributed
+
     faulthandler.enable()
     torch.set_num_threads(1)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
     )  # fmt: skip
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    init_distributed("gloo", torch.device("cpu"), 300)
     try:
         fn(rank, world_size, *args)
         dist.barrier()  # no rank tears down its process group while a peer still talks to it
     finally:
         dist.destroy_process_group()
-    # Skip C++ static destruction at interpreter exit (see train.py): a gloo process group
-    # still referenced then can abort the process after the work succeeded.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # An exception above reaches torch.multiprocessing (the test fails); on success, free every
+    # process group before the interpreter exits (see release_process_groups).
+    exit_process(0)
 
 
 def spawn(fn: Callable[..., None], world_size: int, *args: Any) -> None:

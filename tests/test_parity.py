@@ -84,4 +84,5 @@ def test_native_crash_is_told_apart_from_python_errors() -> None:
         return subprocess.CompletedProcess(["x"], 1, stdout="", stderr=err)
 
     assert native_crash(proc("[rank0] step 3\nmalloc(): unaligned tcache chunk detected\n"))
+    assert native_crash(proc("terminate called without an active exception\n"))
     assert native_crash(proc("[rank1]: RuntimeError: shapes do not match\n")) is None

@@ -109,11 +109,18 @@ def file_digest(path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
+_WRITER_RANK = re.compile(r"^__(\d+)_")  # DCP's FileSystemWriter names rank r's files __r_<i>
+
+
 def _digest_share(folder: str, files: list[str], rank: int, world: int) -> dict[str, Any]:
-    """This rank's share (every ``world``-th file from ``rank``) of ``files`` hashed:
-    {name: [size, digest]}, or {name: error string} for a file that cannot be read."""
+    """This rank's share of ``files`` hashed: {name: [size, digest]}, or {name: error string}
+    for a file that cannot be read. A DCP data file goes to the rank that wrote it (modulo
+    ``world``), whose page cache still holds it right after a save; other files to rank 0."""
     out: dict[str, Any] = {}
-    for name in files[rank::world]:
+    for name in files:
+        m = _WRITER_RANK.match(name)
+        if (int(m.group(1)) % world if m else 0) != rank:
+            continue
         try:
             out[name] = list(file_digest(os.path.join(folder, name)))
         except OSError as e:

@@ -16,8 +16,6 @@ import argparse
 import gc
 import itertools
 import json
-import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +25,12 @@ from typing import Any
 from torchtitan_ext.config.manager import ConfigError, load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.config.validate import validate
-from torchtitan_ext.distributed import launch_env, torchrun_command
+from torchtitan_ext.distributed import (
+    clear_dtensor_caches,
+    launch_env,
+    run_and_exit,
+    torchrun_command,
+)
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
 
@@ -214,6 +217,9 @@ def _worker(args: list[list[str]]) -> int:
                 p = prepare(a, rank)  # the previous recipe's data is released here
             Trainer(p).train()
             gc.collect()  # the trainer's reference cycles (stage closures) hold its model
+            # Else the next shape's DTensors can run collectives on this shape's equal
+            # meshes' process groups (propagation caches compare meshes by layout).
+            clear_dtensor_caches()
             dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -246,34 +252,27 @@ def launch(
     return proc
 
 
-NATIVE_CRASH_MARKERS = ("malloc(): ", "free(): ", "double free", "corrupted size", "Segmentation")
+NATIVE_CRASH_MARKERS = (
+    "malloc(): ",
+    "free(): ",
+    "double free",
+    "corrupted size",
+    "Segmentation",
+    "terminate called",
+    "Aborted",
+)
 
 
 def native_crash(proc: "subprocess.CompletedProcess[str]") -> str | None:
-    """The glibc / signal message if a worker died in native code, else None.
+    """The glibc / C++ runtime / signal message if a worker died in native code, else None.
 
-    Known, not understood: now and then one worker of an 8-rank launch aborts with
-    ``malloc(): unaligned tcache chunk detected`` mid-step (seen with dp_shard2 x tp2 x cp2,
-    pp4 x cp2 and, twice in a row in one CI run, pp2 x tp2 x cp2 right after another shape in
-    the same launch; every shape with CP). The same launches pass on rerun with unchanged
-    numerics; 13 stress launches of that group (4 shapes, 12 steps, loaded and unloaded) did
-    not reproduce it, and valgrind finds no error in the CPU flash-attention kernel at the ring's
-    shapes. Workers run with ``PYTHONFAULTHANDLER=1`` so the next one prints a Python stack.
+    Such a crash fails the launch's unfinished shapes with that message (no retry):
+    ``scripts/soak_native.py`` counts them over repeated launches.
     """
     for line in (proc.stderr + proc.stdout).splitlines():
         if any(m in line for m in NATIVE_CRASH_MARKERS):
             return line.strip()[:200]
     return None
-
-
-NATIVE_CRASH_RETRIES = 2
-"""Fresh launches for the unfinished shapes of a launch that died in native code."""
-
-
-def _finished(shape: Shape, out: Path) -> bool:
-    """Whether a shape's run wrote its last record (the validation, or the last step)."""
-    key = "validation_loss" if shape.validates else "loss"
-    return bool(read_records(out / shape.name, key))
 
 
 def first_error_line(proc: "subprocess.CompletedProcess[str]") -> str:
@@ -390,37 +389,20 @@ def run_matrix(
         for i in range(0, len(group), MAX_SHAPES_PER_LAUNCH)
     ]
     errors: dict[str, str] = {}
-    retried: dict[str, str] = {}
     for group in launches:
         nproc = group[0].nproc
-        for attempt in range(1, 2 + NATIVE_CRASH_RETRIES):
-            if log:
-                log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
-            try:
-                proc = launch(group, base, out, global_batch, timeout * (1 + len(group)))
-            except subprocess.TimeoutExpired:
-                for s in group:
-                    errors[s.name] = f"launch timed out after {timeout * (1 + len(group)):.0f}s"
-                break
-            if proc.returncode == 0:
-                break
-            crash = native_crash(proc)
+        if log:
+            log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
+        try:
+            proc = launch(group, base, out, global_batch, timeout * (1 + len(group)))
+        except subprocess.TimeoutExpired:
             for s in group:
-                errors[s.name] = f"launch exit {proc.returncode}: {crash or first_error_line(proc)}"
-            if crash is None or attempt == 1 + NATIVE_CRASH_RETRIES:
-                break
-            # A rare heap corruption inside a worker (glibc abort, no Python error; see
-            # native_crash): the shapes that finished keep their results, the others run
-            # again in a fresh launch, and the results say so.
-            log_path = out / f"launch-{nproc}-{group[0].name}.log"
-            shutil.copy(log_path, log_path.with_suffix(f".crash{attempt}.log"))
-            group = [s for s in group if not _finished(s, out)]
-            if log:
-                log(f"launch crashed in native code ({crash}); running {len(group)} unfinished "
-                    f"shape(s) again")  # fmt: skip
+                errors[s.name] = f"launch timed out after {timeout * (1 + len(group)):.0f}s"
+            continue
+        if proc.returncode != 0:
+            why = native_crash(proc) or first_error_line(proc)
             for s in group:
-                shutil.rmtree(out / s.name, ignore_errors=True)
-                retried[s.name] = crash
+                errors[s.name] = f"launch exit {proc.returncode}: {why}"
     if not read_records(out / single.name):
         raise RuntimeError(f"the 1-rank reference produced no metrics: {errors.get('single')}")
     for s in shapes:
@@ -429,8 +411,6 @@ def run_matrix(
         res = compare(s, out / s.name, out / single.name)
         if s.name in errors and res.status != "PASS":
             res = Result(s.name, s.nproc, "ERROR", detail=errors[s.name][-300:])
-        elif s.name in retried:
-            res.detail = f"passed on a second launch after a native crash ({retried[s.name]})"
         results[s.name] = res
     return [results[s.name] for s in shapes]
 
@@ -456,10 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.worker is None:
         ap.error("use scripts/parity_matrix.py")
-    code = _worker(json.loads(a.worker.read_text()))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # see train.py: skip gloo's static teardown
+    payload = json.loads(a.worker.read_text())
+    run_and_exit(lambda: _worker(payload))
 
 
 if __name__ == "__main__":
