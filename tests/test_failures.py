@@ -234,3 +234,11 @@ def test_supersede_keeps_earlier_records(tmp_path):
     assert json.loads(old.read_text().splitlines()[1]) == rows[3]
     _supersede_after(str(path), 2, str(old))  # nothing later: unchanged
     assert len(old.read_text().splitlines()) == 2
+
+
+def test_validation_covers_the_same_windows_on_every_mesh():
+    from torchtitan_ext.trainer import validation_window_count
+
+    assert validation_window_count(2, 8, 1000) == 16  # steps x global batch, not x dp
+    assert validation_window_count(8, 16, 5) == 5  # a small split: all of it, not 0
+    assert validation_window_count(-1, 16, 5) == 5

@@ -245,6 +245,14 @@ def global_batch_size(cfg: Any, dims: ParallelDims) -> int:
     return int(t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp)
 
 
+def validation_window_count(steps: int, global_batch: int, available: int) -> int:
+    """Validation windows per validation: ``validation.steps`` x the global batch (in
+    sequences), at most the ``available`` windows of the split; ``steps = -1``: all of them.
+    The same on every mesh whenever the global batch is (TorchTitan counts ``steps`` per dp
+    rank instead, so its validation loss depends on the data-parallel degree)."""
+    return available if steps == -1 else min(available, steps * global_batch)
+
+
 def _check_fills_global_batch(
     key: str, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
 ) -> None:
@@ -391,6 +399,15 @@ class Trainer:
             f"(local batch {t.local_batch_size}, {self.dataloader.grad_accum_steps} "
             f"microbatch(es) per step, dp {dims.dp})"
         )
+        if self.val_windows is not None:
+            v = cfg.validation
+            wanted = v.steps * self.dataloader.global_batch_size
+            if self.validation_windows() < wanted:
+                self._warn(
+                    f"validation: the split has {self.val_windows.num_windows} windows of "
+                    f"{v.seq_len + 1} tokens, fewer than validation.steps {v.steps} x global "
+                    f"batch {self.dataloader.global_batch_size} = {wanted}; validating all of them"
+                )
         if plan is not None:
             logger.info(
                 f"pipeline: {plan.schedule}, {plan.num_stages} stages ({plan.stages_per_rank} "
@@ -538,12 +555,13 @@ class Trainer:
         return float(mem.item())
 
     def validation_windows(self) -> int:
-        """Validation windows per validation: ``validation.steps`` x the global batch (in
-        sequences), at most the whole split; -1: the whole split. The same on every mesh
-        whenever the global batch is (TorchTitan counts ``steps`` per rank instead)."""
+        """Windows per validation (``validation_window_count`` for this run)."""
         assert self.val_windows is not None
-        steps, total = self.cfg.validation.steps, self.val_windows.num_windows
-        return total if steps == -1 else min(total, steps * self.dataloader.global_batch_size)
+        return validation_window_count(
+            self.cfg.validation.steps,
+            self.dataloader.global_batch_size,
+            self.val_windows.num_windows,
+        )
 
     @torch.no_grad()
     def validate(self) -> float:
