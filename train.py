@@ -10,5 +10,5 @@ from torchtitan_ext.trainer import main
 
 if __name__ == "__main__":
     # Exits with main's status on every path (an unexpected exception: its traceback and 1),
-    # after freeing every process group: see torchtitan_ext.distributed.release_process_groups.
+    # without interpreter finalization, which can abort on gloo: see distributed.exit_process.
     run_and_exit(lambda: main(sys.argv[1:]))

@@ -342,7 +342,7 @@ def _worker(rank: int, pp: int, port: int, cfg: BenchConfig, out_path: str) -> N
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
     dist.barrier()
-    exit_process(0)  # frees the process groups first: no gloo abort at interpreter exit
+    exit_process(0)  # no interpreter finalization: see exit_process
 
 
 # --------------------------------------------------------------------------------------------

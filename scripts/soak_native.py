@@ -40,20 +40,14 @@ def _run(cmd: list[str], timeout: float) -> "subprocess.CompletedProcess[str]":
     )
 
 
-FALLBACK = "alive at exit"  # exit_process's warning before its os._exit fallback
-
-
 def _verdict(proc: "subprocess.CompletedProcess[str]") -> tuple[str, str]:
-    """("ok" | "fallback" | "native" | "failed", detail) for a finished launch; "fallback":
-    it succeeded, but a process group was still referenced at exit (os._exit was used)."""
+    """("ok" | "native" | "failed", detail) for a finished launch."""
     crash = native_crash(proc)
     if crash is not None or proc.returncode < 0:
         return "native", crash or f"killed by signal {-proc.returncode}"
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()
         return "failed", f"exit {proc.returncode}: {tail[-1][:200] if tail else ''}"
-    if FALLBACK in proc.stderr + proc.stdout:
-        return "fallback", "a gloo thread was alive at exit"
     return "ok", ""
 
 
@@ -64,8 +58,7 @@ def soak_parity(tmp: Path) -> tuple[str, str]:
     results = run_matrix([parse_shape(n) for n in PARITY_GROUP], out)
     bad = [r for r in results if r.status != "PASS"]
     if not bad:
-        logs = "".join(f.read_text() for f in out.glob("launch-*.log"))
-        return ("fallback", "a gloo thread was alive at exit") if FALLBACK in logs else ("ok", "")
+        return "ok", ""
     detail = "; ".join(f"{r.shape}: {r.status} {r.detail}" for r in bad)[:300]
     native = any(m in r.detail for r in bad for m in (*NATIVE_CRASH_MARKERS, "launch exit -"))
     return ("native" if native else "failed"), detail
@@ -131,16 +124,16 @@ def main() -> int:
         tmp = Path(tmp_dir)
         for kind in kinds:
             n = a.launches if kind == "parity" else a.runs
-            c = counts.setdefault(kind, {"ok": 0, "fallback": 0, "native": 0, "failed": 0})
+            c = counts.setdefault(kind, {"ok": 0, "native": 0, "failed": 0})
             for i in range(1, n + 1):
                 verdict, detail = KINDS[kind](tmp)
                 c[verdict] += 1
                 print(f"[{time.perf_counter() - start:6.0f}s] {kind} {i}/{n}: {verdict} {detail}",
                       flush=True)  # fmt: skip
-    print("\n| kind | launches | native aborts | other failures | os._exit fallbacks |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| kind | launches | native aborts | other failures |")
+    print("|---|---:|---:|---:|")
     for kind, c in counts.items():
-        print(f"| {kind} | {sum(c.values())} | {c['native']} | {c['failed']} | {c['fallback']} |")
+        print(f"| {kind} | {sum(c.values())} | {c['native']} | {c['failed']} |")
     total_bad = sum(c["native"] + c["failed"] for c in counts.values())
     print(f"\n{total_bad} failed launches; {time.perf_counter() - start:.0f}s")
     return 1 if total_bad else 0

@@ -99,8 +99,8 @@ def _spawn_entry(rank: int, fn: Callable[..., None], world_size: int, port: int,
         dist.barrier()  # no rank tears down its process group while a peer still talks to it
     finally:
         dist.destroy_process_group()
-    # An exception above reaches torch.multiprocessing (the test fails); on success, free every
-    # process group before the interpreter exits (see release_process_groups).
+    # An exception above reaches torch.multiprocessing (the test fails); on success, exit
+    # without interpreter finalization (see exit_process).
     exit_process(0)
 
 

@@ -6,7 +6,7 @@ NCCL on a CPU-only machine and call ``set_device`` before init); this module dec
 recipe (``training.device``, ``comm.backend``, both "auto" by default) and the machine.
 """
 
-import gc
+import atexit
 import os
 import socket
 import sys
@@ -89,7 +89,6 @@ def init_distributed(backend: str, device: torch.device, timeout_s: int) -> None
         os.environ["MASTER_PORT"] = str(_free_port())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    import_before_init()
     dist.init_process_group(
         backend=backend,
         timeout=timedelta(seconds=timeout_s),
@@ -97,27 +96,16 @@ def init_distributed(backend: str, device: torch.device, timeout_s: int) -> None
     )
 
 
-def import_before_init() -> None:
-    """Import ``torch.distributed.nn.functional`` while no default process group exists.
-
-    Its collectives take ``group=group.WORLD`` as a default argument, evaluated at import;
-    torch imports the module lazily (through ``torch._dynamo``) on the first functional
-    collective, i.e. after ``init_process_group``, which would pin the default group in those
-    defaults for the life of the process, so ``release_process_groups`` could never free it.
-    Call before ``dist.init_process_group`` (``init_distributed`` does)."""
-    import torch.distributed.nn.functional  # noqa: F401
-
-
 def clear_dtensor_caches() -> None:
-    """Drop torch's DTensor and context-parallel caches that keep DeviceMeshes (and through
-    ``DeviceMesh._pg_registry`` their process groups) alive: the sharding-propagation caches
-    (C++ fast path and Python), the redistribute planner caches, the mesh topology cache and
+    """Drop torch's DTensor and context-parallel caches that hold DeviceMeshes (and through
+    ``DeviceMesh._pg_registry`` their process groups): the sharding-propagation caches (C++
+    fast path and Python), the redistribute planner caches, the mesh topology cache and
     ``context_parallel()``'s replaced functions (its wrapper closes over the mesh).
 
-    Also between meshes in one process: the propagation cache compares meshes by layout and
-    names, not process groups, so a later equal mesh's DTensors would otherwise run their
-    collectives on the earlier mesh's groups. Best effort: each cache is cleared only where
-    this torch version has it (checked against 2.13)."""
+    For a process that builds several meshes in turn (the parity worker): the propagation
+    cache compares meshes by layout and names, not process groups, so a later, equal mesh's
+    DTensors would otherwise run their collectives on the earlier mesh's groups. Best effort:
+    each cache is cleared only where this torch version has it (checked against 2.13)."""
     import torch.distributed.tensor._collective_utils as collective_utils
     import torch.distributed.tensor._redistribute as redistribute
     from torch.distributed.tensor import DTensor
@@ -145,73 +133,38 @@ def clear_dtensor_caches() -> None:
         replaced.clear()
 
 
-def release_process_groups() -> int:
-    """Destroy every process group and free them now, while the interpreter is fully alive.
+def exit_process(code: int) -> NoReturn:
+    """End a training or worker process with status ``code``, skipping interpreter
+    finalization: destroy the default process group (peers see an orderly close), run the
+    ``atexit`` handlers (logging and other libraries' cleanup), flush stdout / stderr, then
+    ``os._exit(code)``.
 
-    Why (torch 2.13 on gloo, CPython 3.11): a ProcessGroupGloo worker thread drops its
-    reference to a finished collective just after the waiting Python thread moves on; when
-    that is the last C++ reference to a tensor that has a Python object, torch takes the GIL
-    in that thread (``TensorImpl::decref_pyobject``). If the main thread is already in
-    ``Py_FinalizeEx``, CPython ends the thread with ``pthread_exit()``, whose unwinding through
-    a ``noexcept`` destructor calls ``std::terminate``: "terminate called without an active
-    exception" (SIGABRT) after a successful run. A group's destructor joins its worker
-    threads, so once every group is freed no such thread is left at exit.
-    ``destroy_process_group`` alone does not free them: torch's caches keep the meshes alive
-    (``clear_dtensor_caches``), and the meshes form reference cycles (several gc passes).
-    The caller must not hold DTensors, DeviceMeshes or models itself.
-
-    Returns:
-        gloo worker threads still alive afterwards (0: clean; always 0 off Linux).
+    Why not a normal exit: with torch 2.13 on gloo and CPython 3.11, finalization can abort a
+    process whose work succeeded ("terminate called without an active exception", SIGABRT).
+    A ProcessGroupGloo worker thread drops its reference to a finished collective just after
+    the waiting Python thread moves on; when that is the last C++ reference to a tensor that
+    has a Python object, torch takes the GIL in that thread (``TensorImpl::decref_pyobject``),
+    and once the main thread is in ``Py_FinalizeEx`` CPython ends the thread with
+    ``pthread_exit()``, whose unwinding through a ``noexcept`` destructor calls
+    ``std::terminate`` (seen in core dumps; 13 of 50 runs of a torch-only script of 50
+    functional collectives on 2 ranks). ``destroy_process_group`` does not join those threads:
+    torch's DTensor caches, ``context_parallel()``'s replaced functions and
+    ``torch.distributed.nn.functional``'s ``group=WORLD`` defaults keep the groups alive.
+    Freeing them all first makes a normal exit safe too, but finalizing torch's modules then
+    costs about 1.5 s per process, for nothing a training process needs.
     """
     if dist.is_initialized():
         dist.destroy_process_group()
-    clear_dtensor_caches()
-    # Objects freed by one pass (finalizers, weakref callbacks) can leave new unreachable
-    # cycles (the meshes' parent / child / flattened links) for the next.
-    for _ in range(5):
-        if not gc.collect():
-            break
-    return gloo_worker_threads()
-
-
-def gloo_worker_threads() -> int:
-    """Live ProcessGroupGloo worker threads (named "pt_gloo_runloop") of this process; 0 off
-    Linux."""
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return 0
-    n = 0
-    for tid in tids:
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                n += f.read().strip() == "pt_gloo_runloop"
-        except OSError:
-            pass
-    return n
-
-
-def exit_process(code: int) -> NoReturn:
-    """End a training or worker process with status ``code``: ``release_process_groups``,
-    then a normal interpreter exit; if a gloo thread is still alive (a group referenced
-    somewhere), a warning and ``os._exit`` after flushing, which cannot abort in teardown."""
-    left = release_process_groups()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
-    if left:
-        sys.stderr.write(
-            f"warning: {left} gloo worker thread(s) alive at exit (a process group is still "
-            "referenced); leaving with os._exit\n"
-        )
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    os._exit(code)
 
 
 def run_and_exit(main: Callable[[], int]) -> NoReturn:
     """Run a process's ``main`` and exit with its status through ``exit_process``, also when
-    it raises: the traceback is printed and the status is 1 (130 on Ctrl-C), so no path skips
-    the release of the process groups."""
+    it raises: the traceback is printed and the status is 1 (130 on Ctrl-C), so no path
+    reaches interpreter finalization."""
     try:
         code = main()
     except SystemExit as e:
