@@ -31,6 +31,8 @@ from torchtitan_ext.distributed import launch_env, torchrun_command
 from torchtitan_ext.parity import NATIVE_CRASH_MARKERS, native_crash, parse_shape, run_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
+KEEP_DIR = Path(tempfile.gettempdir()) / "soak_native_failures"
+"""Where the outputs of a failed parity launch are kept (the rest is deleted)."""
 PARITY_GROUP = ["dp_shard2xtp2xcp2", "pp2xtp2xcp2", "pp4xcp2@Interleaved1F1B", "tp2xcp4"]
 
 
@@ -59,7 +61,10 @@ def soak_parity(tmp: Path) -> tuple[str, str]:
     bad = [r for r in results if r.status != "PASS"]
     if not bad:
         return "ok", ""
-    detail = "; ".join(f"{r.shape}: {r.status} {r.detail}" for r in bad)[:300]
+    kept = KEEP_DIR / f"parity-{time.strftime('%H%M%S')}"
+    shutil.copytree(out, kept)
+    detail = f"(logs: {kept}) " + "; ".join(f"{r.shape}: {r.status} {r.detail}" for r in bad)
+    detail = detail[:400]
     native = any(m in r.detail for r in bad for m in (*NATIVE_CRASH_MARKERS, "launch exit -"))
     return ("native" if native else "failed"), detail
 
