@@ -123,6 +123,12 @@ def test_bad_recipe_values_name_key_and_value(tmp_path, toml, key, fragment):
         (["--parallelism.context_parallel_degree", "2",
           "--parallelism.context_parallel_load_balancer", "None", "--training.seq_len", "258",
           "--validation.no-enable"], 4, "parallelism", "multiply to 8"),
+        (["--parallelism.context_parallel_degree", "2", "--training.loss_chunk_tokens", "200",
+          "--parallelism.data_parallel_shard_degree", "2"], 4,
+         "training.loss_chunk_tokens", "larger than the local sequence (seq_len 256 / cp 2"),
+        (["--training.loss_chunk_tokens", "-8"], 4, "training.loss_chunk_tokens", ">= 0"),
+        (["--training.max_consecutive_nonfinite_steps", "-1"], 4,
+         "training.max_consecutive_nonfinite_steps", ">= 0"),
     ],
 )  # fmt: skip
 def test_bad_mesh_for_world_size(overrides, world_size, key, fragment):

@@ -47,6 +47,34 @@ def test_activation_checkpointing_keeps_numerics(no_ac, tmp_path, ac):
         assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6, abs=0)
 
 
+def test_chunked_loss_keeps_numerics(no_ac, tmp_path):
+    """Chunks of 24 of the 2 x 64 tokens (the last one 8): the same losses and gradient norms
+    as the unchunked loss."""
+    records = short_run(tmp_path, "--training.loss_chunk_tokens", "24")
+    for got, ref in zip(records, no_ac, strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6, abs=0)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [AC, "full"],
+        ["--compile.enable"],
+    ],
+    ids=["plain", "full-ac", "compile"],
+)  # fmt: skip
+def test_tiled_mlp_keeps_numerics(no_ac, tmp_path, extra):
+    """Tiles of 24 of the 64 tokens (the last one 16), also inside full AC and a compiled
+    block: the same losses and gradient norms as the untiled feed-forward."""
+    records = short_run(tmp_path, "--training.mlp_tile_tokens", "24", *extra)
+    rel = 1e-4 if "--compile.enable" in extra else 1e-6  # compile reorders float math
+    for got, ref in zip(records, no_ac, strict=True):
+        assert got["loss"] == pytest.approx(ref["loss"], rel=rel, abs=0)
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rel, abs=0)
+
+
 def test_compile_keeps_numerics(no_ac, tmp_path):
     records = short_run(tmp_path, "--activation_checkpoint.mode", "none", "--compile.enable")
     for got, ref in zip(records, no_ac, strict=True):

@@ -24,12 +24,16 @@ SHAPES = [
     "pp2@InterleavedZeroBubble",
     "pp2@ZBVZeroBubble",
     "pp2@DualPipeV",
+    # The long-context memory features: chunked cross-entropy (vocab-parallel under TP) and
+    # tiled MLP (one reduce-scatter of the tiles' partial sums under TP).
+    "tp2+chunkloss+tiledmlp",
     # 4 ranks: pairs.
     "cp4",
     "dp_shard2xcp2+alltoall+nolb",
     "dp_shard2xtp2",
     "tp2xcp2",
     "pp2xdp_shard2@Interleaved1F1B",
+    "dp_shard2xcp2+chunkloss+tiledmlp",  # FSDP gathers each weight once for all chunks
     # 8 ranks: the issue's representative 3-D shapes.
     "dp_shard2xtp2xcp2",
     "pp2xtp2xcp2",
@@ -38,6 +42,7 @@ SHAPES = [
     "tp2xcp4",
     "pp4xcp2@Interleaved1F1B",
     "dp_replicate2xdp_shard2xcp2",
+    "pp2xtp2xcp2+chunkloss+tiledmlp+fullac",  # last stage; TP, CP, FSDP over cp, full AC
 ]
 
 

@@ -1,7 +1,11 @@
 """The parallelize function: every parallelism, applied to one model (or pipeline stage) over
 one DeviceMesh, in the order it must happen.
 
-Order (TorchTitan 0.2.2 ``parallelize_llama``): tensor parallel first (it rewrites the
+Order (TorchTitan 0.2.2 ``parallelize_llama``, plus the long-context memory features): with
+chunked cross-entropy, the output projection is first deferred to the loss
+(``torchtitan_ext.long_context.chunked_loss``), and with tiled MLP the feed-forwards become
+tiled (``torchtitan_ext.long_context.tiled_mlp``), both before any parallelism sees them;
+tensor parallel next (it rewrites the
 parameters into DTensors over the tp mesh), then context parallel on the attention modules,
 then activation checkpointing (wraps the blocks, which TP and CP have already rewritten), then
 ``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), and
@@ -21,6 +25,8 @@ from torch import nn
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
+from torchtitan_ext.long_context.chunked_loss import defer_output_projection
+from torchtitan_ext.long_context.tiled_mlp import apply_tiled_mlp
 from torchtitan_ext.parallel.activation_checkpoint import apply_ac
 from torchtitan_ext.parallel.context_parallel import apply_cp
 from torchtitan_ext.parallel.fsdp import apply_fsdp
@@ -41,8 +47,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
         The same model.
     """
     compile_model = cfg.compile.enable and "model" in cfg.compile.components
+    chunked_loss = cfg.training.loss_chunk_tokens > 0
+    if chunked_loss:
+        # The output projection moves into the loss (ChunkedCrossEntropy), chunk by chunk.
+        defer_output_projection(model)
+    if cfg.training.mlp_tile_tokens > 0:
+        apply_tiled_mlp(model, cfg.training.mlp_tile_tokens)
     if dims.tp_enabled:
-        apply_tp(model, dims.get_mesh("tp"), not cfg.parallelism.disable_loss_parallel)
+        apply_tp(
+            model,
+            dims.get_mesh("tp"),
+            loss_parallel=not cfg.parallelism.disable_loss_parallel,
+            output_deferred=chunked_loss,
+        )
     if dims.cp_enabled:
         p = cfg.parallelism
         apply_cp(
@@ -64,6 +81,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
             reduce_dtype=TORCH_DTYPE_MAP[cfg.training.mixed_precision_reduce],
             reshard_after_forward_policy=cfg.parallelism.fsdp_reshard_after_forward,
             pp_enabled=dims.pp_enabled,
+            output_used_after_forward=chunked_loss,
         )
     return model
 

@@ -47,6 +47,11 @@ OPTIONS: dict[str, list[str]] = {
     "tpinner": ["--parallelism.mesh_dim_order", "pp,dp_replicate,dp_shard,cp,tp"],
     "cpinner": ["--parallelism.mesh_dim_order", "pp,dp_replicate,dp_shard,tp,cp"],
     "fullac": ["--activation_checkpoint.mode", "full"],
+    # Chunked cross-entropy: chunks of 12 tokens (the local sequence is 128 / cp; the last
+    # chunk of a microbatch is shorter when 12 does not divide its tokens).
+    "chunkloss": ["--training.loss_chunk_tokens", "12"],
+    # Tiled MLP: tiles of 12 tokens of the local sequence (the last one shorter).
+    "tiledmlp": ["--training.mlp_tile_tokens", "12"],
 }
 _TP_INNERMOST = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 

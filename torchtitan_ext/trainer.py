@@ -60,6 +60,7 @@ from torchtitan_ext.data import (
     tokenize_with_offsets,
 )
 from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_backend, resolve_device
+from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
 from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
 from torchtitan_ext.models import (
     build_model_on_meta,
@@ -319,7 +320,9 @@ class Trainer:
             f"model {cfg.model.name}/{cfg.model.flavor}: {nparams:,} parameters, "
             f"mesh {dims.shape_str()}, device {device}, backend {p.backend}"
         )
-        self.loss_fn = build_cross_entropy_loss(cfg)
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+            build_cross_entropy_loss(cfg)
+        )
         # 1 / (label tokens in the global batch), set per step (see train_step).
         self._loss_scale = torch.ones((), device=device)
         self.pipeline: Pipeline | None = None
@@ -342,6 +345,14 @@ class Trainer:
         for part in self.model_parts:
             init_weights_mesh_independent(part, seed, device)
             part.train()
+        heads = [m for part in self.model_parts if isinstance(m := part.output, nn.Linear)]
+        if cfg.training.loss_chunk_tokens > 0 and heads:
+            # parallelize() deferred the output projection to this loss (the last stage's).
+            self.loss_fn = ChunkedCrossEntropy(
+                heads[0],
+                cfg.training.loss_chunk_tokens,
+                loss_parallel=not cfg.parallelism.disable_loss_parallel,
+            )
         self.amp = self._amp_context()
 
         self.optimizers = build_optimizers(self.model_parts, cfg.optimizer, dims)

@@ -41,8 +41,20 @@ class Training:
     max_consecutive_nonfinite_steps: int = 3
     """Non-finite guard. A step whose global gradient norm is inf or NaN (a non-finite loss
     makes it so) is skipped: no optimizer update, the LR schedule and the data still advance.
-    After this many consecutive skipped steps the run stops with an error naming the steps;
-    0 stops at the first. Checkpoints are never written from non-finite weights."""
+    Up to this many skipped steps in a row are tolerated; one more stops the run with an
+    error naming the steps (0: the first stops it). No checkpoint is written at a skipped
+    step (except the last step's) or from non-finite weights."""
+
+    loss_chunk_tokens: int = 0
+    """Chunked cross-entropy: the output projection and the loss run over this many tokens
+    at a time (of the local batch x sequence), each chunk's logits freed and recomputed in
+    backward, so a step holds chunk x vocab logits instead of tokens x vocab. 0: off.
+    At most the local sequence (seq_len / cp)."""
+
+    mlp_tile_tokens: int = 0
+    """Tiled MLP: every block's feed-forward runs over tiles of this many tokens of the
+    sequence, each recomputed in backward, so its (tokens x ffn_dim) intermediates exist one
+    tile at a time. 0: off. At most the local sequence (seq_len / cp)."""
 
 
 @dataclass

@@ -37,6 +37,7 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
         _check_seq_len(cfg, "validation.seq_len", cfg.validation.seq_len, tp, cp)
     if cp > 1:
         _check_cp(cfg, model_args)
+    _check_long_context(cfg, cp)
     if p.pipeline_parallel_degree > 1:
         from torchtitan_ext.parallel.pipeline import plan_pipeline
 
@@ -93,6 +94,20 @@ def resolve_model_args(cfg: Any) -> Any:
     return args
 
 
+def _check_long_context(cfg: Any, cp: int) -> None:
+    """The long-context memory settings against the local sequence (seq_len / cp)."""
+    local = cfg.training.seq_len // max(cp, 1)
+    for key in ("loss_chunk_tokens", "mlp_tile_tokens"):
+        tokens = getattr(cfg.training, key)
+        if tokens > local:
+            raise ConfigError(
+                f"training.{key}",
+                tokens,
+                f"larger than the local sequence (seq_len {cfg.training.seq_len} / cp {cp} = "
+                f"{local} tokens): it would not save memory; use at most {local}",
+            )
+
+
 def seq_len_divisor(tp: int, cp: int, load_balancer: str | None) -> int:
     """What ``seq_len`` must be divisible by: tp for sequence parallel, and cp (2 x cp with a
     load balancer, which splits the sequence into 2 x cp chunks: TorchTitan's head-tail)."""
@@ -133,6 +148,24 @@ def _check_positive(cfg: Any) -> None:
             ">= 0 (0 keeps all)",
         ),
         ("validation.freq", cfg.validation.freq, cfg.validation.freq >= 1, ">= 1"),
+        (
+            "training.max_consecutive_nonfinite_steps",
+            cfg.training.max_consecutive_nonfinite_steps,
+            cfg.training.max_consecutive_nonfinite_steps >= 0,
+            ">= 0",
+        ),
+        (
+            "training.loss_chunk_tokens",
+            cfg.training.loss_chunk_tokens,
+            cfg.training.loss_chunk_tokens >= 0,
+            ">= 0 (0: off)",
+        ),
+        (
+            "training.mlp_tile_tokens",
+            cfg.training.mlp_tile_tokens,
+            cfg.training.mlp_tile_tokens >= 0,
+            ">= 0 (0: off)",
+        ),
     ]
     for key, value, ok, rule in checks:
         if not ok:

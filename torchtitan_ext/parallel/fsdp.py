@@ -22,6 +22,7 @@ def apply_fsdp(
     reduce_dtype: torch.dtype,
     reshard_after_forward_policy: Literal["default", "always", "never"] = "default",
     pp_enabled: bool = False,
+    output_used_after_forward: bool = False,
 ) -> None:
     """Shard a TorchTitan Llama-style model (``tok_embeddings``, ``layers``, ``norm``,
     ``output``) with FSDP2, in place.
@@ -33,6 +34,9 @@ def apply_fsdp(
         reduce_dtype: dtype of the gradient reduce-scatter (fp32).
         reshard_after_forward_policy: "always", "never", or "default" (reshard unless pp).
         pp_enabled: whether pipeline parallelism is on (for the "default" policy).
+        output_used_after_forward: the loss applies ``output``'s weight after the forward
+            (chunked cross-entropy): the [norm, output] unit is never resharded after forward,
+            so the weight is gathered once per step, whatever the policy.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     reshard = {
@@ -56,7 +60,9 @@ def apply_fsdp(
             [norm, output],
             mesh=dp_mesh,
             mp_policy=mp_policy,
-            reshard_after_forward=reshard_after_forward_policy == "always",
+            reshard_after_forward=(
+                reshard_after_forward_policy == "always" and not output_used_after_forward
+            ),
         )
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
     for module in model.modules():

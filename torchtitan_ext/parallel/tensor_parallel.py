@@ -22,13 +22,19 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None:
+def apply_tp(
+    model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, output_deferred: bool = False
+) -> None:
     """Shard ``model`` over ``tp_mesh`` in place.
 
     Activations between blocks are (B, S / tp, dim) sequence shards; inside attention and the
     feed-forward they are (B, S, dim / tp)-style head / hidden shards. With ``loss_parallel``
     the logits stay a DTensor sharded on the vocab dim (B, S, vocab / tp) for
     ``torch.distributed.tensor.parallel.loss_parallel``; else they are replicated plain tensors.
+    With ``output_deferred`` (chunked cross-entropy: ``output`` returns its input), ``output``
+    still shards its weight over the vocab and all-gathers its input over the sequence, and
+    returns those (B, S, dim) hidden states as a replicated DTensor; the loss applies the
+    weight (``ChunkedCrossEntropy``).
 
     Requires n_heads and n_kv_heads divisible by tp and seq_len by tp (checked by the config).
     A pipeline stage (embedding, norm or output set to None) gets the plan of what it holds.
@@ -38,8 +44,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool) -> None
         "norm": SequenceParallel(),
         "output": ColwiseParallel(
             input_layouts=Shard(1),
-            output_layouts=Shard(-1) if loss_parallel else Replicate(),
-            use_local_output=not loss_parallel,
+            output_layouts=Shard(-1) if loss_parallel and not output_deferred else Replicate(),
+            use_local_output=not (loss_parallel or output_deferred),
         ),
     }
     # A pipeline stage holds some of these modules (the others are None).
