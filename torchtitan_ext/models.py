@@ -52,8 +52,37 @@ CPU_FLAVORS: dict[str, TransformerModelArgs] = {
         multiple_of=32,
         rope_theta=500000,
     ),
+    # ~99M parameters, vocab 32768 (a real tokenizer's size) against dim 1024: the logits are
+    # as large a share of the activations as in real models (Llama 3 8B: 128256 / 4096).
+    # Random token ids are enough for the memory benchmark (scripts/bench_long_context.py).
+    "debugmodel_cpu_32k": TransformerModelArgs(
+        dim=1024,
+        n_layers=2,
+        n_heads=8,
+        n_kv_heads=4,
+        vocab_size=32768,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        rope_theta=500000,
+    ),
 }
-for _name, _args in CPU_FLAVORS.items():
+# Flavors for one-GPU long-context benchmarks.
+GPU_FLAVORS: dict[str, TransformerModelArgs] = {
+    # The "1.2B" Llama 3 of the H100 measurements (1.11B parameters: dim 2048, 16 layers, 32
+    # heads, 8 kv heads, ffn multiplier 1.5, vocab 32768): 196,608 tokens at 56% MFU without
+    # the long-context features; at 262,144 it and TorchTitan 0.2.2 run out of memory.
+    "1.2B": TransformerModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        vocab_size=32768,
+        multiple_of=256,
+        ffn_dim_multiplier=1.5,
+        rope_theta=500000,
+    ),
+}
+for _name, _args in {**CPU_FLAVORS, **GPU_FLAVORS}.items():
     llama3_args.setdefault(_name, _args)
 
 

@@ -59,7 +59,13 @@ from torchtitan_ext.data import (
     tokenize,
     tokenize_with_offsets,
 )
-from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_backend, resolve_device
+from torchtitan_ext.distributed import (
+    RankInfo,
+    configure_cuda_allocator,
+    init_distributed,
+    resolve_backend,
+    resolve_device,
+)
 from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
 from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
 from torchtitan_ext.models import (
@@ -956,6 +962,8 @@ def main(args: list[str]) -> int:
         _report_config_error(rank.rank, e)
         return 2
     cfg = prepared.cfg
+    if prepared.device.type == "cuda":
+        configure_cuda_allocator()  # before the first CUDA allocation (init_distributed's)
     if cfg.job.print_config and rank.rank == 0:
         print(format_toml(cfg))
     init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)

@@ -1,0 +1,133 @@
+"""The long-context memory features against their plain references, forward and every gradient:
+chunked cross-entropy and tiled MLP in one process, then inside a whole model under tensor
+parallel (with and without loss parallel) on 2 real gloo ranks, compared parameter by
+parameter with the unsharded model. Whole-run parity on TP/CP/PP/FSDP meshes is in
+tests/test_parity.py; the memory they save is measured by scripts/bench_long_context.py."""
+
+import copy
+
+import torch
+
+from tests.conftest import spawn
+from torchtitan_ext.distributed import CUDA_ALLOC_CONF, configure_cuda_allocator
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_chunked_cross_entropy_matches_the_unchunked_loss():
+    from torch import nn
+    from torchtitan.components.loss import IGNORE_INDEX, cross_entropy_loss
+
+    from torchtitan_ext.long_context.chunked_loss import (
+        ChunkedCrossEntropy,
+        defer_output_projection,
+    )
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[0, :4] = IGNORE_INDEX
+    ref = cross_entropy_loss(head(hidden), labels)
+    ref.backward()
+    ref_grads = [hidden.grad.clone(), head.weight.grad.clone()]  # type: ignore[union-attr]
+    hidden.grad, head.weight.grad = None, None
+
+    holder = nn.Module()
+    holder.output = head
+    defer_output_projection(holder)
+    assert torch.equal(head(hidden), hidden)  # the projection moved into the loss
+    loss = ChunkedCrossEntropy(head, chunk_tokens=7)(head(hidden), labels)  # 33 = 7 x 4 + 5
+    loss.backward()
+    assert _rel(loss.detach(), ref.detach()) < 1e-6
+    for got, want in zip([hidden.grad, head.weight.grad], ref_grads, strict=True):
+        assert got is not None and _rel(got, want) < 1e-6
+
+
+def test_tiled_mlp_matches_the_feed_forward():
+    from torchtitan.models.llama3.model.model import FeedForward
+
+    from torchtitan_ext.long_context.tiled_mlp import TiledFeedForward
+
+    torch.manual_seed(0)
+    ref = FeedForward(dim=16, hidden_dim=64, multiple_of=8, ffn_dim_multiplier=None)
+    tiled = copy.deepcopy(ref)
+    tiled.__class__ = TiledFeedForward
+    assert isinstance(tiled, TiledFeedForward)
+    tiled.tile_tokens = 5
+    x = torch.randn(2, 13, 16)
+    outs, grads = [], []
+    for module in (ref, tiled):
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+        outs.append(out.detach())
+        grads.append([xi.grad, *(p.grad for p in module.parameters())])
+    assert _rel(outs[1], outs[0]) < 1e-6
+    for got, want in zip(grads[1], grads[0], strict=True):
+        assert got is not None and want is not None and _rel(got, want) < 1e-6
+
+
+def _tp_features_match(rank: int, world_size: int) -> None:
+    """A debug model with both features under TP 2 (loss parallel on and off) against the same
+    model unsharded: loss and every parameter's gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+    from torchtitan.components.loss import cross_entropy_loss
+    from torchtitan.models.llama3 import Transformer
+
+    from torchtitan_ext.long_context.chunked_loss import (
+        ChunkedCrossEntropy,
+        defer_output_projection,
+    )
+    from torchtitan_ext.long_context.tiled_mlp import apply_tiled_mlp
+    from torchtitan_ext.models import CPU_FLAVORS
+    from torchtitan_ext.parallel.tensor_parallel import apply_tp
+
+    args = copy.deepcopy(CPU_FLAVORS["debugmodel_cpu_tiny"])
+    args.max_seq_len = 32
+    torch.manual_seed(0)
+    ref = Transformer(args)
+    with torch.no_grad():
+        ref.init_weights()
+    for p in ref.parameters():  # larger weights than init, so every path's gradient matters
+        p.data.add_(torch.randn_like(p) * 0.05)
+    tokens = torch.randint(0, args.vocab_size, (2, 33))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    ref_loss = cross_entropy_loss(ref(inputs), labels)
+    ref_loss.backward()
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    for use_loss_parallel in (True, False):
+        model = copy.deepcopy(ref)
+        model.zero_grad()
+        defer_output_projection(model)
+        apply_tiled_mlp(model, tile_tokens=5)
+        apply_tp(model, mesh, loss_parallel=use_loss_parallel, output_deferred=True)
+        loss_fn = ChunkedCrossEntropy(model.output, 7, loss_parallel=use_loss_parallel)
+        ctx = loss_parallel() if use_loss_parallel else torch.enable_grad()
+        with ctx:
+            loss = loss_fn(model(inputs), labels)
+            loss.backward()
+        local = loss.to_local() if isinstance(loss, DTensor) else loss
+        assert _rel(local.detach(), ref_loss.detach()) < 1e-6, (use_loss_parallel, local)
+        ref_params = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            want = ref_params[name].grad
+            assert want is not None
+            assert _rel(grad, want) < 1e-5, (use_loss_parallel, name, _rel(grad, want))
+
+
+def test_features_under_tensor_parallel_match_every_gradient():
+    spawn(_tp_features_match, 2)
+
+
+def test_cuda_allocator_gets_expandable_segments_unless_set():
+    env: dict[str, str] = {}
+    assert configure_cuda_allocator(env) == CUDA_ALLOC_CONF == "expandable_segments:True"
+    mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    assert configure_cuda_allocator(mine) == "max_split_size_mb:512"
