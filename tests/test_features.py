@@ -1,7 +1,9 @@
 """Trainer features on 1 rank: activation checkpointing and compile leave the numerics alone,
 the Hugging Face tokenizer path trains, and unsupported TorchTitan settings are rejected."""
 
+import argparse
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -94,7 +96,10 @@ def _write_hf_tokenizer(folder: Path) -> None:
         special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = (ROOT / "torchtitan_ext" / "trainer.py").read_text().splitlines()
+    # Trained on files of the corpus the run reads (python_stdlib), not on our own sources, so
+    # the merges, and the losses below, do not move when the project's code changes.
+    sources = (textwrap.__file__, argparse.__file__)
+    text = [line for src in sources for line in Path(src).read_text().splitlines()]
     tok.train_from_iterator(text, trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
@@ -115,9 +120,11 @@ def test_hf_tokenizer_json_trains(tmp_path):
         tmp_path / "run",
         *("--model.tokenizer", "hf", "--model.hf_assets_path", str(assets)),
         *("--lr_scheduler.warmup_steps", "2"),
-        steps=8,
+        steps=16,
     )
-    assert records[-1]["loss"] < records[0]["loss"] - 0.25, [r["loss"] for r in records]
+    # Single steps are noisy at this batch (+-0.2); the mean of four drops by about 0.7.
+    losses = [r["loss"] for r in records]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.4, losses
 
 
 def test_hf_tokenizer_missing_is_a_config_error(tmp_path):
