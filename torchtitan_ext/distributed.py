@@ -103,11 +103,60 @@ def init_distributed(backend: str, device: torch.device, timeout_s: int) -> None
         os.environ["MASTER_PORT"] = str(_free_port())
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    use_single_worker_gloo()
     dist.init_process_group(
         backend=backend,
         timeout=timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
+
+
+def use_single_worker_gloo() -> None:
+    """Make every gloo backend created from now on run one worker thread instead of torch's
+    two. Idempotent; called by ``init_distributed`` before the first group exists and by
+    ``import torchtitan_ext`` (for scripts that create their own groups afterwards).
+
+    Why: torch's ``ProcessGroupGloo::runLoop`` (torch/csrc/distributed/c10d/ProcessGroupGloo.cpp,
+    2.13 and later) records ``pgStatus_->lastCompletedWorkName``, a ``std::string``, after each
+    collective without holding the group's lock. When two collectives of one group finish
+    together on its two worker threads, one thread frees the string's heap buffer
+    ("ALLGATHER_COALESCED") while the other writes "ALLTOALL" into it. Context parallel's ring
+    backward keeps exactly that pair in flight on the cp group (the k/v all-gather and the dk/dv
+    all-to-all). The freed chunk's tcache link is overwritten and glibc aborts later, in any
+    thread ("malloc(): unaligned tcache chunk detected"), or the heap is corrupted silently; load
+    on the machine widens the window. ``scripts/repro_gloo_worker_race.py`` reproduces it with
+    torch alone. With one worker thread per group the assignments never overlap; a group's
+    collectives then run one after another in the order every rank issues them, which is the
+    order gloo matches them in anyway.
+
+    torch builds gloo backends with the ``(store, rank, size, timeout)`` constructor and ignores
+    ``pg_options`` for gloo, so that form is redirected to the options form with ``threads = 1``
+    and the same devices torch would choose (``GLOO_SOCKET_IFNAME``, else the default device);
+    the class stays ``ProcessGroupGloo`` for torch's ``isinstance`` checks. A no-op on a torch
+    built without gloo."""
+    gloo: Any = getattr(torch._C._distributed_c10d, "ProcessGroupGloo", None)
+    if gloo is None or getattr(gloo.__init__, "_single_worker", False):
+        return
+    torch_init = gloo.__init__
+
+    def single_worker_init(
+        self: Any, store: Any, rank: int, size: int, timeout: Any = timedelta(minutes=30)
+    ) -> None:
+        if isinstance(timeout, gloo._Options):  # the caller chose its options: keep them
+            torch_init(self, store, rank, size, timeout)
+            return
+        opts = gloo._Options()
+        ifnames = os.environ.get("GLOO_SOCKET_IFNAME", "")
+        if len(ifnames) > 1:  # torch's rule in its timeout constructor
+            opts._devices = [gloo.create_device(interface=name) for name in ifnames.split(",")]
+        else:
+            opts._devices = [gloo.create_default_device()]
+        opts._timeout = timeout
+        opts._threads = 1
+        torch_init(self, store, rank, size, opts)
+
+    single_worker_init._single_worker = True  # type: ignore[attr-defined]
+    gloo.__init__ = single_worker_init
 
 
 def clear_dtensor_caches() -> None:
