@@ -28,43 +28,14 @@ import json
 import os
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from torchtitan_ext.distributed import launch_env, torchrun_command
+from torchtitan_ext.metrics import PeakRSS, rss_bytes
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class _PeakRSS:
-    """Samples this process's resident set size every millisecond while active."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(0.001)
-
-    def __enter__(self) -> "_PeakRSS":
-        self.peak = _rss_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
 
 
 def worker_memory(seq_len: int, flavor: str, out: str) -> int:
@@ -115,8 +86,8 @@ def worker_memory(seq_len: int, flavor: str, out: str) -> int:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
     else:
-        before = _rss_bytes()
-        with _PeakRSS() as sampler:
+        before = rss_bytes()
+        with PeakRSS() as sampler:
             pred = model(inputs, positions=positions)
             loss = torch.nn.functional.cross_entropy(pred.flatten(0, 1), labels.flatten())
             loss.backward()

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import resource
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,60 @@ def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_bytes() -> int:
+    """This process's resident set size now, bytes (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Context manager measuring this process's peak resident set size from entry to exit:
+    ``peak`` (bytes). The CPU counterpart of CUDA's ``max_memory_allocated`` for a span of work;
+    run with small ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` so that freed tensors
+    leave the resident set.
+
+    On Linux the kernel's high-water mark is exact: entry resets it to the current RSS (writing
+    5 to ``/proc/self/clear_refs``), exit reads ``VmHWM`` from ``/proc/self/status``. Where that
+    file cannot be written, a thread samples the RSS every millisecond instead; it may miss a
+    peak that lasts less than one torch op, since most ops hold the GIL."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def _high_water_mark() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        raise OSError("no VmHWM in /proc/self/status")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = rss_bytes()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is None:
+            self.peak = max(self.peak, self._high_water_mark())
+        else:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
 
 
 def device_peak_flops(device: torch.device) -> float | None:
