@@ -40,6 +40,8 @@ DEFAULT_SHAPES = [
     "dp_shard2", "tp2", "cp2", "pp2", "dp_replicate2", "cp2+fullac", "tp2+fullac",
     "dp_shard2xtp2", "tp2xcp2", "dp_replicate2xdp_shard2", "pp2xdp_shard2", "pp2xtp2",
     "dp_shard2xtp2xcp2", "pp2xtp2xcp2",
+    "dp_shard2+chunkloss", "dp_shard2+tiledmlp", "tp2+chunkloss+tiledmlp",
+    "cp2+fullac+chunkloss+tiledmlp", "pp2xtp2+chunkloss+tiledmlp",
 ]  # fmt: skip
 MIB = 2**20
 

@@ -43,7 +43,10 @@ def test_estimates_match_real_runs():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    shapes = "single,single+fullac,dp_shard2,tp2,cp2,pp2,dp_replicate2"
+    shapes = (
+        "single,single+fullac,dp_shard2,tp2,cp2,pp2,dp_replicate2,"
+        "tp2+chunkloss+tiledmlp,cp2+fullac+chunkloss+tiledmlp"
+    )
     proc = subprocess.run(
         [sys.executable, str(root / "scripts" / "check_dry_run.py"), "--shapes", shapes],
         capture_output=True, text=True, timeout=600,

@@ -111,7 +111,7 @@ def work_of(cfg: Any, dims: ParallelDims, act_dtype: torch.dtype) -> Work:
     return Work(t.seq_len // dims.cp, b, micro, torch.tensor([], dtype=act_dtype).element_size())
 
 
-def layer_saved_elements(m: ModelDims, w: Work, tp: int) -> int:
+def layer_saved_elements(m: ModelDims, w: Work, tp: int, tiled_mlp: bool = False) -> int:
     """Activation elements one transformer block saves for backward, per microbatch.
 
     Counted from what autograd keeps in TorchTitan's Llama block under torch TP with sequence
@@ -125,9 +125,12 @@ def layer_saved_elements(m: ModelDims, w: Work, tp: int) -> int:
     (arXiv 2205.05198, Table 2), whose MLP is 4·h wide, which keeps dropout masks and the
     attention scores, and whose LayerNorm keeps less. Terms of s·b·heads (softmax
     statistics) are left out. A fused RMSNorm kernel (CUDA) keeps one tensor less per norm.
+    With a tiled MLP (``training.mlp_tile_tokens``) the SwiGLU keeps only its tiles' inputs,
+    the all-gathered ffn input already counted: the 4·f term goes.
     """
     h, kv, f = m.dim, m.kv_dim, m.ffn_dim
-    return w.s * w.b * (2 * h + (6 * h + 2 * kv + 4 * f) // tp)
+    mlp = 0 if tiled_mlp else 4 * f
+    return w.s * w.b * (2 * h + (6 * h + 2 * kv + mlp) // tp)
 
 
 @dataclass(frozen=True)
@@ -157,17 +160,33 @@ def activation_estimate(
     fp32 log-softmax of the logits (4·s·b·V/tp bytes; as much again for its gradient at the
     peak). With pipeline parallel, stage k of pp holds min(microbatches, pp - k) microbatches in
     flight (1F1B; interleaved schedules hold more); without, one.
+
+    The long-context features: chunked cross-entropy (``training.loss_chunk_tokens`` = c)
+    keeps no logits, and its peak is one chunk's recomputed fp32 logits, log-softmax and
+    gradient (3 x 4·c·V/tp bytes) instead of the whole sequence's; a tiled MLP
+    (``training.mlp_tile_tokens`` = t) keeps no SwiGLU intermediates
+    (``layer_saved_elements``), and its peak adds one tile's (4·t·b·f/tp elements).
+    Activation offload (``activation_checkpoint.enable_cpu_offload``, full AC) keeps the block
+    inputs in host memory: none is held on the device, and the recompute adds the one copied
+    back.
     """
     tp, e = dims.tp, w.act_bytes
-    layer = layer_saved_elements(m, w, tp) * e
+    t = cfg.training
+    tile, chunk = t.mlp_tile_tokens, t.loss_chunk_tokens
+    layer = layer_saved_elements(m, w, tp, tiled_mlp=tile > 0) * e
     block_input = w.s * w.b * m.dim // tp * e
-    held = n_layers_here * (block_input if cfg.activation_checkpoint.mode == "full" else layer)
+    full_ac = cfg.activation_checkpoint.mode == "full"
+    offload = full_ac and cfg.activation_checkpoint.enable_cpu_offload
+    held = 0 if offload else n_layers_here * (block_input if full_ac else layer)
     logits = 4 * w.s * w.b * m.vocab // tp
-    final = (w.s * w.b * m.dim * (tp + 2) // tp * e + logits) if has_output else 0
-    saved = held + final
+    final = w.s * w.b * m.dim * (tp + 2) // tp * e + (0 if chunk else logits)
+    saved = held + (final if has_output else 0)
     in_flight = min(w.microbatches, dims.pp - stage_index) if dims.pp > 1 else 1
-    recompute = layer if cfg.activation_checkpoint.mode == "full" else 0
-    return Activations(saved, saved * in_flight + recompute + (logits if has_output else 0))
+    recompute = (layer + (block_input if offload else 0)) if full_ac else 0
+    if tile:
+        recompute += min(tile, w.s) * w.b * 4 * m.ffn_dim // tp * e
+    loss_peak = 3 * 4 * min(chunk, w.s * w.b) * m.vocab // tp if chunk else logits
+    return Activations(saved, saved * in_flight + recompute + (loss_peak if has_output else 0))
 
 
 COMM_KINDS = ("fsdp", "dp_replicate", "tp", "cp", "pp")

@@ -1,0 +1,204 @@
+"""Long context per device: what chunked cross-entropy and the tiled MLP buy.
+
+For each feature setting (off; ``training.loss_chunk_tokens``; ``training.mlp_tile_tokens``;
+both) and each CP degree (1 rank, and cp 2 on 2 ranks), the script trains the real trainer
+(``torchtitan_ext.trainer.Trainer``: parallelize, the loss, the optimizer) on a model with a
+realistic vocabulary (``debugmodel_cpu_32k``: vocab 32768, dim 1024; fp32, batch 1, full
+activation checkpointing as long-context runs use) for two steps at two sequence lengths, and
+measures the second step:
+
+- step memory per rank: the step's peak minus what the rank held just before it (parameters
+  and optimizer state; gradients are freed first, as the step does), so activations plus the
+  gradients (a constant, 4 bytes per parameter); on CPU the kernel's resident-set high-water
+  mark (``torchtitan_ext.metrics.PeakRSS``), on CUDA the allocator's ``max_memory_allocated``;
+- its per-token slope and intercept over the two lengths (activation memory is linear in the
+  sequence), hence the longest sequence whose step memory fits ``--budget-mib`` per rank.
+  Where the peak hardly grows ("flat": it is the parameter-side constant, FSDP-gathered
+  weights and gradients, not activations) only a lower bound is known: budget x long length /
+  peak, printed with ">=";
+- tokens/s of the step, relative to the setting with both features off.
+
+Targets (issue 11): the longest sequence with both features at least 4x the baseline's, and
+each feature's throughput at least 0.9x the baseline's.
+
+    .venv/bin/python scripts/bench_long_context.py [--seq-lens 2048 4096] [--budget-mib 4096]
+
+About 10 minutes on the 2-core CPU machine. On a GPU the same command measures CUDA memory.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from torchtitan_ext.distributed import launch_env, torchrun_command
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS: dict[str, list[str]] = {
+    "off": [],
+    "chunked loss": ["--training.loss_chunk_tokens", "CHUNK"],
+    "tiled MLP": ["--training.mlp_tile_tokens", "TILE"],
+    "both": ["--training.loss_chunk_tokens", "CHUNK", "--training.mlp_tile_tokens", "TILE"],
+}
+
+
+def _worker(args: list[str], out: str) -> int:
+    """One rank: build the trainer for ``args``, run one step (lazy optimizer state), then
+    measure the second step's memory and time. Collective."""
+    import torch
+    import torch.distributed as dist
+
+    from torchtitan_ext.distributed import RankInfo, init_distributed
+    from torchtitan_ext.metrics import PeakRSS, rss_bytes
+    from torchtitan_ext.trainer import Trainer, prepare, setup_logging
+
+    rank = RankInfo.from_env()
+    setup_logging(rank.rank)
+    p = prepare(args, rank)
+    init_distributed(p.backend, p.device, 600)
+    trainer = Trainer(p)
+    trainer.train_step(trainer.dataloader.next_step())
+    batch = trainer.dataloader.next_step()
+    trainer.optimizers.zero_grad()  # what train_step does first: step 1's gradients go now
+    dist.barrier()
+    cuda = p.device.type == "cuda"
+    start = time.perf_counter()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer.train_step(batch)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        before = rss_bytes()
+        with PeakRSS() as sampler:
+            trainer.train_step(batch)
+        peak = sampler.peak
+    seconds = time.perf_counter() - start
+    gathered: list[Any] = [None] * rank.world_size
+    dist.all_gather_object(gathered, {"step_bytes": peak - before, "seconds": seconds})
+    if rank.rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+    return 0
+
+
+def measure(nproc: int, args: list[str]) -> dict[str, float]:
+    """Run ``_worker`` on ``nproc`` ranks; the worst rank's step MiB and seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        payload = os.path.join(tmp, "args.json")
+        Path(payload).write_text(json.dumps(args))
+        cmd = torchrun_command(nproc, [__file__, "--_worker", payload, "--_out", out])
+        # Freed tensors go back to the OS at once, so the resident set follows live memory.
+        env = launch_env(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not os.path.exists(out):
+            sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+        ranks = json.loads(Path(out).read_text())
+    return {
+        "mib": max(r["step_bytes"] for r in ranks) / 2**20,
+        "seconds": max(r["seconds"] for r in ranks),
+    }
+
+
+def recipe(
+    seq_len: int, cp: int, flavor: str, setting: list[str], chunk: int, tile: int
+) -> list[str]:
+    tokens = {"CHUNK": str(chunk), "TILE": str(tile)}
+    return [
+        "--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"),
+        "--job.dump_folder", tempfile.mkdtemp(prefix="bench_long_context-"),
+        "--model.flavor", flavor,
+        "--training.seq_len", str(seq_len),
+        "--training.local_batch_size", "1",
+        "--training.global_batch_size", "1",
+        "--parallelism.data_parallel_shard_degree", "1",
+        "--parallelism.context_parallel_degree", str(cp),
+        "--activation_checkpoint.mode", "full",
+        # Fused AdamW has no per-step temporaries the size of the parameters, which would
+        # otherwise be the step's peak at these lengths and hide the activations.
+        "--optimizer.implementation", "fused",
+        "--validation.no-enable", "--checkpoint.no-enable", "--metrics.no-enable-tensorboard",
+        *(tokens.get(x, x) for x in setting),
+    ]  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seq-lens", type=int, nargs=2, default=[2048, 4096],
+                    help="the two sequence lengths measured, tokens")  # fmt: skip
+    ap.add_argument("--cp", type=int, nargs="+", default=[1, 2], help="CP degrees (default 1 2)")
+    ap.add_argument("--flavor", default="debugmodel_cpu_32k", help="model flavor")
+    ap.add_argument("--chunk", type=int, default=256, help="loss_chunk_tokens (default 256)")
+    ap.add_argument("--tile", type=int, default=256, help="mlp_tile_tokens (default 256)")
+    ap.add_argument("--budget-mib", type=float, default=4096.0,
+                    help="step memory per rank for the longest-sequence column, MiB")  # fmt: skip
+    ap.add_argument("--_worker", help=argparse.SUPPRESS)
+    ap.add_argument("--_out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a._worker:
+        from torchtitan_ext.distributed import run_and_exit
+
+        worker_args = json.loads(Path(a._worker).read_text())
+        run_and_exit(lambda: _worker(worker_args, a._out))
+
+    short, long = sorted(a.seq_lens)
+    print(f"# bench_long_context: {a.flavor}, fp32, batch 1, full AC; chunk {a.chunk} tokens, "
+          f"tile {a.tile} tokens; step-memory budget {a.budget_mib:.0f} MiB per rank",
+          flush=True)  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    for cp in a.cp:
+        for name, setting in SETTINGS.items():
+            got = {
+                n: measure(cp, recipe(n, cp, a.flavor, setting, a.chunk, a.tile))
+                for n in (short, long)
+            }
+            slope = (got[long]["mib"] - got[short]["mib"]) / (long - short)  # MiB per token
+            intercept = got[long]["mib"] - slope * long
+            # A peak that hardly grows is the parameter-side constant (FSDP-gathered weights,
+            # gradients), not activations: the fit says nothing, but activations at the long
+            # length are at most that peak, which bounds the reach from below.
+            flat = got[long]["mib"] - got[short]["mib"] < 0.05 * got[short]["mib"]
+            if flat:
+                reach = a.budget_mib * long / got[long]["mib"]
+            else:
+                reach = (a.budget_mib - intercept) / slope
+            rows.append({
+                "cp": cp, "setting": name, "mib_short": got[short]["mib"],
+                "mib_long": got[long]["mib"], "kib_per_token": slope * 1024, "flat": flat,
+                "reach": reach, "tps": long / got[long]["seconds"],
+            })  # fmt: skip
+            print(f"[{time.perf_counter() - start:5.0f}s] cp {cp} {name}: "
+                  f"{got[short]['mib']:.0f} / {got[long]['mib']:.0f} MiB at {short} / {long} "
+                  f"tokens, {long / got[long]['seconds']:.0f} tokens/s", flush=True)  # fmt: skip
+    print(f"\n| cp | setting | step MiB @{short} | step MiB @{long} | KiB/token | "
+          f"longest seq in {a.budget_mib:.0f} MiB | x off | tokens/s | x off |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    failed = False
+    for r in rows:
+        base = next(b for b in rows if b["cp"] == r["cp"] and b["setting"] == "off")
+        reach_x, tps_x = r["reach"] / base["reach"], r["tps"] / base["tps"]
+        at_least = ">= " if r["flat"] else ""
+        print(f"| {r['cp']} | {r['setting']} | {r['mib_short']:.0f} | {r['mib_long']:.0f} | "
+              f"{'flat' if r['flat'] else format(r['kib_per_token'], '.0f')} | "
+              f"{at_least}{r['reach']:,.0f} | {at_least}{reach_x:.2f} | "
+              f"{r['tps']:.0f} | {tps_x:.2f} |")  # fmt: skip
+        if r["setting"] == "both":
+            failed |= reach_x < 4.0
+        if r["setting"] != "off":
+            failed |= tps_x < 0.9
+    print("\ntargets: longest sequence with both features >= 4x off; tokens/s of each "
+          f">= 0.9x off: {'FAIL' if failed else 'PASS'}")  # fmt: skip
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
