@@ -6,6 +6,7 @@ tests/test_parity.py; the memory they save is measured by scripts/bench_long_con
 
 import copy
 
+import pytest
 import torch
 
 from tests.conftest import spawn
@@ -131,3 +132,77 @@ def test_cuda_allocator_gets_expandable_segments_unless_set():
     assert configure_cuda_allocator(env) == CUDA_ALLOC_CONF == "expandable_segments:True"
     mine = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
     assert configure_cuda_allocator(mine) == "max_split_size_mb:512"
+
+
+def test_activation_offload_moves_only_block_inputs_and_keeps_gradients(monkeypatch, tmp_path):
+    """Full AC plus ``OffloadedBlock`` (pinned memory off: CPU): the tensors handed to
+    ``save_on_cpu`` are each block's checkpoint inputs, never an intermediate, and the loss,
+    every gradient and the state-dict keys equal full AC's without offload."""
+    from torch.autograd.graph import save_on_cpu
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    from torchtitan.components.loss import cross_entropy_loss
+    from torchtitan.models.llama3 import Transformer
+
+    from torchtitan_ext.config import load_config
+    from torchtitan_ext.models import CPU_FLAVORS
+    from torchtitan_ext.parallel import activation_checkpoint as ac_module
+
+    packed: list[tuple[int, ...]] = []
+    WRAPPED = "_checkpoint_wrapped_module."
+
+    class RecordingSaveOnCpu(save_on_cpu):
+        def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
+            super().__init__(pin_memory, device_type)
+            pack = self.pack_hook
+
+            def record(t: torch.Tensor) -> object:
+                packed.append(tuple(t.shape))
+                return pack(t)
+
+            self.pack_hook = record
+
+    monkeypatch.setattr(ac_module, "save_on_cpu", RecordingSaveOnCpu)
+    args = copy.deepcopy(CPU_FLAVORS["debugmodel_cpu_tiny"])
+    args.max_seq_len = 32
+    torch.manual_seed(0)
+    base = Transformer(args)
+    with torch.no_grad():
+        base.init_weights()
+    tokens = torch.randint(0, args.vocab_size, (2, 33))
+    ac_cfg = load_config(["--activation_checkpoint.mode", "full"]).activation_checkpoint
+    results = []
+    for offload in (False, True):
+        model = copy.deepcopy(base)
+        ac_module.apply_ac(model, ac_cfg, compile_enabled=False, dump_folder=str(tmp_path))
+        if offload:
+            assert ac_module.apply_activation_offload(model, pin_memory=False) == args.n_layers
+            # Checkpoints (DCP) see the unwrapped names, so they load with or without offload.
+            assert get_model_state_dict(model).keys() == base.state_dict().keys()
+        loss = cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:])
+        if offload:
+            block_input = (2, 32, args.dim)
+            assert packed.count(block_input) == args.n_layers, packed
+            assert all(torch.Size(s).numel() <= torch.Size(block_input).numel() for s in packed)
+        loss.backward()
+        grads = {n.replace(WRAPPED, ""): p.grad for n, p in model.named_parameters()}
+        results.append((loss.detach(), grads))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        assert grad is not None and torch.equal(grad, ref_grads[name]), name
+
+
+def test_activation_offload_is_rejected_off_cuda_and_without_full_ac():
+    from torchtitan_ext.config import ConfigError, load_config
+    from torchtitan_ext.config.validate import check_activation_offload
+
+    on = ["--activation_checkpoint.enable_cpu_offload"]
+    full = load_config([*on, "--activation_checkpoint.mode", "full"])
+    check_activation_offload(full, "cuda")
+    with pytest.raises(ConfigError, match=r"activation_checkpoint\.enable_cpu_offload.*on cpu"):
+        check_activation_offload(full, "cpu")
+    selective = load_config([*on, "--activation_checkpoint.mode", "selective"])
+    with pytest.raises(ConfigError, match=r'needs activation_checkpoint\.mode = "full"'):
+        check_activation_offload(selective, "cuda")
+    check_activation_offload(load_config([]), "cpu")  # off: nothing to check

@@ -8,9 +8,11 @@ tiled (``torchtitan_ext.long_context.tiled_mlp``), both before any parallelism s
 tensor parallel next (it rewrites the
 parameters into DTensors over the tp mesh), then context parallel on the attention modules,
 then activation checkpointing (wraps the blocks, which TP and CP have already rewritten), then
-``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), and
-FSDP2 last (it shards whatever parameters the previous steps produced, composing its dp_shard x
-cp mesh with the tp mesh into 2-D DTensors). The model definition carries no parallel code.
+``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), then
+activation offload (around the compiled block, so the checkpoint's saved inputs go to host
+memory), and FSDP2 last (it shards whatever parameters the previous steps produced, composing
+its dp_shard x cp mesh with the tp mesh into 2-D DTensors). The model definition carries no
+parallel code.
 
 With pipeline parallel, the model is first split into stages
 (``torchtitan_ext.parallel.pipeline.pipeline_split``) and this function runs on each stage
@@ -27,7 +29,7 @@ from torchtitan.models.llama3.infra.parallelize import apply_compile
 
 from torchtitan_ext.long_context.chunked_loss import defer_output_projection
 from torchtitan_ext.long_context.tiled_mlp import apply_tiled_mlp
-from torchtitan_ext.parallel.activation_checkpoint import apply_ac
+from torchtitan_ext.parallel.activation_checkpoint import apply_ac, apply_activation_offload
 from torchtitan_ext.parallel.context_parallel import apply_cp
 from torchtitan_ext.parallel.fsdp import apply_fsdp
 from torchtitan_ext.parallel.tensor_parallel import apply_tp
@@ -35,7 +37,8 @@ from torchtitan_ext.parallel_dims import ParallelDims
 
 
 def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.device) -> nn.Module:
-    """Apply TP, CP, AC, compile and FSDP/HSDP to ``model`` (on the meta device), in place.
+    """Apply TP, CP, AC, compile, activation offload and FSDP/HSDP to ``model`` (on the meta
+    device), in place.
 
     Args:
         model: a TorchTitan Llama-style model on the meta device.
@@ -72,6 +75,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
         apply_ac(model, cfg.activation_checkpoint, compile_model, cfg.job.dump_folder)
     if compile_model:
         apply_compile(model, cfg.compile)
+    if cfg.activation_checkpoint.enable_cpu_offload:
+        # Around the compiled checkpointed block: its inputs go to pinned host memory.
+        apply_activation_offload(model, pin_memory=device.type == "cuda")
     if dims.fsdp_enabled or dims.dp_replicate_enabled:
         mesh = dims.get_mesh("hsdp") if dims.dp_replicate_enabled else dims.get_mesh("fsdp")
         apply_fsdp(

@@ -40,7 +40,7 @@ from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
 from torchtitan_ext.checkpoint import Checkpointer, TrainState, complete_steps
 from torchtitan_ext.config.manager import ConfigError, format_toml, load_config
-from torchtitan_ext.config.validate import resolve_model_args, validate
+from torchtitan_ext.config.validate import check_activation_offload, resolve_model_args, validate
 from torchtitan_ext.curriculum import (
     Stage,
     format_plan,
@@ -181,6 +181,7 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
     assert dims is not None
     check_trainer_support(cfg)
     device = resolve_device(cfg, rank.local_rank)
+    check_activation_offload(cfg, device.type)
     backend = resolve_backend(cfg, device)
     model_args = resolve_model_args(cfg)
     model_args.update_from_config(cfg)

@@ -58,6 +58,16 @@ class Training:
 
 
 @dataclass
+class ActivationCheckpoint:
+    enable_cpu_offload: bool = False
+    """Activation offload (CUDA only; needs mode = "full"): the checkpointed block inputs, the
+    tensors full AC keeps per block (tokens x dim each), live in pinned host memory from the
+    block's forward until its recompute in backward, which copies them back (torch's
+    save_on_cpu). Frees layers x tokens x dim of device memory for one host-to-device copy per
+    block in backward. Not training.enable_cpu_offload, which offloads FSDP's parameters."""
+
+
+@dataclass
 class Parallelism:
     mesh_dim_order: list[str] = field(default_factory=lambda: list(MESH_DIM_NAMES))
     """Order of the DeviceMesh dims, outermost first. A permutation of pp, dp_replicate,
@@ -120,6 +130,7 @@ class JobConfig:
 
     model: Model = field(default_factory=Model)
     training: Training = field(default_factory=Training)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     parallelism: Parallelism = field(default_factory=Parallelism)
     comm: Comm = field(default_factory=Comm)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -108,6 +108,33 @@ def _check_long_context(cfg: Any, cp: int) -> None:
             )
 
 
+def check_activation_offload(cfg: Any, device_type: str) -> None:
+    """``activation_checkpoint.enable_cpu_offload`` needs full AC (what it offloads are the
+    block inputs full AC keeps) and a CUDA device (on CPU there is nothing to offload to).
+    ``device_type``: the resolved training device ("cpu" or "cuda").
+
+    Raises:
+        ConfigError: naming the key and what it needs.
+    """
+    ac = cfg.activation_checkpoint
+    if not ac.enable_cpu_offload:
+        return
+    if device_type != "cuda":
+        raise ConfigError(
+            "activation_checkpoint.enable_cpu_offload",
+            True,
+            f"offloads activations from a CUDA device to host memory; this run is on "
+            f"{device_type}, where activations already live in host memory",
+        )
+    if ac.mode != "full":
+        raise ConfigError(
+            "activation_checkpoint.enable_cpu_offload",
+            True,
+            f'needs activation_checkpoint.mode = "full" (it offloads the block inputs full AC '
+            f"keeps), not {ac.mode!r}",
+        )
+
+
 def seq_len_divisor(tp: int, cp: int, load_balancer: str | None) -> int:
     """What ``seq_len`` must be divisible by: tp for sequence parallel, and cp (2 x cp with a
     load balancer, which splits the sequence into 2 x cp chunks: TorchTitan's head-tail)."""
