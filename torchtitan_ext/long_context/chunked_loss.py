@@ -6,17 +6,17 @@ dtype, plus their fp32 copy, log-softmax and gradient; a 1.2B Llama with a 32K v
 256K tokens needs 16 GiB for one fp32 copy alone. Here the model's ``output`` projection
 returns its input (``defer_output_projection``, applied by ``parallelize`` before TP), and the
 loss (``ChunkedCrossEntropy``) runs ``output`` and the cross-entropy over ``chunk_tokens``
-tokens at a time, each chunk under non-reentrant activation checkpointing: its logits are freed
-after its loss is computed and recomputed (from the chunk's hidden states) in backward. The
-same idea as TorchTitan's ``ChunkedLossWrapper`` (main branch, after 0.2.2), torchtune's
+tokens at a time and computes each chunk's gradients (for the hidden states and the weight)
+right away, in the forward: the chunk's logits are freed before the next chunk, and backward
+only scales the stored gradients (``_GradientInForward``). The same idea as TorchTitan's ``ChunkedLossWrapper`` (main branch, after 0.2.2), torchtune's
 ``CEWithChunkedOutputLoss`` and the tiled logits of DeepSpeed ALST (arXiv 2506.13996);
 written here for TorchTitan 0.2.2's Llama and our parallelisms.
 
 How it composes:
 - FSDP2: ``output`` stays in the [norm, output] FSDP unit, which is not resharded after
   forward (``apply_fsdp``), so its weight is all-gathered once per step, before the first
-  chunk, and every chunk (and every backward recompute) uses the unsharded weight; its
-  gradient accumulates over the chunks before the unit's reduce-scatter.
+  chunk, and every chunk uses the unsharded weight; its gradient, summed over the chunks,
+  reaches the unit's reduce-scatter in backward.
 - TP: ``output`` is column-parallel (vocab-sharded weight); its input is all-gathered over the
   sequence as without chunking and stays a replicated DTensor, so each chunk's logits are a
   DTensor sharded on the vocab (and the hidden states' gradient is summed over the vocab
@@ -27,11 +27,12 @@ How it composes:
   accumulation and validation call the same loss.
 """
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 from torchtitan.components.loss import IGNORE_INDEX
 
 
@@ -83,22 +84,61 @@ class ChunkedCrossEntropy:
         self.loss_parallel = loss_parallel
 
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        h = hidden.flatten(0, 1)
-        y = labels.flatten(0, 1)
-        total: torch.Tensor | None = None
-        for start in range(0, h.shape[0], self.chunk_tokens):
-            end = start + self.chunk_tokens
-            part = checkpoint(
-                self._chunk_loss, h[start:end], y[start:end], use_reentrant=False,
-                preserve_rng_state=False,
-            )  # fmt: skip
-            total = part if total is None else total + part
-        assert total is not None, "empty batch"
-        return total
+        if torch.is_grad_enabled():
+            return _GradientInForward.apply(hidden, self.head.weight, labels, self)
+        # Validation: only the chunk losses.
+        h, y, n = hidden.flatten(0, 1), labels.flatten(0, 1), self.chunk_tokens
+        parts = [self._chunk_loss(h[i : i + n], self.head.weight, y[i : i + n])
+                 for i in range(0, h.shape[0], n)]  # fmt: skip
+        return torch.stack(parts).sum()
 
-    def _chunk_loss(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Loss of one chunk: h (n, dim), y (n,) -> fp32 scalar sum."""
-        logits = F.linear(h, self.head.weight)  # (n, vocab); under TP a DTensor, Shard(1)
+    def _chunk_loss(self, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss of one chunk: h (n, dim), weight (vocab, dim), y (n,) -> fp32 scalar sum."""
+        logits = F.linear(h, weight)  # (n, vocab); under TP a DTensor, Shard(1)
         if isinstance(logits, DTensor) and not self.loss_parallel:
             logits = logits.full_tensor()
         return F.cross_entropy(logits.float(), y, reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+class _GradientInForward(torch.autograd.Function):
+    """The chunked loss with each chunk's gradients computed in the forward, while its logits
+    exist, so nothing is recomputed in backward (as Liger-Kernel's fused linear
+    cross-entropy does; a per-chunk checkpoint would run the output projection a second time,
+    which on a small model with a large vocabulary is a large share of the step).
+
+    The loss is the end of the graph, so d(sum loss)/d(hidden) (B, S, dim, hidden's dtype)
+    and d(sum loss)/d(weight) (vocab, dim; accumulated over the chunks in fp32, then in the
+    weight's dtype) are known in forward; backward scales them by the incoming gradient (the
+    trainer's 1 / global tokens). Memory: those two gradients, which backward produces anyway,
+    instead of the chunks' saved hidden states.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        loss: ChunkedCrossEntropy,
+    ) -> torch.Tensor:
+        h, y, n = hidden.detach().flatten(0, 1), labels.flatten(0, 1), loss.chunk_tokens
+        w = weight.detach().requires_grad_()
+        total: torch.Tensor | None = None
+        grad_w: torch.Tensor | None = None
+        grad_h: list[torch.Tensor] = []
+        for start in range(0, h.shape[0], n):
+            h_chunk = h[start : start + n].detach().requires_grad_()
+            with torch.enable_grad():
+                part = loss._chunk_loss(h_chunk, w, y[start : start + n])
+            d_h, d_w = torch.autograd.grad(part, (h_chunk, w))
+            grad_h.append(d_h)
+            grad_w = d_w.float() if grad_w is None else grad_w + d_w
+            total = part.detach() if total is None else total + part.detach()
+        assert total is not None and grad_w is not None, "empty batch"
+        ctx.save_for_backward(torch.cat(grad_h).view_as(hidden), grad_w.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None
