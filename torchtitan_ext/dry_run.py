@@ -14,6 +14,7 @@ Used by ``scripts/plan.py``; no GPU and no real process group needed.
 import contextlib
 import copy
 import dataclasses
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -162,8 +163,11 @@ def activation_estimate(
     flight (1F1B; interleaved schedules hold more); without, one.
 
     The long-context features: chunked cross-entropy (``training.loss_chunk_tokens`` = c)
-    keeps no logits, and its peak is one chunk's recomputed fp32 logits, log-softmax and
-    gradient (3 x 4·c·V/tp bytes) instead of the whole sequence's; a tiled MLP
+    keeps no logits but the gradients it takes in forward: the hidden states' (s·b·h, in place
+    of the hidden states the projection would keep) and the output weight's (V·h/tp); its
+    peak is one chunk's fp32 logits, log-softmax and gradient (3 x 4·c·V/tp bytes) plus the
+    fp32 accumulator of the weight's gradient (4·V·h/tp bytes) instead of the whole
+    sequence's logits; a tiled MLP
     (``training.mlp_tile_tokens`` = t) keeps no SwiGLU intermediates
     (``layer_saved_elements``), and its peak adds one tile's (4·t·b·f/tp elements).
     Activation offload (``activation_checkpoint.enable_cpu_offload``, full AC) keeps the block
@@ -179,13 +183,15 @@ def activation_estimate(
     offload = full_ac and cfg.activation_checkpoint.enable_cpu_offload
     held = 0 if offload else n_layers_here * (block_input if full_ac else layer)
     logits = 4 * w.s * w.b * m.vocab // tp
-    final = w.s * w.b * m.dim * (tp + 2) // tp * e + (0 if chunk else logits)
+    grad_w = m.vocab * m.dim // tp * e  # chunked loss: the output weight's gradient, kept
+    final = w.s * w.b * m.dim * (tp + 2) // tp * e + (grad_w if chunk else logits)
     saved = held + (final if has_output else 0)
     in_flight = min(w.microbatches, dims.pp - stage_index) if dims.pp > 1 else 1
     recompute = (layer + (block_input if offload else 0)) if full_ac else 0
     if tile:
         recompute += min(tile, w.s) * w.b * 4 * m.ffn_dim // tp * e
-    loss_peak = 3 * 4 * min(chunk, w.s * w.b) * m.vocab // tp if chunk else logits
+    chunk_peak = (3 * min(chunk, w.s * w.b) + m.dim) * 4 * m.vocab // tp
+    loss_peak = chunk_peak if chunk else logits
     return Activations(saved, saved * in_flight + recompute + (loss_peak if has_output else 0))
 
 
@@ -535,9 +541,11 @@ def saved_activations() -> Iterator[list[int]]:
     """Inside the block, count the bytes autograd saves for backward (unique storages, not
     parameters: leaf tensors that require grad and views of them are skipped, which covers
     FSDP's unsharded parameters and TP's DTensor parameters). Yields a one-element list holding
-    the total.
+    the total, set when the block exits: only tensors some graph still holds then count, so
+    what a graph built and freed inside the block saved (the chunked loss's per-chunk
+    gradients, taken in forward) is left out, as it is from memory.
     """
-    seen: set[int] = set()
+    saved: list[tuple[weakref.ref[torch.Tensor], int, int]] = []
     total = [0]
 
     def is_param(t: torch.Tensor) -> bool:  # a parameter or a view of one (w.t() in mm)
@@ -550,10 +558,11 @@ def saved_activations() -> Iterator[list[int]]:
             if isinstance(local, AsyncCollectiveTensor):  # a collective's (waited) output
                 local = local.trigger_wait()
             storage = local.untyped_storage()
-            if storage.data_ptr() not in seen and storage.nbytes() > 0:
-                seen.add(storage.data_ptr())
-                total[0] += storage.nbytes()
-        return t
+            if storage.nbytes() > 0:
+                saved.append((weakref.ref(t), storage.data_ptr(), storage.nbytes()))
+        return t  # what the graph keeps: alive exactly as long as the graph holds it
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield total
+    live = {ptr: nbytes for ref, ptr, nbytes in saved if ref() is not None}
+    total[0] = sum(live.values())

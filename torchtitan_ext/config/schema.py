@@ -47,8 +47,9 @@ class Training:
 
     loss_chunk_tokens: int = 0
     """Chunked cross-entropy: the output projection and the loss run over this many tokens
-    at a time (of the local batch x sequence), each chunk's logits freed and recomputed in
-    backward, so a step holds chunk x vocab logits instead of tokens x vocab. 0: off.
+    at a time (of the local batch x sequence), each chunk's gradients computed while its
+    logits exist and the logits freed before the next chunk, so a step holds chunk x vocab
+    logits instead of tokens x vocab. 0: off.
     At most the local sequence (seq_len / cp)."""
 
     mlp_tile_tokens: int = 0

@@ -8,9 +8,11 @@ returns its input (``defer_output_projection``, applied by ``parallelize`` befor
 loss (``ChunkedCrossEntropy``) runs ``output`` and the cross-entropy over ``chunk_tokens``
 tokens at a time and computes each chunk's gradients (for the hidden states and the weight)
 right away, in the forward: the chunk's logits are freed before the next chunk, and backward
-only scales the stored gradients (``_GradientInForward``). The same idea as TorchTitan's ``ChunkedLossWrapper`` (main branch, after 0.2.2), torchtune's
-``CEWithChunkedOutputLoss`` and the tiled logits of DeepSpeed ALST (arXiv 2506.13996);
-written here for TorchTitan 0.2.2's Llama and our parallelisms.
+only scales the stored gradients (``_GradientInForward``). Chunking the logits is the idea of
+TorchTitan's ``ChunkedLossWrapper`` (main branch, after 0.2.2), torchtune's
+``CEWithChunkedOutputLoss`` and the tiled logits of DeepSpeed ALST (arXiv 2506.13996); taking
+the gradients in forward, that of Liger-Kernel's fused linear cross-entropy. Written here for
+TorchTitan 0.2.2's Llama and our parallelisms.
 
 How it composes:
 - FSDP2: ``output`` stays in the [norm, output] FSDP unit, which is not resharded after
