@@ -73,6 +73,7 @@ from torchtitan_ext.models import (
     canonical_name,
     init_weights_mesh_independent,
 )
+from torchtitan_ext.parallel import cpu_ring_attention
 from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -182,6 +183,9 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
     check_trainer_support(cfg)
     device = resolve_device(cfg, rank.local_rank)
     check_activation_offload(cfg, device.type)
+    cp = max([s.cp for s in stages] or [dims.cp])
+    if device.type == "cpu" and cp > 1 and (why := cpu_ring_attention.unsupported_reason()):
+        raise ConfigError("parallelism.context_parallel_degree", cp, why)
     backend = resolve_backend(cfg, device)
     model_args = resolve_model_args(cfg)
     model_args.update_from_config(cfg)

@@ -43,7 +43,8 @@ def apply_cp(
         rotate_method: "allgather" or "alltoall" (how k/v shards move around the ring).
         load_balancer: "headtail" or None/"" (must match ``shard_sequence``).
     """
-    cpu_ring_attention.enable()
+    if cp_mesh.device_type == "cpu":
+        cpu_ring_attention.require()
     set_rotate_method(rotate_method)
     # Process-wide torch option read by the ring kernel; it must agree with how inputs are
     # sharded (shard_sequence), so it is set from the same recipe key.

@@ -18,10 +18,11 @@ algorithm, rotaters (allgather / alltoall), load balancing and merger unchanged:
 - a handler in torch's CP custom-op table that calls ``_templated_ring_attention`` /
   ``_templated_ring_attention_backward`` with the CPU op.
 
-``enable()`` is idempotent and runs on ``import torchtitan_ext``. Checked against
-``SUPPORTED_TORCH``; another torch raises ``RuntimeError`` at enable time rather than risking
-silently wrong numbers through changed internals. On CUDA tensors nothing changes: the CPU op
-is never dispatched there.
+``enable()`` is idempotent and runs on ``import torchtitan_ext``. It registers only on a torch
+series in ``SUPPORTED_TORCH``; on another, import still works and CP on CPU fails with one
+error (``require``, and a config error before any collective in the trainer) rather than
+risking silently wrong numbers through changed internals. On CUDA tensors nothing changes: the
+CPU op is never dispatched there.
 """
 
 from typing import Any
@@ -44,14 +45,22 @@ _SEQ_DIM = 2
 _enabled = False
 
 
-def _check_torch_version() -> None:
+def unsupported_reason() -> str | None:
+    """Why CP on CPU cannot run on this torch (None when it can): the extension relies on
+    torch's private CP internals and registers only on a series in ``SUPPORTED_TORCH``."""
     series = ".".join(torch.__version__.split("+")[0].split(".")[:2])
-    if series not in SUPPORTED_TORCH:
-        raise RuntimeError(
-            f"torchtitan_ext's CPU context parallel was checked against torch "
-            f"{', '.join(SUPPORTED_TORCH)}.x and relies on its private CP internals; found torch "
-            f"{torch.__version__}. Install torch==2.13.0."
-        )
+    if series in SUPPORTED_TORCH:
+        return None
+    return (
+        f"context parallel on CPU needs torch {', '.join(SUPPORTED_TORCH)}.x (torchtitan_ext's "
+        f"CPU ring attention hooks torch's private CP internals and was checked only there); "
+        f"found torch {torch.__version__}. CP on CUDA and everything else work on this torch"
+    )
+
+
+def is_enabled() -> bool:
+    """Whether ``enable()`` registered the CPU op (False on an unsupported torch series)."""
+    return _enabled
 
 
 def _forward_strategies(with_cp: bool) -> list[PlacementList]:
@@ -144,15 +153,13 @@ def enable() -> None:
     """Register the CPU flash-attention op with torch's context-parallel dispatcher.
 
     Idempotent. After it, ``torch.distributed.tensor.experimental.context_parallel()`` (and the
-    module-level ``_ContextParallel`` style) work on CPU tensors over gloo.
-
-    Raises:
-        RuntimeError: torch is not one of ``SUPPORTED_TORCH``.
+    module-level ``_ContextParallel`` style) work on CPU tensors over gloo. On a torch series
+    not in ``SUPPORTED_TORCH`` it registers nothing (``unsupported_reason`` says why), so that
+    ``import torchtitan_ext`` works on any torch; ``require()`` turns CP on CPU into one error.
     """
     global _enabled
-    if _enabled:
+    if _enabled or unsupported_reason() is not None:
         return
-    _check_torch_version()
     from torch.distributed.tensor.experimental._context_parallel import (
         _attention,
         _sharding_rules,
@@ -184,3 +191,15 @@ def enable() -> None:
     _attention.custom_ops[_FWD] = _cpu_flash_handler
     _attention.custom_ops[_BWD] = _cpu_flash_handler
     _enabled = True
+
+
+def require() -> None:
+    """Raise unless CP on CPU can run (call before building a CPU CP model).
+
+    Raises:
+        RuntimeError: the torch series is not in ``SUPPORTED_TORCH`` (``unsupported_reason``).
+    """
+    reason = unsupported_reason()
+    if reason is not None:
+        raise RuntimeError(reason)
+    enable()
