@@ -152,6 +152,8 @@ except RuntimeError as e:
 for cp in ("1", "2"):
     try:
         prepare(["--job.config_file", sys.argv[2], "--parallelism.context_parallel_degree", cp,
+                 "--training.dataset", "local", "--training.dataset_path", sys.argv[3],
+                 "--validation.no-enable",
                  "--parallelism.data_parallel_shard_degree", "-1", "--training.seq_len", "64",
                  "--model.flavor", "debugmodel_cpu_tiny"], RankInfo(0, 0, 2))
         print(f"cp {cp}: prepared")
@@ -161,7 +163,7 @@ for cp in ("1", "2"):
 
 
 @pytest.mark.parametrize("version", ["2.11.0+cu126", "2.15.0"])
-def test_other_torch_series_imports_and_refuses_only_cpu_cp(version):
+def test_other_torch_series_imports_and_refuses_only_cpu_cp(version, tmp_path):
     """On a torch series the CPU ring attention was not checked against, the package imports
     and prepares non-CP runs; CP on CPU is one config error naming the supported series."""
     import subprocess
@@ -170,8 +172,10 @@ def test_other_torch_series_imports_and_refuses_only_cpu_cp(version):
     from tests.conftest import ROOT
 
     recipe = str(ROOT / "train_configs" / "debug_cpu.toml")
+    data = tmp_path / "docs.txt"  # a small corpus: the test is about torch, not data
+    data.write_text("def f(x):\n    return x + 1\n" * 400)
     proc = subprocess.run(
-        [sys.executable, "-c", _OTHER_TORCH, version, recipe],
+        [sys.executable, "-c", _OTHER_TORCH, version, recipe, str(data)],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
