@@ -4,8 +4,8 @@
    parallelized by ``torchtitan_ext.parallelize`` with CP over cp ranks and FSDP over dp_shard x
    cp) at a fixed long sequence, for cp = 1, 2, 4. "Activation memory" is the peak during the
    step minus the memory held just before it (parameters, optimizer state): on GPU from the
-   CUDA caching allocator (``max_memory_allocated``), on CPU from the process's resident set
-   size (``/proc/self/statm``) sampled every millisecond by a thread during the step.
+   CUDA caching allocator (``max_memory_allocated``), on CPU from the kernel's resident-set
+   high-water mark over the step (``torchtitan_ext.metrics.PeakRSS``).
    Target: cp = c uses at most 1.15 / c of cp = 1.
 2. Longest trainable sequence per cp degree under a per-rank budget (``--budget-mib`` of
    activation memory): measured at two sequence lengths per degree, the per-token slope and

@@ -136,8 +136,8 @@ def main() -> int:
                     help="the two sequence lengths measured, tokens")  # fmt: skip
     ap.add_argument("--cp", type=int, nargs="+", default=[1, 2], help="CP degrees (default 1 2)")
     ap.add_argument("--flavor", default="debugmodel_cpu_32k", help="model flavor")
-    ap.add_argument("--chunk", type=int, default=256, help="loss_chunk_tokens (default 256)")
-    ap.add_argument("--tile", type=int, default=256, help="mlp_tile_tokens (default 256)")
+    ap.add_argument("--chunk", type=int, default=512, help="loss_chunk_tokens (default 512)")
+    ap.add_argument("--tile", type=int, default=1024, help="mlp_tile_tokens (default 1024)")
     ap.add_argument("--budget-mib", type=float, default=4096.0,
                     help="step memory per rank for the longest-sequence column, MiB")  # fmt: skip
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
