@@ -242,3 +242,28 @@ def test_config_cli_error_is_one_line_and_nonzero(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "config error: training.seq_len = 'abc': expected an int"
     ]
+
+
+def test_pipeline_validation_shape_follows_training_unless_set(tmp_path):
+    """With pp > 1, a training override carries over to validation unless validation's own
+    keys are set (in the recipe or on the command line); without pp nothing changes."""
+    recipe = tmp_path / "pp.toml"
+    text = (ROOT / "train_configs" / "debug_cpu_4d.toml").read_text()
+    recipe.write_text(text)
+    base = [
+        "--job.config_file",
+        str(recipe),
+        "--training.local_batch_size",
+        "4",
+        "--training.global_batch_size",
+        "-1",
+    ]
+    cfg = load_config([*base, "--training.seq_len", "256"])
+    assert (cfg.validation.local_batch_size, cfg.validation.seq_len) == (4, 256)
+    validate(cfg, 16)  # the 4-D recipe's shape: no "shaped like training ones" error
+    cli = load_config([*base, "--validation.local-batch-size", "2"])
+    assert cli.validation.local_batch_size == 2  # set on the command line: kept (then refused)
+    recipe.write_text(text.replace("steps = 4\n", "steps = 4\nlocal_batch_size = 2\n", 1))
+    assert load_config(base).validation.local_batch_size == 2  # set in the recipe: kept
+    no_pp = load_config(["--job.config_file", DEBUG_CPU, "--training.local_batch_size", "2"])
+    assert no_pp.validation.local_batch_size == 4  # debug_cpu.toml's own value

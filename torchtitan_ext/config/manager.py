@@ -56,6 +56,8 @@ class ConfigManager(TitanConfigManager):
 
     def __init__(self) -> None:
         super().__init__(config_cls=merged_config_class())
+        self.toml_data: dict[str, Any] = {}
+        """The recipe file's contents as parsed (empty without ``--job.config_file``)."""
 
     def _maybe_load_toml(self, args: list[str]) -> dict[str, Any] | None:
         path = _config_file_arg(args)
@@ -65,7 +67,8 @@ class ConfigManager(TitanConfigManager):
             raise ConfigError("job.config_file", path, "no such file")
         try:
             with open(path, "rb") as f:
-                return tomli.load(f)
+                self.toml_data = tomli.load(f)
+                return self.toml_data
         except tomli.TOMLDecodeError as e:
             raise ConfigError("job.config_file", path, f"invalid TOML: {e}") from None
 
@@ -129,13 +132,35 @@ def load_config(args: list[str]) -> Any:
             "--training.steps", "10"]``.
 
     Returns:
-        An instance of the merged JobConfig dataclass (TorchTitan's sections plus ours).
+        An instance of the merged JobConfig dataclass (TorchTitan's sections plus ours). With
+        pipeline parallel, ``validation.local_batch_size`` and ``validation.seq_len`` are
+        training's unless the recipe or the command line sets them.
 
     Raises:
         ConfigError: unknown TOML key, wrongly typed TOML value, missing or malformed file.
         SystemExit: tyro's exit for a malformed CLI override (it prints the offending flag).
     """
-    return ConfigManager().parse_args(args)
+    manager = ConfigManager()
+    cfg = manager.parse_args(args)
+    if cfg.parallelism.pipeline_parallel_degree > 1:
+        # Pipeline stages size their buffers at the first training step and evaluation reuses
+        # them, so validation batches must be shaped like training ones: follow training's
+        # unless the recipe or the command line set them (a mismatch set there is an error).
+        for key in ("local_batch_size", "seq_len"):
+            if not is_set(f"validation.{key}", manager.toml_data, args):
+                setattr(cfg.validation, key, getattr(cfg.training, key))
+    return cfg
+
+
+def is_set(dotted: str, toml_data: dict[str, Any], args: list[str]) -> bool:
+    """Whether ``dotted`` (``section.key``) is given in the recipe's TOML or on the command line
+    (``--section.key`` / ``--section.key-with-dashes``, with or without ``=``)."""
+    section, _, key = dotted.partition(".")
+    table = toml_data.get(section)
+    if isinstance(table, dict) and key in table:
+        return True
+    flags = {f"--{section}.{key}", f"--{section}.{key.replace('_', '-')}"}
+    return any(arg.partition("=")[0] in flags for arg in args)
 
 
 def check_toml_values(cls: Any, data: dict[str, Any], prefix: str = "") -> None:
