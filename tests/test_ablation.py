@@ -29,9 +29,9 @@ def test_filters_and_orders(tmp_path):
         fixed={"pp": 1, "dp_replicate": 1}, max_degree={"dp_shard": 1},
     )  # fmt: skip
     got = {(s.name, o) for s, o, _ in valid}
-    # tp x cp with FSDP over cp needs tp innermost: the cp-innermost order is invalid.
-    assert ("tp2xcp2+tpinner", "tpinner") in got
-    assert any(s.name == "tp2xcp2+cpinner" for s, _, _ in invalid)
+    # tp x cp with FSDP over cp: both orders are valid (torch 2.13 composes either).
+    assert {("tp2xcp2+tpinner", "tpinner"), ("tp2xcp2+cpinner", "cpinner")} <= got
+    assert not any(s.name.startswith("tp2xcp2") for s, _, _ in invalid)
 
 
 def tiny_recipe(tmp_path: Path) -> Path:

@@ -112,9 +112,6 @@ def test_bad_recipe_values_name_key_and_value(tmp_path, toml, key, fragment):
          "multiple of local_batch_size (4) x data-parallel degree (4) = 16"),
         (["--parallelism.context_parallel_degree", "2", "--validation.seq_len", "250"], 4,
          "validation.seq_len", "2 x cp (2) = 4"),
-        (["--parallelism.context_parallel_degree", "2", "--parallelism.tensor_parallel_degree",
-          "2", "--parallelism.data_parallel_shard_degree", "1"], 4,
-         "parallelism.mesh_dim_order", "tp must come after dp_shard and cp"),
         (["--parallelism.context_parallel_degree", "2",
           "--parallelism.context_parallel_load_balancer", "ptrr"], 4,
          "parallelism.context_parallel_load_balancer", "'headtail', or None"),
@@ -267,3 +264,19 @@ def test_pipeline_validation_shape_follows_training_unless_set(tmp_path):
     assert load_config(base).validation.local_batch_size == 2  # set in the recipe: kept
     no_pp = load_config(["--job.config_file", DEBUG_CPU, "--training.local_batch_size", "2"])
     assert no_pp.validation.local_batch_size == 4  # debug_cpu.toml's own value
+
+
+def test_cp_innermost_with_tp_and_fsdp_is_valid_where_torch_composes_it(monkeypatch):
+    """The default order (cp innermost) with tp and FSDP over cp validates on torch 2.13;
+    on a torch whose FSDP2 cannot compose non-ascending meshes it is one config error."""
+    from torchtitan_ext import parallel_dims
+
+    args = ["--job.config_file", DEBUG_CPU, "--parallelism.context_parallel_degree", "2",
+            "--parallelism.tensor_parallel_degree", "2",
+            "--parallelism.data_parallel_shard_degree", "1"]  # fmt: skip
+    dims = validate(load_config(args), 4)
+    assert dims is not None and dims.order[-1] == "cp"
+    monkeypatch.setattr(parallel_dims, "non_ascending_fsdp_tp_supported", lambda: False)
+    with pytest.raises(ConfigError, match=r"needs tp after dp_shard and cp") as err:
+        validate(load_config(args), 4)
+    assert err.value.key == "parallelism.mesh_dim_order"

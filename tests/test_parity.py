@@ -36,7 +36,8 @@ SHAPES = [
     # 8 ranks: the representative 3-D shapes. Plain pp2xtp2xcp2 and tp2xcp4 run in
     # scripts/parity_matrix.py and scripts/soak_native.py; pp x tp x cp is covered here with
     # the long-context features on.
-    "dp_shard2xtp2xcp2",
+    "dp_shard2xtp2xcp2",  # cp innermost (the default order) ...
+    "dp_shard2xtp2xcp2+tpinner",  # ... and tp innermost (TorchTitan's order)
     "pp2xdp_shard2xcp2",
     "pp2xdp_shard2xtp2",
     "pp4xcp2@Interleaved1F1B",

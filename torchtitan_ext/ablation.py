@@ -40,8 +40,8 @@ from torchtitan_ext.parity import (
 )
 
 ORDERS = ("auto", "cpinner", "tpinner")
-"""Mesh dim orders a sweep can try: "auto" (cp innermost unless tp > 1 with FSDP, which needs
-tp innermost), "cpinner" (pp, dp_replicate, dp_shard, tp, cp), "tpinner" (..., cp, tp)."""
+"""Mesh dim orders a sweep can try: "auto" (the recipe's ``parallelism.mesh_dim_order``, cp
+innermost by default), "cpinner" (pp, dp_replicate, dp_shard, tp, cp), "tpinner" (..., cp, tp)."""
 
 LOSS_RTOL = 1e-3
 """Relative deviation of a shape's last-step loss from the median that flags its numerics."""

@@ -11,10 +11,12 @@ collective.
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.parallel.fsdp import non_ascending_fsdp_tp_supported
 
 _FLAT_MESHES: dict[str, tuple[str, ...]] = {
     # FSDP shards over dp_shard x cp: CP ranks hold the same parameters and their gradients
@@ -80,14 +82,16 @@ class ParallelDims:
         order = tuple(cfg.parallelism.mesh_dim_order)
         check_mesh_dim_order(order)
         fsdp_dims = [order.index(d) for d in ("dp_shard", "cp") if degrees[d] > 1]
-        if degrees["tp"] > 1 and fsdp_dims and order.index("tp") < max(fsdp_dims):
+        tp_before_fsdp = degrees["tp"] > 1 and fsdp_dims and order.index("tp") < max(fsdp_dims)
+        if tp_before_fsdp and not non_ascending_fsdp_tp_supported():
             # FSDP2 composes its (dp_shard x cp) mesh with the tp mesh of TP's DTensors as one
-            # 2-D mesh, which DeviceMesh only builds from dims in ascending order.
+            # 2-D mesh; torch before DeviceMesh._concatenate builds it only from dims in
+            # ascending order (torchtitan_ext.parallel.fsdp).
             raise ConfigError(
                 "parallelism.mesh_dim_order",
                 list(order),
-                "with tp > 1 and FSDP over dp_shard x cp, tp must come after dp_shard and cp, "
-                "e.g. ['pp', 'dp_replicate', 'dp_shard', 'cp', 'tp']",
+                f"with tp > 1 and FSDP over dp_shard x cp, torch {torch.__version__} needs tp "
+                "after dp_shard and cp, e.g. ['pp', 'dp_replicate', 'dp_shard', 'cp', 'tp']",
             )
         return cls(
             pp=degrees["pp"],

@@ -53,7 +53,6 @@ OPTIONS: dict[str, list[str]] = {
     # Tiled MLP: tiles of 12 tokens of the local sequence (the last one shorter).
     "tiledmlp": ["--training.mlp_tile_tokens", "12"],
 }
-_TP_INNERMOST = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -84,18 +83,13 @@ class Shape:
         return dims + sched + "".join(f"+{o}" for o in self.options)
 
     def args(self) -> list[str]:
-        """Recipe overrides for this shape. With tp > 1 and FSDP (dp_shard x cp > 1) the mesh
-        order puts tp innermost, which FSDP2's 2-D (fsdp, tp) composition requires
-        (``ParallelDims.from_config``), unless an option sets the order."""
+        """Recipe overrides for this shape, in the recipe's mesh order (cp innermost by
+        default) unless an option ("tpinner", "cpinner") sets it."""
         out: list[str] = []
         for dim in MESH_DIM_NAMES:
             out += [f"--parallelism.{DEGREE_KEYS[dim]}", str(self.degrees.get(dim, 1))]
         if self.schedule:
             out += ["--parallelism.pipeline_parallel_schedule", self.schedule]
-        d = self.degrees
-        order_set = any(OPTIONS[o][0] == "--parallelism.mesh_dim_order" for o in self.options)
-        if d.get("tp", 1) > 1 and d.get("dp_shard", 1) * d.get("cp", 1) > 1 and not order_set:
-            out += ["--parallelism.mesh_dim_order", ",".join(_TP_INNERMOST)]
         if not self.validates:
             out += ["--validation.no-enable"]
         for o in self.options:
