@@ -5,12 +5,16 @@ parameter with the unsharded model. Whole-run parity on TP/CP/PP/FSDP meshes is 
 tests/test_parity.py; the memory they save is measured by scripts/bench_long_context.py."""
 
 import copy
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from tests.conftest import spawn
 from torchtitan_ext.distributed import CUDA_ALLOC_CONF, configure_cuda_allocator
+
+if TYPE_CHECKING:
+    from torchtitan.models.llama3 import Transformer
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,6 +75,22 @@ def test_tiled_mlp_matches_the_feed_forward():
         assert got is not None and want is not None and _rel(got, want) < 1e-6
 
 
+def _tiny_model() -> tuple["Transformer", Any]:
+    """TorchTitan's Llama on the ``debugmodel_cpu_tiny`` flavor (32-token sequences), seeded
+    and initialized: (model, its args)."""
+    from torchtitan.models.llama3 import Transformer
+
+    from torchtitan_ext.models import CPU_FLAVORS
+
+    args = copy.deepcopy(CPU_FLAVORS["debugmodel_cpu_tiny"])
+    args.max_seq_len = 32
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():
+        model.init_weights()
+    return model, args
+
+
 def _tp_features_match(rank: int, world_size: int) -> None:
     """A debug model with both features under TP 2 (loss parallel on and off) against the same
     model unsharded: loss and every parameter's gradient."""
@@ -78,22 +98,15 @@ def _tp_features_match(rank: int, world_size: int) -> None:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
     from torchtitan.components.loss import cross_entropy_loss
-    from torchtitan.models.llama3 import Transformer
 
     from torchtitan_ext.long_context.chunked_loss import (
         ChunkedCrossEntropy,
         defer_output_projection,
     )
     from torchtitan_ext.long_context.tiled_mlp import apply_tiled_mlp
-    from torchtitan_ext.models import CPU_FLAVORS
     from torchtitan_ext.parallel.tensor_parallel import apply_tp
 
-    args = copy.deepcopy(CPU_FLAVORS["debugmodel_cpu_tiny"])
-    args.max_seq_len = 32
-    torch.manual_seed(0)
-    ref = Transformer(args)
-    with torch.no_grad():
-        ref.init_weights()
+    ref, args = _tiny_model()
     for p in ref.parameters():  # larger weights than init, so every path's gradient matters
         p.data.add_(torch.randn_like(p) * 0.05)
     tokens = torch.randint(0, args.vocab_size, (2, 33))
@@ -141,10 +154,8 @@ def test_activation_offload_moves_only_block_inputs_and_keeps_gradients(monkeypa
     from torch.autograd.graph import save_on_cpu
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torchtitan.components.loss import cross_entropy_loss
-    from torchtitan.models.llama3 import Transformer
 
     from torchtitan_ext.config import load_config
-    from torchtitan_ext.models import CPU_FLAVORS
     from torchtitan_ext.parallel import activation_checkpoint as ac_module
 
     packed: list[tuple[int, ...]] = []
@@ -162,12 +173,7 @@ def test_activation_offload_moves_only_block_inputs_and_keeps_gradients(monkeypa
             self.pack_hook = record
 
     monkeypatch.setattr(ac_module, "save_on_cpu", RecordingSaveOnCpu)
-    args = copy.deepcopy(CPU_FLAVORS["debugmodel_cpu_tiny"])
-    args.max_seq_len = 32
-    torch.manual_seed(0)
-    base = Transformer(args)
-    with torch.no_grad():
-        base.init_weights()
+    base, args = _tiny_model()
     tokens = torch.randint(0, args.vocab_size, (2, 33))
     ac_cfg = load_config(["--activation_checkpoint.mode", "full"]).activation_checkpoint
     results = []

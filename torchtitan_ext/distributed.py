@@ -103,7 +103,6 @@ def init_distributed(backend: str, device: torch.device, timeout_s: int) -> None
         os.environ["MASTER_PORT"] = str(_free_port())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    use_single_worker_gloo()
     dist.init_process_group(
         backend=backend,
         timeout=timedelta(seconds=timeout_s),
@@ -113,8 +112,8 @@ def init_distributed(backend: str, device: torch.device, timeout_s: int) -> None
 
 def use_single_worker_gloo() -> None:
     """Make every gloo backend created from now on run one worker thread instead of torch's
-    two. Idempotent; called by ``init_distributed`` before the first group exists and by
-    ``import torchtitan_ext`` (for scripts that create their own groups afterwards).
+    two. Idempotent; ``import torchtitan_ext`` calls it, so it is in effect before any group
+    this package (``init_distributed``) or a script using it creates.
 
     Why: torch's ``ProcessGroupGloo::runLoop`` (torch/csrc/distributed/c10d/ProcessGroupGloo.cpp,
     2.13 and later) records ``pgStatus_->lastCompletedWorkName``, a ``std::string``, after each

@@ -34,7 +34,8 @@ def non_ascending_fsdp_tp_supported() -> bool:
 
 def allow_non_ascending_flattening() -> None:
     """Let DTensor's redistribute planner skip merging collectives over mesh dims whose names
-    are not in ascending order in the world mesh, instead of raising. Idempotent.
+    are not in ascending order in the world mesh, instead of raising. Idempotent; a no-op on a
+    torch without that planner lookup (``non_ascending_fsdp_tp_supported``).
 
     torch 2.13's planner (``torch/distributed/tensor/_redistribute.py``) tries to merge the
     all-gathers or reduce-scatters of several mesh dims into one collective over an already
@@ -49,6 +50,8 @@ def allow_non_ascending_flattening() -> None:
     """
     from torch.distributed.tensor import _redistribute
 
+    if not non_ascending_fsdp_tp_supported():
+        return
     lookup: Any = _redistribute._get_flattened_mesh_by_layout_impl
     if getattr(lookup, "_non_ascending_ok", False):
         return
@@ -86,8 +89,7 @@ def apply_fsdp(
             (chunked cross-entropy): the [norm, output] unit is never resharded after forward,
             so the weight is gathered once per step, whatever the policy.
     """
-    if non_ascending_fsdp_tp_supported():
-        allow_non_ascending_flattening()
+    allow_non_ascending_flattening()
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     reshard = {
         "always": True,
