@@ -3,7 +3,7 @@ compare throughput, memory and the loss.
 
     .venv/bin/python scripts/ablate_mesh.py --config train_configs/debug_cpu.toml --nproc 8
     .venv/bin/python scripts/ablate_mesh.py --config my.toml --nproc 8 --fixed pp=1 --max tp=4 \\
-        --orders auto,cpinner,tpinner --steps 6 --warmup 2
+        --orders cpinner,tpinner --steps 6 --warmup 2
 
 Writes ``<out>/ablation.csv`` (one row per shape, written as each finishes: rerun with the same
 ``--out`` to resume an interrupted sweep), ``ablation.md`` (sorted by tokens/s per rank, best
@@ -55,7 +55,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="default: outputs/ablation/<recipe>-<nproc>")
     ap.add_argument("--steps", type=int, default=4, help="training steps per shape")
     ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the timings")
-    ap.add_argument("--orders", default="auto", help=f"comma list of {', '.join(ORDERS)}")
+    ap.add_argument(
+        "--orders", default="auto",
+        help=f"comma list of {', '.join(ORDERS)}\n"
+        "auto: mesh_dim_order = \"auto\" (cp innermost where this torch trains it,\n"
+        "  else tp innermost; not the recipe's order)\n"
+        "cpinner: pp,dp_replicate,dp_shard,tp,cp\n"
+        "tpinner: pp,dp_replicate,dp_shard,cp,tp",
+    )  # fmt: skip
     ap.add_argument("--fixed", help="degrees every shape must have, e.g. pp=1,tp=2")
     ap.add_argument("--max", help="largest degrees to try, e.g. cp=4")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per shape")

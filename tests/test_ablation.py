@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from torchtitan_ext.ablation import enumerate_shapes, read_csv, sweep, write_csv, write_report
+from torchtitan_ext.ablation import (
+    ORDERS,
+    enumerate_shapes,
+    read_csv,
+    sweep,
+    write_csv,
+    write_report,
+)
 
 DEBUG_CPU = ROOT / "train_configs" / "debug_cpu.toml"
 FIXED = {"pp": 1, "dp_replicate": 1, "tp": 1}  # leaves dp_shard x cp: 3 shapes of 4 ranks
@@ -32,6 +39,27 @@ def test_filters_and_orders(tmp_path):
     # tp x cp with FSDP over cp: both orders are valid (torch 2.13 composes either).
     assert {("tp2xcp2+tpinner", "tpinner"), ("tp2xcp2+cpinner", "cpinner")} <= got
     assert not any(s.name.startswith("tp2xcp2") for s, _, _ in invalid)
+
+
+def test_auto_order_is_the_resolved_auto_order_not_the_recipes(tmp_path):
+    """The "auto" order overrides the recipe's mesh_dim_order with "auto" (debug_cpu_4d.toml
+    sets tp innermost; "auto" resolves to cp innermost on torch 2.13) and keeps the plain
+    shape name."""
+    from torchtitan_ext.config import load_config, validate
+
+    recipe = ROOT / "train_configs" / "debug_cpu_4d.toml"
+    fixed = {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2, "cp": 2}
+    valid, _ = enumerate_shapes(recipe, 8, tmp_path, steps=2, orders=ORDERS, fixed=fixed)
+    orders = {}
+    for shape, order, args in valid:
+        dims = validate(load_config(args), 8)
+        assert dims is not None
+        orders[(shape.name, order)] = ",".join(dims.order)
+    assert orders == {
+        ("dp_shard2xtp2xcp2", "auto"): "pp,dp_replicate,dp_shard,tp,cp",
+        ("dp_shard2xtp2xcp2+cpinner", "cpinner"): "pp,dp_replicate,dp_shard,tp,cp",
+        ("dp_shard2xtp2xcp2+tpinner", "tpinner"): "pp,dp_replicate,dp_shard,cp,tp",
+    }
 
 
 def tiny_recipe(tmp_path: Path) -> Path:

@@ -1,6 +1,7 @@
-"""DeviceMesh construction and mesh-independent initialization, on 4 real gloo ranks.
+"""DeviceMesh construction and mesh-independent initialization, on 4 real gloo ranks; the
+degree and mesh_dim_order checks ("auto" included) in process.
 
-One launch runs every check (starting ranks dominates the cost on 2 cores).
+One launch runs every multi-rank check (starting ranks dominates the cost on 2 cores).
 """
 
 import re
@@ -11,12 +12,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from tests.conftest import spawn
-from torchtitan_ext.config import ConfigError
+from tests.conftest import ROOT, spawn
+from torchtitan_ext.config import ConfigError, load_config, validate
 from torchtitan_ext.parallel_dims import ParallelDims
 
 
-def _cfg(dp_replicate: int, dp_shard: int, tp: int, cp: int, order: list[str]) -> SimpleNamespace:
+def _cfg(dp_replicate: int, dp_shard: int, tp: int, cp: int, order: object) -> SimpleNamespace:
     return SimpleNamespace(
         parallelism=SimpleNamespace(
             pipeline_parallel_degree=1,
@@ -112,3 +113,103 @@ def test_mesh_and_init_on_4_ranks():
 def test_parallel_dims_errors(cfg, world_size, fragment):
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         ParallelDims.from_config(cfg, world_size)
+
+
+TP_INNER = ["pp", "dp_replicate", "dp_shard", "cp", "tp"]
+
+
+@pytest.mark.parametrize("auto", ["auto", ["auto"]])  # TOML string; the CLI's comma-split list
+@pytest.mark.parametrize(
+    ("dp_shard", "tp", "cp", "world_size"),
+    [(2, 2, 2, 8), (1, 2, 2, 4), (4, 2, 1, 8), (-1, 1, 1, 8)],
+)
+def test_auto_order_is_cp_innermost(auto, dp_shard, tp, cp, world_size):
+    dims = ParallelDims.from_config(_cfg(1, dp_shard, tp, cp, auto), world_size)
+    assert dims.order == tuple(CP_INNER) and dims.auto_order
+    explicit = ParallelDims.from_config(_cfg(1, dp_shard, tp, cp, CP_INNER), world_size)
+    assert explicit.order == tuple(CP_INNER) and not explicit.auto_order
+
+
+@pytest.mark.parametrize("auto", ["auto", ["auto"]])
+def test_auto_order_is_tp_innermost_where_torch_cannot_compose_cp_innermost(monkeypatch, auto):
+    """On a torch whose FSDP2 cannot compose a tp dim before the FSDP dims, tp > 1 with FSDP
+    over dp_shard x cp (cp > 1) resolves to tp innermost instead of the error an explicit
+    cp-innermost order gets; without cp in FSDP cp innermost is kept (tp is after dp_shard)."""
+    from torchtitan_ext import parallel_dims
+
+    monkeypatch.setattr(parallel_dims, "non_ascending_fsdp_tp_supported", lambda: False)
+    for dp_shard, tp, cp, world_size in [(2, 2, 2, 8), (1, 2, 2, 4), (-1, 2, 4, 16)]:
+        dims = ParallelDims.from_config(_cfg(1, dp_shard, tp, cp, auto), world_size)
+        assert dims.order == tuple(TP_INNER), (dp_shard, tp, cp)
+        with pytest.raises(ConfigError, match="needs tp after dp_shard and cp") as err:
+            ParallelDims.from_config(_cfg(1, dp_shard, tp, cp, CP_INNER), world_size)
+        assert err.value.key == "parallelism.mesh_dim_order"
+    for dp_shard, tp, cp in [(4, 2, 1), (4, 1, 2)]:
+        dims = ParallelDims.from_config(_cfg(1, dp_shard, tp, cp, auto), 8)
+        assert dims.order == tuple(CP_INNER), (dp_shard, tp, cp)
+
+
+@pytest.mark.parametrize(
+    ("order", "fragment"),
+    [
+        ("Auto", 'must be "auto" or a list'),
+        ("pp,dp_replicate,dp_shard,tp,cp", 'must be "auto" or a list'),
+        (["autoo"], 'must be "auto" or a permutation'),
+        (["auto", "pp"], 'must be "auto" or a permutation'),
+        (["pp", "dp_replicate", "dp_shard", "tp"], 'must be "auto" or a permutation'),
+        (5, 'must be "auto" or a list'),
+    ],
+)
+def test_bad_mesh_dim_order_is_one_config_error_naming_the_key(order, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as err:
+        ParallelDims.from_config(_cfg(1, -1, 1, 1, order), 4)
+    assert err.value.key == "parallelism.mesh_dim_order"
+
+
+def test_auto_order_from_toml_and_cli(tmp_path):
+    """`mesh_dim_order = "auto"` in a recipe (a string) and `--parallelism.mesh_dim_order auto`
+    (the list ["auto"]) both validate; a TOML string other than "auto" names the key."""
+    text = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
+    explicit = 'mesh_dim_order = ["pp", "dp_replicate", "dp_shard", "tp", "cp"]'
+    assert explicit in text
+    recipe = tmp_path / "auto.toml"
+    recipe.write_text(text.replace(explicit, 'mesh_dim_order = "auto"'))
+    shape = ["--parallelism.data_parallel_shard_degree", "2",
+             "--parallelism.tensor_parallel_degree", "2",
+             "--parallelism.context_parallel_degree", "2"]  # fmt: skip
+    cfg = load_config(["--job.config_file", str(recipe), *shape])
+    assert cfg.parallelism.mesh_dim_order == "auto"
+    dims = validate(cfg, 8)
+    assert dims is not None and dims.order == tuple(CP_INNER) and dims.auto_order
+    cli = ["--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"), *shape]
+    cfg = load_config([*cli, "--parallelism.mesh_dim_order", "auto"])
+    assert cfg.parallelism.mesh_dim_order == ["auto"]
+    dims = validate(cfg, 8)
+    assert dims is not None and dims.order == tuple(CP_INNER) and dims.auto_order
+    recipe.write_text(text.replace(explicit, 'mesh_dim_order = "cp_inner"'))
+    with pytest.raises(ConfigError) as err:
+        load_config(["--job.config_file", str(recipe)])
+    assert err.value.key == "parallelism.mesh_dim_order"
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_auto_order_is_logged_once_on_rank_0(monkeypatch, caplog, supported):
+    """build_mesh says which order "auto" picked (in process, on torch's fake process group)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtitan_ext import parallel_dims
+
+    monkeypatch.setattr(parallel_dims, "non_ascending_fsdp_tp_supported", lambda: supported)
+    dims = ParallelDims.from_config(_cfg(1, 2, 2, 2, "auto"), 8)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        with caplog.at_level("INFO", logger="torchtitan_ext"):
+            dims.build_mesh("cpu")
+    finally:
+        dist.destroy_process_group()
+    lines = [r.getMessage() for r in caplog.records if "mesh_dim_order" in r.getMessage()]
+    expected = ",".join(CP_INNER if supported else TP_INNER)
+    inner = "cp" if supported else "tp"
+    assert len(lines) == 1 and lines[0].startswith(
+        f"mesh_dim_order auto -> {expected} ({inner} innermost"
+    )

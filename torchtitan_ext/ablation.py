@@ -40,8 +40,14 @@ from torchtitan_ext.parity import (
 )
 
 ORDERS = ("auto", "cpinner", "tpinner")
-"""Mesh dim orders a sweep can try: "auto" (the recipe's ``parallelism.mesh_dim_order``, cp
-innermost by default), "cpinner" (pp, dp_replicate, dp_shard, tp, cp), "tpinner" (..., cp, tp)."""
+"""Mesh dim orders a sweep can try: "auto" (``parallelism.mesh_dim_order = "auto"``, whatever the
+recipe sets: cp innermost where this torch trains it with the shape's degrees, else tp innermost,
+``torchtitan_ext.parallel_dims.auto_mesh_dim_order``; always cp innermost on torch 2.13),
+"cpinner" (pp, dp_replicate, dp_shard, tp, cp), "tpinner" (pp, dp_replicate, dp_shard, cp, tp).
+"""
+
+AUTO_ORDER_ARGS = ("--parallelism.mesh_dim_order", "auto")
+"""The recipe override of the "auto" order (the other orders are shape options)."""
 
 LOSS_RTOL = 1e-3
 """Relative deviation of a shape's last-step loss from the median that flags its numerics."""
@@ -78,6 +84,8 @@ class Row:
 
 
 def _with_order(shape: Shape, order: str) -> Shape:
+    """``shape`` with the option of ``order`` ("cpinner", "tpinner"); "auto" has none (its
+    override is ``AUTO_ORDER_ARGS``), so its rows keep the plain shape name."""
     if order == "auto":
         return shape
     return dataclasses.replace(shape, options=(*shape.options, order))
@@ -126,7 +134,7 @@ def enumerate_shapes(
     extra: tuple[str, ...] = (),
 ) -> tuple[list[tuple[Shape, str, list[str]]], list[tuple[Shape, str, str]]]:
     """Every factorization of ``nproc`` (filtered by ``fixed`` degrees and ``max_degree``), in
-    each of ``orders``, with ``extra`` recipe overrides.
+    each of ``orders`` (``ORDERS``), with ``extra`` recipe overrides.
 
     Returns:
         (valid, invalid): valid as (shape, order, CLI args); invalid as (shape, order, the
@@ -142,7 +150,8 @@ def enumerate_shapes(
             continue
         for order in orders:
             shape = _with_order(base, order)
-            args = shape_args(recipe, shape, out, steps, g, extra)
+            order_args = AUTO_ORDER_ARGS if order == "auto" else ()
+            args = shape_args(recipe, shape, out, steps, g, (*order_args, *extra))
             why = check_shape(shape, args)
             if why is None:
                 valid.append((shape, order, args))

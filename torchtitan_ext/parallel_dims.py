@@ -4,19 +4,36 @@ Follows TorchTitan's ``ParallelDims`` (``torchtitan/distributed/parallel_dims.py
 one object validates the degrees once, builds the named meshes and answers ``*_enabled``; it is
 passed around explicitly, nothing reads ``WORLD_SIZE`` ad hoc. Differences: the order of the mesh
 dims is a recipe setting (``parallelism.mesh_dim_order``, cp innermost by default, where
-TorchTitan fixes tp innermost), and every error is a ``ConfigError`` raised before any
-collective.
+TorchTitan fixes tp innermost; ``"auto"`` picks one for the degrees, ``auto_mesh_dim_order``),
+and every error is a ``ConfigError`` raised before any collective.
 """
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.parallel.fsdp import non_ascending_fsdp_tp_supported
+
+logger = logging.getLogger("torchtitan_ext")
+
+MESH_DIM_ORDER_KEY = "parallelism.mesh_dim_order"
+
+AUTO = "auto"
+"""The ``parallelism.mesh_dim_order`` value (a string in TOML, ``["auto"]`` from the command
+line) that lets ``auto_mesh_dim_order`` choose the order for the degrees."""
+
+CP_INNERMOST: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "tp", "cp")
+"""The default order: CP ring neighbours are adjacent ranks."""
+
+TP_INNERMOST: tuple[str, ...] = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+"""TorchTitan 0.2.2's order: TP peers are adjacent ranks."""
 
 _FLAT_MESHES: dict[str, tuple[str, ...]] = {
     # FSDP shards over dp_shard x cp: CP ranks hold the same parameters and their gradients
@@ -41,6 +58,8 @@ class ParallelDims:
             resolved to world_size / (pp * dp_replicate * tp * cp)).
         world_size: number of ranks; the product of the degrees.
         order: mesh dim names, outermost first.
+        auto_order: ``order`` was chosen by ``auto_mesh_dim_order`` (``mesh_dim_order =
+            "auto"``); ``build_mesh`` then logs it on rank 0.
     """
 
     pp: int
@@ -50,6 +69,7 @@ class ParallelDims:
     cp: int
     world_size: int
     order: tuple[str, ...] = MESH_DIM_NAMES
+    auto_order: bool = False
     _meshes: dict[str, DeviceMesh] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -58,7 +78,7 @@ class ParallelDims:
 
         Raises:
             ConfigError: a degree < 1 (other than dp_shard = -1), a product that does not equal
-                the world size, or an invalid ``mesh_dim_order``.
+                the world size, or an invalid ``mesh_dim_order`` (``"auto"`` is always valid).
         """
         degrees = check_degrees(cfg)
         others = degrees["pp"] * degrees["dp_replicate"] * degrees["tp"] * degrees["cp"]
@@ -79,19 +99,14 @@ class ParallelDims:
                 shape,
                 f"the degrees multiply to {product} but the world size is {world_size}",
             )
-        order = tuple(cfg.parallelism.mesh_dim_order)
-        check_mesh_dim_order(order)
-        fsdp_dims = [order.index(d) for d in ("dp_shard", "cp") if degrees[d] > 1]
-        tp_before_fsdp = degrees["tp"] > 1 and fsdp_dims and order.index("tp") < max(fsdp_dims)
-        if tp_before_fsdp and not non_ascending_fsdp_tp_supported():
-            # FSDP2 composes its (dp_shard x cp) mesh with the tp mesh of TP's DTensors as one
-            # 2-D mesh; torch before DeviceMesh._concatenate builds it only from dims in
-            # ascending order (torchtitan_ext.parallel.fsdp).
+        given = mesh_dim_order_of(cfg.parallelism.mesh_dim_order)
+        order = auto_mesh_dim_order(degrees) if given is None else given
+        if not fsdp_tp_order_supported(order, degrees):
             raise ConfigError(
-                "parallelism.mesh_dim_order",
+                MESH_DIM_ORDER_KEY,
                 list(order),
                 f"with tp > 1 and FSDP over dp_shard x cp, torch {torch.__version__} needs tp "
-                "after dp_shard and cp, e.g. ['pp', 'dp_replicate', 'dp_shard', 'cp', 'tp']",
+                f'after dp_shard and cp, e.g. {list(TP_INNERMOST)} (or "{AUTO}")',
             )
         return cls(
             pp=degrees["pp"],
@@ -101,6 +116,7 @@ class ParallelDims:
             cp=degrees["cp"],
             world_size=world_size,
             order=order,
+            auto_order=given is None,
         )
 
     @property
@@ -171,6 +187,12 @@ class ParallelDims:
             0, (self.dp_replicate, self.dp_shard * self.cp), ("hsdp_replicate", "hsdp_shard")
         )
         self._meshes = meshes
+        if self.auto_order and dist.get_rank() == 0:
+            why = ""
+            if self.order != CP_INNERMOST:
+                why = f": torch {torch.__version__} cannot compose FSDP over cp with tp before it"
+            inner = f"{self.order[-1]} innermost{why}"
+            logger.info(f"mesh_dim_order {AUTO} -> {','.join(self.order)} ({inner})")
         return world
 
     def get_mesh(self, name: str) -> DeviceMesh:
@@ -215,20 +237,70 @@ def check_degrees(cfg: Any) -> dict[str, int]:
     return degrees
 
 
+def mesh_dim_order_of(value: object) -> tuple[str, ...] | None:
+    """The recipe's ``parallelism.mesh_dim_order`` as a checked order, or None for ``"auto"``
+    (the TOML string ``"auto"``, or ``["auto"]`` as the command line delivers it).
+
+    Raises:
+        ConfigError: naming ``parallelism.mesh_dim_order``: a string other than ``"auto"``,
+            not a list of names, or a list that ``check_mesh_dim_order`` refuses.
+    """
+    if value == AUTO or (isinstance(value, (list, tuple)) and list(value) == [AUTO]):
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ConfigError(
+            MESH_DIM_ORDER_KEY,
+            value,
+            f'must be "{AUTO}" or a list: a permutation of {", ".join(MESH_DIM_NAMES)}',
+        )
+    order = tuple(str(v) for v in value)
+    check_mesh_dim_order(order)
+    return order
+
+
+def fsdp_tp_order_supported(order: tuple[str, ...], degrees: Mapping[str, int]) -> bool:
+    """Whether this torch trains ``order`` with these degrees: False only where tp > 1 comes
+    before a dim of FSDP's dp_shard x cp mesh (of degree > 1) and
+    ``non_ascending_fsdp_tp_supported()`` is False.
+
+    FSDP2 composes its (dp_shard x cp) mesh with the tp mesh of TP's DTensors as one 2-D mesh;
+    torch before ``DeviceMesh._concatenate`` builds it only from dims in ascending order
+    (``torchtitan_ext.parallel.fsdp``).
+    """
+    fsdp_dims = [order.index(d) for d in ("dp_shard", "cp") if degrees[d] > 1]
+    tp_before_fsdp = degrees["tp"] > 1 and bool(fsdp_dims) and order.index("tp") < max(fsdp_dims)
+    return not tp_before_fsdp or non_ascending_fsdp_tp_supported()
+
+
+def auto_mesh_dim_order(degrees: Mapping[str, int]) -> tuple[str, ...]:
+    """The order ``mesh_dim_order = "auto"`` picks for ``degrees`` (resolved, by mesh dim
+    name): ``CP_INNERMOST`` where ``fsdp_tp_order_supported`` (always on torch 2.13), else
+    ``TP_INNERMOST``: tp > 1 and cp > 1 (FSDP spans cp) on a torch whose FSDP2 cannot compose
+    a tp mesh dim that comes before an FSDP one. With cp = 1 cp innermost is kept: tp already
+    comes after dp_shard, and both orders lay the ranks out alike."""
+    if fsdp_tp_order_supported(CP_INNERMOST, degrees):
+        return CP_INNERMOST
+    return TP_INNERMOST
+
+
 def check_mesh_dim_order(order: tuple[str, ...]) -> None:
     """Validate ``parallelism.mesh_dim_order``.
 
-    Rules: a permutation of pp, dp_replicate, dp_shard, tp, cp; pp outermost (stages span the
-    slowest links, as in TorchTitan and Megatron-LM); dp_replicate next (HSDP replicas span
-    nodes, and the HSDP mesh is built by unflattening the loss mesh, which needs it outermost
-    among the data dims). dp_shard, tp and cp may come in any order.
+    Rules (for an explicit list; ``mesh_dim_order_of`` handles ``"auto"``): a permutation of
+    pp, dp_replicate, dp_shard, tp, cp; pp outermost (stages span the slowest links, as in
+    TorchTitan and Megatron-LM); dp_replicate next (HSDP replicas span nodes, and the HSDP mesh
+    is built by unflattening the loss mesh, which needs it outermost among the data dims).
+    dp_shard, tp and cp may come in any order (``fsdp_tp_order_supported`` adds a torch
+    constraint that depends on the degrees).
 
     Raises:
         ConfigError: naming ``parallelism.mesh_dim_order`` and the given list.
     """
-    key = "parallelism.mesh_dim_order"
+    key = MESH_DIM_ORDER_KEY
     if sorted(order) != sorted(MESH_DIM_NAMES):
-        raise ConfigError(key, list(order), f"must be a permutation of {', '.join(MESH_DIM_NAMES)}")
+        raise ConfigError(
+            key, list(order), f'must be "{AUTO}" or a permutation of {", ".join(MESH_DIM_NAMES)}'
+        )
     if order[0] != "pp" or order[1] != "dp_replicate":
         raise ConfigError(
             key,

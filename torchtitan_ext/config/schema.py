@@ -70,11 +70,14 @@ class ActivationCheckpoint:
 
 @dataclass
 class Parallelism:
-    mesh_dim_order: list[str] = field(default_factory=lambda: list(MESH_DIM_NAMES))
+    mesh_dim_order: list[str] | Literal["auto"] = field(
+        default_factory=lambda: list(MESH_DIM_NAMES)
+    )
     """Order of the DeviceMesh dims, outermost first. A permutation of pp, dp_replicate,
     dp_shard, tp, cp with pp first and dp_replicate second; the default puts cp innermost
     so that CP ring neighbours are adjacent ranks (TorchTitan 0.2.2 puts tp innermost:
-    pp,dp_replicate,dp_shard,cp,tp)."""
+    pp,dp_replicate,dp_shard,cp,tp). "auto" picks cp innermost where this torch can train
+    it with the given degrees, else tp innermost, and logs which on rank 0."""
 
 
 @dataclass

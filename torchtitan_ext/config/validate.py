@@ -8,7 +8,7 @@ bad value hangs or prints one traceback per rank) and misses others. Each check 
 from typing import Any
 
 from torchtitan_ext.config.manager import ConfigError
-from torchtitan_ext.parallel_dims import ParallelDims, check_degrees, check_mesh_dim_order
+from torchtitan_ext.parallel_dims import ParallelDims, check_degrees, mesh_dim_order_of
 
 SUPPORTED_AC_MODES = ("none", "selective", "full")
 
@@ -27,7 +27,7 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
         ConfigError: the first problem found.
     """
     _check_positive(cfg)
-    check_mesh_dim_order(tuple(cfg.parallelism.mesh_dim_order))
+    mesh_dim_order_of(cfg.parallelism.mesh_dim_order)  # "auto" is resolved with the degrees
     model_args = resolve_model_args(cfg)
     p = cfg.parallelism
     tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
