@@ -1,15 +1,16 @@
 """The parity matrix: every mesh shape of N ranks trains the same model as 1 rank.
 
 By default: every factorization of 8 ranks into (pp, dp_replicate, dp_shard, tp, cp), each
-pipeline schedule on pp 2 and the interleaved ones on pp 4, and the 16-rank 4D shape
-pp2 x dp_shard2 x tp2 x cp2. Each shape trains the debug recipe (``debugmodel_cpu_deep``, seq 128,
-global batch 8, fp32) for 5 steps; the table gives the relative deviation of its losses and grad
-norms from the 1-rank run: PASS when step 1 is within 1e-5 and every step within 5e-4. Shapes
-invalid for the recipe are listed as SKIP with the config error that rules them out. Shapes with
-the same rank count share one launch (``torchtitan_ext.parity``). Exit status 1 if any shape
-fails.
+pipeline schedule on pp 2 and the interleaved ones on pp 4, each context-parallel pattern
+(Ulysses, hybrid, double ring) with TP, PP and FSDP, and the 16-rank 4D shape
+pp2 x dp_shard2 x tp2 x cp2 with the ring and with Ulysses. Each shape trains the debug
+recipe (``debugmodel_cpu_deep``, seq 128, global batch 8, fp32) for 5 steps; the table gives
+the relative deviation of its losses and grad norms from the 1-rank run: PASS when step 1 is
+within 1e-5 and every step within 5e-4. Shapes invalid for the recipe are listed as SKIP with
+the config error that rules them out. Shapes with the same rank count share one launch
+(``torchtitan_ext.parity``). Exit status 1 if any shape fails.
 
-    .venv/bin/python scripts/parity_matrix.py                 # the full matrix (~10 min here)
+    .venv/bin/python scripts/parity_matrix.py                 # the full matrix (~17 min here)
     .venv/bin/python scripts/parity_matrix.py --shapes pp2xtp2xcp2,tp2xcp4 --no-4d
 """
 
@@ -38,15 +39,30 @@ SCHEDULE_SHAPES = [
     "dp_shard2xcp4+alltoall+nolb",
     "tp2xcp4+nolossparallel",
 ]
+# Context-parallel patterns (ring is every other cp shape): each with TP, PP and FSDP.
+PATTERN_SHAPES = [
+    "cp8+ulysses",
+    "cp8+hybrid2",
+    "cp8+dring2",
+    "dp_shard2xtp2xcp2+ulysses",
+    "pp2xtp2xcp2+ulysses",
+    "dp_shard2xcp4+hybrid2",
+    "tp2xcp4+hybrid2",
+    "pp2xcp4+hybrid2+nolb",
+    "dp_shard2xcp4+dring2",
+    "tp2xcp4+dring2+alltoall",
+    "pp2xcp4+dring2",
+]
 SHAPE_4D = "pp2xdp_shard2xtp2xcp2"
+SHAPES_4D = [SHAPE_4D, SHAPE_4D + "+ulysses"]
 
 
 def default_shapes(nproc: int, with_4d: bool) -> list[Shape]:
     shapes = factorizations(nproc)
     if nproc == 8:
-        shapes += [parse_shape(n) for n in SCHEDULE_SHAPES]
+        shapes += [parse_shape(n) for n in SCHEDULE_SHAPES + PATTERN_SHAPES]
     if with_4d:
-        shapes.append(parse_shape(SHAPE_4D))
+        shapes += [parse_shape(n) for n in SHAPES_4D]
     return shapes
 
 

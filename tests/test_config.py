@@ -92,6 +92,12 @@ def test_bad_recipe_values_name_key_and_value(tmp_path, toml, key, fragment):
     assert fragment in str(err.value)
 
 
+CP4 = ["--parallelism.context_parallel_degree", "4"]
+PATTERN = ["--parallelism.context_parallel_pattern"]
+UD = ["--parallelism.context_parallel_ulysses_degree"]
+IRD = ["--parallelism.context_parallel_inner_ring_degree"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "world_size", "key", "fragment"),
     [
@@ -126,6 +132,19 @@ def test_bad_recipe_values_name_key_and_value(tmp_path, toml, key, fragment):
         (["--training.loss_chunk_tokens", "-8"], 4, "training.loss_chunk_tokens", ">= 0"),
         (["--training.max_consecutive_nonfinite_steps", "-1"], 4,
          "training.max_consecutive_nonfinite_steps", ">= 0"),
+        # Context-parallel patterns (dp_shard 4 x cp 4 = 16 ranks; 8 heads).
+        ([*CP4, *PATTERN, "ulyses"], 16, "parallelism.context_parallel_pattern",
+         "did you mean 'ulysses'?"),
+        ([*CP4, *PATTERN, "hybrid", *UD, "3"], 16, "parallelism.context_parallel_ulysses_degree",
+         "hybrid needs a divisor of context_parallel_degree (4) in 2 .. 2"),
+        ([*CP4, *PATTERN, "double_ring", *IRD, "4"], 16,
+         "parallelism.context_parallel_inner_ring_degree", "in 2 .. 2"),
+        ([*CP4, *PATTERN, "double_ring"], 16, "parallelism.context_parallel_inner_ring_degree",
+         "in 2 .. 2"),
+        ([*CP4, *UD, "2"], 16, "parallelism.context_parallel_ulysses_degree",
+         "only context_parallel_pattern = 'hybrid' uses it (the pattern is 'ring')"),
+        ([*CP4, *PATTERN, "ulysses", "--parallelism.tensor_parallel_degree", "4"], 64,
+         "parallelism.context_parallel_degree", "must divide 2"),
     ],
 )  # fmt: skip
 def test_bad_mesh_for_world_size(overrides, world_size, key, fragment):

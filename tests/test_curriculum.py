@@ -1,6 +1,6 @@
 """The context-length curriculum: planning and its errors (in-process), and one real 4-rank
-run through three stages with two re-meshes (cp 1 -> 2 -> 4), resumed mid-stage and at a
-boundary."""
+run through three stages with two re-meshes (cp 1 -> 2 -> 4, the CP pattern ring -> ulysses ->
+double ring), resumed mid-stage and at a boundary."""
 
 import shutil
 from pathlib import Path
@@ -27,6 +27,7 @@ seq_len = 128
 steps = 3
 rope_theta = 100000
 context_parallel_degree = 2
+context_parallel_pattern = "ulysses"
 lr = 1e-3
 warmup_steps = 2
 
@@ -35,6 +36,8 @@ seq_len = 256
 steps = 3
 rope_theta = 1000000
 context_parallel_degree = 4
+context_parallel_pattern = "double_ring"
+context_parallel_inner_ring_degree = 2
 min_doc_tokens = 100000
 """
 
@@ -151,8 +154,18 @@ def full_run(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("curriculum")
     path = recipe(tmp)
     dump = tmp / "run"
-    torchrun(4, run_args(path, dump))
+    proc = torchrun(4, run_args(path, dump))
+    (tmp / "torchrun.log").write_text(proc.stdout + proc.stderr)
     return path, dump
+
+
+def test_stages_switch_context_parallel_pattern(full_run):
+    """Stage 2 runs Ulysses over cp 2, stage 3 a double ring over cp 4 (the parity of each
+    pattern is tests/test_parity.py's; here: the switch itself, and resume across it below)."""
+    _, dump = full_run
+    log = (dump.parent / "torchrun.log").read_text()
+    assert "x cp 2 (context parallel: ulysses (2))" in log, log[-3000:]
+    assert "(context parallel: double_ring (inner ring 2 x outer ring 2))" in log, log[-3000:]
 
 
 def test_stages_switch_at_configured_steps(full_run):

@@ -27,9 +27,13 @@ _INT_KEYS = (
     "local_batch_size",
     "warmup_steps",
     "min_doc_tokens",
+    "context_parallel_ulysses_degree",
+    "context_parallel_inner_ring_degree",
 )
 _FLOAT_KEYS = ("rope_theta", "lr")
-STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS
+_STR_KEYS = ("context_parallel_pattern",)
+_PATTERN_DEGREE_KEYS = ("context_parallel_ulysses_degree", "context_parallel_inner_ring_degree")
+STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS
 """Keys a ``[[curriculum.stages]]`` table may set."""
 
 
@@ -52,6 +56,9 @@ class Stage:
             schedule (the schedule's factor times min(1, k / warmup_steps) at the k-th step).
         min_doc_tokens: if > 0, the stage trains only on documents of at least this many
             tokens (long stages see long documents).
+        cp_pattern, cp_ulysses_degree, cp_inner_ring_degree: the stage's
+            ``parallelism.context_parallel_pattern`` and its degrees (a stage that sets the
+            pattern gets degrees 0 unless it sets them too; otherwise the recipe's).
     """
 
     index: int
@@ -67,6 +74,9 @@ class Stage:
     lr: float | None = None
     warmup_steps: int = 0
     min_doc_tokens: int = 0
+    cp_pattern: str = "ring"
+    cp_ulysses_degree: int = 0
+    cp_inner_ring_degree: int = 0
 
     @property
     def tokens_per_step(self) -> int:
@@ -137,6 +147,10 @@ def _resolve_stage(cfg: Any, i: int, raw: dict[str, Any], free: int, step: int) 
     for k, v in raw.items():
         if k not in STAGE_KEYS:
             raise ConfigError(f"{key}.{k}", v, f"unknown stage key; valid: {', '.join(STAGE_KEYS)}")
+        if k in _STR_KEYS:
+            if not isinstance(v, str):
+                raise ConfigError(f"{key}.{k}", v, "expected a string")
+            continue
         numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
         if k in _INT_KEYS and not (isinstance(v, int) and numeric):
             raise ConfigError(f"{key}.{k}", v, "expected an int")
@@ -188,6 +202,12 @@ def _resolve_stage(cfg: Any, i: int, raw: dict[str, Any], free: int, step: int) 
             f"not a multiple of local_batch_size ({local}) x dp ({dp}) = {local * dp}",
         )
     theta = float(raw.get("rope_theta", cfg.model.rope_theta))
+    if "context_parallel_pattern" in raw:
+        pattern = str(raw["context_parallel_pattern"])
+        degrees = [int(raw.get(k, 0)) for k in _PATTERN_DEGREE_KEYS]
+    else:
+        pattern = p.context_parallel_pattern
+        degrees = [int(raw.get(k, getattr(p, k))) for k in _PATTERN_DEGREE_KEYS]
     return Stage(
         i,
         seq_len,
@@ -202,6 +222,9 @@ def _resolve_stage(cfg: Any, i: int, raw: dict[str, Any], free: int, step: int) 
         lr=float(raw["lr"]) if "lr" in raw else None,
         warmup_steps=int(raw.get("warmup_steps", 0)),
         min_doc_tokens=int(raw.get("min_doc_tokens", 0)),
+        cp_pattern=pattern,
+        cp_ulysses_degree=degrees[0],
+        cp_inner_ring_degree=degrees[1],
     )
 
 
@@ -225,7 +248,8 @@ def _auto_cp(cfg: Any, i: int, seq_len: int, free: int) -> int:
 
 def stage_config(cfg: Any, stage: Stage) -> Any:
     """A copy of ``cfg`` for one stage: training.seq_len / batch / steps (the whole run's, so
-    one LR schedule spans all stages), validation.seq_len, CP and dp_shard degrees, RoPE theta.
+    one LR schedule spans all stages), validation.seq_len, CP degree and pattern, dp_shard
+    degree, RoPE theta.
     """
     out = copy.deepcopy(cfg)
     out.training = dataclasses.replace(
@@ -242,6 +266,9 @@ def stage_config(cfg: Any, stage: Stage) -> Any:
         out.parallelism,
         context_parallel_degree=stage.cp,
         data_parallel_shard_degree=stage.dp_shard,
+        context_parallel_pattern=stage.cp_pattern,
+        context_parallel_ulysses_degree=stage.cp_ulysses_degree,
+        context_parallel_inner_ring_degree=stage.cp_inner_ring_degree,
     )
     out.model = dataclasses.replace(out.model, rope_theta=stage.rope_theta)
     return out
@@ -264,17 +291,25 @@ def stage_of_step(stages: list[Stage], step: int) -> Stage:
     return stages[-1]
 
 
+def _pattern_label(s: Stage) -> str:
+    if s.cp == 1:
+        return "-"
+    inner = {"hybrid": s.cp_ulysses_degree, "double_ring": s.cp_inner_ring_degree}
+    return f"{s.cp_pattern}({inner[s.cp_pattern]})" if s.cp_pattern in inner else s.cp_pattern
+
+
 def format_plan(stages: list[Stage]) -> str:
     """A table of the stages for the log."""
     lines = [
-        "stage  steps (global)    seq_len  rope_theta   cp  dp_shard  batch  tokens/step"
-        "  peak lr  warmup  min doc tokens"
+        "stage  steps (global)    seq_len  rope_theta   cp  cp pattern      dp_shard  batch  "
+        "tokens/step  peak lr  warmup  min doc tokens"
     ]
     for s in stages:
         lr = f"{s.lr:.2e}" if s.lr is not None else "recipe"
         lines.append(
             f"{s.index:5d}  {s.first_step:6d}-{s.last_step:<8d} {s.seq_len:8d}  "
-            f"{s.rope_theta or math.nan:10.3g}  {s.cp:3d}  {s.dp_shard:8d}  "
+            f"{s.rope_theta or math.nan:10.3g}  {s.cp:3d}  {_pattern_label(s):14s}  "
+            f"{s.dp_shard:8d}  "
             f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}  {lr:>7s}  "
             f"{s.warmup_steps:6d}  {s.min_doc_tokens:14d}"
         )

@@ -52,7 +52,37 @@ OPTIONS: dict[str, list[str]] = {
     "chunkloss": ["--training.loss_chunk_tokens", "12"],
     # Tiled MLP: tiles of 12 tokens of the local sequence (the last one shorter).
     "tiledmlp": ["--training.mlp_tile_tokens", "12"],
+    # Context-parallel patterns (torchtitan_ext.parallel.cp_patterns); ring is the default.
+    # Also "hybrid<u>" and "dring<n>" (option_args): hybrid with Ulysses degree u, double ring
+    # with inner ring n.
+    "ulysses": ["--parallelism.context_parallel_pattern", "ulysses"],
 }
+
+
+def option_args(option: str) -> list[str] | None:
+    """Recipe overrides of a shape option (``OPTIONS``, "hybrid<u>", "dring<n>"); None if
+    unknown."""
+    if option in OPTIONS:
+        return OPTIONS[option]
+    for prefix, pattern, key in (
+        ("hybrid", "hybrid", "context_parallel_ulysses_degree"),
+        ("dring", "double_ring", "context_parallel_inner_ring_degree"),
+    ):
+        degree = option.removeprefix(prefix)
+        if option.startswith(prefix) and degree.isdigit():
+            return [
+                "--parallelism.context_parallel_pattern", pattern, f"--parallelism.{key}", degree
+            ]  # fmt: skip
+    return None
+
+
+def pattern_options(cp: int) -> list[str]:
+    """Shape options for every context-parallel pattern at degree ``cp``: "" (the ring),
+    "ulysses", and "hybrid<u>" / "dring<n>" for each divisor 2 .. cp / 2 of cp."""
+    if cp == 1:
+        return [""]
+    inner = [d for d in range(2, cp // 2 + 1) if cp % d == 0]
+    return ["", "ulysses", *(f"hybrid{d}" for d in inner), *(f"dring{d}" for d in inner)]
 
 
 @dataclass(frozen=True)
@@ -62,7 +92,7 @@ class Shape:
     Attributes:
         degrees: degree per mesh dim name (missing dims are 1).
         schedule: pipeline schedule (torch's name) when pp > 1; None: the recipe's (1F1B).
-        options: names from ``OPTIONS``.
+        options: names from ``OPTIONS`` (or ``option_args``'s patterns).
     """
 
     degrees: dict[str, int] = field(hash=False)
@@ -93,7 +123,7 @@ class Shape:
         if not self.validates:
             out += ["--validation.no-enable"]
         for o in self.options:
-            out += OPTIONS[o]
+            out += option_args(o) or []
         return out
 
     @property
@@ -119,7 +149,7 @@ def parse_shape(name: str) -> Shape:
                 raise ValueError(f"bad shape {name!r}: {part!r} is not <dim><degree>")
             degrees[dim] = int(value)
     for o in opts:
-        if o not in OPTIONS:
+        if option_args(o) is None:
             raise ValueError(f"bad shape {name!r}: unknown option {o!r} (known: {list(OPTIONS)})")
     ordered = {d: degrees[d] for d in MESH_DIM_NAMES if d in degrees}
     return Shape(ordered, schedule or None, tuple(opts))

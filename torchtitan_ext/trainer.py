@@ -75,6 +75,7 @@ from torchtitan_ext.models import (
 )
 from torchtitan_ext.parallel import cpu_ring_attention
 from torchtitan_ext.parallel.context_parallel import shard_sequence
+from torchtitan_ext.parallel.cp_patterns import make_pattern
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
@@ -327,9 +328,18 @@ class Trainer:
         nparams, self.flops_per_token = p.model_args.get_nparams_and_flops(
             model, cfg.training.seq_len
         )
+        pc = cfg.parallelism
+        pattern = make_pattern(
+            pc.context_parallel_pattern,
+            dims.cp,
+            pc.context_parallel_ulysses_degree,
+            pc.context_parallel_inner_ring_degree,
+        )
         logger.info(
             f"model {cfg.model.name}/{cfg.model.flavor}: {nparams:,} parameters, "
-            f"mesh {dims.shape_str()}, device {device}, backend {p.backend}"
+            f"mesh {dims.shape_str()}"
+            + (f" (context parallel: {pattern})" if dims.cp > 1 else "")
+            + f", device {device}, backend {p.backend}"
         )
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             build_cross_entropy_loss(cfg)

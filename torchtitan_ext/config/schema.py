@@ -79,6 +79,23 @@ class Parallelism:
     pp,dp_replicate,dp_shard,cp,tp). "auto" picks cp innermost where this torch can train
     it with the given degrees, else tp innermost, and logs which on rank 0."""
 
+    context_parallel_pattern: str = "ring"
+    """How attention is computed over the cp ranks (cp = inner x outer, inner = adjacent
+    ranks): "ring" (torch's ring attention: K/V blocks rotate over all cp ranks);
+    "ulysses" (DeepSpeed-Ulysses: all-to-all from sequence to heads, local attention over the
+    whole sequence, all-to-all back; heads / tp must be divisible by cp); "hybrid" (USP:
+    Ulysses over context_parallel_ulysses_degree inner ranks, a ring over the rest);
+    "double_ring" (LoongTrain: a ring over context_parallel_inner_ring_degree inner ranks
+    nested in a ring over the groups). Settable per curriculum stage."""
+
+    context_parallel_ulysses_degree: int = 0
+    """With context_parallel_pattern = "hybrid": ranks per all-to-all (2 .. cp / 2, dividing
+    cp and heads / tp); the ring spans cp / this. 0 with any other pattern."""
+
+    context_parallel_inner_ring_degree: int = 0
+    """With context_parallel_pattern = "double_ring": ranks of the inner ring (2 .. cp / 2,
+    dividing cp); the outer ring spans cp / this groups. 0 with any other pattern."""
+
 
 @dataclass
 class Comm:
@@ -114,9 +131,10 @@ class Curriculum:
     """Context-length stages, in order ([[curriculum.stages]] tables). Keys per stage:
     seq_len and steps (required); rope_theta, context_parallel_degree, global_batch_size,
     local_batch_size, lr (peak LR), warmup_steps (a warmup at the stage's start),
-    min_doc_tokens (train on documents at least this long) (optional). Empty: no curriculum
-    (the recipe trains training.steps at training.seq_len). With stages, training.steps is
-    their sum and one LR schedule spans them."""
+    min_doc_tokens (train on documents at least this long), context_parallel_pattern,
+    context_parallel_ulysses_degree, context_parallel_inner_ring_degree (optional). Empty: no
+    curriculum (the recipe trains training.steps at training.seq_len). With stages,
+    training.steps is their sum and one LR schedule spans them."""
 
     tokens_per_step: int = 0
     """Tokens per optimizer step held constant across stages: each stage's global batch is

@@ -35,6 +35,7 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
     _check_seq_len(cfg, "training.seq_len", cfg.training.seq_len, tp, cp)
     if cfg.validation.enable:
         _check_seq_len(cfg, "validation.seq_len", cfg.validation.seq_len, tp, cp)
+    _check_cp_pattern(cfg, model_args, tp, cp)
     if cp > 1:
         _check_cp(cfg, model_args)
     _check_long_context(cfg, cp)
@@ -244,6 +245,62 @@ def _check_cp(cfg: Any, model_args: Any) -> None:
             "parallelism.context_parallel_load_balancer",
             lb,
             "supported with SDPA: 'headtail', or None (no load balancing)",
+        )
+
+
+def _check_cp_pattern(cfg: Any, model_args: Any, tp: int, cp: int) -> None:
+    """``parallelism.context_parallel_pattern`` and the degrees it needs (``cp_patterns``)."""
+    import difflib
+
+    from torchtitan_ext.parallel import cp_patterns
+
+    p = cfg.parallelism
+    key = "parallelism.context_parallel_pattern"
+    name = p.context_parallel_pattern
+    if name not in cp_patterns.PATTERNS:
+        close = difflib.get_close_matches(str(name), cp_patterns.PATTERNS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(key, name, f"must be one of {', '.join(cp_patterns.PATTERNS)}{hint}")
+    uses = {"hybrid": "ulysses_degree", "double_ring": "inner_ring_degree"}
+    for degree in ("ulysses_degree", "inner_ring_degree"):
+        value = getattr(p, f"context_parallel_{degree}")
+        if value != 0 and uses.get(name) != degree:
+            user = next(k for k, v in uses.items() if v == degree)
+            raise ConfigError(
+                f"parallelism.context_parallel_{degree}",
+                value,
+                f"only context_parallel_pattern = {user!r} uses it (the pattern is {name!r}); "
+                "leave it 0",
+            )
+    if cp == 1 or name == "ring":
+        return
+    if name in uses:
+        degree_key = f"parallelism.context_parallel_{uses[name]}"
+        inner = getattr(p, f"context_parallel_{uses[name]}")
+        if inner < 2 or cp % inner != 0 or inner == cp:
+            raise ConfigError(
+                degree_key,
+                inner,
+                f"{name} needs a divisor of context_parallel_degree ({cp}) in 2 .. {cp // 2}",
+            )
+    else:
+        degree_key, inner = "parallelism.context_parallel_degree", cp
+    heads = model_args.n_heads // tp
+    if name in ("ulysses", "hybrid") and heads % inner != 0:
+        raise ConfigError(
+            degree_key,
+            inner,
+            f"{name} splits the {heads} attention heads per TP rank (n_heads {model_args.n_heads}"
+            f" / tp {tp}) over it: must divide {heads}",
+        )
+    from torchtitan_ext.parallel import cpu_ring_attention
+
+    if cpu_ring_attention.unsupported_reason() is not None:
+        raise ConfigError(
+            key,
+            name,
+            f"needs torch {', '.join(cpu_ring_attention.SUPPORTED_TORCH)}.x (it wraps torch's "
+            f"private ring attention); found torch {__import__('torch').__version__}. Use 'ring'",
         )
 
 

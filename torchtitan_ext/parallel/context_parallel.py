@@ -1,4 +1,5 @@
-"""Context parallel (ring attention) for TorchTitan's Llama models, on CUDA and CPU.
+"""Context parallel (ring attention and the ``cp_patterns``) for TorchTitan's Llama models, on
+CUDA and CPU.
 
 Follows TorchTitan 0.2.2 (``torchtitan/distributed/context_parallel.py``): torch's module-level
 ``_ContextParallel`` style on every block's ``attention.inner_attention`` (q/k/v become DTensors
@@ -23,7 +24,8 @@ from torch.distributed.tensor.experimental._attention import (
 )
 from torch.distributed.tensor.parallel import parallelize_module
 
-from torchtitan_ext.parallel import cpu_ring_attention
+from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
+from torchtitan_ext.parallel.cp_patterns import CPPattern
 
 LOAD_BALANCERS = ("headtail", None)
 """Values of ``parallelism.context_parallel_load_balancer`` supported with SDPA (None: no
@@ -32,9 +34,13 @@ None``). TorchTitan's "ptrr" needs FlexAttention."""
 
 
 def apply_cp(
-    model: nn.Module, cp_mesh: DeviceMesh, rotate_method: str, load_balancer: str | None
+    model: nn.Module,
+    cp_mesh: DeviceMesh,
+    rotate_method: str,
+    load_balancer: str | None,
+    pattern: CPPattern | None = None,
 ) -> None:
-    """Make every attention of ``model`` ring attention over ``cp_mesh``, in place.
+    """Make every attention of ``model`` context-parallel over ``cp_mesh``, in place.
 
     Args:
         model: a TorchTitan Llama-style model with ``layers[i].attention.inner_attention``
@@ -42,9 +48,12 @@ def apply_cp(
         cp_mesh: the 1-D cp mesh.
         rotate_method: "allgather" or "alltoall" (how k/v shards move around the ring).
         load_balancer: "headtail" or None/"" (must match ``shard_sequence``).
+        pattern: how attention runs over the cp ranks (``cp_patterns``; None: torch's ring).
+            Collective (other patterns build their process groups).
     """
     if cp_mesh.device_type == "cpu":
         cpu_ring_attention.require()
+    cp_patterns.register(cp_mesh, pattern or CPPattern("ring", cp_mesh.size()))
     set_rotate_method(rotate_method)
     # Process-wide torch option read by the ring kernel; it must agree with how inputs are
     # sharded (shard_sequence), so it is set from the same recipe key.

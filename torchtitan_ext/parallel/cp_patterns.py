@@ -1,0 +1,505 @@
+"""Context-parallel patterns beyond torch's single ring: Ulysses, double ring, and their hybrid.
+
+torch's ``context_parallel()`` turns q/k/v into DTensors sharded on the sequence dim and
+dispatches SDPA (the CUDA flash / efficient / cuDNN ops, and through
+``cpu_ring_attention`` the CPU flash op) to ``_templated_ring_attention`` and
+``_templated_ring_attention_backward``: one flat ring over the cp group. This module plugs the
+other patterns into that same dispatch. ``register(cp_mesh, pattern)`` records the pattern of a
+cp group; the two ring functions are wrapped (``install``) so that a call on a registered group
+runs the pattern, and any other call runs torch's ring unchanged. Callers keep using torch's
+``context_parallel()`` or the ``_ContextParallel`` module style as before.
+
+The patterns (``cp = outer x inner``, inner = adjacent ranks, i.e. the same node when cp is
+the innermost mesh dim):
+
+- ``ring`` (torch's): K/V blocks rotate over all cp ranks (Ring Attention, arXiv 2310.01889).
+- ``ulysses`` (DeepSpeed-Ulysses, arXiv 2309.14509): an all-to-all turns each rank's
+  (all heads, local sequence) q/k/v into (heads / cp, whole sequence); any attention kernel
+  runs locally; an all-to-all turns the output back. Needs heads (after TP) divisible by cp.
+- ``hybrid`` (USP, arXiv 2405.07719): Ulysses over the inner ``ulysses_degree`` ranks, then
+  torch's ring over the ``cp / ulysses_degree`` groups, on heads / ulysses_degree.
+- ``double_ring`` (LoongTrain, arXiv 2406.18485): torch's ring over the inner
+  ``inner_ring_degree`` ranks, nested in an outer ring that passes each rank's K/V block to the
+  next group once per inner cycle, overlapped with it: the slow link carries outer - 1 larger
+  transfers per step instead of one per ring step.
+
+Causal load balancing: every pattern keeps torch's head-tail layout over all cp ranks (rank c
+holds chunks c and 2cp-1-c of 2cp), so inputs are sharded as for the ring (torch's
+``_HeadTailLoadBalancer``, or ``context_parallel()``'s default). For Ulysses and hybrid the
+inner group of ring rank j (ranks j*u .. j*u+u-1) then holds chunks j*u .. j*u+u-1 and their
+mirror images: after the all-to-all (first halves in rank order, second halves in reverse
+rank order) ring rank j holds super-chunks j and 2r-1-j of 2r, torch's head-tail layout over
+the r = cp / u ring ranks. Without load balancing every pattern shards contiguously.
+
+Block results are merged with torch's ``_SDPAMerger`` and K/V move with torch's rotaters; only
+the schedule of the double ring's outer loop and the Ulysses all-to-alls are ours.
+
+These wrap private torch functions, so they are installed only on a torch series in
+``cpu_ring_attention.SUPPORTED_TORCH`` (``require``); ``ring`` needs none of this.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as ft_c
+from torch.distributed.device_mesh import DeviceMesh
+
+from torchtitan_ext.parallel import cpu_ring_attention
+
+PATTERNS = ("ring", "ulysses", "double_ring", "hybrid")
+"""Values of ``parallelism.context_parallel_pattern``."""
+
+
+@dataclass(frozen=True)
+class CPPattern:
+    """A context-parallel pattern over ``cp`` ranks, factored as ``outer x inner``.
+
+    Attributes:
+        name: one of ``PATTERNS``.
+        cp: the context-parallel degree.
+        inner: size of the inner group (adjacent ranks): the Ulysses degree of ``ulysses``
+            (= cp) and ``hybrid``, the inner ring of ``double_ring``; 1 for ``ring``.
+    """
+
+    name: str
+    cp: int
+    inner: int = 1
+
+    @property
+    def outer(self) -> int:
+        """Number of inner groups: the ring size of ``hybrid``, the outer ring of
+        ``double_ring``, 1 for ``ulysses``, cp for ``ring``."""
+        return self.cp // self.inner
+
+    def __str__(self) -> str:
+        """E.g. "hybrid (ulysses 2 x ring 4)", "double_ring (inner ring 4 x outer ring 2)"."""
+        if self.name == "hybrid":
+            return f"hybrid (ulysses {self.inner} x ring {self.outer})"
+        if self.name == "double_ring":
+            return f"double_ring (inner ring {self.inner} x outer ring {self.outer})"
+        return f"{self.name} ({self.cp})"
+
+    @property
+    def ulysses_degree(self) -> int:
+        """Ranks each all-to-all spans (1: no all-to-all)."""
+        return self.inner if self.name in ("ulysses", "hybrid") else 1
+
+    @property
+    def ring_degree(self) -> int:
+        """Ranks a K/V block visits in ring steps (1: no ring)."""
+        return self.outer if self.name in ("ulysses", "hybrid") else self.cp
+
+
+def make_pattern(name: str, cp: int, ulysses_degree: int, inner_ring_degree: int) -> CPPattern:
+    """The ``CPPattern`` of the recipe keys (validated by ``config.validate``, which names the
+    keys; this raises ``ValueError`` for what slipped through)."""
+    if name == "ring" or cp == 1:
+        return CPPattern("ring", cp, 1)
+    if name == "ulysses":
+        return CPPattern(name, cp, cp)
+    inner = ulysses_degree if name == "hybrid" else inner_ring_degree
+    if name not in PATTERNS or inner < 2 or cp % inner != 0 or inner == cp:
+        raise ValueError(f"invalid context-parallel pattern {name!r} with cp {cp}, inner {inner}")
+    return CPPattern(name, cp, inner)
+
+
+@dataclass
+class _Groups:
+    pattern: CPPattern
+    outer: dist.ProcessGroup
+    inner: dist.ProcessGroup
+
+
+_registry: dict[str, _Groups] = {}
+_installed = False
+calls: Counter[str] = Counter()
+"""Attention forwards / backwards run per pattern in this process ("ulysses",
+"ulysses_backward", ...): how tests and benchmarks see that a pattern, not torch's ring, ran."""
+
+
+def register(cp_mesh: DeviceMesh, pattern: CPPattern) -> None:
+    """Run ``pattern`` for every SDPA that context parallel dispatches on ``cp_mesh``.
+
+    Collective over the world (creates the inner and outer process groups once per layout).
+    ``ring`` unregisters (torch's ring). Raises ``RuntimeError`` (``require``) on a torch
+    series the wrappers were not checked against.
+    """
+    name = cp_mesh.get_group().group_name
+    if pattern.name == "ring":
+        _registry.pop(name, None)
+        return
+    if name in _registry and _registry[name].pattern == pattern:
+        return  # e.g. each pipeline stage of this rank applies CP to its own module
+    require()
+    if pattern.cp != cp_mesh.size():
+        raise ValueError(f"pattern for cp {pattern.cp} on a cp mesh of {cp_mesh.size()} ranks")
+    names = (
+        f"cp_outer_{pattern.outer}x{pattern.inner}",
+        f"cp_inner_{pattern.outer}x{pattern.inner}",
+    )
+    mesh2d = cp_mesh._unflatten(0, (pattern.outer, pattern.inner), names)
+    _registry[name] = _Groups(pattern, mesh2d[names[0]].get_group(), mesh2d[names[1]].get_group())
+
+
+def process_groups(cp_mesh: DeviceMesh) -> list[dist.ProcessGroup]:
+    """The outer and inner process groups ``register`` made for ``cp_mesh`` ([]: the ring)."""
+    entry = _registry.get(cp_mesh.get_group().group_name)
+    return [] if entry is None else [entry.outer, entry.inner]
+
+
+def require() -> None:
+    """Install the pattern dispatch, or raise ``RuntimeError`` naming the supported torch
+    series when it wraps torch internals it was not checked against."""
+    reason = cpu_ring_attention.unsupported_reason()
+    if reason is not None:
+        raise RuntimeError(
+            "context-parallel patterns other than 'ring' wrap torch's private ring attention "
+            f"and were checked only on torch {', '.join(cpu_ring_attention.SUPPORTED_TORCH)}.x; "
+            f"found torch {torch.__version__}"
+        )
+    _install()
+
+
+def _install() -> None:
+    global _installed
+    if _installed:
+        return
+    from torch.distributed.tensor.experimental._context_parallel import _attention
+
+    torch_forward = _attention._templated_ring_attention
+    torch_backward = _attention._templated_ring_attention_backward
+
+    def forward(
+        group: dist.ProcessGroup, seq_dim: int, op: Any, query: torch.Tensor,
+        key: torch.Tensor, value: torch.Tensor, is_causal: bool = False, **kwargs: Any,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        entry = _registry.get(group.group_name)
+        if entry is None:
+            return torch_forward(group, seq_dim, op, query, key, value, is_causal, **kwargs)
+        run = _double_ring_forward if entry.pattern.name == "double_ring" else _ulysses_forward
+        calls[entry.pattern.name] += 1
+        return run(entry, torch_forward, seq_dim, op, query, key, value, is_causal, kwargs)
+
+    def backward(
+        group: dist.ProcessGroup, seq_dim: int, op: Any, grad_out: torch.Tensor,
+        grad_out_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        out: torch.Tensor, logsumexp: torch.Tensor, is_causal: bool, **kwargs: Any,
+    ) -> tuple[torch.Tensor, ...]:  # fmt: skip
+        entry = _registry.get(group.group_name)
+        if entry is None:
+            return torch_backward(
+                group, seq_dim, op, grad_out, grad_out_name, query, key, value, out,
+                logsumexp, is_causal, **kwargs,
+            )  # fmt: skip
+        tensors = _Bwd(grad_out, grad_out_name, query, key, value, out, logsumexp)
+        run = _double_ring_backward if entry.pattern.name == "double_ring" else _ulysses_backward
+        calls[entry.pattern.name + "_backward"] += 1
+        return run(entry, torch_backward, seq_dim, op, tensors, is_causal, kwargs)
+
+    _attention._templated_ring_attention = forward
+    _attention._templated_ring_attention_backward = backward
+    _installed = True
+
+
+@dataclass
+class _Bwd:
+    """The tensors of one attention backward (torch's argument order)."""
+
+    grad_out: torch.Tensor
+    grad_out_name: str
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    out: torch.Tensor
+    logsumexp: torch.Tensor
+
+
+def _options() -> Any:
+    from torch.distributed.tensor.experimental._context_parallel import _attention
+
+    return _attention._cp_options
+
+
+@contextmanager
+def _load_balance(on: bool) -> Iterator[None]:
+    """Set torch's process-wide ring option for one nested ring call (the double ring's outer
+    steps are non-causal full-block rings even when the sequence is head-tail balanced)."""
+    opts = _options()
+    old = opts.enable_load_balance
+    opts.enable_load_balance = on
+    try:
+        yield
+    finally:
+        opts.enable_load_balance = old
+
+
+# ---- Ulysses and hybrid ------------------------------------------------------------------
+
+
+def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """All-to-all over dim 0 (size = group size): piece i goes to rank i."""
+    out = ft_c.all_to_all_single(x.contiguous(), None, None, group)
+    return out.wait() if isinstance(out, ft_c.AsyncCollectiveTensor) else out
+
+
+def _seq_to_heads(
+    xs: list[torch.Tensor], group: dist.ProcessGroup, u: int, halves: bool
+) -> list[torch.Tensor]:
+    """(B, H_i, S, D) tensors of one dtype, sequence-sharded -> (B, H_i / u, u x S, D),
+    head-sharded, in one all-to-all. With ``halves`` (head-tail layout) each rank's S is two
+    pieces; the gathered sequence is the first pieces in rank order, then the second pieces in
+    reverse rank order (module doc)."""
+    b, _, s, d = xs[0].shape
+    heads = [x.shape[1] // u for x in xs]
+    send = torch.cat(
+        [x.reshape(b, u, h, s, d).transpose(0, 1) for x, h in zip(xs, heads, strict=True)], dim=2
+    )
+    recv = _all_to_all(send, group)  # (u source ranks, B, sum(H_i) / u, S, D)
+    outs = []
+    for part in recv.split(heads, dim=2):
+        h = part.shape[2]
+        if halves:
+            pieces = part.reshape(u, b, h, 2, s // 2, d).unbind(3)
+            part = torch.stack([pieces[0], pieces[1].flip(0)])  # (2, u, B, h, S/2, D)
+            part = part.permute(2, 3, 0, 1, 4, 5)
+        else:
+            part = part.permute(1, 2, 0, 3, 4)
+        outs.append(part.reshape(b, h, u * s, d))
+    return outs
+
+
+def _heads_to_seq(
+    xs: list[torch.Tensor], group: dist.ProcessGroup, u: int, halves: bool
+) -> list[torch.Tensor]:
+    """Inverse of ``_seq_to_heads``: (B, H_i / u, u x S, D) -> (B, H_i, S, D)."""
+    b, _, t, d = xs[0].shape
+    s = t // u
+    parts = []
+    for x in xs:
+        h = x.shape[1]
+        if halves:
+            first, second = x.reshape(b, h, 2, u, s // 2, d).unbind(2)
+            x = torch.stack([first, second.flip(2)], dim=3).permute(2, 0, 1, 3, 4, 5)
+        else:
+            x = x.reshape(b, h, u, s, d).permute(2, 0, 1, 3, 4)
+        parts.append(x.reshape(u, b, h, s, d))
+    recv = _all_to_all(torch.cat(parts, dim=2), group)  # (u head groups, B, sum(h), S, D)
+    heads = [x.shape[1] for x in xs]
+    return [p.transpose(0, 1).reshape(b, u * p.shape[2], s, d) for p in recv.split(heads, dim=2)]
+
+
+def _replicate_kv(kv: torch.Tensor, n_heads: int, u: int) -> torch.Tensor:
+    """GQA K/V whose head count u does not divide: repeat each kv head to ``n_heads`` (as
+    DeepSpeed-Ulysses does), so every rank gets the kv heads of its query heads."""
+    if kv.shape[1] % u == 0:
+        return kv
+    return kv.repeat_interleave(n_heads // kv.shape[1], dim=1)
+
+
+def _unreplicate_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    if grad.shape[1] == kv_heads:
+        return grad
+    b, h, s, d = grad.shape
+    return grad.reshape(b, kv_heads, h // kv_heads, s, d).sum(dim=2)
+
+
+def _lse_to_heads(
+    lse: torch.Tensor, group: dist.ProcessGroup, u: int, halves: bool
+) -> torch.Tensor:
+    """Logsumexp (B, H, S) fp32 -> (B, H / u, u x S), as ``_seq_to_heads``."""
+    return _seq_to_heads([lse.unsqueeze(-1)], group, u, halves)[0].squeeze(-1)
+
+
+def _lse_to_seq(lse: torch.Tensor, group: dist.ProcessGroup, u: int, halves: bool) -> torch.Tensor:
+    """Inverse of ``_lse_to_heads``."""
+    return _heads_to_seq([lse.unsqueeze(-1)], group, u, halves)[0].squeeze(-1)
+
+
+def _ulysses_forward(
+    entry: _Groups, ring: Callable[..., Any], seq_dim: int, op: Any, query: torch.Tensor,
+    key: torch.Tensor, value: torch.Tensor, is_causal: bool, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Ulysses (ring_degree 1) or hybrid: all-to-all to heads over the inner group, then the
+    local op or torch's ring over the outer group, then all-to-all back."""
+    u, halves = entry.pattern.inner, bool(_options().enable_load_balance)
+    n_heads = query.shape[1]
+    key, value = (_replicate_kv(t, n_heads, u) for t in (key, value))
+    q, k, v = _seq_to_heads([query, key, value], entry.inner, u, halves)
+    if entry.pattern.outer == 1:
+        out, lse, *rest = op(q, k, v, is_causal=is_causal, **kwargs)
+    else:
+        out, lse, *rest = ring(entry.outer, seq_dim, op, q, k, v, is_causal, **kwargs)
+    (out,) = _heads_to_seq([out], entry.inner, u, halves)
+    return (out, _lse_to_seq(lse, entry.inner, u, halves), *rest)
+
+
+def _ulysses_backward(
+    entry: _Groups, ring_backward: Callable[..., Any], seq_dim: int, op: Any, t: _Bwd,
+    is_causal: bool, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Backward of ``_ulysses_forward``. The forward's head-sharded tensors are not kept (the
+    DTensor op boundary saves the sequence-sharded ones), so q, k, v, out and grad_out are
+    exchanged again: one all-to-all of 5 tensors in, one of 3 gradients out."""
+    u, halves = entry.pattern.inner, bool(_options().enable_load_balance)
+    n_heads, kv_heads = t.query.shape[1], t.key.shape[1]
+    key, value = (_replicate_kv(x, n_heads, u) for x in (t.key, t.value))
+    q, k, v, out, dout = _seq_to_heads(
+        [t.query, key, value, t.out, t.grad_out], entry.inner, u, halves
+    )
+    lse = _lse_to_heads(t.logsumexp, entry.inner, u, halves)
+    if entry.pattern.outer == 1:
+        kwargs = {**kwargs, t.grad_out_name: dout}
+        dq, dk, dv, *rest = op(
+            query=q, key=k, value=v, out=out, logsumexp=lse, is_causal=is_causal, **kwargs
+        )
+    else:
+        dq, dk, dv, *rest = ring_backward(
+            entry.outer, seq_dim, op, dout, t.grad_out_name, q, k, v, out, lse, is_causal, **kwargs
+        )
+    dq, dk, dv = _heads_to_seq([dq, dk, dv], entry.inner, u, halves)
+    return (dq, _unreplicate_grad(dk, kv_heads), _unreplicate_grad(dv, kv_heads), *rest)
+
+
+# ---- double ring -------------------------------------------------------------------------
+
+
+@dataclass
+class _Block:
+    """What one outer step of the double ring computes: ``q_half`` (the second half of the
+    local queries against whole K/V blocks), ``kv_half`` (all queries against the first half
+    of each K/V block), ``skip``, or neither (all against all); ``causal`` for the own group."""
+
+    causal: bool
+    q_half: bool = False
+    kv_half: bool = False
+    skip: bool = False
+
+
+def _outer_block(o: int, group_rank: int, n_groups: int, is_causal: bool, balanced: bool) -> _Block:
+    """Outer step ``o``: this rank's group ``g`` holds the K/V of group ``g - o``. Under the
+    head-tail layout every block of an earlier group is attended by all queries on its first
+    half, every block of a later group by the second half of the queries on all of it (torch's
+    ring note, with "earlier rank" read as "earlier group"); without balancing, later groups
+    are skipped."""
+    if o == 0:
+        return _Block(causal=is_causal)
+    if not is_causal:
+        return _Block(causal=False)
+    earlier = group_rank - o >= 0
+    if earlier:
+        return _Block(causal=False, kv_half=balanced)
+    return _Block(causal=False, q_half=True) if balanced else _Block(causal=False, skip=True)
+
+
+def _halve(x: torch.Tensor, seq_dim: int, second: bool) -> torch.Tensor:
+    return x.chunk(2, dim=seq_dim)[1 if second else 0]
+
+
+def _outer_steps(
+    rotater: Any, key: torch.Tensor, value: torch.Tensor, n_groups: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield (o, K, V) for each outer step o, the block of group g - o, after sending it on to
+    the next group (torch's rotater: the transfer overlaps the caller's work on the block)."""
+    for o in range(n_groups):
+        if o > 0:
+            key, value = _split_kv(rotater.next_buffer(), key, value)
+        if o < n_groups - 1:
+            rotater.exchange_buffers(torch.cat([key.flatten(), value.flatten()]))
+        yield o, key, value
+
+
+def _split_kv(
+    buf: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return buf[: key.numel()].reshape(key.shape), buf[key.numel() :].reshape(value.shape)
+
+
+def _double_ring_forward(
+    entry: _Groups, ring: Callable[..., Any], seq_dim: int, op: Any, query: torch.Tensor,
+    key: torch.Tensor, value: torch.Tensor, is_causal: bool, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Outer ring over groups (K/V passed to the next group by an all-to-all rotation that
+    overlaps the inner ring), torch's ring inside each group, torch's merger across."""
+    from torch.distributed.tensor.experimental._context_parallel._attention import (
+        _create_rotater,
+        _RotateMethod,
+        _SDPAMerger,
+    )
+
+    opts = _options()
+    balanced = bool(opts.enable_load_balance)
+    n_groups, g = entry.pattern.outer, dist.get_rank(entry.outer)
+    merger = _SDPAMerger(opts.convert_to_f32, seq_dim=seq_dim)
+    rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
+    rest: list[Any] = []
+    blocks = _outer_steps(rotater, key.contiguous(), value.contiguous(), n_groups)
+    for o, key_o, value_o in blocks:
+        block = _outer_block(o, g, n_groups, is_causal, balanced)
+        if block.skip:
+            continue
+        q = _halve(query, seq_dim, True) if block.q_half else query
+        k, v = (_halve(t, seq_dim, False) if block.kv_half else t for t in (key_o, value_o))
+        with _load_balance(balanced and o == 0):
+            out, lse, *rest = ring(entry.inner, seq_dim, op, q, k, v, block.causal, **kwargs)
+        merger.step(out, lse, block.q_half)
+    return (*merger.results(), *rest)
+
+
+def _double_ring_backward(
+    entry: _Groups, ring_backward: Callable[..., Any], seq_dim: int, op: Any, t: _Bwd,
+    is_causal: bool, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """Backward of ``_double_ring_forward``: each outer step runs torch's ring backward in the
+    group; the K/V gradient of a block travels with it around the outer ring, accumulating each
+    group's contribution in fp32, and arrives back at its owner after the last step."""
+    from torch.distributed.tensor.experimental._context_parallel._attention import (
+        _create_rotater,
+        _partial_update,
+        _RotateMethod,
+    )
+
+    balanced = bool(_options().enable_load_balance)
+    n_groups, g = entry.pattern.outer, dist.get_rank(entry.outer)
+    kv_rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
+    dkv_rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
+    grad_q = torch.zeros_like(t.query, dtype=torch.float32)
+    rest: list[Any] = []
+    blocks = _outer_steps(kv_rotater, t.key.contiguous(), t.value.contiguous(), n_groups)
+    for o, key, value in blocks:
+        if o == 0:
+            grad_k = torch.zeros_like(key, dtype=torch.float32)
+            grad_v = torch.zeros_like(value, dtype=torch.float32)
+        else:
+            grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
+        block = _outer_block(o, g, n_groups, is_causal, balanced)
+        if not block.skip:
+            q, out, dout, lse = (
+                (_halve(x, seq_dim, True) for x in (t.query, t.out, t.grad_out, t.logsumexp))
+                if block.q_half
+                else (t.query, t.out, t.grad_out, t.logsumexp)
+            )
+            k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
+            with _load_balance(balanced and o == 0):
+                dq, dk, dv, *rest = ring_backward(
+                    entry.inner, seq_dim, op, dout, t.grad_out_name, q, k, v, out,
+                    lse.contiguous(), block.causal, **kwargs,
+                )  # fmt: skip
+            grad_q = (
+                _partial_update(grad_q, dq.float(), seq_dim, 2, 1, add=True)
+                if block.q_half
+                else grad_q + dq.float()
+            )
+            if block.kv_half:
+                grad_k = _partial_update(grad_k, dk.float(), seq_dim, 2, 0, add=True)
+                grad_v = _partial_update(grad_v, dv.float(), seq_dim, 2, 0, add=True)
+            else:
+                grad_k, grad_v = grad_k + dk.float(), grad_v + dv.float()
+        dkv_rotater.exchange_buffers(torch.cat([grad_k.flatten(), grad_v.flatten()]))
+    grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
+    dtype = t.query.dtype
+    return (grad_q.to(dtype), grad_k.to(t.key.dtype), grad_v.to(t.value.dtype), *rest)
