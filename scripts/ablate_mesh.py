@@ -14,8 +14,9 @@ relative is flagged in the ``numerics`` column (exit status 1).
 
 With ``--dry-run`` nothing trains: each valid shape of a world size this machine does not have
 is planned on torch's fake process group (``scripts/plan.py``'s dry run) and the shapes that fit
-``--budget-gib`` per device are ranked by estimated bytes sent per rank per step. Arguments
-after the options are recipe overrides for every shape:
+``--budget-gib`` per device are ranked by estimated bytes sent per rank per step (ties: fewer
+cp bytes across nodes). ``--cp-patterns all`` tries every context-parallel pattern and degree
+on each shape with cp > 1. Arguments after the options are recipe overrides for every shape:
 
     .venv/bin/python scripts/ablate_mesh.py --dry-run --nproc 256 --budget-gib 80 \\
         --config train_configs/llama3_8b_curriculum_1m.toml --training.seq_len 131072
@@ -34,6 +35,7 @@ from torchtitan_ext.ablation import (
     write_report,
 )
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.parallel.cp_patterns import PATTERNS
 
 
 def _degrees(text: str | None, flag: str, ap: argparse.ArgumentParser) -> dict[str, int]:
@@ -71,22 +73,35 @@ def main() -> int:
         help="plan instead of train: rank shapes by estimated communication (fake process group)",
     )  # fmt: skip
     ap.add_argument("--budget-gib", type=float, default=80, help="memory per device (--dry-run)")
+    ap.add_argument(
+        "--cp-patterns", default="ring",
+        help=f"comma list of {', '.join(PATTERNS)}, or all: each shape with cp > 1 once per\n"
+        "pattern and degree (hybrid / double_ring: every inner degree 2 .. cp / 2)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--ranks-per-node", type=int, default=8,
+        help="consecutive ranks per node, for the cp inter-node column (--dry-run)",
+    )  # fmt: skip
     a, extra = ap.parse_known_args()
     if extra and not a.dry_run:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")
     orders = tuple(o.strip() for o in a.orders.split(","))
     if any(o not in ORDERS for o in orders):
         ap.error(f"--orders: choose from {', '.join(ORDERS)}")
+    patterns = PATTERNS if a.cp_patterns == "all" else tuple(a.cp_patterns.split(","))
+    if any(p not in PATTERNS for p in patterns):
+        ap.error(f"--cp-patterns: choose from {', '.join(PATTERNS)}, or all")
     if a.steps <= a.warmup:
         ap.error("--steps must be larger than --warmup")
     out = a.out or Path("outputs/ablation") / f"{a.config.stem}-{a.nproc}"
     fixed, max_degree = _degrees(a.fixed, "--fixed", ap), _degrees(a.max, "--max", ap)
     if a.dry_run:
         valid, invalid = enumerate_shapes(
-            a.config, a.nproc, out, a.steps, orders, fixed, max_degree, tuple(extra)
+            a.config, a.nproc, out, a.steps, orders, fixed, max_degree, tuple(extra), patterns
         )
         print(f"{len(valid)} valid shapes, {len(invalid)} invalid; planning...", flush=True)
-        table = plan_table(dry_run_sweep(valid, a.nproc, a.budget_gib), a.budget_gib)
+        plan_rows = dry_run_sweep(valid, a.nproc, a.budget_gib, a.ranks_per_node)
+        table = plan_table(plan_rows, a.budget_gib)
         out.mkdir(parents=True, exist_ok=True)
         (out / "dry_run.md").write_text(table + "\n")
         print(table)
@@ -103,6 +118,7 @@ def main() -> int:
         max_degree=max_degree,
         timeout=a.timeout,
         log=lambda m: print(m, flush=True),
+        cp_patterns=patterns,
     )
     write_report(rows, invalid, out)
     print((out / "ablation.md").read_text())

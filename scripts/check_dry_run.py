@@ -40,6 +40,7 @@ DEFAULT_SHAPES = [
     "dp_shard2", "tp2", "cp2", "pp2", "dp_replicate2", "cp2+fullac", "tp2+fullac",
     "dp_shard2xtp2", "tp2xcp2", "dp_replicate2xdp_shard2", "pp2xdp_shard2", "pp2xtp2",
     "dp_shard2xtp2xcp2", "pp2xtp2xcp2",
+    "cp4+ulysses", "cp4+hybrid2", "tp2xcp4+dring2+fullac",
     "dp_shard2+chunkloss", "dp_shard2+tiledmlp", "tp2+chunkloss+tiledmlp",
     "cp2+fullac+chunkloss+tiledmlp", "pp2xtp2+chunkloss+tiledmlp",
 ]  # fmt: skip
@@ -57,9 +58,11 @@ def _worker(payload: Path) -> int:
     from torchtitan_ext.dry_run import (
         CommCounter,
         ModelDims,
+        cp_node_split,
         estimate,
         group_labels,
         saved_activations,
+        work_of,
     )
     from torchtitan_ext.models import build_model_on_meta
     from torchtitan_ext.trainer import Trainer, prepare, setup_logging
@@ -77,14 +80,32 @@ def _worker(payload: Path) -> int:
         # Estimated first: parameters are sharded now (a forward without backward below
         # leaves some unsharded).
         meta = build_model_on_meta(get_train_spec(p.cfg.model.name).model_cls, p.model_args)
+        model_dims = ModelDims.of(meta)
         stage_index = dims.get_mesh("pp").get_local_rank() if dims.pp_enabled else 0
         acts, comm = estimate(
-            p.cfg, dims, ModelDims.of(meta), trainer.model_parts, stage_index, torch.float32
+            p.cfg, dims, model_dims, trainer.model_parts, stage_index, torch.float32
         )
+        cp_split = [0, 0]
+        if dims.cp > 1:
+            cp_mesh = dims.get_mesh("cp")
+            layers = sum(
+                len(list(m.get_submodule("layers").children())) for m in trainer.model_parts
+            )
+            cp_split = list(cp_node_split(
+                p.cfg, dims, model_dims, work_of(p.cfg, dims, torch.float32), layers,
+                cp_mesh.get_local_rank(), [int(r) for r in cp_mesh.mesh.flatten().tolist()],
+                job["ranks_per_node"],
+            ))  # fmt: skip
         trainer.train_step(trainer.dataloader.next_step())
-        counter = CommCounter(group_labels(dims))
+        counter = CommCounter(group_labels(dims), job["ranks_per_node"])
         with counter:
             trainer.train_step(trainer.dataloader.next_step())
+        step_sec = []
+        for _ in range(job["timed_steps"]):
+            dist.barrier()
+            t0 = time.perf_counter()
+            trainer.train_step(trainer.dataloader.next_step())
+            step_sec.append(time.perf_counter() - t0)
         saved = None
         if not dims.pp_enabled:
             inputs, labels = trainer.dataloader.next_step()[0]
@@ -99,6 +120,9 @@ def _worker(payload: Path) -> int:
             "estimated": comm,
             "saved": saved,
             "saved_estimated": acts.saved_per_microbatch,
+            "cp_split": [counter.cp_intra, counter.cp_inter],
+            "cp_split_estimated": cp_split,
+            "step_sec": sorted(step_sec)[len(step_sec) // 2] if step_sec else None,
         }
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, mine)
@@ -112,20 +136,15 @@ def _worker(payload: Path) -> int:
     return 0
 
 
-def _rel(est: float, got: float) -> float:
-    return abs(est - got) / got if got else (0.0 if est == 0 else float("inf"))
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
-    ap.add_argument("--tolerance", type=float, default=0.10, help="max relative error")
-    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.worker:
-        run_and_exit(lambda: _worker(a.worker))
-    shapes = [parse_shape(n) for n in a.shapes.split(",")]
-    base = base_args(8, 2, "debugmodel_cpu_deep", 128)
+def measure(
+    shapes: list[Any], ranks_per_node: int = 0, timed_steps: int = 0, steps: int = 2,
+    global_batch: int = 8, seq_len: int = 128,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Run each shape (the parity recipe, ``debugmodel_cpu_deep``, fp32; shapes with the same
+    rank count in one launch): per rank, the measured and estimated bytes per step, saved
+    activations, the CP bytes split by node (``ranks_per_node`` > 0) and the median of
+    ``timed_steps`` step times (s). None (after printing why) if a launch failed."""
+    base = base_args(global_batch, steps + timed_steps, "debugmodel_cpu_deep", seq_len)
     tmp = Path(tempfile.mkdtemp(prefix="check_dry_run-"))
     by_nproc: dict[int, list[Any]] = {}
     for s in shapes:
@@ -139,7 +158,9 @@ def main() -> int:
               f"{[r['name'] for r in runs]}", flush=True)  # fmt: skip
         payload = tmp / f"launch-{nproc}.json"
         out = tmp / f"launch-{nproc}.out.json"
-        payload.write_text(json.dumps({"runs": runs, "out": str(out)}))
+        job = {"runs": runs, "out": str(out), "ranks_per_node": ranks_per_node,
+               "timed_steps": timed_steps}  # fmt: skip
+        payload.write_text(json.dumps(job))
         entry = [str(Path(__file__).resolve()), "--worker", str(payload)]
         cmd = (
             [sys.executable, *entry]
@@ -151,8 +172,44 @@ def main() -> int:
             log = tmp / f"launch-{nproc}.log"
             log.write_text(proc.stdout + proc.stderr)
             print(f"launch failed: {first_error_line(proc)} (log: {log})", file=sys.stderr)
-            return 1
+            return None
         results.update(json.loads(out.read_text()))
+    return results
+
+
+def _rel(est: float, got: float) -> float:
+    return abs(est - got) / got if got else (0.0 if est == 0 else float("inf"))
+
+
+def cp_split_cells(ranks: list[dict[str, Any]], digits: int) -> tuple[list[str], float]:
+    """For one shape's per-rank results: the "estimated / measured" MiB cells of the CP
+    bytes sent intra- and inter-node (each for its worst rank) and the worst relative error."""
+    cells, worst = [], 0.0
+    for k in range(2):
+        errs = [_rel(r["cp_split_estimated"][k], r["cp_split"][k]) for r in ranks]
+        i = max(range(len(ranks)), key=lambda j: errs[j])
+        est, got = ranks[i]["cp_split_estimated"][k], ranks[i]["cp_split"][k]
+        cells.append(f"{est / MIB:.{digits}f} / {got / MIB:.{digits}f}")
+        worst = max(worst, errs[i])
+    return cells, worst
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(DEFAULT_SHAPES))
+    ap.add_argument("--tolerance", type=float, default=0.10, help="max relative error")
+    ap.add_argument("--ranks-per-node", type=int, default=0,
+                    help="also check the CP bytes' intra/inter-node split for this many "
+                    "consecutive ranks per node (0: off)")  # fmt: skip
+    ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        run_and_exit(lambda: _worker(a.worker))
+    shapes = [parse_shape(n) for n in a.shapes.split(",")]
+    start = time.perf_counter()
+    results = measure(shapes, a.ranks_per_node)
+    if results is None:
+        return 1
     worst_all = 0.0
     print("\n## Bytes sent per rank per step (MiB): estimated / measured, worst rank\n")
     print("| shape | " + " | ".join(COMM_KINDS) + " | max error |")
@@ -178,6 +235,17 @@ def main() -> int:
         worst_all = max(worst_all, errs[i])
         print(f"| {name} | {ranks[i]['saved_estimated'] / MIB:.2f} | "
               f"{ranks[i]['saved'] / MIB:.2f} | {errs[i]:.1%} |")  # fmt: skip
+    if a.ranks_per_node:
+        print(f"\n## CP bytes by node, {a.ranks_per_node} ranks per node (MiB): estimated / "
+              "measured, worst rank\n")  # fmt: skip
+        print("| shape | intra-node | inter-node | error |")
+        print("|---|---:|---:|---:|")
+        for name, ranks in results.items():
+            if not any(sum(r["cp_split"]) for r in ranks):
+                continue
+            cells, worst = cp_split_cells(ranks, 2)
+            worst_all = max(worst_all, worst)
+            print(f"| {name} | {cells[0]} | {cells[1]} | {worst:.1%} |")
     print(f"\nworst relative error {worst_all:.1%} (tolerance {a.tolerance:.0%}); "
           f"{time.perf_counter() - start:.0f}s")  # fmt: skip
     return 0 if worst_all <= a.tolerance else 1

@@ -24,6 +24,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--world_size", type=int, required=True)
     ap.add_argument("--budget-gib", type=float, default=None, help="per-device memory budget")
+    ap.add_argument(
+        "--ranks-per-node", type=int, default=8,
+        help="consecutive ranks per node, for the CP traffic's inter-node part",
+    )  # fmt: skip
     a, recipe_args = ap.parse_known_args()
     try:
         cfg = load_config(recipe_args)
@@ -33,7 +37,10 @@ def main() -> int:
         for title, stage_cfg in configs:
             dims = validate(stage_cfg, a.world_size)
             assert dims is not None
-            plans = [plan_rank(stage_cfg, a.world_size, r) for r in stage_ranks(dims)]
+            plans = [
+                plan_rank(stage_cfg, a.world_size, r, ranks_per_node=a.ranks_per_node)
+                for r in stage_ranks(dims)
+            ]
             print(f"\n## {title}: mesh {dims.shape_str()}\n")
             print(format_table(plans, a.budget_gib))
     except ConfigError as e:

@@ -41,6 +41,34 @@ def test_filters_and_orders(tmp_path):
     assert not any(s.name.startswith("tp2xcp2") for s, _, _ in invalid)
 
 
+def test_cp_patterns_are_swept_and_planned_by_node(tmp_path):
+    """--cp-patterns: each cp > 1 shape once per pattern and degree; the dry run gives the
+    double ring with node-sized inner rings the least cp traffic across nodes (the ring
+    sends most of its traffic across), and rejects Ulysses where heads do not divide."""
+    from torchtitan_ext.ablation import dry_run_sweep
+    from torchtitan_ext.parallel.cp_patterns import PATTERNS
+
+    fixed = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
+    valid, invalid = enumerate_shapes(
+        DEBUG_CPU, 8, tmp_path, steps=2, fixed=fixed, cp_patterns=PATTERNS
+    )
+    names = sorted(s.name for s, _, _ in valid)
+    assert names == sorted(
+        ["cp8", "cp8+ulysses", "cp8+hybrid2", "cp8+hybrid4", "cp8+dring2", "cp8+dring4"]
+    ), names
+    assert not invalid
+    rows = {r.shape: r for r in dry_run_sweep(valid, 8, 1e9, ranks_per_node=4)}
+    assert rows["cp8+dring4"].cp_inter_node_gib < rows["cp8+dring2"].cp_inter_node_gib
+    assert rows["cp8+dring4"].cp_inter_node_gib < 0.5 * rows["cp8"].cp_inter_node_gib
+    assert rows["cp8+ulysses"].comm_gib["cp"] < rows["cp8"].comm_gib["cp"]
+    ring_only, _ = enumerate_shapes(DEBUG_CPU, 8, tmp_path, steps=2, fixed=fixed)
+    assert [s.name for s, _, _ in ring_only] == ["cp8"]
+    _, bad = enumerate_shapes(
+        DEBUG_CPU, 16, tmp_path, steps=2, fixed={**fixed, "cp": 16}, cp_patterns=("ulysses",)
+    )
+    assert any("must divide 8" in why for _, _, why in bad), bad
+
+
 def test_auto_order_is_the_resolved_auto_order_not_the_recipes(tmp_path):
     """The "auto" order overrides the recipe's mesh_dim_order with "auto" (debug_cpu_4d.toml
     sets tp innermost; "auto" resolves to cp innermost on torch 2.13) and keeps the plain

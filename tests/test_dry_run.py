@@ -37,7 +37,8 @@ def test_param_bytes_per_rank(titan_recipes, recipe, world_size, divisor):
 def test_estimates_match_real_runs():
     """The dry run's communication and activation estimates against what real gloo runs of
     the same shapes send and save (scripts/check_dry_run.py): within 10% for every kind of
-    traffic and rank. The script fails on a larger error, so this can fail."""
+    traffic and rank, and the CP patterns' traffic split by node (2 ranks per node). The
+    script fails on a larger error, so this can fail."""
     import subprocess
     import sys
     from pathlib import Path
@@ -45,16 +46,19 @@ def test_estimates_match_real_runs():
     root = Path(__file__).resolve().parents[1]
     shapes = (
         "single,single+fullac,dp_shard2,tp2,cp2,pp2,dp_replicate2,"
-        "tp2+chunkloss+tiledmlp,cp2+fullac+chunkloss+tiledmlp"
+        "tp2+chunkloss+tiledmlp,cp2+fullac+chunkloss+tiledmlp,cp2+ulysses,cp4+hybrid2,"
+        "cp4+dring2+fullac"
     )
     proc = subprocess.run(
-        [sys.executable, str(root / "scripts" / "check_dry_run.py"), "--shapes", shapes],
+        [sys.executable, str(root / "scripts" / "check_dry_run.py"), "--shapes", shapes,
+         "--ranks-per-node", "2"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in shapes.split(","):
         assert f"| {name} |" in proc.stdout
     assert "worst relative error" in proc.stdout
+    assert "| cp4+dring2+fullac | 5.62 / 5.6" in proc.stdout  # intra-node, then inter-node
 
 
 def test_dry_run_sweep_ranks_shapes_that_fit_by_communication(titan_recipes, tmp_path):

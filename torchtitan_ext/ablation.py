@@ -17,6 +17,7 @@ command: ``scripts/ablate_mesh.py``.
 
 import csv
 import dataclasses
+import itertools
 import math
 import os
 import statistics
@@ -36,6 +37,7 @@ from torchtitan_ext.parity import (
     check_shape,
     factorizations,
     first_error_line,
+    pattern_options,
     read_records,
 )
 
@@ -132,9 +134,12 @@ def enumerate_shapes(
     fixed: dict[str, int] | None = None,
     max_degree: dict[str, int] | None = None,
     extra: tuple[str, ...] = (),
+    cp_patterns: tuple[str, ...] = ("ring",),
 ) -> tuple[list[tuple[Shape, str, list[str]]], list[tuple[Shape, str, str]]]:
     """Every factorization of ``nproc`` (filtered by ``fixed`` degrees and ``max_degree``), in
-    each of ``orders`` (``ORDERS``), with ``extra`` recipe overrides.
+    each of ``orders`` (``ORDERS``), with ``extra`` recipe overrides; shapes with cp > 1 once
+    per context-parallel pattern in ``cp_patterns`` (``cp_patterns.PATTERNS``) and degree
+    (``parity.pattern_options``: "+ulysses", "+hybrid<u>", "+dring<n>"; the ring unmarked).
 
     Returns:
         (valid, invalid): valid as (shape, order, CLI args); invalid as (shape, order, the
@@ -148,8 +153,13 @@ def enumerate_shapes(
         d = {n: base.degrees.get(n, 1) for n in MESH_DIM_NAMES}
         if any(d[k] != v for k, v in fixed.items()) or any(d[k] > v for k, v in max_degree.items()):
             continue
-        for order in orders:
-            shape = _with_order(base, order)
+        variants = [
+            dataclasses.replace(base, options=(*base.options, o)) if o else base
+            for o in pattern_options(d["cp"])
+            if _pattern_of(o) in cp_patterns
+        ]
+        for variant, order in itertools.product(variants, orders):
+            shape = _with_order(variant, order)
             order_args = AUTO_ORDER_ARGS if order == "auto" else ()
             args = shape_args(recipe, shape, out, steps, g, (*order_args, *extra))
             why = check_shape(shape, args)
@@ -158,6 +168,14 @@ def enumerate_shapes(
             else:
                 invalid.append((shape, order, why))
     return valid, invalid
+
+
+def _pattern_of(option: str) -> str:
+    """The ``cp_patterns`` name of a ``pattern_options`` option ("" is the ring)."""
+    for prefix, name in (("hybrid", "hybrid"), ("dring", "double_ring"), ("ulysses", "ulysses")):
+        if option.startswith(prefix):
+            return name
+    return "ring"
 
 
 def run_shape(shape: Shape, order: str, args: list[str], warmup: int, timeout: float) -> Row:
@@ -256,11 +274,15 @@ def sweep(
     max_degree: dict[str, int] | None = None,
     timeout: float = 600,
     log: Callable[[str], None] = print,
+    cp_patterns: tuple[str, ...] = ("ring",),
 ) -> tuple[list[Row], list[tuple[Shape, str, str]]]:
-    """Run every valid shape not already in ``<out>/ablation.csv``; returns (rows, invalid)."""
+    """Run every valid shape (``enumerate_shapes``) not already in ``<out>/ablation.csv``;
+    returns (rows, invalid)."""
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "ablation.csv"
-    valid, invalid = enumerate_shapes(recipe, nproc, out, steps, orders, fixed, max_degree)
+    valid, invalid = enumerate_shapes(
+        recipe, nproc, out, steps, orders, fixed, max_degree, cp_patterns=cp_patterns
+    )
     rows = read_csv(csv_path)
     done = {r.key for r in rows}
     todo = [(s, o, a) for s, o, a in valid if f"{s.name}/{o}" not in done]
@@ -340,6 +362,7 @@ class PlanRow:
             activations), GiB; fits: within the budget.
         comm_gib: estimated bytes sent per rank per step by kind (``COMM_KINDS``), GiB, for the
             rank that sends the most; total_comm_gib: their sum.
+        cp_inter_node_gib: the part of that rank's cp traffic that crosses nodes, GiB.
     """
 
     shape: str
@@ -348,6 +371,7 @@ class PlanRow:
     peak_gib: float
     fits: bool
     comm_gib: dict[str, float]
+    cp_inter_node_gib: float = 0.0
 
     @property
     def total_comm_gib(self) -> float:
@@ -355,11 +379,13 @@ class PlanRow:
 
 
 def dry_run_sweep(
-    valid: list[tuple[Shape, str, list[str]]], nproc: int, budget_gib: float
-) -> list[PlanRow]:
+    valid: list[tuple[Shape, str, list[str]]], nproc: int, budget_gib: float,
+    ranks_per_node: int = 8,
+) -> list[PlanRow]:  # fmt: skip
     """Plan every valid shape with the dry run (``torchtitan_ext.dry_run.plan_rank`` on torch's
     fake process group, ranks of the first and last pipeline stage) and rank them: shapes within
-    ``budget_gib`` first, by estimated bytes sent per rank per step, then the rest by memory.
+    ``budget_gib`` first, by estimated bytes sent per rank per step (ties: fewer cp bytes
+    across nodes, for ``ranks_per_node`` ranks per node), then the rest by memory.
     """
     from torchtitan_ext.config.validate import validate
     from torchtitan_ext.dry_run import GIB, plan_rank, stage_ranks
@@ -370,13 +396,24 @@ def dry_run_sweep(
         dims = validate(cfg, nproc)
         assert dims is not None
         ranks = stage_ranks(dims)
-        plans = [plan_rank(cfg, nproc, r) for r in sorted({ranks[0], ranks[-1]})]
+        plans = [
+            plan_rank(cfg, nproc, r, ranks_per_node=ranks_per_node)
+            for r in sorted({ranks[0], ranks[-1]})
+        ]
         peak = max(p.total_bytes for p in plans) / GIB
         busiest = max(plans, key=lambda p: sum(p.comm_bytes.values()))
         comm = {k: v / GIB for k, v in busiest.comm_bytes.items()}
         degrees = {n: shape.degrees.get(n, 1) for n in MESH_DIM_NAMES}
-        rows.append(PlanRow(shape.name, order, degrees, peak, peak <= budget_gib, comm))
-    return sorted(rows, key=lambda r: (not r.fits, r.total_comm_gib if r.fits else r.peak_gib))
+        inter = busiest.cp_inter_node_bytes / GIB
+        rows.append(PlanRow(shape.name, order, degrees, peak, peak <= budget_gib, comm, inter))
+    return sorted(
+        rows,
+        key=lambda r: (
+            not r.fits,
+            round(r.total_comm_gib, 6) if r.fits else r.peak_gib,
+            r.cp_inter_node_gib,
+        ),
+    )
 
 
 def plan_table(rows: list[PlanRow], budget_gib: float) -> str:
@@ -385,8 +422,8 @@ def plan_table(rows: list[PlanRow], budget_gib: float) -> str:
 
     lines = [
         f"| shape | order | memory GiB/device | fits {budget_gib:g} GiB | comm GiB/step/rank "
-        "| " + " | ".join(COMM_KINDS) + " |",
-        "|---|---|---:|---|---:|" + "---:|" * len(COMM_KINDS),
+        "| " + " | ".join(COMM_KINDS) + " | cp inter-node |",
+        "|---|---|---:|---|---:|" + "---:|" * (len(COMM_KINDS) + 1),
     ]
     for i, r in enumerate(rows):
         best = " **best**" if i == 0 and r.fits else ""
@@ -394,6 +431,6 @@ def plan_table(rows: list[PlanRow], budget_gib: float) -> str:
             f"| {r.shape}{best} | {r.order} | {r.peak_gib:.1f} | {'yes' if r.fits else 'NO'} | "
             f"{r.total_comm_gib:.1f} | "
             + " | ".join(f"{r.comm_gib[k]:.1f}" for k in COMM_KINDS)
-            + " |"
+            + f" | {r.cp_inter_node_gib:.1f} |"
         )
     return "\n".join(lines)

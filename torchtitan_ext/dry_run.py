@@ -17,7 +17,7 @@ import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -32,6 +32,7 @@ from torchtitan.tools.utils import set_default_dtype
 
 from torchtitan_ext.config.validate import resolve_model_args, validate
 from torchtitan_ext.models import build_model_on_meta
+from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
@@ -55,7 +56,7 @@ class ModelDims:
 
     Attributes:
         dim: hidden size h; kv_dim: n_kv_heads x head_dim; ffn_dim: SwiGLU hidden size f;
-        vocab: vocabulary size V; n_layers: transformer blocks L.
+        vocab: vocabulary size V; n_layers: transformer blocks L; n_heads: query heads.
     """
 
     dim: int
@@ -63,6 +64,7 @@ class ModelDims:
     ffn_dim: int
     vocab: int
     n_layers: int
+    n_heads: int = 1
 
     @classmethod
     def of(cls, model: nn.Module) -> "ModelDims":
@@ -77,6 +79,7 @@ class ModelDims:
             ffn_dim=block.get_parameter("feed_forward.w1.weight").shape[0],
             vocab=vocab,
             n_layers=len(layers),
+            n_heads=cast(int, block.get_submodule("attention").n_heads),
         )
 
 
@@ -203,6 +206,7 @@ the HSDP all-reduce over dp_replicate, TP, CP ring and PP point-to-point traffic
 def comm_estimate(
     cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, local_numel: int,
     last_unit_numel: int, n_layers_here: int, stages: list[tuple[bool, bool]],
+    cp_index: int = 0,
 ) -> dict[str, int]:  # fmt: skip
     """Bytes this rank sends per optimizer step, per kind of traffic (``COMM_KINDS``).
 
@@ -221,10 +225,10 @@ def comm_estimate(
       two all-gathers and two reduce-scatters of s·b·h activations forward, the same backward,
       plus the embedding's reduce-scatter and the output's all-gather (each with its backward);
       AC "full" repeats the forward ones.
-    - CP ring attention (n = cp; torch's ``_templated_ring_attention``): per block and
-      microbatch, the rank's K and V (2·s·b·kv/tp elements) go to every other rank in forward
-      and again in backward, and the fp32 gradient of K and V makes n hops; AC "full" repeats
-      the forward.
+    - CP (``cp_attention_transfers``): per block and microbatch, what the recipe's
+      ``context_parallel_pattern`` sends (``cp_patterns.attention_comm``; the ring: the rank's
+      K and V, 2·s·b·kv/tp elements, go to every other rank in forward and again in backward,
+      and their fp32 gradient makes cp hops); AC "full" repeats the forward.
     - PP: per microbatch, each stage that is not the last sends its output (s·b·h/tp
       elements: sequence-sharded under TP) and each that is not the first the gradient of its
       input.
@@ -233,7 +237,8 @@ def comm_estimate(
         local_numel: parameter elements this rank holds (its shards);
         last_unit_numel: those in the [norm, output] FSDP unit (kept unsharded after forward);
         n_layers_here: transformer blocks on this rank; stages: (is first, is last) for each
-        of its pipeline stages ([(True, True)] without PP).
+        of its pipeline stages ([(True, True)] without PP); cp_index: the rank's index in its
+        cp group.
 
     Scalar reductions (token counts, loss, grad norm, loss-parallel statistics) are left out.
     """
@@ -263,15 +268,61 @@ def comm_estimate(
         collectives += 2 * sum(last for _, last in stages)  # output
         out["tp"] = int((dims.tp - 1) / dims.tp * collectives * micro * s * b * m.dim * e)
     if dims.cp > 1:
-        c = dims.cp
-        kv = 2 * s * b * m.kv_dim // dims.tp
-        forward = (c - 1) * kv * e * (2 if full_ac else 1)
-        backward = (c - 1) * kv * e + c * kv * 4
-        out["cp"] = n_layers_here * micro * (forward + backward)
+        fwd, bwd = cp_attention_transfers(cfg, dims, m, w, cp_index)
+        calls = n_layers_here * micro
+        out["cp"] = calls * (
+            sum(t.nbytes for t in fwd) * (2 if full_ac else 1) + sum(t.nbytes for t in bwd)
+        )
     if dims.pp > 1:
         sends = sum((not first) + (not last) for first, last in stages)
         out["pp"] = sends * micro * s * b * m.dim // dims.tp * e
     return out
+
+
+def cp_attention_transfers(
+    cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, cp_index: int
+) -> tuple[list[cp_patterns.Transfer], list[cp_patterns.Transfer]]:
+    """One attention forward's and backward's CP traffic for the rank at ``cp_index``
+    (``cp_patterns.attention_comm`` with this recipe's pattern, sizes and dtype)."""
+    p = cfg.parallelism
+    pattern = cp_patterns.make_pattern(
+        p.context_parallel_pattern, dims.cp, p.context_parallel_ulysses_degree,
+        p.context_parallel_inner_ring_degree,
+    )  # fmt: skip
+    head_dim = m.dim // m.n_heads
+    tokens = w.s * w.b
+    return cp_patterns.attention_comm(
+        pattern, cp_index,
+        q_elems=tokens * m.dim // dims.tp,
+        kv_elems=tokens * m.kv_dim // dims.tp,
+        lse_elems=tokens * m.n_heads // dims.tp,
+        act_bytes=w.act_bytes,
+        rotate=p.context_parallel_rotate_method,
+        balanced=bool(p.context_parallel_load_balancer),
+        kv_heads=m.kv_dim // head_dim // dims.tp,
+    )  # fmt: skip
+
+
+def cp_node_split(
+    cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, n_layers_here: int, cp_index: int,
+    cp_ranks: list[int], ranks_per_node: int,
+) -> tuple[int, int]:  # fmt: skip
+    """(intra-node, inter-node) bytes of the CP traffic per optimizer step (``comm_estimate``'s
+    "cp") for the rank at ``cp_index`` of the cp group holding global ranks ``cp_ranks``, with
+    ``ranks_per_node`` consecutive global ranks per node (``cp_patterns.split_by_node``)."""
+    if dims.cp == 1:
+        return 0, 0
+    p = cfg.parallelism
+    pattern = cp_patterns.make_pattern(
+        p.context_parallel_pattern, dims.cp, p.context_parallel_ulysses_degree,
+        p.context_parallel_inner_ring_degree,
+    )  # fmt: skip
+    fwd, bwd = cp_attention_transfers(cfg, dims, m, w, cp_index)
+    full_ac = cfg.activation_checkpoint.mode == "full"
+    transfers = fwd * (2 if full_ac else 1) + bwd
+    intra, inter = cp_patterns.split_by_node(transfers, pattern, cp_index, cp_ranks, ranks_per_node)
+    calls = n_layers_here * w.microbatches
+    return calls * intra, calls * inter
 
 
 @dataclass
@@ -286,6 +337,9 @@ class RankPlan:
         optim_bytes: AdamW's two moments (fp32) per local parameter element.
         activations: estimate (see ``activation_estimate``).
         comm_bytes: bytes sent per optimizer step by kind (see ``comm_estimate``).
+        cp_inter_node_bytes: CP bytes per step sent to other nodes (``cp_node_split``, for the
+            ``ranks_per_node`` given to ``plan_rank``) by the rank of this rank's cp group
+            that sends the most across nodes.
     """
 
     rank: int
@@ -296,6 +350,7 @@ class RankPlan:
     optim_bytes: int
     activations: Activations
     comm_bytes: dict[str, int]
+    cp_inter_node_bytes: int = 0
 
     @property
     def activation_bytes(self) -> int:
@@ -309,10 +364,11 @@ class RankPlan:
 
 def estimate(
     cfg: Any, dims: ParallelDims, model_dims: ModelDims, parts: list[nn.Module],
-    stage_index: int, act_dtype: torch.dtype,
+    stage_index: int, act_dtype: torch.dtype, cp_index: int | None = None,
 ) -> tuple[Activations, dict[str, int]]:  # fmt: skip
     """Activation and communication estimates for one rank holding the (parallelized) model
-    ``parts`` of pipeline stage row ``stage_index``."""
+    ``parts`` of pipeline stage row ``stage_index`` at index ``cp_index`` of its cp group
+    (None: read from the live cp mesh)."""
     numel, _ = _local_numel_bytes(parts)
     last_unit = [
         m
@@ -329,17 +385,23 @@ def estimate(
     has_output = any(last for _, last in stages)
     work = work_of(cfg, dims, act_dtype)
     acts = activation_estimate(cfg, dims, model_dims, work, layers, stage_index, has_output)
-    return acts, comm_estimate(cfg, dims, model_dims, work, numel, last_numel, layers, stages)
+    if cp_index is None:
+        cp_index = dims.get_mesh("cp").get_local_rank() if dims.cp > 1 else 0
+    comm = comm_estimate(cfg, dims, model_dims, work, numel, last_numel, layers, stages, cp_index)
+    return acts, comm
 
 
 def plan_rank(
-    cfg: Any, world_size: int, rank: int, act_dtype: torch.dtype | None = None
-) -> RankPlan:
+    cfg: Any, world_size: int, rank: int, act_dtype: torch.dtype | None = None,
+    ranks_per_node: int = 8,
+) -> RankPlan:  # fmt: skip
     """Build ``rank``'s part of the job on a fake process group and measure it.
 
     Args:
         act_dtype: compute dtype of activations and all-gathered parameters; default
             ``training.mixed_precision_param`` (what a GPU run uses).
+        ranks_per_node: consecutive global ranks per node, for the CP traffic's inter-node
+            part.
 
     Raises:
         ConfigError: the recipe does not validate for ``world_size``.
@@ -373,15 +435,22 @@ def plan_rank(
         else:
             parts = [parallelize(model, dims, cfg, device)]
         coords = {name: dims.get_mesh(name).get_local_rank() for name in dims.order}
+        cp_ranks = [int(r) for r in dims.get_mesh("cp").mesh.flatten().tolist()]
     finally:
         dist.destroy_process_group()
     numel, param_bytes = _local_numel_bytes(parts)
     modules = [name for part in parts for name, m in part.named_children() if m is not None]
-    acts, comm = estimate(
-        cfg, dims, model_dims, parts, stage_index,
-        act_dtype or TORCH_DTYPE_MAP[cfg.training.mixed_precision_param],
-    )  # fmt: skip
-    return RankPlan(rank, coords, modules, param_bytes, param_bytes, numel * 8, acts, comm)
+    act_dtype = act_dtype or TORCH_DTYPE_MAP[cfg.training.mixed_precision_param]
+    acts, comm = estimate(cfg, dims, model_dims, parts, stage_index, act_dtype, coords["cp"])
+    layers = sum(len(list(part.get_submodule("layers").children())) for part in parts)
+    work = work_of(cfg, dims, act_dtype)
+    cp_inter = max(  # the busiest rank of this rank's cp group (patterns are not uniform)
+        cp_node_split(cfg, dims, model_dims, work, layers, i, cp_ranks, ranks_per_node)[1]
+        for i in range(dims.cp)
+    )
+    return RankPlan(
+        rank, coords, modules, param_bytes, param_bytes, numel * 8, acts, comm, cp_inter
+    )
 
 
 def stage_ranks(dims: ParallelDims) -> list[int]:
@@ -392,12 +461,13 @@ def stage_ranks(dims: ParallelDims) -> list[int]:
 
 
 def format_table(plans: list[RankPlan], budget_gib: float | None) -> str:
-    """Per-rank memory in GiB and estimated bytes sent per step (GiB) by kind, one row per
-    rank."""
+    """Per-rank memory in GiB and estimated bytes sent per step (GiB) by kind, and the CP
+    traffic's inter-node part, one row per rank."""
     lines = [
         "| rank | mesh coords | params GiB | grads GiB | optimizer GiB | activations GiB (est.) "
-        "| total GiB | fits | comm GiB/step: " + " / ".join(COMM_KINDS) + " |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "| total GiB | fits | comm GiB/step: " + " / ".join(COMM_KINDS) + " | cp inter-node "
+        "GiB/step |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|---:|",
     ]
     for p in plans:
         coords = " ".join(f"{k}{v}" for k, v in p.coords.items())
@@ -407,7 +477,7 @@ def format_table(plans: list[RankPlan], budget_gib: float | None) -> str:
             f"{p.optim_bytes / GIB:.2f} | {p.activation_bytes / GIB:.2f} | "
             f"{p.total_bytes / GIB:.2f} | {fits} | "
             + " / ".join(f"{p.comm_bytes[k] / GIB:.2f}" for k in COMM_KINDS)
-            + " |"
+            + f" | {p.cp_inter_node_bytes / GIB:.2f} |"
         )
     return "\n".join(lines)
 
@@ -451,15 +521,21 @@ class CommCounter(TorchDispatchMode):
         groups: the global ranks of a process group -> the labels of the meshes with those
             ranks (by ranks, not by group name: DTensor caches redistribution plans by mesh
             layout, so a run may use an equal, earlier mesh's groups).
+        ranks_per_node: if > 0, also split the "cp" bytes by destination into ``cp_intra`` /
+            ``cp_inter`` (node = global rank // ranks_per_node; an all-gather's bytes spread
+            evenly over the group's other ranks, an all-to-all's go where its splits say),
+            as ``cp_patterns.split_by_node`` models them.
     """
 
     C10D_ORDER = ("fsdp", "dp_replicate", "pp", "tp", "cp")
     FUNCOL_ORDER = ("tp", "cp", "pp", "dp_replicate", "fsdp")
 
-    def __init__(self, groups: dict[frozenset[int], set[str]]) -> None:
+    def __init__(self, groups: dict[frozenset[int], set[str]], ranks_per_node: int = 0) -> None:
         super().__init__()
         self.groups = groups
+        self.ranks_per_node = ranks_per_node
         self.bytes: dict[str, int] = dict.fromkeys((*COMM_KINDS, "other"), 0)
+        self.cp_intra = self.cp_inter = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if any(t is DTensor for t in types):
@@ -515,6 +591,21 @@ class CommCounter(TorchDispatchMode):
         labels = self.groups.get(group, set())
         label = "other" if small else next((k for k in order if k in labels), "other")
         self.bytes[label] += sent
+        if label == "cp" and self.ranks_per_node > 0:
+            members = dist.get_process_group_ranks(pg)
+            if name in _ALL_TO_ALLS and splits:
+                rows = inp.shape[0]
+                to = {
+                    m: sent_rows * _nbytes([inp]) // rows
+                    for m, sent_rows in zip(members, splits, strict=True)
+                }
+            else:
+                others = [m for m in members if m != members[rank]]
+                to = dict.fromkeys(others, sent // len(others))
+            node = members[rank] // self.ranks_per_node
+            inter = sum(b for m, b in to.items() if m // self.ranks_per_node != node)
+            self.cp_inter += inter
+            self.cp_intra += sent - inter
 
 
 def group_labels(dims: ParallelDims) -> dict[frozenset[int], set[str]]:
@@ -528,11 +619,12 @@ def group_labels(dims: ParallelDims) -> dict[frozenset[int], set[str]]:
         "pp": [dims.get_mesh("pp")],
     }
     out: dict[frozenset[int], set[str]] = {}
-    for label, ms in meshes.items():
-        for m in ms:
-            if m.size() > 1:
-                ranks = frozenset(dist.get_process_group_ranks(m.get_group()))
-                out.setdefault(ranks, set()).add(label)
+    groups = [(label, m.get_group()) for label, ms in meshes.items() for m in ms if m.size() > 1]
+    if dims.cp > 1:  # a cp pattern's inner and outer groups
+        groups += [("cp", g) for g in cp_patterns.process_groups(dims.get_mesh("cp"))]
+    for label, group in groups:
+        ranks = frozenset(dist.get_process_group_ranks(group))
+        out.setdefault(ranks, set()).add(label)
     return out
 
 
