@@ -183,23 +183,25 @@ try:
     cpu_ring_attention.require()
 except RuntimeError as e:
     print("require:", e)
-for cp in ("1", "2"):
+for cp, pattern in (("1", "ring"), ("2", "ring"), ("2", "ulysses")):
     try:
         prepare(["--job.config_file", sys.argv[2], "--parallelism.context_parallel_degree", cp,
+                 "--parallelism.context_parallel_pattern", pattern,
                  "--training.dataset", "local", "--training.dataset_path", sys.argv[3],
                  "--validation.no-enable",
                  "--parallelism.data_parallel_shard_degree", "-1", "--training.seq_len", "64",
                  "--model.flavor", "debugmodel_cpu_tiny"], RankInfo(0, 0, 2))
-        print(f"cp {cp}: prepared")
+        print(f"cp {cp} {pattern}: prepared")
     except ConfigError as e:
-        print(f"cp {cp}: config error: {e}")
+        print(f"cp {cp} {pattern}: config error: {e}")
 """
 
 
 @pytest.mark.parametrize("version", ["2.11.0+cu126", "2.15.0"])
 def test_other_torch_series_imports_and_refuses_only_cpu_cp(version, tmp_path):
     """On a torch series the CPU ring attention was not checked against, the package imports
-    and prepares non-CP runs; CP on CPU is one config error naming the supported series."""
+    and prepares non-CP runs; CP on CPU, and any CP pattern but the ring, is one config error
+    naming the supported series."""
     import subprocess
     import sys
 
@@ -216,10 +218,14 @@ def test_other_torch_series_imports_and_refuses_only_cpu_cp(version, tmp_path):
     out = proc.stdout
     assert "require: context parallel on CPU needs torch 2.13.x" in out, out
     assert f"found torch {version}" in out
-    assert "cp 1: prepared" in out, out
+    assert "cp 1 ring: prepared" in out, out
     assert (
-        "cp 2: config error: parallelism.context_parallel_degree = 2: context parallel on CPU"
-        in out
+        "cp 2 ring: config error: parallelism.context_parallel_degree = 2: context parallel on "
+        "CPU" in out
+    ), out
+    assert (
+        "cp 2 ulysses: config error: parallelism.context_parallel_pattern = 'ulysses': needs "
+        "torch 2.13.x" in out
     ), out
 
 
