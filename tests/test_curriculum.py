@@ -246,6 +246,56 @@ def test_curriculum_needs_checkpoints(tmp_path):
     with pytest.raises(ConfigError, match="stage boundaries re-shard") as err:
         prepare(args, RankInfo(rank=0, local_rank=0, world_size=4))
     assert err.value.key == "checkpoint.enable"
+    # load_only would write no boundary checkpoint: every stage but the last would be lost.
+    args = [*run_args(recipe(tmp_path), tmp_path / "run"), "--checkpoint.load_only"]
+    with pytest.raises(ConfigError, match="which load_only would not write") as err:
+        prepare(args, RankInfo(rank=0, local_rank=0, world_size=4))
+    assert err.value.key == "checkpoint.load_only"
+
+
+TWO_STAGES = """
+[curriculum]
+tokens_per_step = 512
+
+[[curriculum.stages]]
+seq_len = 64
+steps = 3
+rope_theta = 10000
+
+[[curriculum.stages]]
+seq_len = 128
+steps = 3
+rope_theta = 100000
+"""
+
+
+def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
+    """1 rank, 2 stages of 3 steps. A roll-back into stage 2 (load_step 4, with step-6 on
+    disk) trains steps 5-6 again, exactly; exclude_from_loading applies to where a run
+    starts, never to the hand-off between stages (which once restarted the LR warmup and the
+    data at stage 2)."""
+    from tests.conftest import read_metrics, train_single
+
+    path = recipe(tmp_path, TWO_STAGES)
+
+    def args(dump: Path, *more: str) -> list[str]:
+        return [*run_args(path, dump), "--parallelism.data_parallel_shard_degree", "-1", *more]
+
+    def losses(dump: Path) -> dict[int, tuple[float, float]]:
+        return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(dump)}
+
+    full = tmp_path / "full"
+    train_single(args(full))
+    assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
+    rolled = tmp_path / "rolled"
+    shutil.copytree(full / "checkpoint", rolled / "checkpoint")
+    proc = train_single(args(rolled, "--checkpoint.load_step", "4"))
+    assert "nothing to do" not in proc.stdout
+    assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
+    assert (rolled / "checkpoint" / "step-6").is_dir()  # retrained; the old one superseded
+    excluded = tmp_path / "excluded"
+    train_single(args(excluded, "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler"))
+    assert losses(excluded) == losses(full)
 
 
 def test_8b_1m_recipe_validates_for_its_cluster():

@@ -67,7 +67,12 @@ from torchtitan_ext.distributed import (
     resolve_device,
 )
 from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
-from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, peak_memory_mib
+from torchtitan_ext.metrics import (
+    MetricsLogger,
+    device_peak_flops,
+    peak_memory_mib,
+    reset_peak_memory,
+)
 from torchtitan_ext.models import (
     build_model_on_meta,
     canonical_name,
@@ -178,6 +183,13 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
                 False,
                 "a curriculum needs checkpoints: stage boundaries re-shard the state through them",
             )
+        if cfg.checkpoint.load_only:
+            raise ConfigError(
+                "checkpoint.load_only",
+                True,
+                "a curriculum hands each stage to the next through a checkpoint at the boundary, "
+                "which load_only would not write (every stage but the last would be lost)",
+            )
         cfg = stage_config(cfg, stages[0])
     dims = validate(cfg, rank.world_size)
     assert dims is not None
@@ -285,13 +297,24 @@ def _check_fills_global_batch(
         )
 
 
-def prepare_stage(p: Prepared, stage: Stage) -> Prepared:
+def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
     """The Prepared of one curriculum stage: its recipe, mesh degrees and model args (RoPE
-    theta, max_seq_len); the tokenized data is shared. No collective."""
+    theta, max_seq_len); the tokenized data is shared. No collective.
+
+    Args:
+        handed_over: the stage starts from the boundary checkpoint the previous stage of this
+            run just wrote. It then loads the newest checkpoint and all of it: the recipe's
+            ``load_step``, ``exclude_from_loading`` and initial load apply to where the run
+            starts (its first stage), not to the hand-off between stages.
+    """
     cfg = stage_config(p.cfg, stage)
-    if stage.index > 0:
-        # Later stages continue from the boundary checkpoint, not from a recipe's start point.
-        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, load_step=-1, initial_load_path="")
+    if handed_over:
+        cfg.checkpoint = dataclasses.replace(
+            cfg.checkpoint, load_step=-1, exclude_from_loading=[], initial_load_path=""
+        )
+    elif stage.index > 0:
+        # A run resumed in a later stage: from its checkpoints, not a recipe's start point.
+        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, initial_load_path="")
     dims = validate(cfg, p.rank.world_size)
     assert dims is not None
     model_args = resolve_model_args(cfg)
@@ -581,9 +604,11 @@ class Trainer:
         return float(local.item())
 
     def _max_peak_memory(self) -> float:
+        """Peak memory (MiB, max over ranks) since the previous log, then a new window."""
         mem = torch.tensor(peak_memory_mib(self.device), device=self.device)
         if self.dims.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        reset_peak_memory(self.device)
         return float(mem.item())
 
     def validation_windows(self) -> int:
@@ -691,6 +716,7 @@ class Trainer:
             logger.info(f"nothing to do: checkpoint at step {start} >= {end}")
             return []
         logger.info(f"training from step {start + 1} to {end}")
+        reset_peak_memory(self.device)  # the first log's peak: this stage's steps, not setup
         gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq, debug=cfg.training.gc_debug)
         records: list[dict[str, Any]] = []
         tokens_since_log = 0
@@ -903,14 +929,14 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
         ResumeEarlierStage: the first stage's trainer loaded a checkpoint of an earlier stage.
     """
     switch_started: float | None = None
-    for stage in stages:
+    for i, stage in enumerate(stages):
         logger.info(
             f"stage {stage.index + 1}/{len(p.stages)}: steps {stage.first_step}-"
             f"{stage.last_step}, seq_len {stage.seq_len}, cp {stage.cp}, dp_shard "
             f"{stage.dp_shard}, global batch {stage.global_batch_size}, rope_theta "
             f"{stage.rope_theta or 'flavor default'}"
         )
-        trainer = Trainer(prepare_stage(p, stage), stage, len(p.stages))
+        trainer = Trainer(prepare_stage(p, stage, handed_over=i > 0), stage, len(p.stages))
         trainer.train(until=stage.last_step, switch_started=switch_started)
         switch_started = trainer.last_step_ended
         del trainer
