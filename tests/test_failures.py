@@ -242,3 +242,21 @@ def test_validation_covers_the_same_windows_on_every_mesh():
     assert validation_window_count(2, 8, 1000) == 16  # steps x global batch, not x dp
     assert validation_window_count(8, 16, 5) == 5  # a small split: all of it, not 0
     assert validation_window_count(-1, 16, 5) == 5
+
+
+def test_peak_memory_is_per_log_window():
+    """After a reset, the reported CPU peak is this window's (the kernel's RSS high-water mark
+    set back by clear_refs), so a later stage that needs less memory shows less; the lifetime
+    ru_maxrss it replaced never went down."""
+    import torch
+
+    from torchtitan_ext.metrics import peak_memory_mib, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    reset_peak_memory(cpu)
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del big
+    with_big = peak_memory_mib(cpu)
+    reset_peak_memory(cpu)
+    after = peak_memory_mib(cpu)
+    assert with_big - after > 200, (with_big, after)

@@ -22,11 +22,45 @@ logger = logging.getLogger("torchtitan_ext")
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """This process's peak memory in MiB: the CUDA caching allocator's peak reserved bytes on
-    GPU, the peak resident set size (``getrusage`` ru_maxrss, KiB on Linux) on CPU."""
+    """This process's peak memory since the last ``reset_peak_memory``, MiB: the CUDA caching
+    allocator's peak reserved bytes on GPU; on CPU the kernel's resident-set high-water mark
+    (``VmHWM``), or, where /proc cannot be read, the process's lifetime peak (``ru_maxrss``)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        return _high_water_mark() / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new window for ``peak_memory_mib`` (TorchTitan resets its peak after every
+    log, so a stage that needs less memory shows it): CUDA's peak statistics; on CPU the
+    resident-set high-water mark, set back to the current RSS where ``/proc/self/clear_refs``
+    is writable (else the peak stays the lifetime one)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _reset_high_water_mark()
+
+
+def _high_water_mark() -> int:
+    """``VmHWM`` of this process, bytes (raises OSError where /proc lacks it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _reset_high_water_mark() -> bool:
+    """Set ``VmHWM`` back to the current RSS (Linux ``clear_refs`` 5); False if not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def rss_bytes() -> int:
@@ -51,14 +85,6 @@ class PeakRSS:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @staticmethod
-    def _high_water_mark() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        raise OSError("no VmHWM in /proc/self/status")
-
     def _sample(self) -> None:
         while not self._stop.is_set():
             self.peak = max(self.peak, rss_bytes())
@@ -66,17 +92,14 @@ class PeakRSS:
 
     def __enter__(self) -> "PeakRSS":
         self.peak = rss_bytes()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
+        if not _reset_high_water_mark():
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._thread is None:
-            self.peak = max(self.peak, self._high_water_mark())
+            self.peak = max(self.peak, _high_water_mark())
         else:
             self._stop.set()
             self._thread.join()
