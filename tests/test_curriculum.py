@@ -67,6 +67,10 @@ def test_plan_resolves_stages(tmp_path):
         (1e-3, 2, 0),
         (None, 0, 100000),
     ]
+    # A stage without rope_theta keeps the previous stage's, not the recipe's (500000 here).
+    unset = STAGES.replace("rope_theta = 1000000\n", "")
+    stages = plan(tmp_path, unset, extra=["--parallelism.data_parallel_shard_degree", "-1"])
+    assert [s.rope_theta for s in stages] == [1e4, 1e5, 1e5]
 
 
 def test_auto_cp_from_max_tokens_per_cp_rank(tmp_path):

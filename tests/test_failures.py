@@ -260,3 +260,25 @@ def test_peak_memory_is_per_log_window():
     reset_peak_memory(cpu)
     after = peak_memory_mib(cpu)
     assert with_big - after > 200, (with_big, after)
+
+
+def test_autocast_only_where_torchtitan_uses_it():
+    """CUDA autocast on one device; not with FSDP (its policy casts), and not with TP or PP
+    alone (TorchTitan 0.2.2's maybe_enable_amp; with PP the backward would run inside it)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from torchtitan_ext.trainer import Trainer
+
+    def amp(device: str, fsdp: bool = False, tp: bool = False, pp: bool = False) -> object:
+        dims = SimpleNamespace(fsdp_enabled=fsdp, dp_replicate_enabled=False, tp_enabled=tp,
+                               pp_enabled=pp)  # fmt: skip
+        cfg = SimpleNamespace(training=SimpleNamespace(mixed_precision_param="bfloat16"))
+        stub = SimpleNamespace(dims=dims, cfg=cfg, device=torch.device(device))
+        return Trainer._amp_context(stub)  # type: ignore[arg-type]
+
+    assert isinstance(amp("cuda"), torch.autocast)
+    for kwargs in ({"fsdp": True}, {"tp": True}, {"pp": True}):
+        assert not isinstance(amp("cuda", **kwargs), torch.autocast), kwargs
+    assert not isinstance(amp("cpu"), torch.autocast)

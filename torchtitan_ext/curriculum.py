@@ -46,7 +46,8 @@ class Stage:
         seq_len: tokens per sequence.
         steps: optimizer steps in this stage.
         first_step, last_step: global step numbers (1-based, inclusive) of the stage.
-        rope_theta: RoPE base frequency (0: the model flavor's).
+        rope_theta: RoPE base frequency (0: the model flavor's); a stage that does not set it
+            keeps the previous stage's.
         cp: context-parallel degree; dp_shard: the data-parallel shard degree it leaves.
         global_batch_size: sequences per optimizer step; local_batch_size: per microbatch and
             dp rank.
@@ -126,7 +127,7 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
     stages: list[Stage] = []
     step = 0
     for i, raw in enumerate(cur.stages):
-        stage = _resolve_stage(cfg, i, raw, free, step)
+        stage = _resolve_stage(cfg, i, raw, free, step, stages[-1] if stages else None)
         if stages and stage.seq_len <= stages[-1].seq_len:
             raise ConfigError(
                 f"curriculum.stages[{i}].seq_len",
@@ -142,7 +143,12 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
     return stages
 
 
-def _resolve_stage(cfg: Any, i: int, raw: dict[str, Any], free: int, step: int) -> Stage:
+def _resolve_stage(
+    cfg: Any, i: int, raw: dict[str, Any], free: int, step: int, prev: Stage | None
+) -> Stage:
+    """Stage ``i`` from its table ``raw``. Unset keys: rope_theta is the previous stage's (a
+    context extension keeps its RoPE base unless it says otherwise; the first stage: the
+    recipe's ``model.rope_theta``), the others the recipe's."""
     key = f"curriculum.stages[{i}]"
     for k, v in raw.items():
         if k not in STAGE_KEYS:
@@ -201,7 +207,7 @@ def _resolve_stage(cfg: Any, i: int, raw: dict[str, Any], free: int, step: int) 
             global_batch,
             f"not a multiple of local_batch_size ({local}) x dp ({dp}) = {local * dp}",
         )
-    theta = float(raw.get("rope_theta", cfg.model.rope_theta))
+    theta = float(raw.get("rope_theta", prev.rope_theta if prev else cfg.model.rope_theta))
     if "context_parallel_pattern" in raw:
         pattern = str(raw["context_parallel_pattern"])
         degrees = [int(raw.get(k, 0)) for k in _PATTERN_DEGREE_KEYS]

@@ -472,14 +472,22 @@ class Trainer:
             )
 
     def _amp_context(self) -> contextlib.AbstractContextManager[Any]:
-        """Autocast for bf16 on a single CUDA device without FSDP (FSDP's MixedPrecisionPolicy
-        casts otherwise); nothing on CPU, where training is fp32."""
+        """Mixed precision outside FSDP, as TorchTitan 0.2.2's ``maybe_enable_amp``: with
+        FSDP/HSDP its MixedPrecisionPolicy casts (nothing here); on one CUDA device, autocast to
+        ``mixed_precision_param``; with TP or PP but no FSDP, none (TorchTitan supports mixed
+        precision there only through FSDP; autocast would also wrap the pipeline's backward),
+        with a warning; nothing on CPU, where training is fp32."""
         sharded = self.dims.fsdp_enabled or self.dims.dp_replicate_enabled
-        if self.device.type == "cuda" and not sharded:
-            dtype = TORCH_DTYPE_MAP[self.cfg.training.mixed_precision_param]
-            if dtype != torch.float32:
-                return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        dtype = TORCH_DTYPE_MAP[self.cfg.training.mixed_precision_param]
+        if self.device.type != "cuda" or sharded or dtype == torch.float32:
+            return contextlib.nullcontext()
+        if self.dims.tp_enabled or self.dims.pp_enabled:
+            logger.warning(
+                "mixed precision with TP or PP needs FSDP (dp_shard x cp > 1), as in TorchTitan: "
+                "this run computes in training.dtype"
+            )
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
 
     def train_step(
         self, microbatches: list[tuple[torch.Tensor, torch.Tensor]]

@@ -129,12 +129,13 @@ class Data:
 class Curriculum:
     stages: list[dict[str, Any]] = field(default_factory=list)
     """Context-length stages, in order ([[curriculum.stages]] tables). Keys per stage:
-    seq_len and steps (required); rope_theta, context_parallel_degree, global_batch_size,
-    local_batch_size, lr (peak LR), warmup_steps (a warmup at the stage's start),
-    min_doc_tokens (train on documents at least this long), context_parallel_pattern,
-    context_parallel_ulysses_degree, context_parallel_inner_ring_degree (optional). Empty: no
-    curriculum (the recipe trains training.steps at training.seq_len). With stages,
-    training.steps is their sum and one LR schedule spans them."""
+    seq_len and steps (required); rope_theta (unset: the previous stage's),
+    context_parallel_degree, global_batch_size, local_batch_size, lr (peak LR), warmup_steps
+    (a warmup at the stage's start), min_doc_tokens (train on documents at least this long),
+    context_parallel_pattern, context_parallel_ulysses_degree,
+    context_parallel_inner_ring_degree (optional). Empty: no curriculum (the recipe trains
+    training.steps at training.seq_len). With stages, training.steps is their sum and one LR
+    schedule spans them."""
 
     tokens_per_step: int = 0
     """Tokens per optimizer step held constant across stages: each stage's global batch is
