@@ -82,8 +82,15 @@ def test_cli_overrides_titan_and_our_keys():
             "parallelism.mesh_dim_order",
             "permutation",
         ),
+        ('[model]\nrope_scaling = "ntk"\n', "model.rope_scaling", "one of llama, yarn, none"),
+        ('[model]\nrope_scaling = "yarn"\nrope_scaling_factor = 0.5\n',
+         "model.rope_scaling_factor", "must be >= 1"),
+        ('[model]\nrope_scaling = "yarn"\nrope_yarn_beta_fast = 0.5\n',
+         "model.rope_yarn_beta_fast", "greater than rope_yarn_beta_slow (1.0)"),
+        ("[model]\nrope_low_freq_factor = 4.0\n", "model.rope_high_freq_factor",
+         "greater than rope_low_freq_factor (4.0)"),
     ],
-)
+)  # fmt: skip
 def test_bad_recipe_values_name_key_and_value(tmp_path, toml, key, fragment):
     path = write(tmp_path, toml)
     with pytest.raises(ConfigError) as err:

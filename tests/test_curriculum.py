@@ -20,6 +20,7 @@ tokens_per_step = 1024
 seq_len = 64
 steps = 3
 rope_theta = 10000
+rope_scaling = "none"
 context_parallel_degree = 1
 
 [[curriculum.stages]]
@@ -38,6 +39,9 @@ rope_theta = 1000000
 context_parallel_degree = 4
 context_parallel_pattern = "double_ring"
 context_parallel_inner_ring_degree = 2
+rope_scaling = "yarn"
+rope_scaling_factor = 2.0
+rope_original_context = 128
 min_doc_tokens = 100000
 """
 
@@ -114,6 +118,11 @@ def _stage(seq_len: int, steps: int, cp: int, more: str = "") -> str:
          "curriculum.tokens_per_step", "not divisible by stage 0's seq_len 128"),
         ("[[curriculum.stages]]\nsteps = 2\n", "curriculum.stages[0].seq_len",
          "needs seq_len and steps"),
+        (_stage(128, 2, 1)
+         + _stage(256, 2, 2, 'rope_scaling = "yarn"\nrope_scaling_factor = 0.5\n'),
+         "curriculum.stages[1] -> model.rope_scaling_factor", "must be >= 1"),
+        (_stage(128, 2, 1, "rope_scaling = 2\n"), "curriculum.stages[0].rope_scaling",
+         "expected a string"),
     ],
 )  # fmt: skip
 def test_bad_curricula(tmp_path, stages, key, fragment):
@@ -181,7 +190,9 @@ def test_stages_switch_at_configured_steps(full_run):
         first = max(s for s in expected if s <= step)
         assert (r["stage"], r["seq_len"], r["cp"]) == expected[first], step
         assert r["tokens_per_step"] == 1024
-    for boundary in (3, 6):  # the first loss of a stage is finite and near the last one
+    # The first loss of a stage is finite and near the last one, also where the RoPE changes
+    # from theta only (stages 1-2) to YaRN (stage 3).
+    for boundary in (3, 6):
         before, after = steps[boundary]["loss"], steps[boundary + 1]["loss"]
         assert abs(after - before) / before < 0.3, (boundary, before, after)
 

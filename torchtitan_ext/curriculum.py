@@ -18,6 +18,7 @@ from typing import Any
 
 from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.config.validate import seq_len_divisor
+from torchtitan_ext.rope import ROPE_KEYS
 
 _INT_KEYS = (
     "seq_len",
@@ -29,9 +30,19 @@ _INT_KEYS = (
     "min_doc_tokens",
     "context_parallel_ulysses_degree",
     "context_parallel_inner_ring_degree",
+    "rope_original_context",
 )
-_FLOAT_KEYS = ("rope_theta", "lr")
-_STR_KEYS = ("context_parallel_pattern",)
+_FLOAT_KEYS = (
+    "rope_theta",
+    "lr",
+    "rope_scaling_factor",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
+    "rope_yarn_beta_fast",
+    "rope_yarn_beta_slow",
+    "rope_yarn_attention_factor",
+)
+_STR_KEYS = ("context_parallel_pattern", "rope_scaling")
 _PATTERN_DEGREE_KEYS = ("context_parallel_ulysses_degree", "context_parallel_inner_ring_degree")
 STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS
 """Keys a ``[[curriculum.stages]]`` table may set."""
@@ -60,6 +71,8 @@ class Stage:
         cp_pattern, cp_ulysses_degree, cp_inner_ring_degree: the stage's
             ``parallelism.context_parallel_pattern`` and its degrees (a stage that sets the
             pattern gets degrees 0 unless it sets them too; otherwise the recipe's).
+        rope: the stage's ``model.rope_*`` scaling keys (``rope.ROPE_KEYS``); a key the stage
+            does not set keeps the previous stage's value (the first stage: the recipe's).
     """
 
     index: int
@@ -78,6 +91,7 @@ class Stage:
     cp_pattern: str = "ring"
     cp_ulysses_degree: int = 0
     cp_inner_ring_degree: int = 0
+    rope: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def tokens_per_step(self) -> int:
@@ -208,6 +222,11 @@ def _resolve_stage(
             f"not a multiple of local_batch_size ({local}) x dp ({dp}) = {local * dp}",
         )
     theta = float(raw.get("rope_theta", prev.rope_theta if prev else cfg.model.rope_theta))
+    rope = {
+        k: raw.get(k, prev.rope[k] if prev else getattr(cfg.model, k))
+        for k in ROPE_KEYS
+        if k != "rope_theta"
+    }
     if "context_parallel_pattern" in raw:
         pattern = str(raw["context_parallel_pattern"])
         degrees = [int(raw.get(k, 0)) for k in _PATTERN_DEGREE_KEYS]
@@ -231,6 +250,7 @@ def _resolve_stage(
         cp_pattern=pattern,
         cp_ulysses_degree=degrees[0],
         cp_inner_ring_degree=degrees[1],
+        rope=rope,
     )
 
 
@@ -276,7 +296,7 @@ def stage_config(cfg: Any, stage: Stage) -> Any:
         context_parallel_ulysses_degree=stage.cp_ulysses_degree,
         context_parallel_inner_ring_degree=stage.cp_inner_ring_degree,
     )
-    out.model = dataclasses.replace(out.model, rope_theta=stage.rope_theta)
+    out.model = dataclasses.replace(out.model, rope_theta=stage.rope_theta, **stage.rope)
     return out
 
 
@@ -297,6 +317,12 @@ def stage_of_step(stages: list[Stage], step: int) -> Stage:
     return stages[-1]
 
 
+def rope_label(rope: dict[str, Any]) -> str:
+    """A stage's RoPE scaling in a few characters: "none", "llama x8", "yarn x4"."""
+    kind = rope.get("rope_scaling", "llama")
+    return kind if kind == "none" else f"{kind} x{rope.get('rope_scaling_factor', 8.0):g}"
+
+
 def _pattern_label(s: Stage) -> str:
     if s.cp == 1:
         return "-"
@@ -307,14 +333,16 @@ def _pattern_label(s: Stage) -> str:
 def format_plan(stages: list[Stage]) -> str:
     """A table of the stages for the log."""
     lines = [
-        "stage  steps (global)    seq_len  rope_theta   cp  cp pattern      dp_shard  batch  "
+        "stage  steps (global)    seq_len  rope_theta  rope scaling   cp  cp pattern      "
+        "dp_shard  batch  "
         "tokens/step  peak lr  warmup  min doc tokens"
     ]
     for s in stages:
         lr = f"{s.lr:.2e}" if s.lr is not None else "recipe"
         lines.append(
             f"{s.index:5d}  {s.first_step:6d}-{s.last_step:<8d} {s.seq_len:8d}  "
-            f"{s.rope_theta or math.nan:10.3g}  {s.cp:3d}  {_pattern_label(s):14s}  "
+            f"{s.rope_theta or math.nan:10.3g}  {rope_label(s.rope):12s}  {s.cp:3d}  "
+            f"{_pattern_label(s):14s}  "
             f"{s.dp_shard:8d}  "
             f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}  {lr:>7s}  "
             f"{s.warmup_steps:6d}  {s.min_doc_tokens:14d}"

@@ -45,6 +45,7 @@ from torchtitan_ext.curriculum import (
     Stage,
     format_plan,
     plan_curriculum,
+    rope_label,
     stage_config,
     stage_lr_factor,
     stage_of_step,
@@ -84,6 +85,7 @@ from torchtitan_ext.parallel.cp_patterns import make_pattern
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
+from torchtitan_ext.rope import apply_rope_scaling, rope_scaling_of
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -348,6 +350,7 @@ class Trainer:
         spec = get_train_spec(cfg.model.name)
         with set_default_dtype(TORCH_DTYPE_MAP[cfg.training.dtype]):
             model = build_model_on_meta(spec.model_cls, p.model_args)
+        apply_rope_scaling(model, rope_scaling_of(cfg))  # freqs_cis, filled by init_weights
         nparams, self.flops_per_token = p.model_args.get_nparams_and_flops(
             model, cfg.training.seq_len
         )
@@ -942,7 +945,7 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
             f"stage {stage.index + 1}/{len(p.stages)}: steps {stage.first_step}-"
             f"{stage.last_step}, seq_len {stage.seq_len}, cp {stage.cp}, dp_shard "
             f"{stage.dp_shard}, global batch {stage.global_batch_size}, rope_theta "
-            f"{stage.rope_theta or 'flavor default'}"
+            f"{stage.rope_theta or 'flavor default'}, rope scaling {rope_label(stage.rope)}"
         )
         trainer = Trainer(prepare_stage(p, stage, handed_over=i > 0), stage, len(p.stages))
         trainer.train(until=stage.last_step, switch_started=switch_started)

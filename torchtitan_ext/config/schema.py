@@ -27,6 +27,34 @@ class Model:
     """RoPE base frequency (theta); 0 keeps the flavor's (Llama 3: 500000). Curriculum stages
     set their own."""
 
+    rope_scaling: str = "llama"
+    """RoPE context-extension scaling: "llama" (Llama 3.1's frequency scaling, what
+    TorchTitan's Llama 3 always applies: factor 8, low/high frequency factors 1/4, original
+    context 8192), "yarn" (YaRN, arXiv 2309.00071: NTK-by-parts interpolation and attention
+    temperature) or "none" (theta only). Curriculum stages may set their own."""
+
+    rope_scaling_factor: float = 8.0
+    """Context extension factor of "llama" / "yarn" (>= 1)."""
+
+    rope_original_context: int = 8192
+    """Context (tokens) the unscaled frequencies were trained for ("llama" / "yarn")."""
+
+    rope_low_freq_factor: float = 1.0
+    """"llama": wavelengths above original_context / this are divided by the factor."""
+
+    rope_high_freq_factor: float = 4.0
+    """"llama": wavelengths below original_context / this are kept (> low_freq_factor)."""
+
+    rope_yarn_beta_fast: float = 32.0
+    """"yarn": dimensions turning more than this many times over the original context are
+    kept (extrapolated)."""
+
+    rope_yarn_beta_slow: float = 1.0
+    """"yarn": dimensions turning fewer times than this are interpolated (< beta_fast)."""
+
+    rope_yarn_attention_factor: float = 0.0
+    """"yarn": scale of cos and sin (q.k scales by its square); 0: 0.1 ln(factor) + 1."""
+
 
 @dataclass
 class Training:

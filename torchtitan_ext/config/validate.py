@@ -92,6 +92,11 @@ def resolve_model_args(cfg: Any) -> Any:
         raise ConfigError("model.rope_theta", cfg.model.rope_theta, "must be > 0 (0: the flavor's)")
     if cfg.model.rope_theta > 0:
         args.rope_theta = float(cfg.model.rope_theta)
+    from torchtitan_ext.rope import check_rope_scaling, rope_scaling_of
+
+    bad = check_rope_scaling(rope_scaling_of(cfg))
+    if bad is not None:
+        raise ConfigError(f"model.{bad[0]}", bad[1], bad[2])
     return args
 
 
