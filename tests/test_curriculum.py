@@ -286,9 +286,9 @@ rope_theta = 100000
 
 def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     """1 rank, 2 stages of 3 steps. A roll-back into stage 2 (load_step 4, with step-6 on
-    disk) trains steps 5-6 again, exactly; exclude_from_loading applies to where a run
-    starts, never to the hand-off between stages (which once restarted the LR warmup and the
-    data at stage 2)."""
+    disk) trains steps 5-6 again, exactly, and keep_latest_k keeps what it wrote;
+    exclude_from_loading applies to where a run starts, never to the hand-off between stages
+    (which once restarted the LR warmup and the data at stage 2)."""
     from tests.conftest import read_metrics, train_single
 
     path = recipe(tmp_path, TWO_STAGES)
@@ -304,10 +304,15 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
     rolled = tmp_path / "rolled"
     shutil.copytree(full / "checkpoint", rolled / "checkpoint")
-    proc = train_single(args(rolled, "--checkpoint.load_step", "4"))
+    # keep_latest_k 1 after the roll-back purges older checkpoints, never the one just written
+    # (the step-6 it replaces was set aside as step-6.superseded before training).
+    proc = train_single(
+        args(rolled, "--checkpoint.load_step", "4", "--checkpoint.keep_latest_k", "1")
+    )
     assert "nothing to do" not in proc.stdout
     assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
-    assert (rolled / "checkpoint" / "step-6").is_dir()  # retrained; the old one superseded
+    ckpts = sorted(p.name for p in (rolled / "checkpoint").iterdir())
+    assert ckpts == ["step-6", "step-6.superseded"], ckpts
     excluded = tmp_path / "excluded"
     train_single(args(excluded, "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler"))
     assert losses(excluded) == losses(full)
