@@ -124,6 +124,36 @@ def test_epochs_wrap_with_a_new_window_order():
     assert sorted(order0) == sorted(order1) and order0 != order1
 
 
+def test_stage_switch_continues_the_token_stream():
+    """Curriculum stages share one grid of units (the longest seq_len + 1 tokens): after a
+    switch the next stage continues after the units the last one used, so nothing is seen
+    twice before the epoch ends and only the last stage's partly used unit is skipped."""
+    stream = np.arange(17 * 40 + 5, dtype=np.int32)  # 40 units of 16 + 1 tokens, and a tail
+    seen: list[set[int]] = []
+    state = None
+    consumed = 0
+    for seq_len, steps in ((4, 5), (8, 3), (16, 40)):  # 3 windows per step; the last wraps
+        windows = PackedWindows(stream, seq_len, seed=3, unit_len=16)
+        assert windows.num_windows == 40 * 16 // seq_len
+        loader = GlobalBatchLoader(windows, 3, 0, 1, 1, continue_at_new_seq_len=True)
+        if state is not None:
+            loader.load_state_dict(state)
+        tokens: set[int] = set()
+        for _ in range(steps):
+            if loader.windows_consumed + 3 > windows.num_windows:
+                break  # the epoch's end
+            for inputs, _ in loader.next_step():
+                tokens |= set(inputs.flatten().tolist())
+        seen.append(tokens)
+        consumed = loader.windows_consumed // windows.per_unit  # whole units, last stage
+        state = loader.state_dict()
+    assert not seen[0] & seen[1] and not (seen[0] | seen[1]) & seen[2]
+    unused = set(range(40 * 17)) - (seen[0] | seen[1] | seen[2])
+    # Left: the one token per unit that is only ever a label, stage 1's partly used unit
+    # (15 windows of 4 = 3.75 units), and the units after the last full step.
+    assert len(unused) <= 40 + 16 + (40 - consumed) * 17, len(unused)
+
+
 def _cfg(path: Path, text_field: str = "text") -> SimpleNamespace:
     return SimpleNamespace(
         training=SimpleNamespace(dataset="mine", dataset_path=str(path)),

@@ -247,6 +247,7 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
             s.seq_len,
             s.global_batch_size,
             cfg.data.shuffle_seed,
+            unit_len(stages),
         )
         if cfg.validation.enable:
             PackedWindows(val_tokens, s.seq_len, 0, shuffle=False, key="validation")
@@ -280,15 +281,21 @@ def validation_window_count(steps: int, global_batch: int, available: int) -> in
     return available if steps == -1 else min(available, steps * global_batch)
 
 
+def unit_len(stages: list[Stage]) -> int:
+    """``PackedWindows.unit_len`` of the training data: the longest stage's seq_len (one grid
+    of units for every stage), or 0 (the run's seq_len) without a curriculum."""
+    return max((s.seq_len for s in stages), default=0)
+
+
 def _check_fills_global_batch(
-    key: str, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int
+    key: str, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, unit: int = 0
 ) -> None:
     """Raise unless the token stream holds at least one global batch of windows.
 
     Raises:
         ConfigError: naming ``key`` (the global batch size) with the windows available.
     """
-    windows = PackedWindows(tokens, seq_len, seed).num_windows
+    windows = PackedWindows(tokens, seq_len, seed, unit_len=unit).num_windows
     if windows < global_batch:
         raise ConfigError(
             key,
@@ -411,7 +418,9 @@ class Trainer:
         t = cfg.training
         global_batch = global_batch_size(cfg, dims)
         self.dataloader = GlobalBatchLoader(
-            PackedWindows(p.train_tokens, t.seq_len, cfg.data.shuffle_seed),
+            PackedWindows(
+                p.train_tokens, t.seq_len, cfg.data.shuffle_seed, unit_len=unit_len(p.stages)
+            ),
             local_batch_size=t.local_batch_size,
             dp_rank=dims.dp_rank(),
             dp_degree=dims.dp,

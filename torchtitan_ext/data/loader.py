@@ -77,16 +77,25 @@ def long_documents(tokens: np.ndarray, offsets: np.ndarray, min_tokens: int) -> 
 class PackedWindows:
     """Windows of ``seq_len + 1`` consecutive tokens, visited in a per-epoch permutation.
 
+    The stream is cut into units of ``unit_len + 1`` tokens (``unit_len`` defaults to
+    ``seq_len``: one window per unit); each epoch visits the units in a seeded permutation, and
+    each unit gives ``unit_len // seq_len`` windows at stride ``seq_len`` (a window's last label
+    is the next one's first input). A curriculum sets ``unit_len`` to its longest stage's
+    seq_len, so every stage shares one grid of units: a stage that continues after the units
+    the previous one consumed sees none of their tokens again before the epoch ends
+    (``GlobalBatchLoader.load_state_dict``).
+
     Args:
         tokens: (n_tokens,) int32 token stream.
         seq_len: tokens per training sequence.
-        seed: seed of the window order; epoch e uses ``default_rng((seed, e))``.
-        shuffle: False visits windows in stream order (validation).
+        seed: seed of the unit order; epoch e uses ``default_rng((seed, e))``.
+        shuffle: False visits units in stream order (validation).
         key: the recipe section the windows are for ("training" or "validation"), named in
             the error.
+        unit_len: tokens per unit minus one (>= seq_len); 0: seq_len.
 
     Raises:
-        ConfigError: the stream holds less than one window (names ``<key>.seq_len``).
+        ConfigError: the stream holds less than one unit (names ``<key>.seq_len``).
     """
 
     def __init__(
@@ -96,31 +105,39 @@ class PackedWindows:
         seed: int,
         shuffle: bool = True,
         key: str = "training",
+        unit_len: int = 0,
     ) -> None:
         self.tokens = tokens
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
-        self.num_windows = len(tokens) // (seq_len + 1)
+        self.unit_len = unit_len or seq_len
+        if self.unit_len < seq_len:
+            raise ValueError(f"unit_len {self.unit_len} < seq_len {seq_len}")
+        self.per_unit = self.unit_len // seq_len
+        self.num_units = len(tokens) // (self.unit_len + 1)
+        self.num_windows = self.num_units * self.per_unit
         if self.num_windows == 0:
             split = "validation split" if key == "validation" else "training set"
             raise ConfigError(
                 f"{key}.seq_len",
                 seq_len,
-                f"the {split} has only {len(tokens)} tokens, less than one window of {seq_len + 1}",
+                f"the {split} has only {len(tokens)} tokens, less than one window of "
+                f"{self.unit_len + 1}",
             )
         self._epoch = -1
-        self._perm: np.ndarray = np.arange(self.num_windows)
+        self._perm: np.ndarray = np.arange(self.num_units)
 
     def window(self, index: int) -> np.ndarray:
         """Window number ``index`` (global, over all epochs): (seq_len + 1,) int32."""
         epoch, i = divmod(index, self.num_windows)
         if self.shuffle and epoch != self._epoch:
-            self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_windows)
+            self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_units)
             self._epoch = epoch
-        w = int(self._perm[i]) if self.shuffle else i
-        n = self.seq_len + 1
-        return self.tokens[w * n : (w + 1) * n]
+        unit, sub = divmod(i, self.per_unit)
+        u = int(self._perm[unit]) if self.shuffle else unit
+        start = u * (self.unit_len + 1) + sub * self.seq_len
+        return self.tokens[start : start + self.seq_len + 1]
 
     def batch(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows ``[start, start + size)`` as (inputs, labels), each (size, seq_len) int64."""
@@ -147,8 +164,10 @@ class GlobalBatchLoader(Stateful):
         grad_accum_steps: microbatches per optimizer step per rank.
         windows_consumed: global windows consumed so far (the whole loader state).
         continue_at_new_seq_len: loading a state saved at another seq_len (a curriculum
-            stage boundary) continues after the tokens consumed (ceil(windows x old seq_len /
-            new seq_len)) instead of raising.
+            stage boundary) continues after the units consumed (``PackedWindows``: the
+            previous stage's partly used unit, if any, is skipped) instead of raising. With
+            ``min_doc_tokens`` a stage's stream is a different one (its long documents), so
+            it continues at the same unit count of its own stream.
         derived_global_batch: the recipe's ``training.global_batch_size`` is -1 (local batch
             x dp). Loading a state saved with another global batch (another dp degree) then
             keeps the checkpoint's global batch by changing ``grad_accum_steps``; otherwise
@@ -187,6 +206,7 @@ class GlobalBatchLoader(Stateful):
             "seq_len": self.windows.seq_len,
             "seed": self.windows.seed,
             "global_batch_size": self.global_batch_size,
+            "unit_len": self.windows.unit_len,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -200,9 +220,19 @@ class GlobalBatchLoader(Stateful):
         """
         saved_seq_len = int(state_dict["seq_len"])
         if saved_seq_len != self.windows.seq_len and self.continue_at_new_seq_len:
-            # A new curriculum stage: continue after the tokens already consumed.
-            tokens = int(state_dict["windows_consumed"]) * saved_seq_len
-            self.windows_consumed = -(-tokens // self.windows.seq_len)
+            # A new curriculum stage: continue after the units already (partly) consumed.
+            saved_unit = int(state_dict.get("unit_len", saved_seq_len))
+            consumed = int(state_dict["windows_consumed"])
+            if saved_unit == self.windows.unit_len:
+                units = -(-consumed // (saved_unit // saved_seq_len))
+            else:  # another grid (a checkpoint from before units, or changed stage lengths)
+                units = -(-consumed * (saved_seq_len + 1) // (self.windows.unit_len + 1))
+                _warn_once(
+                    f"the checkpoint's data position is in units of {saved_unit + 1} tokens, "
+                    f"this curriculum's of {self.windows.unit_len + 1}: continuing after the "
+                    "same number of tokens, so part of the epoch may repeat or be skipped"
+                )
+            self.windows_consumed = units * self.windows.per_unit
             return
         if saved_seq_len != self.windows.seq_len:
             raise ConfigError(
