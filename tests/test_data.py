@@ -126,13 +126,14 @@ def test_epochs_wrap_with_a_new_window_order():
 
 def test_stage_switch_continues_the_token_stream():
     """Curriculum stages share one grid of units (the longest seq_len + 1 tokens): after a
-    switch the next stage continues after the units the last one used, so nothing is seen
-    twice before the epoch ends and only the last stage's partly used unit is skipped."""
+    switch the next stage continues after the units the last one touched, so nothing is seen
+    twice before the epoch ends and at most one global batch of units is skipped per switch;
+    each step's windows come from distinct units even when a unit holds several windows."""
     stream = np.arange(17 * 40 + 5, dtype=np.int32)  # 40 units of 16 + 1 tokens, and a tail
     seen: list[set[int]] = []
     state = None
-    consumed = 0
-    for seq_len, steps in ((4, 5), (8, 3), (16, 40)):  # 3 windows per step; the last wraps
+    units_used = 0
+    for seq_len, steps in ((4, 5), (8, 3), (16, 40)):  # 3 windows per step; the last: to the end
         windows = PackedWindows(stream, seq_len, seed=3, unit_len=16)
         assert windows.num_windows == 40 * 16 // seq_len
         loader = GlobalBatchLoader(windows, 3, 0, 1, 1, continue_at_new_seq_len=True)
@@ -140,18 +141,20 @@ def test_stage_switch_continues_the_token_stream():
             loader.load_state_dict(state)
         tokens: set[int] = set()
         for _ in range(steps):
-            if loader.windows_consumed + 3 > windows.num_windows:
+            if loader.origin_units + loader.windows_consumed // windows.per_unit + 3 > 40:
                 break  # the epoch's end
-            for inputs, _ in loader.next_step():
-                tokens |= set(inputs.flatten().tolist())
+            ((inputs, _),) = loader.next_step()
+            units = {int(row[0]) // 17 for row in inputs}
+            assert len(units) == 3, inputs  # three places of the stream per step
+            tokens |= set(inputs.flatten().tolist())
         seen.append(tokens)
-        consumed = loader.windows_consumed // windows.per_unit  # whole units, last stage
         state = loader.state_dict()
+        units_used = loader.origin_units + loader.windows_consumed // windows.per_unit
     assert not seen[0] & seen[1] and not (seen[0] | seen[1]) & seen[2]
     unused = set(range(40 * 17)) - (seen[0] | seen[1] | seen[2])
-    # Left: the one token per unit that is only ever a label, stage 1's partly used unit
-    # (15 windows of 4 = 3.75 units), and the units after the last full step.
-    assert len(unused) <= 40 + 16 + (40 - consumed) * 17, len(unused)
+    # Left: the one token per unit that is only ever a label, the rest of the partly used
+    # group of 3 units at each of the 2 switches, and the units after the last full step.
+    assert len(unused) <= 40 + 2 * 3 * 17 + (40 - units_used) * 17, len(unused)
 
 
 def _cfg(path: Path, text_field: str = "text") -> SimpleNamespace:

@@ -82,8 +82,8 @@ class PackedWindows:
     each unit gives ``unit_len // seq_len`` windows at stride ``seq_len`` (a window's last label
     is the next one's first input). A curriculum sets ``unit_len`` to its longest stage's
     seq_len, so every stage shares one grid of units: a stage that continues after the units
-    the previous one consumed sees none of their tokens again before the epoch ends
-    (``GlobalBatchLoader.load_state_dict``).
+    the previous one touched sees none of their tokens again before the epoch ends
+    (``GlobalBatchLoader``, which also spreads each global batch over distinct units).
 
     Args:
         tokens: (n_tokens,) int32 token stream.
@@ -128,23 +128,31 @@ class PackedWindows:
         self._epoch = -1
         self._perm: np.ndarray = np.arange(self.num_units)
 
-    def window(self, index: int) -> np.ndarray:
-        """Window number ``index`` (global, over all epochs): (seq_len + 1,) int32."""
-        epoch, i = divmod(index, self.num_windows)
+    def unit_window(self, global_unit: int, sub: int) -> np.ndarray:
+        """Window ``sub`` of unit number ``global_unit`` (counted over all epochs, in visiting
+        order): (seq_len + 1,) int32."""
+        epoch, i = divmod(global_unit, self.num_units)
         if self.shuffle and epoch != self._epoch:
             self._perm = np.random.default_rng((self.seed, epoch)).permutation(self.num_units)
             self._epoch = epoch
-        unit, sub = divmod(i, self.per_unit)
-        u = int(self._perm[unit]) if self.shuffle else unit
+        u = int(self._perm[i]) if self.shuffle else i
         start = u * (self.unit_len + 1) + sub * self.seq_len
         return self.tokens[start : start + self.seq_len + 1]
 
+    def window(self, index: int) -> np.ndarray:
+        """Window number ``index`` (over all epochs; a unit's windows in a row):
+        (seq_len + 1,) int32."""
+        return self.unit_window(*divmod(index, self.per_unit))
+
     def batch(self, start: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Windows ``[start, start + size)`` as (inputs, labels), each (size, seq_len) int64."""
-        arr = torch.from_numpy(
-            np.stack([self.window(start + j) for j in range(size)]).astype(np.int64)
-        )
-        return arr[:, :-1], arr[:, 1:]
+        return stack_windows([self.window(start + j) for j in range(size)])
+
+
+def stack_windows(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, labels) of equal-length windows, each (len(windows), seq_len) int64."""
+    arr = torch.from_numpy(np.stack(windows).astype(np.int64))
+    return arr[:, :-1], arr[:, 1:]
 
 
 def _warn_once(message: str) -> None:
@@ -162,7 +170,9 @@ class GlobalBatchLoader(Stateful):
         local_batch_size: sequences per microbatch per dp rank (B).
         dp_rank, dp_degree: this rank's index in the batch mesh and its size.
         grad_accum_steps: microbatches per optimizer step per rank.
-        windows_consumed: global windows consumed so far (the whole loader state).
+        windows_consumed: windows consumed since ``origin_units``.
+        origin_units: units (counted over all epochs) used before this stage (or before a
+            change of global batch); with ``windows_consumed``, the whole loader state.
         continue_at_new_seq_len: loading a state saved at another seq_len (a curriculum
             stage boundary) continues after the units consumed (``PackedWindows``: the
             previous stage's partly used unit, if any, is skipped) instead of raising. With
@@ -182,21 +192,38 @@ class GlobalBatchLoader(Stateful):
     windows_consumed: int = 0
     continue_at_new_seq_len: bool = False
     derived_global_batch: bool = False
+    origin_units: int = 0
 
     @property
     def global_batch_size(self) -> int:
         """Sequences per optimizer step over all ranks (G)."""
         return self.local_batch_size * self.dp_degree * self.grad_accum_steps
 
+    def _window(self, index: int) -> np.ndarray:
+        """Window ``index`` (counted from ``origin_units``): units are taken G at a time,
+        and a step's G windows are one window of each of G units (the units' first windows,
+        then their second, ...), so a global batch spans G places of the stream even when a
+        unit holds several windows. With one window per unit this is unit
+        ``origin_units + index``."""
+        g, per_unit = self.global_batch_size, self.windows.per_unit
+        group, rest = divmod(index, g * per_unit)
+        sub, k = divmod(rest, g)
+        return self.windows.unit_window(self.origin_units + group * g + k, sub)
+
+    def _units_touched(self, consumed: int, g: int, per_unit: int) -> int:
+        """Units (from ``origin_units``) that ``consumed`` windows at global batch ``g`` and
+        ``per_unit`` windows per unit have touched: whole groups of g units."""
+        return -(-consumed // (g * per_unit)) * g
+
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's ``grad_accum_steps`` microbatches of the next step; each
         (inputs, labels) of shape (local_batch_size, seq_len), int64, on CPU."""
         base = self.windows_consumed
         b, dp = self.local_batch_size, self.dp_degree
-        micro = [
-            self.windows.batch(base + m * b * dp + self.dp_rank * b, b)
-            for m in range(self.grad_accum_steps)
-        ]
+        micro = []
+        for m in range(self.grad_accum_steps):
+            first = base + m * b * dp + self.dp_rank * b
+            micro.append(stack_windows([self._window(first + j) for j in range(b)]))
         self.windows_consumed += self.global_batch_size
         return micro
 
@@ -207,6 +234,7 @@ class GlobalBatchLoader(Stateful):
             "seed": self.windows.seed,
             "global_batch_size": self.global_batch_size,
             "unit_len": self.windows.unit_len,
+            "origin_units": self.origin_units,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -219,20 +247,22 @@ class GlobalBatchLoader(Stateful):
                 divide G.
         """
         saved_seq_len = int(state_dict["seq_len"])
+        consumed = int(state_dict["windows_consumed"])
+        saved_g = int(state_dict["global_batch_size"])
+        saved_origin = int(state_dict.get("origin_units", 0))
+        saved_unit = int(state_dict.get("unit_len", saved_seq_len))
         if saved_seq_len != self.windows.seq_len and self.continue_at_new_seq_len:
-            # A new curriculum stage: continue after the units already (partly) consumed.
-            saved_unit = int(state_dict.get("unit_len", saved_seq_len))
-            consumed = int(state_dict["windows_consumed"])
+            # A new curriculum stage: continue after the units already (partly) used.
             if saved_unit == self.windows.unit_len:
-                units = -(-consumed // (saved_unit // saved_seq_len))
+                touched = self._units_touched(consumed, saved_g, saved_unit // saved_seq_len)
             else:  # another grid (a checkpoint from before units, or changed stage lengths)
-                units = -(-consumed * (saved_seq_len + 1) // (self.windows.unit_len + 1))
+                touched = -(-consumed * (saved_seq_len + 1) // (self.windows.unit_len + 1))
                 _warn_once(
                     f"the checkpoint's data position is in units of {saved_unit + 1} tokens, "
                     f"this curriculum's of {self.windows.unit_len + 1}: continuing after the "
                     "same number of tokens, so part of the epoch may repeat or be skipped"
                 )
-            self.windows_consumed = units * self.windows.per_unit
+            self.origin_units, self.windows_consumed = saved_origin + touched, 0
             return
         if saved_seq_len != self.windows.seq_len:
             raise ConfigError(
@@ -240,11 +270,15 @@ class GlobalBatchLoader(Stateful):
                 self.windows.seq_len,
                 f"the checkpoint's data loader was at seq_len {int(state_dict['seq_len'])}",
             )
-        self.windows_consumed = int(state_dict["windows_consumed"])
-        saved_g, g = int(state_dict["global_batch_size"]), self.global_batch_size
+        self.windows_consumed, self.origin_units = consumed, saved_origin
+        g = self.global_batch_size
         if saved_g == g:
             return
         if not self.derived_global_batch:
+            # Windows are laid out per global batch: go on after the units touched so far.
+            per_unit = self.windows.per_unit
+            self.origin_units += self._units_touched(consumed, saved_g, per_unit)
+            self.windows_consumed = 0
             _warn_once(
                 f"global batch changes from the checkpoint's {saved_g} to {g} sequences "
                 "(training.global_batch_size)"
