@@ -300,7 +300,7 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
         return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(dump)}
 
     full = tmp_path / "full"
-    train_single(args(full))
+    full_log = train_single(args(full)).stdout
     assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
     rolled = tmp_path / "rolled"
     shutil.copytree(full / "checkpoint", rolled / "checkpoint")
@@ -316,6 +316,32 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     excluded = tmp_path / "excluded"
     train_single(args(excluded, "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler"))
     assert losses(excluded) == losses(full)
+    # The same-mesh switch happened in memory; reloading the boundary checkpoint instead gives
+    # the same run bit for bit.
+    assert "stage 2: switched in memory" in full_log
+    disk = tmp_path / "disk"
+    disk_log = train_single(args(disk, "--curriculum.no-switch-in-memory")).stdout
+    assert losses(disk) == losses(full)
+    assert "switched in memory" not in disk_log
+
+
+def test_in_memory_switch_with_cp_pattern_change_equals_reloading(tmp_path):
+    """2 ranks, cp 2 in both stages (the same mesh), ring then Ulysses: switching in memory
+    trains exactly as reloading the boundary checkpoint into a new trainer."""
+    stages = TWO_STAGES.replace(
+        "rope_theta = 10000\n", "rope_theta = 10000\ncontext_parallel_degree = 2\n"
+    ).replace(
+        "rope_theta = 100000\n",
+        'rope_theta = 100000\ncontext_parallel_degree = 2\ncontext_parallel_pattern = "ulysses"\n',
+    )
+    path = recipe(tmp_path, stages)
+    runs = {}
+    for name, more in (("memory", []), ("disk", ["--curriculum.no-switch-in-memory"])):
+        dump = tmp_path / name
+        proc = torchrun(2, [*run_args(path, dump), *more])
+        assert ("switched in memory" in proc.stdout) == (name == "memory"), proc.stdout[-2000:]
+        runs[name] = [(r["step"], r["loss"], r["grad_norm"]) for r in records(dump)[0].values()]
+    assert runs["memory"] == runs["disk"]
 
 
 def test_8b_1m_recipe_validates_for_its_cluster():

@@ -79,7 +79,7 @@ from torchtitan_ext.models import (
     canonical_name,
     init_weights_mesh_independent,
 )
-from torchtitan_ext.parallel import cpu_ring_attention
+from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
 from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel.cp_patterns import make_pattern
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
@@ -413,26 +413,14 @@ class Trainer:
         self.lr_schedulers = build_lr_schedulers(
             self.optimizers, cfg.lr_scheduler, cfg.training.steps
         )
+        # The run's schedule (one across stages); a stage's warmup wraps it (_apply_recipe_lr).
+        self._run_lr_lambdas = [list(sched.lr_lambdas) for sched in self.lr_schedulers.schedulers]
+        self._switched_in_memory = False
 
         # Data: the same global batch at every step whatever the mesh.
         t = cfg.training
-        global_batch = global_batch_size(cfg, dims)
-        self.dataloader = GlobalBatchLoader(
-            PackedWindows(
-                p.train_tokens, t.seq_len, cfg.data.shuffle_seed, unit_len=unit_len(p.stages)
-            ),
-            local_batch_size=t.local_batch_size,
-            dp_rank=dims.dp_rank(),
-            dp_degree=dims.dp,
-            grad_accum_steps=global_batch // (t.local_batch_size * dims.dp),
-            continue_at_new_seq_len=stage is not None,
-            derived_global_batch=t.global_batch_size == -1,
-        )
-        self.val_windows = (
-            PackedWindows(p.val_tokens, cfg.validation.seq_len, 0, shuffle=False, key="validation")
-            if cfg.validation.enable
-            else None
-        )
+        self.dataloader = self._build_dataloader(p, stage)
+        self.val_windows = self._build_val_windows(p)
         # Non-finite guard (train()): skipped steps in total and in a row.
         self.skipped_steps = 0
         self.nonfinite_streak: list[int] = []
@@ -722,7 +710,9 @@ class Trainer:
         """
         cfg = self.cfg
         end = until if until is not None else cfg.training.steps
-        self.checkpointer.maybe_load()
+        if not self._switched_in_memory:
+            self.checkpointer.maybe_load()
+        self._switched_in_memory = False
         start = self.train_state.step
         if self.stage is not None and start < self.stage.first_step - 1:
             raise ResumeEarlierStage(start)
@@ -876,6 +866,84 @@ class Trainer:
             if not distributed_c10d._rank_not_in_group(group):
                 distributed_c10d._set_pg_timeout(timeout, group)
 
+    @staticmethod
+    def _build_val_windows(p: Prepared) -> PackedWindows | None:
+        v = p.cfg.validation
+        if not v.enable:
+            return None
+        return PackedWindows(p.val_tokens, v.seq_len, 0, shuffle=False, key="validation")
+
+    def _build_dataloader(self, p: Prepared, stage: Stage | None) -> GlobalBatchLoader:
+        """The training loader of ``p``'s recipe (a stage's: its seq_len, batch, documents),
+        on this trainer's mesh."""
+        t, dims = p.cfg.training, self.dims
+        return GlobalBatchLoader(
+            PackedWindows(
+                p.train_tokens, t.seq_len, p.cfg.data.shuffle_seed, unit_len=unit_len(p.stages)
+            ),
+            local_batch_size=t.local_batch_size,
+            dp_rank=dims.dp_rank(),
+            dp_degree=dims.dp,
+            grad_accum_steps=global_batch_size(p.cfg, dims) // (t.local_batch_size * dims.dp),
+            continue_at_new_seq_len=stage is not None,
+            derived_global_batch=t.global_batch_size == -1,
+        )
+
+    def can_switch_in_memory(self, p: Prepared) -> bool:
+        """Whether the stage prepared in ``p`` can continue from this trainer's state in
+        memory (``curriculum.switch_in_memory``): the same mesh degrees and order, no PP (its
+        schedules are built for one sequence length), the boundary checkpoint written."""
+        return (
+            bool(p.cfg.curriculum.switch_in_memory)
+            and self.dims.shape_str() == p.dims.shape_str()
+            and self.pipeline is None
+            and self.stage is not None
+            and self.train_state.step == self.stage.last_step
+        )
+
+    def switch_stage(self, p: Prepared, stage: Stage) -> None:
+        """Continue with ``stage`` (prepared in ``p``, the same mesh) from this trainer's
+        model, optimizer and LR schedule in memory. Rebuilt: the RoPE buffers (new length,
+        theta, scaling), the CP pattern, the data loader (continuing the token stream) and the
+        validation windows; the stage's LR and warmup apply in ``train``. The result equals
+        loading the boundary checkpoint into a new Trainer (tested)."""
+        cfg = p.cfg
+        self.cfg, self.stage = cfg, stage
+        torch.manual_seed(cfg.debug.seed if cfg.debug.seed is not None else 0)
+        scaling = rope_scaling_of(cfg)
+        for part in self.model_parts:
+            buffer: torch.Tensor = part.get_buffer("freqs_cis")
+            object.__setattr__(part, "model_args", p.model_args)
+            apply_rope_scaling(part, scaling)
+            with torch.no_grad():
+                part.register_buffer(
+                    "freqs_cis",
+                    getattr(part, "_precompute_freqs_cis")().to(buffer.device),  # noqa: B009
+                    persistent=False,
+                )
+        spec = get_train_spec(cfg.model.name)
+        meta = build_model_on_meta(spec.model_cls, p.model_args)
+        _, self.flops_per_token = p.model_args.get_nparams_and_flops(meta, cfg.training.seq_len)
+        if self.dims.cp_enabled:
+            pc = cfg.parallelism
+            cp_patterns.register(
+                self.dims.get_mesh("cp"),
+                make_pattern(
+                    pc.context_parallel_pattern, self.dims.cp,
+                    pc.context_parallel_ulysses_degree, pc.context_parallel_inner_ring_degree,
+                ),
+            )  # fmt: skip
+        position = self.dataloader.state_dict()
+        self.dataloader = self._build_dataloader(p, stage)
+        self.dataloader.load_state_dict(position)
+        self.checkpointer.states["dataloader"] = self.dataloader
+        self.val_windows = self._build_val_windows(p)
+        self.metrics.flops_per_token = self.flops_per_token
+        self.metrics.stage_last_step = stage.last_step
+        self.metrics.stage_label = f"{stage.index + 1}/{self.n_stages}"
+        self._switched_in_memory = True
+        logger.info(f"stage {stage.index + 1}: switched in memory (same mesh)")
+
     def _apply_recipe_lr(self, stage: Stage | None) -> None:
         """Give the LR schedule the recipe's peak LR (``optimizer.lr``, or the stage's ``lr``)
         and the stage's warmup (``warmup_steps``), after loading a checkpoint: the checkpoint
@@ -887,10 +955,12 @@ class Trainer:
         saved = self.lr_schedulers.schedulers[0].base_lrs[0]
         if stage is None and saved != peak and self.train_state.step > 0:
             self._warn(f"peak LR {peak:g} (optimizer.lr) replaces the checkpoint's {saved:g}")
-        for sched in self.lr_schedulers.schedulers:
+        for sched, run_lambdas in zip(
+            self.lr_schedulers.schedulers, self._run_lr_lambdas, strict=True
+        ):
             sched.base_lrs = [peak for _ in sched.base_lrs]
+            sched.lr_lambdas = list(run_lambdas)
             if stage is not None and stage.warmup_steps > 0:
-                run_lambdas = list(sched.lr_lambdas)
                 sched.lr_lambdas = [
                     (lambda e, f=f: f(e) * stage_lr_factor(stage, e)) for f in run_lambdas
                 ]
@@ -949,6 +1019,7 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
         ResumeEarlierStage: the first stage's trainer loaded a checkpoint of an earlier stage.
     """
     switch_started: float | None = None
+    trainer: Trainer | None = None
     for i, stage in enumerate(stages):
         logger.info(
             f"stage {stage.index + 1}/{len(p.stages)}: steps {stage.first_step}-"
@@ -956,11 +1027,15 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
             f"{stage.dp_shard}, global batch {stage.global_batch_size}, rope_theta "
             f"{stage.rope_theta or 'flavor default'}, rope scaling {rope_label(stage.rope)}"
         )
-        trainer = Trainer(prepare_stage(p, stage, handed_over=i > 0), stage, len(p.stages))
+        prepared = prepare_stage(p, stage, handed_over=i > 0)
+        if trainer is not None and trainer.can_switch_in_memory(prepared):
+            trainer.switch_stage(prepared, stage)
+        else:
+            trainer = None
+            gc.collect()  # free the last stage's model and optimizer before the next is built
+            trainer = Trainer(prepared, stage, len(p.stages))
         trainer.train(until=stage.last_step, switch_started=switch_started)
         switch_started = trainer.last_step_ended
-        del trainer
-        gc.collect()  # free this stage's model and optimizer before the next is built
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,13 @@ class Curriculum:
     tokens_per_step / seq_len sequences. 0: each stage's global_batch_size, else the
     training section's."""
 
+    switch_in_memory: bool = True
+    """A stage that keeps the mesh (the same degrees and order, no PP) continues from the
+    trainer's model, optimizer and their shards in memory: only what depends on the sequence
+    (RoPE buffers, data loader windows, batch split, CP pattern, LR) is rebuilt, and the
+    boundary checkpoint is still written to disk. False: every stage reloads that checkpoint
+    (and re-shards it), as one that changes the mesh does."""
+
     max_tokens_per_cp_rank: int = 0
     """If > 0, a stage without context_parallel_degree gets the smallest CP degree that keeps
     seq_len / cp <= this (and divides the world as the other degrees allow)."""
