@@ -1,9 +1,9 @@
 """Mesh-shape ablation: train a recipe on every valid mesh shape of N ranks for a few steps and
 compare throughput, memory and the loss.
 
-    .venv/bin/python scripts/ablate_mesh.py --config train_configs/debug_cpu.toml --nproc 8
-    .venv/bin/python scripts/ablate_mesh.py --config my.toml --nproc 8 --fixed pp=1 --max tp=4 \\
-        --orders cpinner,tpinner --steps 6 --warmup 2
+    .venv/bin/python scripts/ablate_mesh.py --job.config_file train_configs/debug_cpu.toml --nproc 8
+    .venv/bin/python scripts/ablate_mesh.py --job.config_file my.toml --nproc 8 --fixed pp=1 \\
+        --max tp=4 --orders cpinner,tpinner --steps 6 --warmup 2
 
 Writes ``<out>/ablation.csv`` (one row per shape, written as each finishes: rerun with the same
 ``--out`` to resume an interrupted sweep), ``ablation.md`` (sorted by tokens/s per rank, best
@@ -19,7 +19,7 @@ cp bytes across nodes). ``--cp-patterns all`` tries every context-parallel patte
 on each shape with cp > 1. Arguments after the options are recipe overrides for every shape:
 
     .venv/bin/python scripts/ablate_mesh.py --dry-run --nproc 256 --budget-gib 80 \\
-        --config train_configs/llama3_8b_curriculum_1m.toml --training.seq_len 131072
+        --job.config_file train_configs/llama3_8b_curriculum_1m.toml --training.seq_len 131072
 """
 
 import argparse
@@ -34,6 +34,7 @@ from torchtitan_ext.ablation import (
     sweep,
     write_report,
 )
+from torchtitan_ext.config.manager import ConfigError, load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.parallel.cp_patterns import PATTERNS
 
@@ -52,7 +53,10 @@ def _degrees(text: str | None, flag: str, ap: argparse.ArgumentParser) -> dict[s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--config", type=Path, required=True, help="the recipe (TOML)")
+    ap.add_argument(
+        "--job.config_file", "--config", dest="config", type=Path, required=True,
+        help="the recipe (TOML); --config is the older spelling",
+    )  # fmt: skip
     ap.add_argument("--nproc", type=int, required=True, help="world size")
     ap.add_argument("--out", type=Path, help="default: outputs/ablation/<recipe>-<nproc>")
     ap.add_argument("--steps", type=int, default=4, help="training steps per shape")
@@ -93,6 +97,15 @@ def main() -> int:
         ap.error(f"--cp-patterns: choose from {', '.join(PATTERNS)}, or all")
     if a.steps <= a.warmup:
         ap.error("--steps must be larger than --warmup")
+    try:
+        if load_config(["--job.config_file", str(a.config)]).curriculum.stages:
+            ap.error(
+                f"{a.config} has [[curriculum.stages]]: a sweep trains one mesh per shape, a "
+                "curriculum changes it per stage; sweep a recipe without the curriculum (set "
+                "training.seq_len to the stage's length)"
+            )
+    except ConfigError as e:
+        ap.error(f"config error: {e}")
     out = a.out or Path("outputs/ablation") / f"{a.config.stem}-{a.nproc}"
     fixed, max_degree = _degrees(a.fixed, "--fixed", ap), _degrees(a.max, "--max", ap)
     if a.dry_run:
@@ -120,10 +133,13 @@ def main() -> int:
         log=lambda m: print(m, flush=True),
         cp_patterns=patterns,
     )
-    write_report(rows, invalid, out)
+    written = write_report(rows, invalid, out)
     print((out / "ablation.md").read_text())
-    print(f"wrote {out}/ablation.csv, ablation.md, ablation.png")
+    print(f"wrote {out / 'ablation.csv'}, " + ", ".join(str(p) for p in written))
     bad = [r for r in rows if r.numerics.startswith("DEVIATES")]
+    if not any(r.status == "ok" for r in rows):
+        print("error: no shape trained (see the status column)", file=sys.stderr)
+        return 1
     return 1 if bad else 0
 
 

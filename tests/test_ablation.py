@@ -130,3 +130,19 @@ def test_interrupted_sweep_resumes(tiny_sweep):
     assert "2 already in" in logs[0] and "1 to run" in logs[0]
     assert sum(line.startswith("[") for line in logs) == 1  # only cp4 ran
     assert sorted(r.shape for r in again) == ["cp4", "dp_shard2xcp2", "dp_shard4"]
+
+
+def test_curriculum_recipe_is_refused_up_front():
+    """One error before any launch (it used to run every shape into the same failure and exit
+    0); the recipe flag is --job.config_file like everywhere else."""
+    import subprocess
+    import sys
+
+    script = ROOT / "scripts" / "ablate_mesh.py"
+    recipe = ROOT / "train_configs" / "debug_cpu_curriculum.toml"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--job.config_file", str(recipe), "--nproc", "4"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "has [[curriculum.stages]]: a sweep trains one mesh per shape" in proc.stderr

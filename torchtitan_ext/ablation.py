@@ -345,11 +345,15 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[Row], invalid: list[tuple[Shape, str, str]], out: Path) -> None:
-    """``<out>/ablation.md`` and ``<out>/ablation.png`` next to the CSV."""
-    (out / "ablation.md").write_text(markdown_table(rows, invalid) + "\n")
+def write_report(rows: list[Row], invalid: list[tuple[Shape, str, str]], out: Path) -> list[Path]:
+    """``<out>/ablation.md``, and ``<out>/ablation.png`` when some shape trained; returns the
+    files written."""
+    written = [out / "ablation.md"]
+    written[0].write_text(markdown_table(rows, invalid) + "\n")
     if any(r.status == "ok" for r in rows):
         plot(rows, out / "ablation.png")
+        written.append(out / "ablation.png")
+    return written
 
 
 @dataclass
