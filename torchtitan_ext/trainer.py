@@ -416,6 +416,7 @@ class Trainer:
         # The run's schedule (one across stages); a stage's warmup wraps it (_apply_recipe_lr).
         self._run_lr_lambdas = [list(sched.lr_lambdas) for sched in self.lr_schedulers.schedulers]
         self._switched_in_memory = False
+        self._boundary_stats: dict[str, Any] = {}
 
         # Data: the same global batch at every step whatever the mesh.
         t = cfg.training
@@ -710,9 +711,9 @@ class Trainer:
         """
         cfg = self.cfg
         end = until if until is not None else cfg.training.steps
-        if not self._switched_in_memory:
+        in_memory, self._switched_in_memory = self._switched_in_memory, False
+        if not in_memory:
             self.checkpointer.maybe_load()
-        self._switched_in_memory = False
         start = self.train_state.step
         if self.stage is not None and start < self.stage.first_step - 1:
             raise ResumeEarlierStage(start)
@@ -721,7 +722,7 @@ class Trainer:
         if self.stage is not None and start == self.stage.first_step - 1 and start > 0:
             # Entering a stage from the previous one's checkpoint: the state must be the
             # one the previous stage ended with, whatever the mesh change.
-            self._log_boundary("start", start, switch_started)
+            self._log_boundary("start", start, switch_started, reuse=in_memory)
         if start >= end:
             logger.info(f"nothing to do: checkpoint at step {start} >= {end}")
             return []
@@ -970,8 +971,14 @@ class Trainer:
                 group["lr"] = base * fn(sched.last_epoch)
             sched._last_lr = [float(g["lr"]) for g in groups]
 
-    def _log_boundary(self, event: str, step: int, switch_started: float | None) -> None:
-        stats = self.param_fingerprint()
+    def _log_boundary(
+        self, event: str, step: int, switch_started: float | None, reuse: bool = False
+    ) -> None:
+        """A stage boundary record with the parameters' fingerprint (``param_fingerprint``: a
+        gather of every parameter). ``reuse``: the last boundary's (an in-memory switch keeps
+        the very same tensors, so a second gather could only repeat it)."""
+        stats = self._boundary_stats if reuse else self.param_fingerprint()
+        self._boundary_stats = stats
         record: dict[str, Any] = {
             "step": step,
             "stage_boundary": event,
