@@ -108,7 +108,8 @@ IRD = ["--parallelism.context_parallel_inner_ring_degree"]
 @pytest.mark.parametrize(
     ("overrides", "world_size", "key", "fragment"),
     [
-        ([], 6, "parallelism", "multiply to"),  # dp_shard 4 fixed below, world 6
+        ([], 6, "parallelism",  # dp_shard 4 fixed below, world 6
+         "multiply to 4 but the world size is 6: set data_parallel_shard_degree = -1"),
         (["--parallelism.tensor_parallel_degree", "3"], 6, "parallelism.tensor_parallel_degree",
          "n_heads = 8 is not divisible"),
         (["--parallelism.tensor_parallel_degree", "8"], 8, "parallelism.tensor_parallel_degree",
@@ -245,6 +246,24 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(["--job.config_file", str(tmp_path / "nope.toml")])
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(["--job.config_file", write(tmp_path, "[training\n")])
+
+
+@pytest.mark.parametrize(
+    ("more", "fragment"),
+    [
+        (["--profiling.enable_profiling"], "profiling.enable_profiling = True: not supported"),
+        (["--world_size", "4", "--profiling.enable_profiling"], "not supported"),
+        (["--world_size", "4", "--training.device", "cpu",
+          "--parallelism.data_parallel_shard_degree", "-1",
+          "--activation_checkpoint.enable_cpu_offload", "--activation_checkpoint.mode", "full"],
+         "activation_checkpoint.enable_cpu_offload"),
+    ],
+)  # fmt: skip
+def test_config_cli_rejects_what_training_rejects(capsys, more, fragment):
+    """The checker runs train.py's own checks (trainer.check_recipe), so it cannot pass a
+    recipe that training refuses before reading data."""
+    assert config_main(["--job.config_file", DEBUG_CPU, *more]) == 2
+    assert fragment in capsys.readouterr().err
 
 
 def test_config_cli_prints_resolved_config(capsys):

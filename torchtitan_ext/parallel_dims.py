@@ -97,7 +97,14 @@ class ParallelDims:
             raise ConfigError(
                 "parallelism",
                 shape,
-                f"the degrees multiply to {product} but the world size is {world_size}",
+                f"the degrees multiply to {product} but the world size is {world_size}: "
+                + (
+                    f"set data_parallel_shard_degree = -1 (it takes the {world_size // others} "
+                    "ranks left), or launch "
+                    if world_size % others == 0
+                    else "change the degrees, or launch "
+                )
+                + f"{product} ranks (torchrun --nproc-per-node / --nnodes)",
             )
         given = mesh_dim_order_of(cfg.parallelism.mesh_dim_order)
         order = auto_mesh_dim_order(degrees) if given is None else given

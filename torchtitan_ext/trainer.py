@@ -170,14 +170,23 @@ def check_trainer_support(cfg: Any) -> None:
             raise ConfigError(key, value, f"not supported by torchtitan_ext's trainer: {why}")
 
 
-def prepare(args: list[str], rank: RankInfo) -> Prepared:
-    """Parse, validate and load data: no collective, identical on every rank.
+def check_recipe(
+    cfg: Any, world_size: int, local_rank: int = 0
+) -> tuple[Any, ParallelDims, list[Stage], torch.device]:
+    """Every check of a recipe that needs no data: the config validation, each curriculum
+    stage for the world size, what this trainer supports, and what the device and torch
+    allow. The one path that ``train.py`` and ``python -m torchtitan_ext.config`` share, so
+    the checker cannot accept what training rejects (only the data is checked by training
+    alone). No collective.
+
+    Returns:
+        (the config to start with: the first stage's with a curriculum, its dims, the stages,
+        the training device).
 
     Raises:
-        ConfigError: any problem with the recipe, the environment or the data.
+        ConfigError: the first problem found.
     """
-    cfg = load_config(args)
-    stages = plan_curriculum(cfg, rank.world_size)
+    stages = plan_curriculum(cfg, world_size)
     if stages:
         if not cfg.checkpoint.enable:
             raise ConfigError(
@@ -193,14 +202,24 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
                 "which load_only would not write (every stage but the last would be lost)",
             )
         cfg = stage_config(cfg, stages[0])
-    dims = validate(cfg, rank.world_size)
+    dims = validate(cfg, world_size)
     assert dims is not None
     check_trainer_support(cfg)
-    device = resolve_device(cfg, rank.local_rank)
+    device = resolve_device(cfg, local_rank)
     check_activation_offload(cfg, device.type)
     cp = max([s.cp for s in stages] or [dims.cp])
     if device.type == "cpu" and cp > 1 and (why := cpu_ring_attention.unsupported_reason()):
         raise ConfigError("parallelism.context_parallel_degree", cp, why)
+    return cfg, dims, stages, device
+
+
+def prepare(args: list[str], rank: RankInfo) -> Prepared:
+    """Parse, validate and load data: no collective, identical on every rank.
+
+    Raises:
+        ConfigError: any problem with the recipe, the environment or the data.
+    """
+    cfg, dims, stages, device = check_recipe(load_config(args), rank.world_size, rank.local_rank)
     backend = resolve_backend(cfg, device)
     model_args = resolve_model_args(cfg)
     model_args.update_from_config(cfg)
