@@ -12,7 +12,6 @@ the rest of the fixed world. tp, pp and dp_replicate stay fixed across stages.
 
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,7 +340,8 @@ def format_plan(stages: list[Stage]) -> str:
         lr = f"{s.lr:.2e}" if s.lr is not None else "recipe"
         lines.append(
             f"{s.index:5d}  {s.first_step:6d}-{s.last_step:<8d} {s.seq_len:8d}  "
-            f"{s.rope_theta or math.nan:10.3g}  {rope_label(s.rope):12s}  {s.cp:3d}  "
+            f"{f'{s.rope_theta:.3g}' if s.rope_theta else 'flavor':>10s}  "
+            f"{rope_label(s.rope):12s}  {s.cp:3d}  "
             f"{_pattern_label(s):14s}  "
             f"{s.dp_shard:8d}  "
             f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}  {lr:>7s}  "

@@ -154,6 +154,16 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     ("optimizer.early_step_in_backward", _enabled, "not supported"),
     ("comm.mode", lambda v: v != "default", "only 'default' is supported"),
     ("training.enable_cpu_offload", _enabled, "FSDP CPU offload is not supported"),
+    (
+        "validation.dataset",
+        lambda v: v != "c4_validation",  # TorchTitan's default, which every recipe carries
+        "validation uses the held-out data.validation_fraction of training.dataset",
+    ),
+    (
+        "validation.dataset_path",
+        _enabled,
+        "validation uses the held-out data.validation_fraction of training.dataset",
+    ),
 ]
 
 
