@@ -37,6 +37,7 @@ from torchtitan_ext.parity import (
     check_shape,
     factorizations,
     first_error_line,
+    option_args,
     pattern_options,
     read_records,
 )
@@ -171,11 +172,11 @@ def enumerate_shapes(
 
 
 def _pattern_of(option: str) -> str:
-    """The ``cp_patterns`` name of a ``pattern_options`` option ("" is the ring)."""
-    for prefix, name in (("hybrid", "hybrid"), ("dring", "double_ring"), ("ulysses", "ulysses")):
-        if option.startswith(prefix):
-            return name
-    return "ring"
+    """The ``cp_patterns`` name of a ``pattern_options`` option ("" is the ring), read from
+    the recipe overrides the option stands for."""
+    args = option_args(option) or [] if option else []
+    key = "--parallelism.context_parallel_pattern"
+    return args[args.index(key) + 1] if key in args else "ring"
 
 
 def run_shape(shape: Shape, order: str, args: list[str], warmup: int, timeout: float) -> Row:

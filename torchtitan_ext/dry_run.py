@@ -285,10 +285,7 @@ def cp_attention_transfers(
     """One attention forward's and backward's CP traffic for the rank at ``cp_index``
     (``cp_patterns.attention_comm`` with this recipe's pattern, sizes and dtype)."""
     p = cfg.parallelism
-    pattern = cp_patterns.make_pattern(
-        p.context_parallel_pattern, dims.cp, p.context_parallel_ulysses_degree,
-        p.context_parallel_inner_ring_degree,
-    )  # fmt: skip
+    pattern = cp_patterns.recipe_pattern(p, dims.cp)
     head_dim = m.dim // m.n_heads
     tokens = w.s * w.b
     return cp_patterns.attention_comm(
@@ -313,10 +310,7 @@ def cp_node_split(
     if dims.cp == 1:
         return 0, 0
     p = cfg.parallelism
-    pattern = cp_patterns.make_pattern(
-        p.context_parallel_pattern, dims.cp, p.context_parallel_ulysses_degree,
-        p.context_parallel_inner_ring_degree,
-    )  # fmt: skip
+    pattern = cp_patterns.recipe_pattern(p, dims.cp)
     fwd, bwd = cp_attention_transfers(cfg, dims, m, w, cp_index)
     full_ac = cfg.activation_checkpoint.mode == "full"
     transfers = fwd * (2 if full_ac else 1) + bwd

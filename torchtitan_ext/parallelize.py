@@ -31,7 +31,7 @@ from torchtitan_ext.long_context.chunked_loss import defer_output_projection
 from torchtitan_ext.long_context.tiled_mlp import apply_tiled_mlp
 from torchtitan_ext.parallel.activation_checkpoint import apply_ac, apply_activation_offload
 from torchtitan_ext.parallel.context_parallel import apply_cp
-from torchtitan_ext.parallel.cp_patterns import make_pattern
+from torchtitan_ext.parallel.cp_patterns import recipe_pattern
 from torchtitan_ext.parallel.fsdp import apply_fsdp
 from torchtitan_ext.parallel.tensor_parallel import apply_tp
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -71,12 +71,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
             dims.get_mesh("cp"),
             p.context_parallel_rotate_method,
             p.context_parallel_load_balancer,
-            make_pattern(
-                p.context_parallel_pattern,
-                dims.cp,
-                p.context_parallel_ulysses_degree,
-                p.context_parallel_inner_ring_degree,
-            ),
+            recipe_pattern(p, dims.cp),
         )
     if cfg.activation_checkpoint.mode != "none":
         apply_ac(model, cfg.activation_checkpoint, compile_model, cfg.job.dump_folder)

@@ -81,7 +81,6 @@ from torchtitan_ext.models import (
 )
 from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
 from torchtitan_ext.parallel.context_parallel import shard_sequence
-from torchtitan_ext.parallel.cp_patterns import make_pattern
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
@@ -390,13 +389,7 @@ class Trainer:
         nparams, self.flops_per_token = p.model_args.get_nparams_and_flops(
             model, cfg.training.seq_len
         )
-        pc = cfg.parallelism
-        pattern = make_pattern(
-            pc.context_parallel_pattern,
-            dims.cp,
-            pc.context_parallel_ulysses_degree,
-            pc.context_parallel_inner_ring_degree,
-        )
+        pattern = cp_patterns.recipe_pattern(cfg.parallelism, dims.cp)
         logger.info(
             f"model {cfg.model.name}/{cfg.model.flavor}: {nparams:,} parameters, "
             f"mesh {dims.shape_str()}"
@@ -955,14 +948,9 @@ class Trainer:
         meta = build_model_on_meta(spec.model_cls, p.model_args)
         _, self.flops_per_token = p.model_args.get_nparams_and_flops(meta, cfg.training.seq_len)
         if self.dims.cp_enabled:
-            pc = cfg.parallelism
             cp_patterns.register(
-                self.dims.get_mesh("cp"),
-                make_pattern(
-                    pc.context_parallel_pattern, self.dims.cp,
-                    pc.context_parallel_ulysses_degree, pc.context_parallel_inner_ring_degree,
-                ),
-            )  # fmt: skip
+                self.dims.get_mesh("cp"), cp_patterns.recipe_pattern(cfg.parallelism, self.dims.cp)
+            )
         position = self.dataloader.state_dict()
         self.dataloader = self._build_dataloader(p, stage)
         self.dataloader.load_state_dict(position)

@@ -108,6 +108,14 @@ def make_pattern(name: str, cp: int, ulysses_degree: int, inner_ring_degree: int
     return CPPattern(name, cp, inner)
 
 
+def recipe_pattern(parallelism: Any, cp: int) -> CPPattern:
+    """The ``CPPattern`` of a recipe's ``parallelism`` section at CP degree ``cp``."""
+    return make_pattern(
+        parallelism.context_parallel_pattern, cp, parallelism.context_parallel_ulysses_degree,
+        parallelism.context_parallel_inner_ring_degree,
+    )  # fmt: skip
+
+
 @dataclass
 class _Groups:
     pattern: CPPattern
