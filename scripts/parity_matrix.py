@@ -10,7 +10,7 @@ within 1e-5 and every step within 5e-4. Shapes invalid for the recipe are listed
 the config error that rules them out. Shapes with the same rank count share one launch
 (``torchtitan_ext.parity``). Exit status 1 if any shape fails.
 
-    .venv/bin/python scripts/parity_matrix.py                 # the full matrix (~18 min here: 733 + 348 s)
+    .venv/bin/python scripts/parity_matrix.py     # the full matrix (~18 min here: 733 + 348 s)
     .venv/bin/python scripts/parity_matrix.py --shapes pp2xtp2xcp2,tp2xcp4 --no-4d
 """
 
