@@ -179,6 +179,9 @@ def test_stages_switch_context_parallel_pattern(full_run):
     log = (dump.parent / "torchrun.log").read_text()
     assert "x cp 2 (context parallel: ulysses (2))" in log, log[-3000:]
     assert "(context parallel: double_ring (inner ring 2 x outer ring 2))" in log, log[-3000:]
+    # Both switches re-meshed in memory (their equality with the disk round trip:
+    # test_state_survives_remesh and test_resume_equals_uninterrupted at the boundary).
+    assert log.count("re-meshed in memory") == 2, log[-3000:]
 
 
 def test_stages_switch_at_configured_steps(full_run):
@@ -253,19 +256,24 @@ def test_resume_equals_uninterrupted(full_run, tmp_path, resume_step):
         assert r["grad_norm"] == full[step]["grad_norm"], step
 
 
-def test_curriculum_needs_checkpoints(tmp_path):
-    from torchtitan_ext.distributed import RankInfo
-    from torchtitan_ext.trainer import prepare
+def test_disk_switches_need_boundary_checkpoints(tmp_path):
+    """Stages that start from the boundary checkpoint (switch_in_memory = false) need it
+    written: checkpoints enabled, not load_only, not skipped. Switching in memory needs none."""
+    from torchtitan_ext.trainer import check_recipe
 
-    args = [*run_args(recipe(tmp_path), tmp_path / "run"), "--checkpoint.no-enable"]
-    with pytest.raises(ConfigError, match="stage boundaries re-shard") as err:
-        prepare(args, RankInfo(rank=0, local_rank=0, world_size=4))
-    assert err.value.key == "checkpoint.enable"
-    # load_only would write no boundary checkpoint: every stage but the last would be lost.
-    args = [*run_args(recipe(tmp_path), tmp_path / "run"), "--checkpoint.load_only"]
-    with pytest.raises(ConfigError, match="which load_only would not write") as err:
-        prepare(args, RankInfo(rank=0, local_rank=0, world_size=4))
-    assert err.value.key == "checkpoint.load_only"
+    def check(*more: str) -> None:
+        check_recipe(load_config([*run_args(recipe(tmp_path), tmp_path / "run"), *more]), 4)
+
+    disk = "--curriculum.no-switch-in-memory"
+    for flag, key in (
+        ("--checkpoint.no-enable", "checkpoint.enable"),
+        ("--checkpoint.load_only", "checkpoint.load_only"),
+        ("--curriculum.no-boundary-checkpoint", "curriculum.boundary_checkpoint"),
+    ):
+        with pytest.raises(ConfigError, match="each stage starts from the boundary") as err:
+            check(disk, flag)
+        assert err.value.key == key
+        check(flag)  # in memory: accepted
 
 
 TWO_STAGES = """
@@ -323,24 +331,38 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     disk_log = train_single(args(disk, "--curriculum.no-switch-in-memory")).stdout
     assert losses(disk) == losses(full)
     assert "switched in memory" not in disk_log
+    # Without the boundary checkpoint only the interval ones (every 2 steps) are written.
+    skipped = tmp_path / "no-boundary"
+    train_single(args(skipped, "--curriculum.no-boundary-checkpoint"))
+    assert losses(skipped) == losses(full)
+    assert sorted(p.name for p in (skipped / "checkpoint").iterdir()) == [
+        "step-2",
+        "step-4",
+        "step-6",
+    ]
+    assert (full / "checkpoint" / "step-3").is_dir()
 
 
-def test_in_memory_switch_with_cp_pattern_change_equals_reloading(tmp_path):
-    """2 ranks, cp 2 in both stages (the same mesh), ring then Ulysses: switching in memory
-    trains exactly as reloading the boundary checkpoint into a new trainer."""
+def test_in_memory_remesh_with_pipeline_equals_reloading(tmp_path):
+    """4 ranks, pp 2 (a 1F1B schedule per stage): dp_shard 2 x cp 1 (ring), then dp_shard 1 x
+    cp 2 with Ulysses. Taking the state over in memory trains exactly as reloading the
+    boundary checkpoint into the new stage's trainer."""
     stages = TWO_STAGES.replace(
-        "rope_theta = 10000\n", "rope_theta = 10000\ncontext_parallel_degree = 2\n"
-    ).replace(
         "rope_theta = 100000\n",
         'rope_theta = 100000\ncontext_parallel_degree = 2\ncontext_parallel_pattern = "ulysses"\n',
     )
     path = recipe(tmp_path, stages)
+    pp = ["--parallelism.pipeline_parallel_degree", "2",
+          "--parallelism.pipeline_parallel_schedule", "1F1B",
+          "--training.local_batch_size", "2",
+          "--parallelism.pipeline_parallel_microbatch_size", "1"]  # fmt: skip
     runs = {}
     for name, more in (("memory", []), ("disk", ["--curriculum.no-switch-in-memory"])):
         dump = tmp_path / name
-        proc = torchrun(2, [*run_args(path, dump), *more])
-        assert ("switched in memory" in proc.stdout) == (name == "memory"), proc.stdout[-2000:]
+        proc = torchrun(4, [*run_args(path, dump), *pp, *more])
+        assert ("re-meshed in memory" in proc.stdout) == (name == "memory"), proc.stdout[-2000:]
         runs[name] = [(r["step"], r["loss"], r["grad_norm"]) for r in records(dump)[0].values()]
+    assert [s for s, _, _ in runs["memory"]] == [1, 2, 3, 4, 5, 6]
     assert runs["memory"] == runs["disk"]
 
 

@@ -38,7 +38,7 @@ from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
-from torchtitan_ext.checkpoint import Checkpointer, TrainState, complete_steps
+from torchtitan_ext.checkpoint import Checkpointer, TrainState, complete_steps, transfer_state
 from torchtitan_ext.config.manager import ConfigError, format_toml, load_config
 from torchtitan_ext.config.validate import check_activation_offload, resolve_model_args, validate
 from torchtitan_ext.curriculum import (
@@ -196,20 +196,31 @@ def check_recipe(
         ConfigError: the first problem found.
     """
     stages = plan_curriculum(cfg, world_size)
-    if stages:
+    if stages and not cfg.curriculum.switch_in_memory:
+        # Each stage then starts from the boundary checkpoint the previous one wrote.
         if not cfg.checkpoint.enable:
             raise ConfigError(
                 "checkpoint.enable",
                 False,
-                "a curriculum needs checkpoints: stage boundaries re-shard the state through them",
+                "with curriculum.switch_in_memory = false each stage starts from the boundary "
+                "checkpoint: enable checkpoints, or switch stages in memory",
             )
         if cfg.checkpoint.load_only:
             raise ConfigError(
                 "checkpoint.load_only",
                 True,
-                "a curriculum hands each stage to the next through a checkpoint at the boundary, "
-                "which load_only would not write (every stage but the last would be lost)",
+                "with curriculum.switch_in_memory = false each stage starts from the boundary "
+                "checkpoint, which load_only would not write (every stage but the last would be "
+                "lost): switch stages in memory, or drop load_only",
             )
+        if not cfg.curriculum.boundary_checkpoint:
+            raise ConfigError(
+                "curriculum.boundary_checkpoint",
+                False,
+                "with curriculum.switch_in_memory = false each stage starts from the boundary "
+                "checkpoint: it cannot be skipped",
+            )
+    if stages:
         cfg = stage_config(cfg, stages[0])
     dims = validate(cfg, world_size)
     assert dims is not None
@@ -439,6 +450,8 @@ class Trainer:
         self._run_lr_lambdas = [list(sched.lr_lambdas) for sched in self.lr_schedulers.schedulers]
         self._switched_in_memory = False
         self._boundary_stats: dict[str, Any] = {}
+        # Whether train() checkpoints its last step (a curriculum may skip a stage's end).
+        self.save_at_end = True
 
         # Data: the same global batch at every step whatever the mesh.
         t = cfg.training
@@ -744,7 +757,8 @@ class Trainer:
         if self.stage is not None and start == self.stage.first_step - 1 and start > 0:
             # Entering a stage from the previous one's checkpoint: the state must be the
             # one the previous stage ended with, whatever the mesh change.
-            self._log_boundary("start", start, switch_started, reuse=in_memory)
+            reuse = in_memory and bool(self._boundary_stats)  # the same tensors: same mesh
+            self._log_boundary("start", start, switch_started, reuse=reuse)
         if start >= end:
             logger.info(f"nothing to do: checkpoint at step {start} >= {end}")
             return []
@@ -804,7 +818,7 @@ class Trainer:
             if last and self.stage is not None and step < cfg.training.steps:
                 self.last_step_ended = time.perf_counter() - val_sec
                 self._log_boundary("end", step, None)
-            if self.checkpointer.should_save(step, last):
+            if self.checkpointer.should_save(step, last and self.save_at_end):
                 if self.nonfinite_streak and not last:
                     # The weights are those before the streak, but possibly what caused it:
                     # do not let keep_latest_k trade an older checkpoint for them.
@@ -912,17 +926,19 @@ class Trainer:
             derived_global_batch=t.global_batch_size == -1,
         )
 
-    def can_switch_in_memory(self, p: Prepared) -> bool:
-        """Whether the stage prepared in ``p`` can continue from this trainer's state in
-        memory (``curriculum.switch_in_memory``): the same mesh degrees and order, no PP (its
-        schedules are built for one sequence length), the boundary checkpoint written."""
-        return (
-            bool(p.cfg.curriculum.switch_in_memory)
-            and self.dims.shape_str() == p.dims.shape_str()
-            and self.pipeline is None
-            and self.stage is not None
-            and self.train_state.step == self.stage.last_step
-        )
+    def switch_mode(self, p: Prepared) -> str:
+        """How the stage prepared in ``p`` continues from this trainer (which has finished its
+        stage): ``"same mesh"`` (``switch_stage``: the same degrees and order, no PP, whose
+        schedules are built for one sequence length), ``"re-mesh"`` (a new Trainer takes this
+        one's state in memory: ``take_state``) or ``"disk"`` (a new Trainer loads the
+        boundary checkpoint; ``curriculum.switch_in_memory = false``)."""
+        if not p.cfg.curriculum.switch_in_memory or self.stage is None:
+            return "disk"
+        if self.train_state.step != self.stage.last_step:
+            return "disk"
+        if self.dims.shape_str() == p.dims.shape_str() and self.pipeline is None:
+            return "same mesh"
+        return "re-mesh"
 
     def switch_stage(self, p: Prepared, stage: Stage) -> None:
         """Continue with ``stage`` (prepared in ``p``, the same mesh) from this trainer's
@@ -961,6 +977,22 @@ class Trainer:
         self.metrics.stage_label = f"{stage.index + 1}/{self.n_stages}"
         self._switched_in_memory = True
         logger.info(f"stage {stage.index + 1}: switched in memory (same mesh)")
+
+    def take_state(self, old: "Trainer") -> None:
+        """Continue from ``old``'s model, optimizer, LR schedule, data position and step (the
+        previous stage's trainer, which may be on another mesh) in memory instead of through
+        its boundary checkpoint: DCP's resharding done in memory (``checkpoint.transfer_state``;
+        tested equal to the disk round trip). Both trainers' model and optimizer are alive
+        during the transfer (the shards whose layout is unchanged are shared). Collective.
+        """
+        started = time.perf_counter()
+        transfer_state(self.checkpointer.states, old.checkpointer.states)
+        self._switched_in_memory = True
+        logger.info(
+            f"stage {self.stage.index + 1 if self.stage else 1}: re-meshed in memory "
+            f"({old.dims.shape_str()} -> {self.dims.shape_str()}, state moved in "
+            f"{time.perf_counter() - started:.2f} s)"
+        )
 
     def _apply_recipe_lr(self, stage: Stage | None) -> None:
         """Give the LR schedule the recipe's peak LR (``optimizer.lr``, or the stage's ``lr``)
@@ -1052,12 +1084,24 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
             f"{stage.rope_theta or 'flavor default'}, rope scaling {rope_label(stage.rope)}"
         )
         prepared = prepare_stage(p, stage, handed_over=i > 0)
-        if trainer is not None and trainer.can_switch_in_memory(prepared):
+        mode = trainer.switch_mode(prepared) if trainer is not None else "disk"
+        if trainer is not None and mode == "same mesh":
             trainer.switch_stage(prepared, stage)
+        elif trainer is not None and mode == "re-mesh":
+            old, trainer = trainer, Trainer(prepared, stage, len(p.stages))
+            trainer.take_state(old)
+            del old
+            gc.collect()  # the last stage's model and optimizer
         else:
             trainer = None
             gc.collect()  # free the last stage's model and optimizer before the next is built
             trainer = Trainer(prepared, stage, len(p.stages))
+        c = prepared.cfg.curriculum
+        # The next stage starts from memory unless this stage's end is on disk: skip that
+        # checkpoint only when asked to (a crash then resumes from the last interval one).
+        trainer.save_at_end = (
+            stage.index == len(p.stages) - 1 or c.boundary_checkpoint or not c.switch_in_memory
+        )
         trainer.train(until=stage.last_step, switch_started=switch_started)
         switch_started = trainer.last_step_ended
 

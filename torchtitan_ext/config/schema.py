@@ -171,11 +171,19 @@ class Curriculum:
     training section's."""
 
     switch_in_memory: bool = True
-    """A stage that keeps the mesh (the same degrees and order, no PP) continues from the
-    trainer's model, optimizer and their shards in memory: only what depends on the sequence
-    (RoPE buffers, data loader windows, batch split, CP pattern, LR) is rebuilt, and the
-    boundary checkpoint is still written to disk. False: every stage reloads that checkpoint
-    (and re-shards it), as one that changes the mesh does."""
+    """Each stage continues from the previous stage's state in memory. A stage that keeps the
+    mesh (the same degrees and order, no PP) keeps the model, optimizer and their shards in
+    place and rebuilds only what depends on the sequence (RoPE buffers, data loader windows,
+    batch split, CP pattern, LR); one that changes the mesh builds its model and optimizer on
+    the new mesh and takes the state over in memory (DCP's resharding without the disk: both
+    stages' model and optimizer are alive meanwhile). False: every stage reloads the boundary
+    checkpoint from disk, as a resumed run does."""
+
+    boundary_checkpoint: bool = True
+    """Write a checkpoint at the last step of every stage (a crash in the next stage resumes
+    from it). False, with switch_in_memory: only the checkpoint.interval checkpoints are
+    written, so a crash early in a stage resumes from the previous stage's last interval
+    checkpoint and retrains up to its boundary."""
 
     max_tokens_per_cp_rank: int = 0
     """If > 0, a stage without context_parallel_degree gets the smallest CP degree that keeps
