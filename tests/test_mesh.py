@@ -65,6 +65,48 @@ def _mesh_checks(rank: int, world_size: int) -> None:
     assert dims.get_mesh("batch").size() == 4
 
     _init_checks(rank, world_size)
+    _reshard_checks(rank, world_size)
+
+
+def _reshard_checks(rank: int, world_size: int) -> None:
+    """``checkpoint.reshard_like`` (a curriculum's in-memory re-mesh): a shard whose layout
+    is unchanged (FSDP over dp_shard 2 x cp 2, then over dp_shard 4: the same 4 ranks in the
+    same order) is shared; one whose layout changes (FSDP over 4 ranks to HSDP 2 x 2, and an
+    unevenly sharded (5, 3) tensor to Shard(1) over 2 x 2) arrives with the same values."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from torchtitan_ext.checkpoint import reshard_like
+
+    torch.manual_seed(0)
+    full = torch.randn(5, 3)
+    flat = init_device_mesh("cpu", (4,), mesh_dim_names=("fsdp",))
+    grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "cp"))
+    fsdp = grid["dp_shard", "cp"]._flatten("dp_shard_cp")
+    src = {
+        "kept": distribute_tensor(full, fsdp, [Shard(0)]),
+        "hsdp": distribute_tensor(full, flat, [Shard(0)]),
+        "cols": distribute_tensor(full, flat, [Shard(0)]),
+        "step": torch.tensor(7.0),
+        "lr": 0.5,
+    }
+    like = {
+        "kept": distribute_tensor(torch.zeros(5, 3), flat, [Shard(0)]),
+        "hsdp": distribute_tensor(torch.zeros(5, 3), grid, [Replicate(), Shard(0)]),
+        "cols": distribute_tensor(torch.zeros(5, 3), grid, [Shard(0), Shard(1)]),
+        "step": torch.tensor(0.0),
+        "lr": 0.0,
+    }
+    out = reshard_like(src, like, "test")
+    assert out["kept"].to_local().data_ptr() == src["kept"].to_local().data_ptr()
+    for key in ("kept", "hsdp", "cols"):
+        assert out[key].device_mesh is like[key].device_mesh, key
+        assert out[key].placements == like[key].placements, key
+        assert out[key].to_local().shape == like[key].to_local().shape, key
+        assert torch.equal(out[key].full_tensor(), full), key
+    assert out["step"].item() == 7.0 and out["lr"] == 0.5
+    with pytest.raises(ValueError, match="missing \\['lr'\\]"):
+        reshard_like({k: v for k, v in src.items() if k != "lr"}, like, "test")
 
 
 def _init_checks(rank: int, world_size: int) -> None:
