@@ -6,6 +6,7 @@ One launch runs every multi-rank check (starting ranks dominates the cost on 2 c
 
 import re
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -83,14 +84,14 @@ def _reshard_checks(rank: int, world_size: int) -> None:
     flat = init_device_mesh("cpu", (4,), mesh_dim_names=("fsdp",))
     grid = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "cp"))
     fsdp = grid["dp_shard", "cp"]._flatten("dp_shard_cp")
-    src = {
+    src: dict[str, Any] = {
         "kept": distribute_tensor(full, fsdp, [Shard(0)]),
         "hsdp": distribute_tensor(full, flat, [Shard(0)]),
         "cols": distribute_tensor(full, flat, [Shard(0)]),
         "step": torch.tensor(7.0),
         "lr": 0.5,
     }
-    like = {
+    like: dict[str, Any] = {
         "kept": distribute_tensor(torch.zeros(5, 3), flat, [Shard(0)]),
         "hsdp": distribute_tensor(torch.zeros(5, 3), grid, [Replicate(), Shard(0)]),
         "cols": distribute_tensor(torch.zeros(5, 3), grid, [Shard(0), Shard(1)]),

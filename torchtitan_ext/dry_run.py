@@ -432,6 +432,7 @@ def plan_rank(
         cp_ranks = [int(r) for r in dims.get_mesh("cp").mesh.flatten().tolist()]
     finally:
         dist.destroy_process_group()
+        forget_fake_meshes()
     numel, param_bytes = _local_numel_bytes(parts)
     modules = [name for part in parts for name, m in part.named_children() if m is not None]
     act_dtype = act_dtype or TORCH_DTYPE_MAP[cfg.training.mixed_precision_param]
@@ -445,6 +446,29 @@ def plan_rank(
     return RankPlan(
         rank, coords, modules, param_bytes, param_bytes, numel * 8, acts, comm, cp_inter
     )
+
+
+def forget_fake_meshes() -> None:
+    """Clear torch's DTensor caches after a fake-process-group run, so that a real run in the
+    same process never gets a fake mesh back from them.
+
+    DTensor caches sharding propagation (output specs, which hold their DeviceMesh) and
+    redistribution plans, keyed by DeviceMesh, whose equality compares layouts, ranks, device
+    type and dim names but not the process group or this rank's coordinate. A real mesh of the
+    same shape as one built on the fake process group (as rank 0) then hits the fake entries:
+    the outputs of DTensor ops (e.g. FSDP2's state dict) carry the fake mesh, every rank
+    reports coordinate 0, and DCP's save fails ("Failed to validate global plan ... invalid
+    fill") because all ranks claim the first shard (found with ``curriculum.auto_mesh``, which
+    plans before training starts). Uses torch's own helper
+    ``torch.distributed.tensor.debug._clear_sharding_prop_cache``.
+    """
+    from torch.distributed.tensor import _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    _clear_sharding_prop_cache()
+    transform_infos = getattr(_redistribute, "_gen_transform_infos", None)
+    if transform_infos is not None and hasattr(transform_infos, "cache_clear"):
+        transform_infos.cache_clear()
 
 
 def stage_ranks(dims: ParallelDims) -> list[int]:
