@@ -95,6 +95,83 @@ steps = 1
     assert [s.cp for s in stages] == [1, 2, 4]
 
 
+AUTO = """
+[curriculum]
+tokens_per_step = 2048
+[[curriculum.stages]]
+seq_len = 128
+steps = 1
+context_parallel_degree = 1
+[[curriculum.stages]]
+seq_len = 512
+steps = 1
+auto_mesh = true
+"""
+
+
+def test_auto_mesh_picks_the_least_estimated_step_time_that_fits(tmp_path):
+    """The auto-meshed stage runs the first of its ranked candidates: every one a valid
+    (tp, cp, pattern) of the 8 ranks, the fitting ones by estimated step time. A budget
+    that rules the cheapest out moves the choice to the best that fits, and the plan says
+    so."""
+    from torchtitan_ext.auto_mesh import pattern_options
+    from torchtitan_ext.curriculum import format_plan
+
+    dp = ["--parallelism.data_parallel_shard_degree", "-1"]
+    stages = plan(tmp_path, AUTO, world_size=8, extra=dp)
+    assert stages[0].mesh_plan == ()
+    ranked = stages[1].mesh_plan
+    best = ranked[0]
+    assert (stages[1].tp, stages[1].cp, stages[1].cp_pattern) == (best.tp, best.cp, best.pattern)
+    assert stages[1].tp * stages[1].cp * stages[1].dp_shard == 8
+    assert [e.step_sec for e in ranked] == sorted(e.step_sec for e in ranked)
+    # global batch 4 leaves dp <= 4: tp x cp >= 2; n_kv_heads 4 caps tp at 4
+    assert all(e.tp * e.cp >= 2 and e.tp <= 4 for e in ranked)
+    n_options = sum(len(pattern_options(cp)) for tp in (1, 2, 4) for cp in (1, 2, 4, 8)
+                    if tp * cp in (2, 4, 8))  # fmt: skip
+    assert 0 < len(ranked) <= n_options
+    assert "(auto)" in format_plan(stages) and "chosen" in format_plan(stages)
+    # A budget between the two smallest memory estimates: only the smallest fits.
+    sizes = sorted({round(e.memory_gib, 9) for e in ranked})
+    budget = (sizes[0] + sizes[1]) / 2
+    tight = plan(tmp_path, AUTO, 8, [*dp, "--curriculum.auto_mesh_memory_gib", str(budget)])
+    chosen = tight[1].mesh_plan[0]
+    assert chosen.fits and chosen.memory_gib <= budget
+    assert chosen.step_sec == min(e.step_sec for e in tight[1].mesh_plan if e.fits)
+    assert chosen.memory_gib < best.memory_gib or chosen == best
+
+
+def test_auto_mesh_weighs_traffic_that_crosses_nodes(tmp_path):
+    """With 2 ranks per node and a slow inter-node link, the estimate charges a group that
+    spans nodes at the inter-node bandwidth: the choice keeps its heaviest traffic inside a
+    node (or at least never sends more across nodes than the single-node choice would)."""
+    from torchtitan_ext.auto_mesh import _spans_nodes
+    from torchtitan_ext.config import validate
+
+    dp = ["--parallelism.data_parallel_shard_degree", "-1"]
+    for cp, tp_spans in ((1, False), (2, True)):  # cp innermost: tp peers are cp ranks apart
+        cfg = load_config(["--job.config_file", str(recipe(tmp_path)), *dp,
+                           "--parallelism.tensor_parallel_degree", "2",
+                           "--parallelism.context_parallel_degree", str(cp)])  # fmt: skip
+        cfg.curriculum.stages = []
+        dims = validate(cfg, 8)
+        assert dims is not None and dims.order[-2:] == ("tp", "cp")
+        assert _spans_nodes(dims, ("tp",), 2) == tp_spans
+        assert _spans_nodes(dims, ("dp_shard", "cp"), 2)  # 4 FSDP ranks: never in one node
+        assert not _spans_nodes(dims, ("dp_shard", "cp", "tp"), 8)
+    one = plan(tmp_path, AUTO, 8, dp)[1].mesh_plan
+    nodes = ["--curriculum.auto_mesh_ranks_per_node", "2",
+             "--curriculum.auto_mesh_inter_node_gbps", "1"]  # fmt: skip
+    slow = plan(tmp_path, AUTO, 8, [*dp, *nodes])[1].mesh_plan
+    assert all(e.inter_node_gib == 0 for e in one)
+    assert any(e.inter_node_gib > 0 for e in slow)
+    gib = 1024**3
+    for e in slow:  # intra-node bytes at 450 GB/s (the default), the rest at 1 GB/s
+        intra = (e.comm_gib - e.inter_node_gib) * gib / 450e9
+        assert e.comm_sec == pytest.approx(intra + e.inter_node_gib * gib / 1e9, rel=1e-6)
+    assert slow[0].step_sec == min(e.step_sec for e in slow)
+
+
 def _stage(seq_len: int, steps: int, cp: int, more: str = "") -> str:
     return (
         f"[[curriculum.stages]]\nseq_len = {seq_len}\nsteps = {steps}\n"
@@ -123,6 +200,19 @@ def _stage(seq_len: int, steps: int, cp: int, more: str = "") -> str:
          "curriculum.stages[1] -> model.rope_scaling_factor", "must be >= 1"),
         (_stage(128, 2, 1, "rope_scaling = 2\n"), "curriculum.stages[0].rope_scaling",
          "expected a string"),
+        (_stage(128, 2, 1, "auto_mesh = true\n"), "curriculum.stages[0].context_parallel_degree",
+         "the planner chooses it"),
+        ("[[curriculum.stages]]\nseq_len = 128\nsteps = 2\nauto_mesh = 1\n",
+         "curriculum.stages[0].auto_mesh", "expected true or false"),
+        ("[curriculum]\nauto_mesh = true\nmax_tokens_per_cp_rank = 64\n"
+         "[[curriculum.stages]]\nseq_len = 128\nsteps = 2\n",
+         "curriculum.max_tokens_per_cp_rank", "set one of the two"),
+        ("[curriculum]\nauto_mesh = true\nauto_mesh_inter_node_gbps = 0\n"
+         "[[curriculum.stages]]\nseq_len = 128\nsteps = 2\n",
+         "curriculum.auto_mesh_inter_node_gbps", "must be > 0"),
+        ("[curriculum]\nauto_mesh = true\nauto_mesh_memory_gib = 0.001\n"
+         "[[curriculum.stages]]\nseq_len = 128\nsteps = 2\n",
+         "curriculum.stages[0].auto_mesh", "no mesh fits 0.001 GiB per device"),
     ],
 )  # fmt: skip
 def test_bad_curricula(tmp_path, stages, key, fragment):
@@ -364,6 +454,29 @@ def test_in_memory_remesh_with_pipeline_equals_reloading(tmp_path):
         runs[name] = [(r["step"], r["loss"], r["grad_norm"]) for r in records(dump)[0].values()]
     assert [s for s, _, _ in runs["memory"]] == [1, 2, 3, 4, 5, 6]
     assert runs["memory"] == runs["disk"]
+
+
+def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
+    """2 ranks, stage 2 auto-meshed: the plan is logged before training, the stage runs the
+    chosen mesh with the state taken over exactly, and DCP checkpoints still save after the
+    planner's fake-process-group runs in the same process (they once failed: every rank
+    claimed the first shard, see dry_run.forget_fake_meshes)."""
+    path = recipe(tmp_path, TWO_STAGES + "auto_mesh = true\n")
+    dump = tmp_path / "run"
+    log = torchrun(2, run_args(path, dump)).stdout
+    assert "stage 1 auto mesh:" in log and "chosen" in log, log[-3000:]
+    steps, boundaries = records(dump)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    end, start = (b["param_stats"] for b in boundaries)
+    assert set(start) == set(end)
+    for name, (total, squares) in end.items():
+        assert start[name] == pytest.approx([total, squares], rel=1e-9, abs=1e-9), name
+    assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == [
+        "step-2",
+        "step-3",
+        "step-4",
+        "step-6",
+    ]
 
 
 def test_8b_1m_recipe_validates_for_its_cluster():

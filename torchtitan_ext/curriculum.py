@@ -42,8 +42,11 @@ _FLOAT_KEYS = (
     "rope_yarn_attention_factor",
 )
 _STR_KEYS = ("context_parallel_pattern", "rope_scaling")
+_BOOL_KEYS = ("auto_mesh",)
 _PATTERN_DEGREE_KEYS = ("context_parallel_ulysses_degree", "context_parallel_inner_ring_degree")
-STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS
+MESH_KEYS = ("context_parallel_degree", "context_parallel_pattern", *_PATTERN_DEGREE_KEYS)
+"""Stage keys that fix the stage's mesh (an auto-meshed stage may not set them)."""
+STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS + _BOOL_KEYS
 """Keys a ``[[curriculum.stages]]`` table may set."""
 
 
@@ -72,6 +75,10 @@ class Stage:
             pattern gets degrees 0 unless it sets them too; otherwise the recipe's).
         rope: the stage's ``model.rope_*`` scaling keys (``rope.ROPE_KEYS``); a key the stage
             does not set keeps the previous stage's value (the first stage: the recipe's).
+        tp: tensor-parallel degree (the recipe's, unless the stage is auto-meshed).
+        mesh_plan: for an auto-meshed stage, the planner's estimates of the meshes that
+            passed validation (``auto_mesh.MeshEstimate``), best first: the stage runs the
+            first; empty otherwise.
     """
 
     index: int
@@ -91,6 +98,8 @@ class Stage:
     cp_ulysses_degree: int = 0
     cp_inner_ring_degree: int = 0
     rope: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tp: int = 1
+    mesh_plan: tuple[Any, ...] = ()
 
     @property
     def tokens_per_step(self) -> int:
@@ -129,18 +138,30 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
             raise ConfigError(f"curriculum.{key}", getattr(cur, key), "must be >= 0")
     p = cfg.parallelism
     others = p.pipeline_parallel_degree * p.data_parallel_replicate_degree
-    others *= p.tensor_parallel_degree
-    if world_size % others != 0:
+    if world_size % (others * p.tensor_parallel_degree) != 0:
         raise ConfigError(
             "parallelism",
             world_size,
-            f"world size not divisible by pp x dp_replicate x tp = {others}",
+            f"world size not divisible by pp x dp_replicate x tp = "
+            f"{others * p.tensor_parallel_degree}",
         )
-    free = world_size // others  # ranks for dp_shard x cp
+    if cur.auto_mesh and cur.max_tokens_per_cp_rank > 0:
+        raise ConfigError(
+            "curriculum.max_tokens_per_cp_rank",
+            cur.max_tokens_per_cp_rank,
+            "curriculum.auto_mesh chooses every stage's CP degree: set one of the two",
+        )
     stages: list[Stage] = []
     step = 0
     for i, raw in enumerate(cur.stages):
-        stage = _resolve_stage(cfg, i, raw, free, step, stages[-1] if stages else None)
+        prev = stages[-1] if stages else None
+        if _wants_auto_mesh(cfg, i, raw):
+            from torchtitan_ext.auto_mesh import choose_stage_mesh
+
+            stage = choose_stage_mesh(cfg, i, raw, world_size, step, prev)
+        else:
+            free = world_size // (others * p.tensor_parallel_degree)  # for dp_shard x cp
+            stage = _resolve_stage(cfg, i, raw, free, step, prev, p.tensor_parallel_degree)
         if stages and stage.seq_len <= stages[-1].seq_len:
             raise ConfigError(
                 f"curriculum.stages[{i}].seq_len",
@@ -156,12 +177,35 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
     return stages
 
 
+def _wants_auto_mesh(cfg: Any, i: int, raw: dict[str, Any]) -> bool:
+    """Whether stage ``i`` is auto-meshed (its ``auto_mesh``, else ``curriculum.auto_mesh``).
+
+    Raises:
+        ConfigError: ``auto_mesh`` is not a bool, or an auto-meshed stage sets a mesh key.
+    """
+    key = f"curriculum.stages[{i}]"
+    auto = raw.get("auto_mesh", cfg.curriculum.auto_mesh)
+    if not isinstance(auto, bool):
+        raise ConfigError(f"{key}.auto_mesh", auto, "expected true or false")
+    if auto:
+        for k in MESH_KEYS:
+            if k in raw:
+                raise ConfigError(
+                    f"{key}.{k}",
+                    raw[k],
+                    "the stage is auto-meshed (auto_mesh): the planner chooses it; remove one "
+                    "of the two",
+                )
+    return auto
+
+
 def _resolve_stage(
-    cfg: Any, i: int, raw: dict[str, Any], free: int, step: int, prev: Stage | None
+    cfg: Any, i: int, raw: dict[str, Any], free: int, step: int, prev: Stage | None, tp: int
 ) -> Stage:
-    """Stage ``i`` from its table ``raw``. Unset keys: rope_theta is the previous stage's (a
-    context extension keeps its RoPE base unless it says otherwise; the first stage: the
-    recipe's ``model.rope_theta``), the others the recipe's."""
+    """Stage ``i`` from its table ``raw``, with ``free`` ranks for dp_shard x cp and tensor
+    parallel degree ``tp``. Unset keys: rope_theta is the previous stage's (a context
+    extension keeps its RoPE base unless it says otherwise; the first stage: the recipe's
+    ``model.rope_theta``), the others the recipe's."""
     key = f"curriculum.stages[{i}]"
     for k, v in raw.items():
         if k not in STAGE_KEYS:
@@ -170,6 +214,8 @@ def _resolve_stage(
             if not isinstance(v, str):
                 raise ConfigError(f"{key}.{k}", v, "expected a string")
             continue
+        if k in _BOOL_KEYS:
+            continue  # checked by _wants_auto_mesh
         numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
         if k in _INT_KEYS and not (isinstance(v, int) and numeric):
             raise ConfigError(f"{key}.{k}", v, "expected an int")
@@ -194,7 +240,7 @@ def _resolve_stage(
             f"{key}.context_parallel_degree",
             cp,
             f"must divide the {free} ranks left for dp_shard x cp (world / (pp x dp_replicate x "
-            "tp))",
+            f"tp {tp}))",
         )
     dp_shard = free // cp
     dp = dp_shard * p.data_parallel_replicate_degree
@@ -250,6 +296,7 @@ def _resolve_stage(
         cp_ulysses_degree=degrees[0],
         cp_inner_ring_degree=degrees[1],
         rope=rope,
+        tp=tp,
     )
 
 
@@ -291,6 +338,7 @@ def stage_config(cfg: Any, stage: Stage) -> Any:
         out.parallelism,
         context_parallel_degree=stage.cp,
         data_parallel_shard_degree=stage.dp_shard,
+        tensor_parallel_degree=stage.tp,
         context_parallel_pattern=stage.cp_pattern,
         context_parallel_ulysses_degree=stage.cp_ulysses_degree,
         context_parallel_inner_ring_degree=stage.cp_inner_ring_degree,
@@ -330,9 +378,12 @@ def _pattern_label(s: Stage) -> str:
 
 
 def format_plan(stages: list[Stage]) -> str:
-    """A table of the stages for the log."""
+    """A table of the stages for the log (and, for auto-meshed stages, the planner's choice
+    and the next best meshes with their estimates: ``auto_mesh.format_mesh_plan``)."""
+    from torchtitan_ext.auto_mesh import format_mesh_plan
+
     lines = [
-        "stage  steps (global)    seq_len  rope_theta  rope scaling   cp  cp pattern      "
+        "stage  steps (global)    seq_len  rope_theta  rope scaling   tp   cp  cp pattern      "
         "dp_shard  batch  "
         "tokens/step  peak lr  warmup  min doc tokens"
     ]
@@ -341,10 +392,11 @@ def format_plan(stages: list[Stage]) -> str:
         lines.append(
             f"{s.index:5d}  {s.first_step:6d}-{s.last_step:<8d} {s.seq_len:8d}  "
             f"{f'{s.rope_theta:.3g}' if s.rope_theta else 'flavor':>10s}  "
-            f"{rope_label(s.rope):12s}  {s.cp:3d}  "
-            f"{_pattern_label(s):14s}  "
+            f"{rope_label(s.rope):12s}  {s.tp:3d}  {s.cp:3d}  "
+            f"{_pattern_label(s) + (' (auto)' if s.mesh_plan else ''):14s}  "
             f"{s.dp_shard:8d}  "
             f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}  {lr:>7s}  "
             f"{s.warmup_steps:6d}  {s.min_doc_tokens:14d}"
         )
-    return "\n".join(lines)
+    auto = format_mesh_plan(stages)
+    return "\n".join(lines) + (f"\n{auto}" if auto else "")

@@ -189,6 +189,33 @@ class Curriculum:
     """If > 0, a stage without context_parallel_degree gets the smallest CP degree that keeps
     seq_len / cp <= this (and divides the world as the other degrees allow)."""
 
+    auto_mesh: bool = False
+    """Every stage gets its mesh from the planner (a stage can ask for it alone with
+    ``auto_mesh = true`` in its table): among the tp x cp x CP-pattern choices that pass the
+    recipe's validation (pp and dp_replicate stay the recipe's, dp_shard takes the rest), those
+    whose dry-run memory per device fits auto_mesh_memory_gib, the least estimated step time
+    (compute at auto_mesh_tflops plus the dry run's bytes per step over the links below). The
+    plan is printed before training; a stage that sets context_parallel_degree or a pattern
+    cannot also be auto-meshed."""
+
+    auto_mesh_memory_gib: float = 0.0
+    """Memory budget per device for auto_mesh, GiB. 0: the CUDA device's total memory (on CPU,
+    no limit)."""
+
+    auto_mesh_ranks_per_node: int = 8
+    """Consecutive ranks per node, for auto_mesh's intra / inter-node split."""
+
+    auto_mesh_intra_node_gbps: float = 450.0
+    """Bandwidth per rank within a node, GB/s (NVLink 4 on H100), for auto_mesh's estimate."""
+
+    auto_mesh_inter_node_gbps: float = 50.0
+    """Bandwidth per rank across nodes, GB/s (400 Gb/s InfiniBand), for auto_mesh's estimate."""
+
+    auto_mesh_tflops: float = 400.0
+    """Sustained TFLOPS per device for the compute part of auto_mesh's step-time estimate
+    (about 40% MFU of an H100's dense bf16 peak); the same for every choice of a stage, so it
+    changes the printed step time, not the choice."""
+
 
 @dataclass
 class JobConfig:

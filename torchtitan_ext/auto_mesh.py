@@ -1,0 +1,295 @@
+"""Auto mesh: each curriculum stage's degrees chosen from the dry run's estimates.
+
+A stage with ``auto_mesh`` (or every stage, with ``curriculum.auto_mesh``) gets its tensor- and
+context-parallel degrees and CP pattern from ``choose_stage_mesh``: every tp x cp x pattern
+(ring, Ulysses, hybrid and double ring with each inner degree) over the ranks the recipe's pp
+and dp_replicate leave, dp_shard taking the rest, that passes the stage's full config
+validation is planned with the dry run (``dry_run.plan_rank`` on torch's fake process group:
+the real mesh, pipeline split and ``parallelize`` on meta tensors; per-device memory and bytes
+sent per step by kind); those within the memory budget are ranked by an estimated step time,
+
+    compute: flops per token (TorchTitan's 6N + attention) x tokens per step
+             / (world size x ``auto_mesh_tflops``)
+    + communication: for each kind of traffic (FSDP, dp_replicate, TP, CP, PP) the busiest
+      rank's bytes over the intra-node link (``auto_mesh_intra_node_gbps``), or over the
+      inter-node link (``auto_mesh_inter_node_gbps``) when the kind's group spans nodes of
+      ``auto_mesh_ranks_per_node`` ranks (CP: its measured-model split, ``cp_node_split``),
+
+no overlap assumed (an upper bound; the ranking is what matters). Ties go to the smaller CP
+degree. The same model as ``cp_patterns.attention_comm``'s modelled table and
+``ablate_mesh.py --dry-run``; its assumptions are the keys above.
+
+Deterministic and collective-free (the fake process group is this process's alone), so every
+rank computes the same plan before the real process group starts.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from torchtitan_ext.config.manager import ConfigError
+
+_DIVISORS_CACHE: dict[int, list[int]] = {}
+
+
+@dataclass(frozen=True)
+class MeshEstimate:
+    """One candidate mesh of a stage and its estimates.
+
+    Attributes:
+        tp, cp, dp_shard: the degrees (pp and dp_replicate: the recipe's).
+        pattern: the CP pattern; ulysses, inner_ring: its degrees (0 where unused).
+        memory_gib: the dry run's peak memory per device (parameters, gradients, optimizer
+            state, activations), GiB, worst of the first and last pipeline stage.
+        fits: within the budget.
+        comm_gib: bytes sent per step by the busiest rank, GiB; inter_node_gib: the part of
+            it that crosses nodes.
+        compute_sec, comm_sec: the step-time estimate's parts, seconds.
+    """
+
+    tp: int
+    cp: int
+    dp_shard: int
+    pattern: str
+    ulysses: int
+    inner_ring: int
+    memory_gib: float
+    fits: bool
+    comm_gib: float
+    inter_node_gib: float
+    compute_sec: float
+    comm_sec: float
+
+    @property
+    def step_sec(self) -> float:
+        """Estimated seconds per optimizer step (compute + communication, no overlap)."""
+        return self.compute_sec + self.comm_sec
+
+    @property
+    def label(self) -> str:
+        """E.g. ``tp2 cp4 hybrid(2) dp_shard1``."""
+        pattern = ""
+        if self.cp > 1:
+            inner = {"hybrid": self.ulysses, "double_ring": self.inner_ring}.get(self.pattern)
+            pattern = f" {self.pattern}" + (f"({inner})" if inner else "")
+        return f"tp{self.tp} cp{self.cp}{pattern} dp_shard{self.dp_shard}"
+
+
+def _divisors(n: int) -> list[int]:
+    if n not in _DIVISORS_CACHE:
+        _DIVISORS_CACHE[n] = [d for d in range(1, n + 1) if n % d == 0]
+    return _DIVISORS_CACHE[n]
+
+
+def pattern_options(cp: int) -> list[tuple[str, int, int]]:
+    """(pattern, ulysses degree, inner-ring degree) choices for ``cp`` ranks: one for cp 1,
+    else ring, Ulysses, and hybrid / double ring with each proper inner divisor."""
+    if cp == 1:
+        return [("ring", 0, 0)]
+    inner = [d for d in _divisors(cp) if 1 < d < cp]
+    return (
+        [("ring", 0, 0), ("ulysses", 0, 0)]
+        + [("hybrid", u, 0) for u in inner]
+        + [("double_ring", 0, r) for r in inner]
+    )
+
+
+def budget_gib(cfg: Any) -> float:
+    """``curriculum.auto_mesh_memory_gib``, or with 0 the memory of CUDA device 0 (GiB) when
+    ``training.device`` resolves to CUDA, else (CPU) no limit.
+
+    Raises:
+        ConfigError: 0 with ``training.device = "cuda"`` and no CUDA device visible (planning
+            a GPU recipe elsewhere): the budget must be given.
+    """
+    import torch
+
+    given = float(cfg.curriculum.auto_mesh_memory_gib)
+    if given > 0:
+        return given
+    device = cfg.training.device
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "curriculum.auto_mesh_memory_gib",
+                given,
+                "no CUDA device is visible to read the memory of: give the budget per device",
+            )
+        return torch.cuda.get_device_properties(0).total_memory / 1024**3
+    return float("inf")
+
+
+def _spans_nodes(dims: Any, names: tuple[str, ...], ranks_per_node: int) -> bool:
+    """Whether rank 0's group over the mesh dims ``names`` holds ranks of two nodes (ranks
+    laid out as ``ParallelDims.order``, the first dim outermost)."""
+    sizes = [getattr(dims, n) for n in dims.order]
+    grid = np.arange(dims.world_size).reshape(sizes)
+    index = tuple(slice(None) if n in names else 0 for n in dims.order)
+    group = grid[index].ravel()
+    return bool(group.min() // ranks_per_node != group.max() // ranks_per_node)
+
+
+_KIND_DIMS = {
+    "fsdp": ("dp_shard", "cp"),
+    "dp_replicate": ("dp_replicate",),
+    "tp": ("tp",),
+    "pp": ("pp",),
+}
+
+
+def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
+    """Plan one stage config (``cfg``: degrees set) with the dry run and estimate its step.
+
+    Raises:
+        ConfigError: ``cfg`` does not validate for ``world_size``.
+    """
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    from torchtitan_ext.config.validate import resolve_model_args, validate
+    from torchtitan_ext.dry_run import GIB, plan_rank, stage_ranks
+    from torchtitan_ext.models import build_model_on_meta
+
+    cur = cfg.curriculum
+    dims = validate(cfg, world_size)
+    assert dims is not None
+    rpn = int(cur.auto_mesh_ranks_per_node)
+    ranks = stage_ranks(dims)
+    plans = [
+        plan_rank(cfg, world_size, r, ranks_per_node=rpn) for r in sorted({ranks[0], ranks[-1]})
+    ]
+    memory = max(p.total_bytes for p in plans) / GIB
+    busiest = max(plans, key=lambda p: sum(p.comm_bytes.values()))
+    intra_bw = float(cur.auto_mesh_intra_node_gbps) * 1e9
+    inter_bw = float(cur.auto_mesh_inter_node_gbps) * 1e9
+    comm_sec, inter = 0.0, 0.0
+    for kind, nbytes in busiest.comm_bytes.items():
+        if kind == "cp":
+            crossing = busiest.cp_inter_node_bytes
+        else:
+            crossing = nbytes if _spans_nodes(dims, _KIND_DIMS[kind], rpn) else 0
+        inter += crossing
+        comm_sec += (nbytes - crossing) / intra_bw + crossing / inter_bw
+    model_args = resolve_model_args(cfg)
+    model_args.update_from_config(cfg)
+    meta = build_model_on_meta(get_train_spec(cfg.model.name).model_cls, model_args)
+    _, flops_per_token = model_args.get_nparams_and_flops(meta, cfg.training.seq_len)
+    tokens = cfg.training.global_batch_size * cfg.training.seq_len
+    compute_sec = flops_per_token * tokens / (world_size * float(cur.auto_mesh_tflops) * 1e12)
+    p = cfg.parallelism
+    return MeshEstimate(
+        tp=dims.tp,
+        cp=dims.cp,
+        dp_shard=dims.dp_shard,
+        pattern=p.context_parallel_pattern,
+        ulysses=p.context_parallel_ulysses_degree,
+        inner_ring=p.context_parallel_inner_ring_degree,
+        memory_gib=memory,
+        fits=memory <= budget,
+        comm_gib=sum(busiest.comm_bytes.values()) / GIB,
+        inter_node_gib=inter / GIB,
+        compute_sec=compute_sec,
+        comm_sec=comm_sec,
+    )
+
+
+def _check_settings(cfg: Any) -> None:
+    cur = cfg.curriculum
+    for key in ("auto_mesh_intra_node_gbps", "auto_mesh_inter_node_gbps", "auto_mesh_tflops"):
+        if not float(getattr(cur, key)) > 0:
+            raise ConfigError(f"curriculum.{key}", getattr(cur, key), "must be > 0")
+    if cur.auto_mesh_ranks_per_node < 1:
+        raise ConfigError(
+            "curriculum.auto_mesh_ranks_per_node", cur.auto_mesh_ranks_per_node, "must be >= 1"
+        )
+    if cur.auto_mesh_memory_gib < 0:
+        raise ConfigError(
+            "curriculum.auto_mesh_memory_gib",
+            cur.auto_mesh_memory_gib,
+            "must be >= 0 (0: the device's memory)",
+        )
+
+
+def choose_stage_mesh(
+    cfg: Any, i: int, raw: dict[str, Any], world_size: int, step: int, prev: Any
+) -> Any:
+    """Stage ``i`` (table ``raw``) with the mesh of least estimated step time that fits the
+    budget (see the module docstring). Collective-free.
+
+    Returns:
+        The resolved ``curriculum.Stage``, its ``mesh_plan`` the estimates of every valid
+        candidate, best first.
+
+    Raises:
+        ConfigError: a bad ``auto_mesh_*`` setting; no candidate passes validation (the
+            first candidate's reason); none fits the budget (naming the smallest estimate),
+            each as ``curriculum.stages[i].auto_mesh``.
+    """
+    from torchtitan_ext.config.validate import validate
+    from torchtitan_ext.curriculum import _resolve_stage, stage_config
+
+    _check_settings(cfg)
+    p = cfg.parallelism
+    free = world_size // (p.pipeline_parallel_degree * p.data_parallel_replicate_degree)
+    budget = budget_gib(cfg)
+    key = f"curriculum.stages[{i}].auto_mesh"
+    found: list[tuple[MeshEstimate, Any]] = []
+    reasons: list[str] = []
+    for tp in _divisors(free):
+        for cp in _divisors(free // tp):
+            for pattern, ulysses, inner in pattern_options(cp):
+                table = {
+                    **raw,
+                    "context_parallel_degree": cp,
+                    "context_parallel_pattern": pattern,
+                }
+                table.pop("auto_mesh", None)
+                if ulysses:
+                    table["context_parallel_ulysses_degree"] = ulysses
+                if inner:
+                    table["context_parallel_inner_ring_degree"] = inner
+                try:
+                    stage = _resolve_stage(cfg, i, table, free // tp, step, prev, tp)
+                    stage_cfg = stage_config(cfg, stage)
+                    validate(stage_cfg, world_size)
+                except ConfigError as e:
+                    reasons.append(f"tp{tp} cp{cp} {pattern}: {e.key} = {e.value}: {e.reason}")
+                    continue
+                found.append((estimate_mesh(stage_cfg, world_size, budget), stage))
+    if not found:
+        raise ConfigError(key, True, f"no mesh passes validation (first: {reasons[0]})")
+    ranked = sorted(found, key=lambda c: (not c[0].fits, c[0].step_sec, c[0].cp, c[0].tp))
+    best, stage = ranked[0]
+    if not best.fits:
+        smallest = min((e for e, _ in found), key=lambda e: e.memory_gib)
+        raise ConfigError(
+            key,
+            True,
+            f"no mesh fits {budget:g} GiB per device (curriculum.auto_mesh_memory_gib); the "
+            f"smallest estimate is {smallest.memory_gib:.2f} GiB ({smallest.label})",
+        )
+    return dataclasses.replace(stage, mesh_plan=tuple(e for e, _ in ranked))
+
+
+def format_mesh_plan(stages: list[Any], top: int = 3) -> str:
+    """For each auto-meshed stage, the chosen mesh and the next best ones with their
+    estimates (memory GiB/device, comm GiB/step, step seconds), for the log and the checker;
+    empty without auto-meshed stages."""
+    lines = []
+    for s in stages:
+        if not s.mesh_plan:
+            continue
+        fitting = [e for e in s.mesh_plan if e.fits]
+        lines.append(
+            f"stage {s.index} auto mesh: {len(fitting)} of {len(s.mesh_plan)} valid meshes fit; "
+            "est. memory GiB/device, comm GiB/step (inter-node), step s (compute + comm)"
+        )
+        for rank, e in enumerate(fitting[:top]):
+            mark = "chosen" if rank == 0 else f"#{rank + 1}"
+            lines.append(
+                f"  {mark:6s} {e.label:34s} {e.memory_gib:8.3g}  {e.comm_gib:8.3g} "
+                f"({e.inter_node_gib:.3g})  {e.step_sec:.3g} ({e.compute_sec:.3g} + "
+                f"{e.comm_sec:.3g})"
+            )
+    return "\n".join(lines)
