@@ -114,8 +114,8 @@ def test_auto_mesh_picks_the_least_estimated_step_time_that_fits(tmp_path):
     (tp, cp, pattern) of the 8 ranks, the fitting ones by estimated step time. A budget
     that rules the cheapest out moves the choice to the best that fits, and the plan says
     so."""
-    from torchtitan_ext.auto_mesh import pattern_options
     from torchtitan_ext.curriculum import format_plan
+    from torchtitan_ext.parallel.cp_patterns import pattern_choices
 
     dp = ["--parallelism.data_parallel_shard_degree", "-1"]
     stages = plan(tmp_path, AUTO, world_size=8, extra=dp)
@@ -127,7 +127,7 @@ def test_auto_mesh_picks_the_least_estimated_step_time_that_fits(tmp_path):
     assert [e.step_sec for e in ranked] == sorted(e.step_sec for e in ranked)
     # global batch 4 leaves dp <= 4: tp x cp >= 2; n_kv_heads 4 caps tp at 4
     assert all(e.tp * e.cp >= 2 and e.tp <= 4 for e in ranked)
-    n_options = sum(len(pattern_options(cp)) for tp in (1, 2, 4) for cp in (1, 2, 4, 8)
+    n_options = sum(len(pattern_choices(cp)) for tp in (1, 2, 4) for cp in (1, 2, 4, 8)
                     if tp * cp in (2, 4, 8))  # fmt: skip
     assert 0 < len(ranked) <= n_options
     assert "(auto)" in format_plan(stages) and "chosen" in format_plan(stages)

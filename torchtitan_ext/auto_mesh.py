@@ -83,17 +83,11 @@ def _divisors(n: int) -> list[int]:
     return _DIVISORS_CACHE[n]
 
 
-def pattern_options(cp: int) -> list[tuple[str, int, int]]:
-    """(pattern, ulysses degree, inner-ring degree) choices for ``cp`` ranks: one for cp 1,
-    else ring, Ulysses, and hybrid / double ring with each proper inner divisor."""
-    if cp == 1:
-        return [("ring", 0, 0)]
-    inner = [d for d in _divisors(cp) if 1 < d < cp]
-    return (
-        [("ring", 0, 0), ("ulysses", 0, 0)]
-        + [("hybrid", u, 0) for u in inner]
-        + [("double_ring", 0, r) for r in inner]
-    )
+def pattern_options(cp: int, patterns: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """``cp_patterns.pattern_choices(cp)`` restricted to ``patterns`` (cp 1: no pattern)."""
+    from torchtitan_ext.parallel.cp_patterns import pattern_choices
+
+    return [c for c in pattern_choices(cp) if cp == 1 or c[0] in patterns]
 
 
 def budget_gib(cfg: Any) -> float:
@@ -203,6 +197,15 @@ def _check_settings(cfg: Any) -> None:
         raise ConfigError(
             "curriculum.auto_mesh_ranks_per_node", cur.auto_mesh_ranks_per_node, "must be >= 1"
         )
+    from torchtitan_ext.parallel.cp_patterns import PATTERNS
+
+    unknown = [x for x in cur.auto_mesh_patterns if x not in PATTERNS]
+    if unknown or not cur.auto_mesh_patterns:
+        raise ConfigError(
+            "curriculum.auto_mesh_patterns",
+            list(cur.auto_mesh_patterns),
+            f"a non-empty list of {', '.join(PATTERNS)}",
+        )
     if cur.auto_mesh_memory_gib < 0:
         raise ConfigError(
             "curriculum.auto_mesh_memory_gib",
@@ -233,12 +236,13 @@ def choose_stage_mesh(
     p = cfg.parallelism
     free = world_size // (p.pipeline_parallel_degree * p.data_parallel_replicate_degree)
     budget = budget_gib(cfg)
+    patterns = tuple(cfg.curriculum.auto_mesh_patterns)
     key = f"curriculum.stages[{i}].auto_mesh"
     found: list[tuple[MeshEstimate, Any]] = []
     reasons: list[str] = []
     for tp in _divisors(free):
         for cp in _divisors(free // tp):
-            for pattern, ulysses, inner in pattern_options(cp):
+            for pattern, ulysses, inner in pattern_options(cp, patterns):
                 table = {
                     **raw,
                     "context_parallel_degree": cp,

@@ -31,6 +31,7 @@ from torchtitan_ext.distributed import (
     run_and_exit,
     torchrun_command,
 )
+from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
 
@@ -79,10 +80,10 @@ def option_args(option: str) -> list[str] | None:
 def pattern_options(cp: int) -> list[str]:
     """Shape options for every context-parallel pattern at degree ``cp``: "" (the ring),
     "ulysses", and "hybrid<u>" / "dring<n>" for each divisor 2 .. cp / 2 of cp."""
-    if cp == 1:
-        return [""]
-    inner = [d for d in range(2, cp // 2 + 1) if cp % d == 0]
-    return ["", "ulysses", *(f"hybrid{d}" for d in inner), *(f"dring{d}" for d in inner)]
+    names = {"ring": "", "ulysses": "ulysses", "hybrid": "hybrid", "double_ring": "dring"}
+    return [
+        names[p] + (str(u or r) if u or r else "") for p, u, r in cp_patterns.pattern_choices(cp)
+    ]
 
 
 @dataclass(frozen=True)

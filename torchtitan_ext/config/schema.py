@@ -198,6 +198,11 @@ class Curriculum:
     plan is printed before training; a stage that sets context_parallel_degree or a pattern
     cannot also be auto-meshed."""
 
+    auto_mesh_patterns: list[str] = field(
+        default_factory=lambda: ["ring", "ulysses", "hybrid", "double_ring"]
+    )
+    """The CP patterns auto_mesh considers (each with every inner degree it can take)."""
+
     auto_mesh_memory_gib: float = 0.0
     """Memory budget per device for auto_mesh, GiB. 0: the CUDA device's total memory (on CPU,
     no limit)."""

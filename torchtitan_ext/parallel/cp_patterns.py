@@ -95,6 +95,22 @@ class CPPattern:
         return self.outer if self.name in ("ulysses", "hybrid") else self.cp
 
 
+def pattern_choices(cp: int) -> list[tuple[str, int, int]]:
+    """Every (pattern, Ulysses degree, inner-ring degree) a cp group of ``cp`` ranks can run:
+    the ring alone for cp 1; else the ring, Ulysses, and the hybrid and the double ring with
+    each inner degree 2 .. cp / 2 that divides cp (0 where a degree is unused). What the
+    planner (``auto_mesh``), the parity matrix and the ablation sweep enumerate."""
+    if cp == 1:
+        return [("ring", 0, 0)]
+    inner = [d for d in range(2, cp // 2 + 1) if cp % d == 0]
+    return [
+        ("ring", 0, 0),
+        ("ulysses", 0, 0),
+        *(("hybrid", d, 0) for d in inner),
+        *(("double_ring", 0, d) for d in inner),
+    ]
+
+
 def make_pattern(name: str, cp: int, ulysses_degree: int, inner_ring_degree: int) -> CPPattern:
     """The ``CPPattern`` of the recipe keys (validated by ``config.validate``, which names the
     keys; this raises ``ValueError`` for what slipped through)."""
