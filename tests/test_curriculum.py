@@ -457,11 +457,16 @@ def test_in_memory_remesh_with_pipeline_equals_reloading(tmp_path):
 
 
 def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
-    """2 ranks, stage 2 auto-meshed: the plan is logged before training, the stage runs the
-    chosen mesh with the state taken over exactly, and DCP checkpoints still save after the
-    planner's fake-process-group runs in the same process (they once failed: every rank
-    claimed the first shard, see dry_run.forget_fake_meshes)."""
-    path = recipe(tmp_path, TWO_STAGES + "auto_mesh = true\n")
+    """2 ranks, stage 1 Ulysses over cp 2, stage 2 auto-meshed: the plan is logged before
+    training, the stage runs the chosen mesh with the state taken over exactly, and neither
+    DCP checkpoints nor CP patterns trip over what the planner's fake-process-group runs left
+    in the process (they once did: every rank claimed the first shard in a save, and a
+    pattern ran on the fake run's dead groups; see dry_run.forget_fake_meshes)."""
+    stages = TWO_STAGES.replace(
+        "rope_theta = 10000\n",
+        'rope_theta = 10000\ncontext_parallel_degree = 2\ncontext_parallel_pattern = "ulysses"\n',
+    )
+    path = recipe(tmp_path, stages + "auto_mesh = true\n")
     dump = tmp_path / "run"
     log = torchrun(2, run_args(path, dump)).stdout
     assert "stage 1 auto mesh:" in log and "chosen" in log, log[-3000:]

@@ -86,3 +86,40 @@ def test_dry_run_sweep_ranks_shapes_that_fit_by_communication(titan_recipes, tmp
     assert fits == sorted(fits, reverse=True) and any(fits) and not all(fits)
     assert all((r.peak_gib <= budget) == r.fits for r in ranked)
     assert "**best**" in plan_table(ranked, budget).splitlines()[2]
+
+
+def test_a_dry_run_leaves_no_fake_state_behind():
+    """A dry run on the fake process group registers CP patterns on its cp groups; once it is
+    over, a later process group whose cp group reuses the same name gets no pattern from it
+    (it once ran the fake run's dead sub-groups: see dry_run.forget_fake_meshes), and even a
+    stale registration never applies to another group object."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torchtitan_ext.parallel import cp_patterns
+
+    cfg = load_config([
+        "--job.config_file", "train_configs/debug_cpu.toml",
+        "--parallelism.data_parallel_shard_degree", "-1",
+        "--parallelism.context_parallel_degree", "4",
+        "--parallelism.context_parallel_pattern", "double_ring",
+        "--parallelism.context_parallel_inner_ring_degree", "2",
+    ])  # fmt: skip
+    plan_rank(cfg, 4, rank=0)
+    assert cp_patterns._registry == {}  # forgotten with the fake process group
+    # A stale registration (as if not forgotten) is ignored by a new group of the same name.
+    pattern = cp_patterns.make_pattern("ulysses", 2, 0, 0)
+    names = []
+    for _ in range(2):
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+        try:
+            mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("cp",))
+            names.append(mesh.get_group().group_name)
+            assert cp_patterns.process_groups(mesh) == []
+            cp_patterns.register(mesh, pattern)
+            assert len(cp_patterns.process_groups(mesh)) == 2
+        finally:
+            dist.destroy_process_group()
+    assert names[0] == names[1]  # the reuse that made names unsafe as keys
+    cp_patterns.unregister_all()

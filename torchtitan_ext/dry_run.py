@@ -460,12 +460,14 @@ def forget_fake_meshes() -> None:
     reports coordinate 0, and DCP's save fails ("Failed to validate global plan ... invalid
     fill") because all ranks claim the first shard (found with ``curriculum.auto_mesh``, which
     plans before training starts). Uses torch's own helper
-    ``torch.distributed.tensor.debug._clear_sharding_prop_cache``.
+    ``torch.distributed.tensor.debug._clear_sharding_prop_cache``. Also forgets the fake run's
+    CP pattern registrations (``cp_patterns.unregister_all``).
     """
     from torch.distributed.tensor import _redistribute
     from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
     _clear_sharding_prop_cache()
+    cp_patterns.unregister_all()  # the fake run's cp groups (their names will be reused)
     transform_infos = getattr(_redistribute, "_gen_transform_infos", None)
     if transform_infos is not None and hasattr(transform_infos, "cache_clear"):
         transform_infos.cache_clear()

@@ -137,6 +137,7 @@ class _Groups:
     pattern: CPPattern
     outer: dist.ProcessGroup
     inner: dist.ProcessGroup
+    cp: dist.ProcessGroup | None = None  # the group registered (names repeat across PGs)
 
 
 _registry: dict[str, _Groups] = {}
@@ -153,11 +154,12 @@ def register(cp_mesh: DeviceMesh, pattern: CPPattern) -> None:
     ``ring`` unregisters (torch's ring). Raises ``RuntimeError`` (``require``) on a torch
     series the wrappers were not checked against.
     """
-    name = cp_mesh.get_group().group_name
+    group = cp_mesh.get_group()
+    name = group.group_name
     if pattern.name == "ring":
         _registry.pop(name, None)
         return
-    if name in _registry and _registry[name].pattern == pattern:
+    if _entry(group) is not None and _registry[name].pattern == pattern:
         return  # e.g. each pipeline stage of this rank applies CP to its own module
     require()
     if pattern.cp != cp_mesh.size():
@@ -167,12 +169,27 @@ def register(cp_mesh: DeviceMesh, pattern: CPPattern) -> None:
         f"cp_inner_{pattern.outer}x{pattern.inner}",
     )
     mesh2d = cp_mesh._unflatten(0, (pattern.outer, pattern.inner), names)
-    _registry[name] = _Groups(pattern, mesh2d[names[0]].get_group(), mesh2d[names[1]].get_group())
+    _registry[name] = _Groups(
+        pattern, mesh2d[names[0]].get_group(), mesh2d[names[1]].get_group(), group
+    )
+
+
+def _entry(group: dist.ProcessGroup) -> _Groups | None:
+    """The registration of ``group`` itself: group names are counters that a later process
+    group (a real run after a dry run on the fake one) reuses, so a name alone could route a
+    group to another's pattern and dead sub-groups."""
+    entry = _registry.get(group.group_name)
+    return entry if entry is not None and entry.cp is group else None
+
+
+def unregister_all() -> None:
+    """Forget every registration (after the process group they were made on is destroyed)."""
+    _registry.clear()
 
 
 def process_groups(cp_mesh: DeviceMesh) -> list[dist.ProcessGroup]:
     """The outer and inner process groups ``register`` made for ``cp_mesh`` ([]: the ring)."""
-    entry = _registry.get(cp_mesh.get_group().group_name)
+    entry = _entry(cp_mesh.get_group())
     return [] if entry is None else [entry.outer, entry.inner]
 
 
@@ -202,7 +219,7 @@ def _install() -> None:
         group: dist.ProcessGroup, seq_dim: int, op: Any, query: torch.Tensor,
         key: torch.Tensor, value: torch.Tensor, is_causal: bool = False, **kwargs: Any,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        entry = _registry.get(group.group_name)
+        entry = _entry(group)
         if entry is None:
             return torch_forward(group, seq_dim, op, query, key, value, is_causal, **kwargs)
         run = _double_ring_forward if entry.pattern.name == "double_ring" else _ulysses_forward
@@ -214,7 +231,7 @@ def _install() -> None:
         grad_out_name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         out: torch.Tensor, logsumexp: torch.Tensor, is_causal: bool, **kwargs: Any,
     ) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        entry = _registry.get(group.group_name)
+        entry = _entry(group)
         if entry is None:
             return torch_backward(
                 group, seq_dim, op, grad_out, grad_out_name, query, key, value, out,
