@@ -431,6 +431,18 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
         "step-6",
     ]
     assert (full / "checkpoint" / "step-3").is_dir()
+    # Background saves (checkpoint.async_mode = "async"): the same run and the same (verified)
+    # checkpoints, the boundary one published during stage 2; resuming from one is exact.
+    background = tmp_path / "async"
+    log = train_single(args(background, "--checkpoint.async_mode", "async")).stdout
+    assert "in the background" in log
+    assert losses(background) == losses(full)
+    ckpts = sorted(p.name for p in (background / "checkpoint").iterdir())
+    assert ckpts == ["step-2", "step-3", "step-4", "step-6"], ckpts
+    shutil.rmtree(background / "checkpoint" / "step-6")
+    train_single(args(background, "--checkpoint.async_mode", "async"))
+    resumed = [(r["step"], r["loss"], r["lr"]) for r in read_metrics(background)][6:]
+    assert resumed == [(k, *v) for k, v in losses(full).items() if k > 4]
 
 
 def test_in_memory_remesh_with_pipeline_equals_reloading(tmp_path):

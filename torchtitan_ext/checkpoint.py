@@ -199,6 +199,15 @@ def describe_load_error(err: BaseException) -> str:
     return (lines[-1] if lines else type(err).__name__)[:300] + where
 
 
+@dataclass
+class _PendingSave:
+    """A background save (``dcp.async_save``'s future) and where it goes."""
+
+    future: Any
+    tmp: str
+    final: str
+
+
 class Checkpointer:
     """Saves and loads the training state (see the module docstring).
 
@@ -209,9 +218,16 @@ class Checkpointer:
 
     Honoured ``checkpoint`` keys: enable, folder, interval, keep_latest_k, load_step,
     exclude_from_loading, initial_load_path, initial_load_model_only,
-    enable_first_step_checkpoint, load_only, verify. Every save holds the full state (model,
-    optimizer, LR scheduler, data loader, train state), including the last one, so any
-    checkpoint resumes.
+    enable_first_step_checkpoint, load_only, verify, async_mode ("disabled" or "async"). Every
+    save holds the full state (model, optimizer, LR scheduler, data loader, train state),
+    including the last one, so any checkpoint resumes.
+
+    With ``async_mode = "async"`` (TorchTitan's key) a save stages the state in memory and
+    writes it in a background thread (``dcp.async_save`` over a process group of its own);
+    training goes on, and the checkpoint is published (manifest, rename to ``step-<N>``,
+    ``keep_latest_k``) by ``finish``, at the next save or at the end of training. Until then
+    it is a ``.tmp`` folder, which a resume ignores: a crash meanwhile loses that checkpoint,
+    never an older one.
     """
 
     def __init__(self, cfg: Any, states: dict[str, Stateful], rank: int) -> None:
@@ -229,6 +245,9 @@ class Checkpointer:
         self.verify: bool = c.verify
         self.states = states
         self.rank = rank
+        self.async_save: bool = c.async_mode == "async"
+        self._async_group: dist.ProcessGroup | None = None
+        self.pending: _PendingSave | None = None
         unknown = self.exclude - set(STATE_KEYS)
         if unknown:
             raise ConfigError(
@@ -346,11 +365,13 @@ class Checkpointer:
 
     def save(self, step: int) -> str:
         """Write the full state as ``step-<step>`` atomically (with its manifest when
-        ``checkpoint.verify``); collective on every rank.
+        ``checkpoint.verify``); collective on every rank. With ``async_mode = "async"`` the
+        write goes on in the background and ``finish`` publishes it (a pending one first).
 
         Returns:
             The final folder.
         """
+        self.finish()
         final = os.path.join(self.folder, f"step-{step}")
         tmp = final + ".tmp"
         if self.rank == 0:
@@ -359,7 +380,34 @@ class Checkpointer:
                 if name.endswith(".tmp"):
                     shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
         dist.barrier()
-        metadata = dcp.save(dict(self.states), checkpoint_id=tmp)
+        if self.async_save:
+            if self._async_group is None:  # every rank saves at the same steps: collective
+                self._async_group = dist.new_group(backend="gloo")
+            future = dcp.async_save(
+                dict(self.states), checkpoint_id=tmp, process_group=self._async_group
+            )
+            self.pending = _PendingSave(future, tmp, final)
+            logger.info(f"saving checkpoint {final} in the background")
+            return final
+        self._publish(dcp.save(dict(self.states), checkpoint_id=tmp), tmp, final)
+        return final
+
+    def finish(self) -> None:
+        """Wait for a background save (``async_mode = "async"``) and publish it; nothing
+        without one. Collective.
+
+        Raises:
+            Exception: what the background write raised (on every rank: DCP's collectives).
+        """
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        metadata = pending.future.result()
+        self._publish(metadata, pending.tmp, pending.final)
+
+    def _publish(self, metadata: Metadata, tmp: str, final: str) -> None:
+        """Manifest (``checkpoint.verify``), atomic rename of ``tmp`` to ``final``,
+        ``keep_latest_k``. Collective."""
         dist.barrier()
         if self.verify:
             write_manifest(tmp, metadata, self.rank)
@@ -371,7 +419,6 @@ class Checkpointer:
             self._purge()
         dist.barrier()
         logger.info(f"saved checkpoint {final}")
-        return final
 
     def _purge(self) -> None:
         if self.keep_latest_k <= 0:

@@ -142,7 +142,11 @@ _UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
         _enabled,
         "use one of torch's schedules by name",
     ),
-    ("checkpoint.async_mode", lambda v: v != "disabled", "only 'disabled' is supported"),
+    (
+        "checkpoint.async_mode",
+        lambda v: v not in ("disabled", "async"),
+        "'disabled' or 'async' (the pinned-memory stager is not wired in)",
+    ),
     ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
     ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
     ("checkpoint.last_save_in_hf", _enabled, "HF-format checkpoints are not supported"),
@@ -826,6 +830,8 @@ class Trainer:
                 else:
                     self._check_state_finite(step)
                     self.checkpointer.save(step)
+        if self.stage is None or end >= cfg.training.steps:
+            self.checkpointer.finish()  # else the next stage finishes a background save
         self.metrics.close()
         return records
 
@@ -852,6 +858,7 @@ class Trainer:
             f"({len(self.nonfinite_streak)} in a row, at most {limit} tolerated)"
         )
         if len(self.nonfinite_streak) > limit:
+            self.checkpointer.finish()  # a background save of an earlier step is a good one
             done = complete_steps(self.checkpointer.folder) if self.checkpointer.enabled else []
             newest = f"step-{done[-1]}" if done else "none"
             streak = self.nonfinite_streak
@@ -883,6 +890,7 @@ class Trainer:
         if self.dims.world_size > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
+            self.checkpointer.finish()
             raise TrainingDiverged(
                 f"non-finite weights or optimizer state at step {step}: checkpoint step-{step} "
                 "not written; the newest checkpoint is kept"
@@ -1090,9 +1098,13 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
         elif trainer is not None and mode == "re-mesh":
             old, trainer = trainer, Trainer(prepared, stage, len(p.stages))
             trainer.take_state(old)
+            # A boundary checkpoint still being written finishes in this stage.
+            trainer.checkpointer.pending, old.checkpointer.pending = old.checkpointer.pending, None
             del old
             gc.collect()  # the last stage's model and optimizer
         else:
+            if trainer is not None:
+                trainer.checkpointer.finish()  # the next stage loads it
             trainer = None
             gc.collect()  # free the last stage's model and optimizer before the next is built
             trainer = Trainer(prepared, stage, len(p.stages))
