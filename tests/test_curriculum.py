@@ -166,9 +166,11 @@ def test_auto_mesh_weighs_traffic_that_crosses_nodes(tmp_path):
     assert all(e.inter_node_gib == 0 for e in one)
     assert any(e.inter_node_gib > 0 for e in slow)
     gib = 1024**3
-    for e in slow:  # intra-node bytes at 450 GB/s (the default), the rest at 1 GB/s
+    for e in slow:  # intra-node bytes at 450 GB/s, the rest at 1 GB/s, 20 us per call
         intra = (e.comm_gib - e.inter_node_gib) * gib / 450e9
-        assert e.comm_sec == pytest.approx(intra + e.inter_node_gib * gib / 1e9, rel=1e-6)
+        calls = e.comm_calls * 20e-6
+        assert e.comm_calls > 0
+        assert e.comm_sec == pytest.approx(intra + e.inter_node_gib * gib / 1e9 + calls, rel=1e-6)
     assert slow[0].step_sec == min(e.step_sec for e in slow)
 
 

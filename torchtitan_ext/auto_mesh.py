@@ -14,6 +14,8 @@ sent per step by kind); those within the memory budget are ranked by an estimate
       rank's bytes over the intra-node link (``auto_mesh_intra_node_gbps``), or over the
       inter-node link (``auto_mesh_inter_node_gbps``) when the kind's group spans nodes of
       ``auto_mesh_ranks_per_node`` ranks (CP: its measured-model split, ``cp_node_split``),
+      plus its collective calls (``dry_run.collective_counts``) times
+      ``auto_mesh_collective_latency_us``,
 
 no overlap assumed (an upper bound; the ranking is what matters). Ties go to the smaller CP
 degree. The same model as ``cp_patterns.attention_comm``'s modelled table and
@@ -45,7 +47,7 @@ class MeshEstimate:
             state, activations), GiB, worst of the first and last pipeline stage.
         fits: within the budget.
         comm_gib: bytes sent per step by the busiest rank, GiB; inter_node_gib: the part of
-            it that crosses nodes.
+            it that crosses nodes; comm_calls: its collective calls per step.
         compute_sec, comm_sec: the step-time estimate's parts, seconds.
     """
 
@@ -61,6 +63,7 @@ class MeshEstimate:
     inter_node_gib: float
     compute_sec: float
     comm_sec: float
+    comm_calls: int = 0
 
     @property
     def step_sec(self) -> float:
@@ -157,7 +160,9 @@ def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
     busiest = max(plans, key=lambda p: sum(p.comm_bytes.values()))
     intra_bw = float(cur.auto_mesh_intra_node_gbps) * 1e9
     inter_bw = float(cur.auto_mesh_inter_node_gbps) * 1e9
-    comm_sec, inter = 0.0, 0.0
+    latency = float(cur.auto_mesh_collective_latency_us) * 1e-6
+    comm_sec = sum(busiest.comm_calls.values()) * latency
+    inter = 0.0
     for kind, nbytes in busiest.comm_bytes.items():
         if kind == "cp":
             crossing = busiest.cp_inter_node_bytes
@@ -185,6 +190,7 @@ def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
         inter_node_gib=inter / GIB,
         compute_sec=compute_sec,
         comm_sec=comm_sec,
+        comm_calls=sum(busiest.comm_calls.values()),
     )
 
 
@@ -193,6 +199,12 @@ def _check_settings(cfg: Any) -> None:
     for key in ("auto_mesh_intra_node_gbps", "auto_mesh_inter_node_gbps", "auto_mesh_tflops"):
         if not float(getattr(cur, key)) > 0:
             raise ConfigError(f"curriculum.{key}", getattr(cur, key), "must be > 0")
+    if cur.auto_mesh_collective_latency_us < 0:
+        raise ConfigError(
+            "curriculum.auto_mesh_collective_latency_us",
+            cur.auto_mesh_collective_latency_us,
+            "must be >= 0",
+        )
     if cur.auto_mesh_ranks_per_node < 1:
         raise ConfigError(
             "curriculum.auto_mesh_ranks_per_node", cur.auto_mesh_ranks_per_node, "must be >= 1"

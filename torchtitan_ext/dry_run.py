@@ -16,7 +16,7 @@ import copy
 import dataclasses
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
@@ -279,6 +279,49 @@ def comm_estimate(
     return out
 
 
+def collective_counts(
+    cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, n_layers_here: int,
+    stages: list[tuple[bool, bool]], cp_index: int = 0,
+) -> dict[str, int]:  # fmt: skip
+    """Collective calls this rank issues per optimizer step, per kind (``COMM_KINDS``): what
+    a per-call latency multiplies (``auto_mesh``'s step-time estimate), counted as
+    ``comm_estimate`` counts bytes.
+
+    - FSDP: per reduction (microbatch, or step with PP), one all-gather per unit (each block,
+      the embedding, [norm, output]: ``parallel/fsdp.py``), again in backward for the units
+      resharded after forward, and one reduce-scatter per unit; dp_replicate: one all-reduce
+      per unit and reduction.
+    - TP: the all-gathers and reduce-scatters of ``comm_estimate``, per microbatch.
+    - CP: per block and microbatch, one call per transfer of the pattern
+      (``cp_attention_transfers``; forward again under full AC).
+    - PP: one send or receive per stage boundary and microbatch, each way.
+    """
+    out: dict[str, int] = dict.fromkeys(COMM_KINDS, 0)
+    micro = w.microbatches
+    full_ac = cfg.activation_checkpoint.mode == "full"
+    units = n_layers_here + sum(first for first, _ in stages) + sum(last for _, last in stages)
+    per_step = 1 if dims.pp > 1 else micro
+    if dims.dp_shard * dims.cp > 1:
+        policy = cfg.parallelism.fsdp_reshard_after_forward
+        last_units = sum(last for _, last in stages)  # [norm, output]: kept after forward
+        regathered = 0 if policy == "never" or dims.pp > 1 else units - last_units
+        if policy == "always":
+            regathered = units
+        out["fsdp"] = per_step * (2 * units + regathered)
+    if dims.dp_replicate > 1:
+        out["dp_replicate"] = per_step * units
+    if dims.tp > 1:
+        per_block = 8 + (4 if full_ac else 0)
+        calls = n_layers_here * per_block + 2 * len(stages)
+        out["tp"] = calls * micro
+    if dims.cp > 1:
+        fwd, bwd = cp_attention_transfers(cfg, dims, m, w, cp_index)
+        out["cp"] = n_layers_here * micro * (len(fwd) * (2 if full_ac else 1) + len(bwd))
+    if dims.pp > 1:
+        out["pp"] = 2 * micro * sum((not first) + (not last) for first, last in stages)
+    return out
+
+
 def cp_attention_transfers(
     cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, cp_index: int
 ) -> tuple[list[cp_patterns.Transfer], list[cp_patterns.Transfer]]:
@@ -331,6 +374,7 @@ class RankPlan:
         optim_bytes: AdamW's two moments (fp32) per local parameter element.
         activations: estimate (see ``activation_estimate``).
         comm_bytes: bytes sent per optimizer step by kind (see ``comm_estimate``).
+        comm_calls: collective calls per optimizer step by kind (``collective_counts``).
         cp_inter_node_bytes: CP bytes per step sent to other nodes (``cp_node_split``, for the
             ``ranks_per_node`` given to ``plan_rank``) by the rank of this rank's cp group
             that sends the most across nodes.
@@ -345,6 +389,7 @@ class RankPlan:
     activations: Activations
     comm_bytes: dict[str, int]
     cp_inter_node_bytes: int = 0
+    comm_calls: dict[str, int] = field(default_factory=dict)
 
     @property
     def activation_bytes(self) -> int:
@@ -443,8 +488,13 @@ def plan_rank(
         cp_node_split(cfg, dims, model_dims, work, layers, i, cp_ranks, ranks_per_node)[1]
         for i in range(dims.cp)
     )
+    stages = [
+        (getattr(p, "tok_embeddings", None) is not None, getattr(p, "output", None) is not None)
+        for p in parts
+    ]
+    calls = collective_counts(cfg, dims, model_dims, work, layers, stages, coords["cp"])
     return RankPlan(
-        rank, coords, modules, param_bytes, param_bytes, numel * 8, acts, comm, cp_inter
+        rank, coords, modules, param_bytes, param_bytes, numel * 8, acts, comm, cp_inter, calls
     )
 
 

@@ -156,12 +156,9 @@ class Data:
 @dataclass
 class Curriculum:
     stages: list[dict[str, Any]] = field(default_factory=list)
-    """Context-length stages, in order ([[curriculum.stages]] tables). Keys per stage:
-    seq_len and steps (required); rope_theta (unset: the previous stage's),
-    context_parallel_degree, global_batch_size, local_batch_size, lr (peak LR), warmup_steps
-    (a warmup at the stage's start), min_doc_tokens (train on documents at least this long),
-    context_parallel_pattern, context_parallel_ulysses_degree,
-    context_parallel_inner_ring_degree (optional). Empty: no curriculum (the recipe trains
+    """Context-length stages, in order ([[curriculum.stages]] tables; each needs seq_len and
+    steps). Every key a stage may set (curriculum.STAGE_KEYS) is listed under
+    [[curriculum.stages]] at the end of --help. Empty: no curriculum (the recipe trains
     training.steps at training.seq_len). With stages, training.steps is their sum and one LR
     schedule spans them."""
 
@@ -215,6 +212,11 @@ class Curriculum:
 
     auto_mesh_inter_node_gbps: float = 50.0
     """Bandwidth per rank across nodes, GB/s (400 Gb/s InfiniBand), for auto_mesh's estimate."""
+
+    auto_mesh_collective_latency_us: float = 20.0
+    """Time per collective call beyond its bytes, microseconds (small-message NCCL latency
+    within a node), for auto_mesh's estimate: TP issues many small collectives per block. On
+    CPU/gloo it is far larger; scripts/bench_auto_mesh.py measures it."""
 
     auto_mesh_tflops: float = 400.0
     """Sustained TFLOPS per device for the compute part of auto_mesh's step-time estimate
