@@ -129,6 +129,8 @@ def test_interrupted_sweep_resumes(tiny_sweep):
     again, _ = sweep(recipe, 4, out, steps=3, warmup=1, fixed=FIXED, log=logs.append)
     assert "2 already in" in logs[0] and "1 to run" in logs[0]
     assert sum(line.startswith("[") for line in logs) == 1  # only cp4 ran
+    assert logs[-1].startswith("    ok: ") and "tokens/s/rank" in logs[-1]
+    assert not any(line.rstrip().endswith(",") for line in logs), logs  # no dangling comma
     assert sorted(r.shape for r in again) == ["cp4", "dp_shard2xcp2", "dp_shard4"]
 
 

@@ -86,6 +86,19 @@ class Row:
         return f"{self.shape}/{self.order}"
 
 
+def progress_line(row: Row) -> str:
+    """The sweep's line after a shape: ``    ok: 1,234 tokens/s/rank, 0.52 s/step`` or
+    ``    error: <first error line>`` (no throughput that was not measured, no empty part)."""
+    parts = []
+    if row.status == "ok":
+        parts.append(f"{row.tokens_per_sec:,.0f} tokens/s/rank")
+        if math.isfinite(row.step_time_sec):
+            parts.append(f"{row.step_time_sec:.2f} s/step")
+    if row.detail:
+        parts.append(row.detail)
+    return f"    {row.status}: {', '.join(parts)}" if parts else f"    {row.status}"
+
+
 def _with_order(shape: Shape, order: str) -> Shape:
     """``shape`` with the option of ``order`` ("cpinner", "tpinner"); "auto" has none (its
     override is ``AUTO_ORDER_ARGS``), so its rows keep the plain shape name."""
@@ -297,7 +310,7 @@ def sweep(
         eta = f"{elapsed / i * (len(todo) - i):.0f}s" if i else "?"
         log(f"[{i + 1}/{len(todo)}] {shape.name} ({order})  elapsed {elapsed:.0f}s  eta {eta}")
         row = run_shape(shape, order, args, warmup, timeout)
-        log(f"    {row.status}: {row.tokens_per_sec:,.0f} tokens/s/rank, {row.detail}")
+        log(progress_line(row))
         rows.append(row)
         write_csv(csv_path, rows)
     flag_numerics(rows)
