@@ -5,12 +5,13 @@ Usage::
     python -m torchtitan_ext.config --job.config_file train_configs/debug_cpu.toml \
         [--world_size 8] [--section.key value ...]
 
-The world size defaults to ``$WORLD_SIZE`` when set (as under torchrun). With a world size it
-runs every check ``train.py`` runs before reading data (``trainer.check_recipe``: each
-curriculum stage, whose plan it prints, what the trainer supports, the device and torch);
-without one, the checks that need no world size. Exit status 0 and the
-resolved config as TOML on stdout; on a bad recipe, exit status 2 and one line on stderr naming
-the key and the value.
+``--help`` lists every option (``config.manager.format_help``). The world size
+(``--world_size``, also spelled ``--world-size`` or ``--nproc``, as in the scripts) defaults to
+``$WORLD_SIZE`` when set (as under torchrun). With a world size it runs every check
+``train.py`` runs before reading data (``trainer.check_recipe``: each curriculum stage, whose
+plan it prints, what the trainer supports, the device and torch); without one, the checks that
+need no world size. Exit status 0 and the resolved config as TOML on stdout; on a bad recipe,
+exit status 2 and one line on stderr naming the key and the value.
 """
 
 import os
@@ -18,17 +19,44 @@ import sys
 from typing import Any
 
 from torchtitan_ext.config.manager import (
+    WORLD_SIZE_FLAGS,
     ConfigError,
+    format_help,
     format_toml,
+    help_requested,
     load_config,
     pop_world_size_arg,
 )
 from torchtitan_ext.config.validate import validate
 from torchtitan_ext.curriculum import format_plan
 
+PROG = "python -m torchtitan_ext.config"
+
+DESCRIPTION = """Check a recipe without training and print the resolved config as TOML (exit
+status 0), or one line naming the bad key and value (exit status 2).
+
+With a world size, every check train.py makes before reading data (each curriculum stage,
+whose plan it prints, the mesh, what the trainer supports, the device and torch); without
+one, the checks that need no world size."""
+
+WORLD_SIZE_HELP = (
+    "World size to check the recipe for (torchrun's nnodes x nproc_per_node). Default: "
+    "$WORLD_SIZE when set, else none (only the checks that need no world size). The scripts "
+    "take the same spellings (--nproc: their older one)."
+)
+
+
+def help_text() -> str:
+    """``--help``'s text: every recipe option plus ``--world_size``."""
+    flags = ", ".join(f"{flag} N" for flag in WORLD_SIZE_FLAGS)
+    return format_help(PROG, DESCRIPTION, [(flags, WORLD_SIZE_HELP)])
+
 
 def main(args: list[str]) -> int:
     """Entry point; returns the process exit status."""
+    if help_requested(args):
+        sys.stdout.write(help_text())
+        return 0
     try:
         args, world_size = pop_world_size_arg(args)
         if world_size is None and os.environ.get("WORLD_SIZE"):
