@@ -1,8 +1,9 @@
 """Mesh-shape ablation: train a recipe on every valid mesh shape of N ranks for a few steps and
 compare throughput, memory and the loss.
 
-    .venv/bin/python scripts/ablate_mesh.py --job.config_file train_configs/debug_cpu.toml --nproc 8
-    .venv/bin/python scripts/ablate_mesh.py --job.config_file my.toml --nproc 8 --fixed pp=1 \\
+    .venv/bin/python scripts/ablate_mesh.py --job.config_file train_configs/debug_cpu.toml \\
+        --world_size 8
+    .venv/bin/python scripts/ablate_mesh.py --job.config_file my.toml --world_size 8 --fixed pp=1 \\
         --max tp=4 --orders cpinner,tpinner --steps 6 --warmup 2
 
 Writes ``<out>/ablation.csv`` (one row per shape, written as each finishes: rerun with the same
@@ -18,7 +19,7 @@ is planned on torch's fake process group (``scripts/plan.py``'s dry run) and the
 cp bytes across nodes). ``--cp-patterns all`` tries every context-parallel pattern and degree
 on each shape with cp > 1. Arguments after the options are recipe overrides for every shape:
 
-    .venv/bin/python scripts/ablate_mesh.py --dry-run --nproc 256 --budget-gib 80 \\
+    .venv/bin/python scripts/ablate_mesh.py --dry-run --world_size 256 --budget-gib 80 \\
         --job.config_file train_configs/llama3_8b_curriculum_1m.toml --training.seq_len 131072
 """
 
@@ -34,7 +35,7 @@ from torchtitan_ext.ablation import (
     sweep,
     write_report,
 )
-from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.parallel.cp_patterns import PATTERNS
 
@@ -51,41 +52,76 @@ def _degrees(text: str | None, flag: str, ap: argparse.ArgumentParser) -> dict[s
     return out
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every option's help text ends with its default."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
         "--job.config_file", "--config", dest="config", type=Path, required=True,
-        help="the recipe (TOML); --config is the older spelling",
+        metavar="RECIPE", help="the recipe (TOML); --config is the older spelling",
     )  # fmt: skip
-    ap.add_argument("--nproc", type=int, required=True, help="world size")
-    ap.add_argument("--out", type=Path, help="default: outputs/ablation/<recipe>-<nproc>")
-    ap.add_argument("--steps", type=int, default=4, help="training steps per shape")
-    ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the timings")
     ap.add_argument(
-        "--orders", default="auto",
-        help=f"comma list of {', '.join(ORDERS)}\n"
+        *WORLD_SIZE_FLAGS, dest="nproc", type=int, required=True, metavar="N",
+        help="world size: ranks of every shape (--nproc is the older spelling)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--out", type=Path, metavar="DIR",
+        help="output folder (default: outputs/ablation/<recipe>-<world size>)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--steps", type=int, default=4, metavar="N",
+        help="training steps per shape (default: %(default)s)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--warmup", type=int, default=1, metavar="N",
+        help="first steps left out of the timings (default: %(default)s)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--orders", default="auto", metavar="LIST",
+        help=f"comma list of {', '.join(ORDERS)} (default: %(default)s)\n"
         "auto: mesh_dim_order = \"auto\" (cp innermost where this torch trains it,\n"
         "  else tp innermost; not the recipe's order)\n"
         "cpinner: pp,dp_replicate,dp_shard,tp,cp\n"
         "tpinner: pp,dp_replicate,dp_shard,cp,tp",
     )  # fmt: skip
-    ap.add_argument("--fixed", help="degrees every shape must have, e.g. pp=1,tp=2")
-    ap.add_argument("--max", help="largest degrees to try, e.g. cp=4")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per shape")
+    ap.add_argument(
+        "--fixed", metavar="DIM=N,...",
+        help="degrees every shape must have, e.g. pp=1,tp=2 (default: none)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--max", metavar="DIM=N,...",
+        help="largest degrees to try, e.g. cp=4 (default: none: up to the world size)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--timeout", type=float, default=600, metavar="SECONDS",
+        help="seconds per shape before it counts as a timeout (default: %(default)s)",
+    )  # fmt: skip
     ap.add_argument(
         "--dry-run", action="store_true",
-        help="plan instead of train: rank shapes by estimated communication (fake process group)",
-    )  # fmt: skip
-    ap.add_argument("--budget-gib", type=float, default=80, help="memory per device (--dry-run)")
-    ap.add_argument(
-        "--cp-patterns", default="ring",
-        help=f"comma list of {', '.join(PATTERNS)}, or all: each shape with cp > 1 once per\n"
-        "pattern and degree (hybrid / double_ring: every inner degree 2 .. cp / 2)",
+        help="plan instead of train: rank shapes by estimated communication (fake process\n"
+        "group; default: train every shape)",
     )  # fmt: skip
     ap.add_argument(
-        "--ranks-per-node", type=int, default=8,
-        help="consecutive ranks per node, for the cp inter-node column (--dry-run)",
+        "--budget-gib", type=float, default=80, metavar="GIB",
+        help="memory per device in GiB (--dry-run): shapes whose planned peak fits it are\n"
+        "ranked first, by communication, the rest after them (default: %(default)s)",
     )  # fmt: skip
+    ap.add_argument(
+        "--cp-patterns", default="ring", metavar="LIST",
+        help=f"comma list of {', '.join(PATTERNS)}, or all (default: %(default)s):\n"
+        "each shape with cp > 1 once per pattern and degree\n"
+        "(hybrid / double_ring: every inner degree 2 .. cp / 2)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--ranks-per-node", type=int, default=8, metavar="N",
+        help="consecutive ranks per node, for the cp inter-node column (--dry-run)\n"
+        "(default: %(default)s)",
+    )  # fmt: skip
+    return ap
+
+
+def main() -> int:
+    """Run the sweep (or the dry-run ranking) the command line asks for; the exit status."""
+    ap = build_parser()
     a, extra = ap.parse_known_args()
     if extra and not a.dry_run:
         ap.error(f"unrecognized arguments: {' '.join(extra)}")

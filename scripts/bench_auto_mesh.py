@@ -20,7 +20,7 @@ tokens/s as a fraction of the best. Target (issue 14): the choice within 10% of 
 planner's candidates (both restricted to ``--patterns``), so "best" is the best among the
 meshes it could choose.
 
-    .venv/bin/python scripts/bench_auto_mesh.py [--nproc 8] [--seq-lens 256,1024,2048]
+    .venv/bin/python scripts/bench_auto_mesh.py [--world_size 8] [--seq-lens 256,1024,2048]
         [--patterns ring] [--steps 4] [--csv outputs/bench_auto_mesh.csv] [--remeasure]
 """
 
@@ -37,6 +37,7 @@ from pathlib import Path
 from torchtitan_ext.ablation import run_shape, shape_args
 from torchtitan_ext.auto_mesh import MeshEstimate
 from torchtitan_ext.config import load_config
+from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
 from torchtitan_ext.curriculum import plan_curriculum
 from torchtitan_ext.distributed import launch_env, torchrun_command
 from torchtitan_ext.parity import ROOT, Shape
@@ -134,7 +135,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--nproc", type=int, default=8, help="ranks (default 8)")
+    ap.add_argument(
+        *WORLD_SIZE_FLAGS, dest="nproc", type=int, default=8, metavar="N",
+        help="world size: CPU ranks (default: %(default)s; --nproc is the older spelling)",
+    )  # fmt: skip
     ap.add_argument("--seq-lens", default="256,1024,2048", help="stage lengths, tokens")
     ap.add_argument("--patterns", default="ring", help="CP patterns to consider (comma list)")
     ap.add_argument("--steps", type=int, default=4, help="steps per mesh (first not timed)")

@@ -21,7 +21,7 @@ checkpoint from disk (``switch_in_memory = false``, every switch as before). Tar
 a same-mesh switch in memory costs at most 1 step of the next stage, a switch with re-mesh in
 memory without the disk checkpoint at most 3. Exit status 1 if a target is missed.
 
-    .venv/bin/python scripts/bench_curriculum_switch.py [--nproc 4] [--steps-per-stage 12]
+    .venv/bin/python scripts/bench_curriculum_switch.py [--world_size 4] [--steps-per-stage 12]
 """
 
 import argparse
@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
 from torchtitan_ext.distributed import launch_env, torchrun_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +94,10 @@ def run(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=4)
+    ap.add_argument(
+        *WORLD_SIZE_FLAGS, dest="nproc", type=int, default=4, metavar="N",
+        help="world size (default: %(default)s; --nproc is the older spelling)",
+    )  # fmt: skip
     ap.add_argument("--steps-per-stage", type=int, default=12)
     ap.add_argument("--window", type=int, default=5, help="steps each side of a switch")
     a = ap.parse_args()

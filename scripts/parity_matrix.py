@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
 from torchtitan_ext.parity import (
     Shape,
     factorizations,
@@ -68,7 +69,11 @@ def default_shapes(nproc: int, with_4d: bool) -> list[Shape]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=8, help="ranks for the factorizations")
+    ap.add_argument(
+        *WORLD_SIZE_FLAGS, dest="nproc", type=int, default=8, metavar="N",
+        help="world size: ranks for the factorizations (default: %(default)s; --nproc is the\n"
+        "older spelling)",
+    )  # fmt: skip
     ap.add_argument("--shapes", help="comma-separated shape names instead of the default set")
     ap.add_argument("--no-4d", action="store_true", help=f"skip the 16-rank {SHAPE_4D}")
     ap.add_argument("--steps", type=int, default=5)

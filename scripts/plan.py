@@ -5,6 +5,10 @@ collectives), one representative rank per pipeline stage, every curriculum stage
     .venv/bin/python scripts/plan.py --job.config_file train_configs/llama3_8b_curriculum_1m.toml \\
         --world_size 256 --budget-gib 80
 
+The recipe (--job.config_file) is required: without one the plan would be of TorchTitan's
+default model (llama3 debugmodel), not of anything meant to train. Options after these are
+recipe overrides (--section.key value), as for train.py. --nproc is accepted for --world_size.
+
 Parameters, gradients and optimizer state come from the rank's actual DTensor shards;
 activations and the bytes sent per step by each kind of traffic are estimates (formulas and
 sources in ``torchtitan_ext.dry_run.activation_estimate`` and ``comm_estimate``; checked against
@@ -14,21 +18,36 @@ real runs by ``scripts/check_dry_run.py``).
 import argparse
 import sys
 
-from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
 from torchtitan_ext.config.validate import validate
 from torchtitan_ext.curriculum import plan_curriculum, stage_config
 from torchtitan_ext.dry_run import format_table, plan_rank, stage_ranks
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default: the command line), plan, print; returns the exit status (2 on a
+    bad recipe; argparse exits 2 on a missing option)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--world_size", type=int, required=True)
-    ap.add_argument("--budget-gib", type=float, default=None, help="per-device memory budget")
     ap.add_argument(
-        "--ranks-per-node", type=int, default=8,
-        help="consecutive ranks per node, for the CP traffic's inter-node part",
+        "--job.config_file", "--job.config-file", dest="config", required=True, metavar="RECIPE",
+        help="the recipe (TOML) to plan",
     )  # fmt: skip
-    a, recipe_args = ap.parse_known_args()
+    ap.add_argument(
+        *WORLD_SIZE_FLAGS, dest="world_size", type=int, required=True, metavar="N",
+        help="world size to plan for (the ranks of the run: nnodes x nproc_per_node)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--budget-gib", type=float, default=None, metavar="GIB",
+        help="per-device memory budget in GiB: the fits column says whether each rank's\n"
+        "total is within it (default: none, the column stays empty)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--ranks-per-node", type=int, default=8, metavar="N",
+        help="consecutive ranks per node, for the CP traffic's inter-node part\n"
+        "(default: %(default)s)",
+    )  # fmt: skip
+    a, overrides = ap.parse_known_args(argv)
+    recipe_args = ["--job.config_file", a.config, *overrides]
     try:
         cfg = load_config(recipe_args)
         stages = plan_curriculum(cfg, a.world_size)
