@@ -274,6 +274,11 @@ def test_stages_switch_context_parallel_pattern(full_run):
     # Both switches re-meshed in memory (their equality with the disk round trip:
     # test_state_survives_remesh and test_resume_equals_uninterrupted at the boundary).
     assert log.count("re-meshed in memory") == 2, log[-3000:]
+    # Settings a user could miss are said outright: the stages replace [training]'s length,
+    # steps and batch; the AC in use (the recipe's "none" here; TorchTitan's default is
+    # selective, which a recipe without the section gets).
+    assert "the recipe's training.seq_len, training.steps and batch sizes are not used" in log
+    assert "activation checkpointing none" in log
 
 
 def test_stages_switch_at_configured_steps(full_run):

@@ -409,7 +409,8 @@ class Trainer:
             f"model {cfg.model.name}/{cfg.model.flavor}: {nparams:,} parameters, "
             f"mesh {dims.shape_str()}"
             + (f" (context parallel: {pattern})" if dims.cp > 1 else "")
-            + f", device {device}, backend {p.backend}"
+            + f", device {device}, backend {p.backend}, activation checkpointing "
+            + _ac_label(cfg)
         )
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             build_cross_entropy_loss(cfg)
@@ -1059,7 +1060,10 @@ def run(p: Prepared) -> None:
     if not p.stages:
         Trainer(p).train()
         return
-    logger.info("curriculum:\n" + format_plan(p.stages))
+    logger.info(
+        "curriculum (its stages set seq_len, steps and batch: the recipe's training.seq_len, "
+        "training.steps and batch sizes are not used):\n" + format_plan(p.stages)
+    )
     ckpt = p.cfg.checkpoint
     folder = os.path.join(p.cfg.job.dump_folder, ckpt.folder)
     done = complete_steps(folder) if ckpt.load_step == -1 else [ckpt.load_step]
@@ -1116,6 +1120,18 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
         )
         trainer.train(until=stage.last_step, switch_started=switch_started)
         switch_started = trainer.last_step_ended
+
+
+def _ac_label(cfg: Any) -> str:
+    """The activation checkpointing in use, said outright: TorchTitan's default (no
+    ``[activation_checkpoint]`` section) is selective AC, which surprises users who left the
+    section out."""
+    ac = cfg.activation_checkpoint
+    if ac.mode == "selective":
+        option = str(ac.selective_ac_option)
+        which = "per op" if option == "op" else f"every {option} blocks"
+        return f'selective ({which}; [activation_checkpoint] mode = "none" turns it off)'
+    return str(ac.mode)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
