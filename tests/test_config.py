@@ -286,6 +286,21 @@ def test_config_cli_error_is_one_line_and_nonzero(tmp_path):
     ]
 
 
+def test_command_line_override_error_is_one_line_naming_the_key():
+    """A malformed override on the command line gets the recipe file's treatment: one line
+    naming the key and value, exit status 2, not tyro's box (which every rank would print)."""
+    recipe = str(ROOT / "train_configs" / "debug_cpu.toml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torchtitan_ext.config", "--job.config_file", recipe,
+         "--training.seq-len=abc"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("config error: training.seq_len = 'abc': "), line
+    assert "invalid literal for int()" in line and "(command line)" in line
+
+
 def test_pipeline_validation_shape_follows_training_unless_set(tmp_path):
     """With pp > 1, a training override carries over to validation unless validation's own
     keys are set (in the recipe or on the command line); without pp nothing changes."""

@@ -186,7 +186,10 @@ def test_bad_recipe_fails_fast_on_every_rank(tmp_path):
     assert re.search(message, proc.stderr)
     assert len(re.findall(message, proc.stderr)) == proc.stderr.count("config error")
     # No worker prints a traceback; torchrun's launcher prints its own ChildFailedError summary
-    # (one traceback of torch/distributed/run.py), which no worker can suppress.
+    # (one traceback of torch/distributed/run.py), which no worker can suppress, but the
+    # summary at the very end shows the line (the worker's error file), not a link.
+    summary = proc.stderr[proc.stderr.rindex("Root Cause") :]
+    assert re.search(message, summary), summary
     output = proc.stdout + proc.stderr
     assert output.count("Traceback (most recent call last)") <= 1
     for ours in (ROOT / "train.py", ROOT / "torchtitan_ext"):

@@ -11,6 +11,7 @@ hanging.
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import sys
@@ -1143,8 +1144,16 @@ def _report_error(rank: int | None, kind: str, message: str) -> None:
     """One line on stderr, written with a single write() so that ranks sharing the launcher's
     pipe cannot interleave their lines."""
     prefix = f"[rank{rank}] " if rank is not None else ""
-    sys.stderr.write(f"{prefix}{kind}: {message}\n")
+    line = f"{prefix}{kind}: {message}"
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
+    # Under torchrun the launcher ends with its own failure summary (after ~60 lines of its
+    # traceback); with the line in the worker's error file that summary shows it last, where
+    # a user looks, instead of "To enable traceback see ...".
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and not os.path.exists(error_file):
+        with contextlib.suppress(OSError), open(error_file, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
 
 
 def _report_config_error(rank: int | None, err: ConfigError) -> None:

@@ -9,19 +9,22 @@ key and the value.
 """
 
 import ast
+import contextlib
 import dataclasses
 import difflib
 import functools
 import inspect
+import io
 import itertools
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
 
 import tomli
@@ -85,8 +88,11 @@ class ConfigManager(TitanConfigManager):
         toml_values = self._maybe_load_toml(args)
         config_cls = self._maybe_add_custom_config(args, toml_values)
         base = self._dict_to_dataclass(config_cls, toml_values) if toml_values else config_cls()
-        self.config = tyro.cli(
-            config_cls, args=args, default=base, registry=custom_registry, prog=self.prog
+        self.config = _tyro_cli_one_line(
+            args,
+            lambda: tyro.cli(
+                config_cls, args=args, default=base, registry=custom_registry, prog=self.prog
+            ),
         )
         self._validate_config()
         return self.config
@@ -156,6 +162,48 @@ def _config_file_arg(args: list[str]) -> str | None:
     return None
 
 
+_BOX = re.compile(r"^[\s│╭╰─┬┴┼╮╯]+|[\s│╭╰─╮╯]+$")
+
+
+def _tyro_cli_one_line(args: list[str], parse: Callable[[], Any]) -> Any:
+    """Run ``parse`` (tyro on the command line) and turn tyro's boxed error for a malformed
+    override (a wrongly typed value, an unknown flag) into one ``ConfigError`` naming the
+    flag's key and value, like a recipe file's; every rank would print the box otherwise.
+
+    Raises:
+        ConfigError: the override tyro rejected, with tyro's own reason.
+    """
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            return parse()
+    except SystemExit as e:
+        if e.code in (0, None):
+            raise
+        # tyro draws a box (rich) or rules of "_" and "-" (plain): keep the text lines up to
+        # the help part, without the box's title.
+        lines = []
+        for raw in buffer.getvalue().splitlines():
+            line = _BOX.sub("", raw)
+            if line.startswith(("Argument helptext", "For full helptext")):
+                break
+            if line and not set(line) <= set("─-_=│|╭╮╰╯ "):
+                lines.append(line)
+        if len(lines) > 1 and ":" not in lines[0]:
+            lines = lines[1:]  # the title ("Value error", "Unrecognized options")
+        reason = " ".join(lines[:2]) or "invalid"
+        flag = re.search(r"--([A-Za-z][\w.-]*)", reason)
+        key = flag.group(1).replace("-", "_") if flag else "command line"
+        value: object = None
+        if flag is not None:
+            for i, arg in enumerate(args):
+                name, eq, inline = arg.partition("=")
+                if name.lstrip("-").replace("-", "_") == key:
+                    value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+                    break
+        raise ConfigError(key, value, f"{reason} (command line)") from None
+
+
 def load_config(args: list[str]) -> Any:
     """Parse a recipe and CLI overrides into the merged JobConfig.
 
@@ -170,7 +218,7 @@ def load_config(args: list[str]) -> Any:
 
     Raises:
         ConfigError: unknown TOML key, wrongly typed TOML value, missing or malformed file.
-        SystemExit: tyro's exit for a malformed CLI override (it prints the offending flag).
+        ConfigError: also a malformed command-line override (tyro's reason, one line).
     """
     manager = ConfigManager()
     cfg = manager.parse_args(args)
