@@ -137,7 +137,7 @@ def test_hf_tokenizer_missing_is_a_config_error(tmp_path):
     ("override", "key"),
     [
         (["--model.converters", "float8"], "model.converters"),
-        (["--checkpoint.async_mode", "async"], "checkpoint.async_mode"),
+        (["--checkpoint.async_mode", "async_with_pinned_mem"], "checkpoint.async_mode"),
         (
             ["--parallelism.pipeline_parallel_schedule_csv", "schedule.csv"],
             "parallelism.pipeline_parallel_schedule_csv",
