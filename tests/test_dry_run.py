@@ -45,7 +45,7 @@ def test_estimates_match_real_runs():
 
     root = Path(__file__).resolve().parents[1]
     shapes = (
-        "single,single+fullac,dp_shard2,tp2,cp2,pp2,dp_replicate2,"
+        "single+fullac,dp_shard2,tp2,pp2,dp_replicate2,"
         "tp2+chunkloss+tiledmlp,cp2+fullac+chunkloss+tiledmlp,cp2+ulysses,cp4+hybrid2,"
         "cp4+dring2+fullac"
     )

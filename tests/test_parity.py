@@ -33,13 +33,13 @@ SHAPES = [
     "dp_shard2xcp2+chunkloss+tiledmlp",  # FSDP gathers each weight once for all chunks
     "dp_replicate2xcp2",  # HSDP: replicas of FSDP over cp
     "pp2xcp2+ulysses",  # PP, FSDP over cp, Ulysses
-    # 8 ranks: the representative 3-D shapes. Plain pp2xtp2xcp2 and tp2xcp4 run in
-    # scripts/parity_matrix.py and scripts/soak_native.py; pp x tp x cp is covered here with
-    # the long-context features on. With pp2xcp2+ulysses above, each context-parallel pattern
-    # runs with PP or TP and FSDP (over dp_shard x cp); the ring is every other cp shape.
+    # 8 ranks: the representative 3-D shapes. Plain pp2xtp2xcp2, tp2xcp4 and pp2xdp_shard2xtp2
+    # run in scripts/parity_matrix.py (the first two also in scripts/soak_native.py); pp x tp
+    # x cp is covered here with the long-context features on. With pp2xcp2+ulysses above,
+    # each context-parallel pattern runs with PP or TP and FSDP (over dp_shard x cp); the
+    # ring is every other cp shape.
     "dp_shard2xtp2xcp2",  # cp innermost (the default order) ...
     "dp_shard2xtp2xcp2+tpinner",  # ... and tp innermost (TorchTitan's order)
-    "pp2xdp_shard2xtp2",
     "tp2xcp4+hybrid2",  # Ulysses over 2 of the 4 cp ranks (heads 8 / tp 2 / 2), ring over 2
     "pp2xcp4+dring2",  # inner rings of 2 inside an outer ring of 2
     "pp2xtp2xcp2+chunkloss+tiledmlp+fullac",  # last stage; TP, CP, FSDP over cp, full AC
