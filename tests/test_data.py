@@ -406,11 +406,15 @@ def test_empty_dataset_fails_fast_with_one_line_on_every_rank(tmp_path: Path):
         re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*exitcode\s*: (-?\d+)", proc.stderr)
     )
     assert sorted(codes) == ["0", "1"] and "2" in codes.values(), proc.stderr[-3000:]
+    # The workers' own lines come before torchrun's failure summary, which repeats a line
+    # (from the worker's error file) for each rank that wrote one.
+    workers, _, summary = proc.stderr.partition(" FAILED\n")
     for rank, code in codes.items():
         assert code in ("2", "-15"), proc.stderr[-3000:]
-        printed = proc.stderr.count(f"[rank{rank}] {line}")
+        printed = workers.count(f"[rank{rank}] {line}")
         assert printed == 1 if code == "2" else printed <= 1, proc.stderr[-3000:]
-    assert proc.stderr.count("config error") == proc.stderr.count(line)
+    assert workers.count("config error") == workers.count(line)
+    assert "config error: training.dataset_path" in summary, summary
     output = proc.stdout + proc.stderr
     # The launcher's own ChildFailedError summary is the only traceback.
     assert output.count("Traceback (most recent call last)") <= 1
