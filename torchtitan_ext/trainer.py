@@ -1153,7 +1153,10 @@ def _report_error(rank: int | None, kind: str, message: str) -> None:
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and not os.path.exists(error_file):
         with contextlib.suppress(OSError), open(error_file, "w") as f:
-            json.dump({"message": line, "timestamp": int(time.time())}, f)
+            # torch.distributed.elastic's own format (error_handler.record_exception), without
+            # a traceback: the summary then prints the message itself.
+            message = {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}
+            json.dump({"message": message}, f)
 
 
 def _report_config_error(rank: int | None, err: ConfigError) -> None:
