@@ -6,7 +6,9 @@ pipeline schedule on pp 2 and the interleaved ones on pp 4, each context-paralle
 pp2 x dp_shard2 x tp2 x cp2 with the ring and with Ulysses. Each shape trains the debug
 recipe (``debugmodel_cpu_deep``, seq 128, global batch 8, fp32) for 5 steps; the table gives
 the relative deviation of its losses and grad norms from the 1-rank run: PASS when step 1 is
-within 1e-5 and every step within 5e-4. Shapes invalid for the recipe are listed as SKIP with
+within 1e-5 and every step within 5e-4, every parameter's step-1 gradient within 1e-5 of its
+largest element, and the step-1 grad norm the same on all ranks (the "step-1 grads dev"
+column; ``parity.grad_deviation``). Shapes invalid for the recipe are listed as SKIP with
 the config error that rules them out. Shapes with the same rank count share one launch
 (``torchtitan_ext.parity``). Exit status 1 if any shape fails.
 

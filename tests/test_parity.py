@@ -1,6 +1,8 @@
 """Mesh parity: every parallelism, alone and composed, trains the same model as 1 rank with the
 same global batch (fp32, real gloo ranks under torchrun). Step 1 within 1e-5 relative, steps
-1-5 within 5e-4, for the loss and the gradient norm; the validation loss within 5e-4.
+1-5 within 5e-4, for the loss and the gradient norm; the validation loss within 5e-4; every
+parameter's step-1 gradient element by element within 1e-5 of its largest element, and the
+step-1 gradient norm bitwise the same on all ranks.
 
 Shapes with the same number of ranks share one launch (``torchtitan_ext.parity``): four
 launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ranks and a 16-rank
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from torchtitan_ext.parity import STEP1_RTOL, Result, parse_shape, run_matrix
+from torchtitan_ext.parity import GRAD_RTOL, STEP1_RTOL, Result, parse_shape, run_matrix
 
 SHAPES = [
     # 2 ranks: each parallelism alone, and the pipeline schedules of each kind (GPipe and
@@ -47,10 +49,14 @@ SHAPES = [
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
-    out: Path = tmp_path_factory.mktemp("parity")
+def parity_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("parity")
+
+
+@pytest.fixture(scope="module")
+def results(parity_out: Path) -> dict[str, Result]:
     shapes = [parse_shape(n) for n in SHAPES]
-    return {r.shape: r for r in run_matrix(shapes, out)}
+    return {r.shape: r for r in run_matrix(shapes, parity_out)}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -58,14 +64,27 @@ def test_mesh_matches_single_rank(results: dict[str, Result], shape: str) -> Non
     r = results[shape]
     assert r.status == "PASS", r
     assert r.step1_dev <= STEP1_RTOL
+    assert r.grad_dev <= GRAD_RTOL
 
 
 def test_parity_check_can_fail(tmp_path: Path) -> None:
     """The comparison flags losses that differ by more than the tolerance (and passes equal
-    ones), so a PASS above means something."""
-    from torchtitan_ext.parity import Shape, compare
+    ones), a parameter's gradient that differs where the losses and norms do not (the
+    embedding's rows swapped), a grad norm that differs between ranks, and missing gradients,
+    so a PASS above means something."""
+    import torch
 
-    for name, lr in (("single", "3e-3"), ("other", "2e-3")):
+    from torchtitan_ext.parity import GRADS_FILE, Shape, compare
+
+    emb = torch.arange(12.0).reshape(4, 3) / 10
+    swapped = emb[[1, 0, 2, 3]]
+    for name, lr, emb_grad, norms in (
+        ("single", "3e-3", emb, [1.5]),
+        ("other", "2e-3", emb, [1.5, 1.5]),
+        ("swapped", "3e-3", swapped, [1.5, 1.5]),
+        ("ranks", "3e-3", emb, [1.5, 1.5000001]),
+        ("nograds", "3e-3", None, None),
+    ):
         dump = tmp_path / name
         dump.mkdir()
         lines = [
@@ -74,10 +93,19 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
         ]
         lines.append('{"step": 2, "validation_loss": 5.0}')
         (dump / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        if emb_grad is not None:
+            grads = {"tok_embeddings.weight": emb_grad, "norm.weight": torch.ones(3)}
+            torch.save({"grads": grads, "grad_norms": torch.tensor(norms)}, dump / GRADS_FILE)
     res = compare(Shape({"tp": 2}), tmp_path / "other", tmp_path / "single")
     assert res.status == "FAIL" and res.loss_dev > 1e-3
     same = compare(Shape({"tp": 2}), tmp_path / "single", tmp_path / "single")
-    assert same.status == "PASS" and same.loss_dev == 0.0
+    assert same.status == "PASS" and same.loss_dev == 0.0 and same.grad_dev == 0.0
+    swap = compare(Shape({"tp": 2}), tmp_path / "swapped", tmp_path / "single")
+    assert swap.status == "FAIL" and swap.loss_dev == 0.0 and swap.grad_dev > 0.1
+    ranks = compare(Shape({"tp": 2}), tmp_path / "ranks", tmp_path / "single")
+    assert ranks.status == "FAIL" and "differs between ranks" in ranks.detail
+    missing = compare(Shape({"tp": 2}), tmp_path / "nograds", tmp_path / "single")
+    assert missing.status == "FAIL" and "no step-1 gradients" in missing.detail
 
 
 def test_native_crash_is_told_apart_from_python_errors() -> None:

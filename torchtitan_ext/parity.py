@@ -6,7 +6,10 @@ schedule and options, written as a name: ``pp2xdp_shard2xcp2``, ``pp4xcp2@Interl
 one after another inside one launch (``python -m torchtitan_ext.parity --worker`` under
 torchrun), because starting 8 processes costs ~25 s on a 2-core machine; each shape's metrics go
 to ``<out>/<shape>/metrics.jsonl`` and are compared with the 1-rank run's, fp32: the step-1 loss
-and grad norm within 1e-5 relative, steps 1..N within 5e-4 (``compare``).
+and grad norm within 1e-5 relative, steps 1..N within 5e-4 (``compare``). Every parameter's
+full step-1 gradient is compared too, element by element (``GRADS_FILE``, ``grad_deviation``):
+a gradient that went to the wrong place or is missing for one parameter can leave the total
+norm unchanged, not these.
 
 Used by ``scripts/parity_matrix.py`` (every factorization of 8 ranks, and a 16-rank 4D shape)
 and by ``tests/test_parity.py`` (a representative subset).
@@ -38,6 +41,10 @@ from torchtitan_ext.parallel_dims import DEGREE_KEYS
 ROOT = Path(__file__).resolve().parent.parent
 STEP1_RTOL = 1e-5
 ALL_STEPS_RTOL = 5e-4
+GRAD_RTOL = 1e-5
+"""Step-1 gradients: per parameter, the largest element deviation over the largest element of
+the 1-rank gradient (``grad_deviation``)."""
+GRADS_FILE = "grads-step1.pt"
 MAX_SHAPES_PER_LAUNCH = 10
 
 # Shape options: suffix "+name" -> recipe overrides.
@@ -245,7 +252,10 @@ def _worker(args: list[list[str]]) -> int:
         for i, a in enumerate(args):
             if i > 0:
                 p = prepare(a, rank)  # the previous recipe's data is released here
-            Trainer(p).train()
+            trainer = Trainer(p)
+            record_first_step_grads(trainer, Path(p.cfg.job.dump_folder) / GRADS_FILE)
+            trainer.train()
+            del trainer
             gc.collect()  # the trainer's reference cycles (stage closures) hold its model
             # Else the next shape's DTensors can run collectives on this shape's equal
             # meshes' process groups (propagation caches compare meshes by layout).
@@ -254,6 +264,80 @@ def _worker(args: list[list[str]]) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def record_first_step_grads(trainer: Any, path: Path) -> None:
+    """Make ``trainer``'s first ``train_step`` save, right after it, to ``path`` on rank 0:
+    ``{"grads": {canonical name: full gradient, fp32}, "grad_norms": every rank's grad norm}``.
+    The gradients are those the step applied (after clipping, which scales them by the same
+    global-norm factor on every mesh). Collective: each gradient is gathered over its mesh,
+    the stages' over pp, the norms over the world."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan_ext.models import canonical_name
+
+    step = trainer.train_step
+
+    def first_step(microbatches: Any) -> Any:
+        out = step(microbatches)
+        del trainer.train_step  # the class's method again from step 2
+        grads: dict[str, torch.Tensor] = {}
+        for part in trainer.model_parts:
+            for name, param in part.named_parameters():
+                if param.grad is None:
+                    continue
+                g = param.grad
+                full = g.full_tensor() if isinstance(g, DTensor) else g
+                grads[canonical_name(name)] = full.detach().to("cpu", torch.float32).clone()
+        if trainer.dims.pp_enabled:  # each pp rank holds other stages' parameters
+            gathered: list[Any] = [None] * trainer.dims.pp
+            group = trainer.dims.get_mesh("pp").get_group()
+            dist.all_gather_object(gathered, grads, group=group)
+            grads = {k: v for stage_grads in gathered for k, v in stage_grads.items()}
+        norm = out[1].detach().reshape(1).to(torch.float32)
+        norms = [torch.zeros_like(norm) for _ in range(dist.get_world_size())]
+        dist.all_gather(norms, norm)
+        if trainer.rank == 0:
+            torch.save({"grads": grads, "grad_norms": torch.cat(norms).cpu()}, path)
+        return out
+
+    trainer.train_step = first_step
+
+
+def grad_deviation(dump: Path, ref_dump: Path) -> tuple[float, str]:
+    """The largest, over parameters, relative deviation of a run's step-1 gradients
+    (``GRADS_FILE``) from the reference's: per parameter, max |g - g_ref| / max |g_ref|.
+    The step's gradient norm must also be bitwise the same on every rank of the run (each
+    rank clips with it and decides with it whether to step).
+
+    Returns:
+        (deviation, "") or (nan, why not comparable: a file missing, parameters that differ,
+        grad norms that differ between ranks).
+    """
+    import torch
+
+    got_path, ref_path = dump / GRADS_FILE, ref_dump / GRADS_FILE
+    if not ref_path.exists() or not got_path.exists():
+        missing = ref_path if not ref_path.exists() else got_path
+        return float("nan"), f"no step-1 gradients ({missing.parent.name}/{missing.name})"
+    got_file = torch.load(got_path, weights_only=True)
+    got, ref = got_file["grads"], torch.load(ref_path, weights_only=True)["grads"]
+    norms = got_file["grad_norms"]
+    if not bool((norms == norms[0]).all()):
+        return float("nan"), f"step-1 grad norm differs between ranks: {norms.tolist()}"
+    if got.keys() != ref.keys():
+        diff = sorted(set(got) ^ set(ref))
+        return float("nan"), f"step-1 gradients of other parameters: {diff[:4]}"
+    worst = 0.0
+    for name, r in ref.items():
+        g = got[name]
+        if g.shape != r.shape:
+            return float("nan"), f"step-1 gradient of {name}: {list(g.shape)} != {list(r.shape)}"
+        scale = max(float(r.abs().max()), 1e-12)
+        worst = max(worst, float((g - r).abs().max()) / scale)
+    return worst, ""
 
 
 def launch(
@@ -339,6 +423,8 @@ class Result:
         step1_dev: max relative deviation of step 1's loss and grad norm.
         loss_dev, grad_norm_dev: max relative deviation over all steps.
         val_dev: relative deviation of the validation loss after the last step.
+        grad_dev: step 1's gradients, the largest per-parameter deviation
+            (``grad_deviation``).
     """
 
     shape: str
@@ -348,13 +434,15 @@ class Result:
     loss_dev: float = float("nan")
     grad_norm_dev: float = float("nan")
     val_dev: float = float("nan")
+    grad_dev: float = float("nan")
     detail: str = ""
 
 
 def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     """Compare a shape's metrics with the reference's, step by step: training loss and grad
-    norm (step 1 within ``STEP1_RTOL``, all within ``ALL_STEPS_RTOL``) and the validation loss
-    (within ``ALL_STEPS_RTOL``)."""
+    norm (step 1 within ``STEP1_RTOL``, all within ``ALL_STEPS_RTOL``), the validation loss
+    (within ``ALL_STEPS_RTOL``), and every parameter's step-1 gradient (within ``GRAD_RTOL``,
+    ``grad_deviation``)."""
     got, ref = read_records(dump), read_records(ref_dump)
     got_val, ref_val = (
         read_records(dump, "validation_loss"),
@@ -375,10 +463,12 @@ def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
         default=float("nan"),
     )
     step1 = max(loss[0], gn[0])
+    grad, why = grad_deviation(dump, ref_dump)
     ok = step1 <= STEP1_RTOL and max(loss + gn) <= ALL_STEPS_RTOL
     ok = ok and (not shape.validates or val <= ALL_STEPS_RTOL)
+    ok = ok and grad <= GRAD_RTOL  # False for nan (not comparable: ``why``)
     status = "PASS" if ok else "FAIL"
-    return Result(shape.name, shape.nproc, status, step1, max(loss), max(gn), val)
+    return Result(shape.name, shape.nproc, status, step1, max(loss), max(gn), val, grad, why)
 
 
 def run_matrix(
@@ -448,14 +538,15 @@ def run_matrix(
 def format_table(results: list[Result]) -> str:
     """A Markdown table: shape, ranks, deviations (relative), status."""
     lines = [
-        "| shape | ranks | step-1 dev | max loss dev | max grad-norm dev | val-loss dev | status |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| shape | ranks | step-1 dev | max loss dev | max grad-norm dev | val-loss dev "
+        "| step-1 grads dev | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         status = r.status if not r.detail else f"{r.status}: {r.detail}"
         lines.append(
             f"| {r.shape} | {r.nproc} | {r.step1_dev:.1e} | {r.loss_dev:.1e} | "
-            f"{r.grad_norm_dev:.1e} | {r.val_dev:.1e} | {status} |"
+            f"{r.grad_norm_dev:.1e} | {r.val_dev:.1e} | {r.grad_dev:.1e} | {status} |"
         )
     return "\n".join(lines)
 
