@@ -9,10 +9,12 @@ launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ra
 4D shape) is ``scripts/parity_matrix.py``.
 """
 
+import re
 from pathlib import Path
 
 import pytest
 
+from torchtitan_ext.parallel.fsdp import GRAD_NORM_REDISTRIBUTE_WARNING
 from torchtitan_ext.parity import GRAD_RTOL, STEP1_RTOL, Result, parse_shape, run_matrix
 
 SHAPES = [
@@ -61,10 +63,28 @@ def results(parity_out: Path) -> dict[str, Result]:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_mesh_matches_single_rank(results: dict[str, Result], shape: str) -> None:
+    """Also the proof that two torch warnings of FSDP x TP runs are harmless here (silenced by
+    ``torchtitan_ext.parallel.fsdp.quiet_proven_harmless_warnings``): with the TP embedding's
+    output a view (FSDP2's "returned a view tensor"), the embedding's gradient is still the
+    1-rank one, like every parameter's; with the grad norm reduced by one all-reduce per mesh
+    dim (DTensor's "2 sequential all_reduce"), it is still the 1-rank norm on every rank."""
     r = results[shape]
     assert r.status == "PASS", r
     assert r.step1_dev <= STEP1_RTOL
     assert r.grad_dev <= GRAD_RTOL
+
+
+def test_fsdp_tp_runs_print_neither_silenced_warning(
+    results: dict[str, Result], parity_out: Path
+) -> None:
+    """No launch logged either warning, the 4- and 8-rank ones that ran FSDP x TP included."""
+    logs = {p.name: p.read_text() for p in sorted(parity_out.glob("launch-*.log"))}
+    fsdp_tp = re.compile(r"dp_shard 2 x (cp 2 x )?tp 2")  # the model line's mesh
+    assert sum(bool(fsdp_tp.search(text)) for text in logs.values()) >= 2, list(logs)
+    grad_norm = re.compile(GRAD_NORM_REDISTRIBUTE_WARNING.rstrip("$"), re.MULTILINE)
+    for log, text in logs.items():
+        assert "(FSDPEmbedding) returned a view tensor" not in text, log
+        assert not grad_norm.search(text), log
 
 
 def test_parity_check_can_fail(tmp_path: Path) -> None:
