@@ -1155,8 +1155,8 @@ def _report_error(rank: int | None, kind: str, message: str) -> None:
         with contextlib.suppress(OSError), open(error_file, "w") as f:
             # torch.distributed.elastic's own format (error_handler.record_exception), without
             # a traceback: the summary then prints the message itself.
-            message = {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}
-            json.dump({"message": message}, f)
+            record = {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}
+            json.dump({"message": record}, f)
 
 
 def _report_config_error(rank: int | None, err: ConfigError) -> None:
