@@ -40,11 +40,10 @@ from torchtitan_ext.config import load_config
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
 from torchtitan_ext.curriculum import plan_curriculum
 from torchtitan_ext.distributed import launch_env, torchrun_command
-from torchtitan_ext.parity import ROOT, Shape
+from torchtitan_ext.parity import ROOT, Shape, pattern_option
 
 TARGET = 0.90
 TOKENS_PER_STEP = 4096
-OPTION = {"ring": "", "ulysses": "ulysses", "hybrid": "hybrid", "double_ring": "dring"}
 FIELDS = ("nproc", "seq_len", "mesh", "steps", "tokens_per_sec")
 
 
@@ -101,8 +100,7 @@ def stage_recipe(tmp: Path, seq_len: int, patterns: list[str]) -> Path:
 
 def shape_of(e: MeshEstimate) -> Shape:
     """The ablation shape (degrees and CP-pattern option) of a planner candidate."""
-    inner = e.ulysses or e.inner_ring
-    option = OPTION[e.pattern] + (str(inner) if inner else "")
+    option = pattern_option(e.pattern, e.ulysses, e.inner_ring)
     return Shape(
         {"dp_shard": e.dp_shard, "tp": e.tp, "cp": e.cp},
         options=(option,) if e.cp > 1 and option else (),

@@ -33,8 +33,6 @@ import numpy as np
 
 from torchtitan_ext.config.manager import ConfigError
 
-_DIVISORS_CACHE: dict[int, list[int]] = {}
-
 
 @dataclass(frozen=True)
 class MeshEstimate:
@@ -81,9 +79,7 @@ class MeshEstimate:
 
 
 def _divisors(n: int) -> list[int]:
-    if n not in _DIVISORS_CACHE:
-        _DIVISORS_CACHE[n] = [d for d in range(1, n + 1) if n % d == 0]
-    return _DIVISORS_CACHE[n]
+    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def pattern_options(cp: int, patterns: tuple[str, ...]) -> list[tuple[str, int, int]]:

@@ -84,13 +84,18 @@ def option_args(option: str) -> list[str] | None:
     return None
 
 
+def pattern_option(pattern: str, ulysses: int = 0, inner_ring: int = 0) -> str:
+    """The shape option of a context-parallel pattern and its degree: "" (the ring),
+    "ulysses", "hybrid<u>" or "dring<n>"."""
+    name = {"ring": "", "ulysses": "ulysses", "hybrid": "hybrid", "double_ring": "dring"}[pattern]
+    inner = ulysses or inner_ring
+    return name + (str(inner) if inner else "")
+
+
 def pattern_options(cp: int) -> list[str]:
     """Shape options for every context-parallel pattern at degree ``cp``: "" (the ring),
     "ulysses", and "hybrid<u>" / "dring<n>" for each divisor 2 .. cp / 2 of cp."""
-    names = {"ring": "", "ulysses": "ulysses", "hybrid": "hybrid", "double_ring": "dring"}
-    return [
-        names[p] + (str(u or r) if u or r else "") for p, u, r in cp_patterns.pattern_choices(cp)
-    ]
+    return [pattern_option(*choice) for choice in cp_patterns.pattern_choices(cp)]
 
 
 @dataclass(frozen=True)
