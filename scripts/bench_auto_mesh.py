@@ -33,13 +33,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from torchtitan_ext.ablation import run_shape, shape_args
 from torchtitan_ext.auto_mesh import MeshEstimate
 from torchtitan_ext.config import load_config
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
 from torchtitan_ext.curriculum import plan_curriculum
-from torchtitan_ext.distributed import launch_env, torchrun_command
+from torchtitan_ext.distributed import exit_process, launch_env, torchrun_command
 from torchtitan_ext.parity import ROOT, Shape, pattern_option
 
 TARGET = 0.90
@@ -47,7 +48,7 @@ TOKENS_PER_STEP = 4096
 FIELDS = ("nproc", "seq_len", "mesh", "steps", "tokens_per_sec")
 
 
-def probe_links() -> None:
+def probe_links() -> NoReturn:
     """Under torchrun: time gloo all-reduces; rank 0 prints {"latency_us", "gbps"}."""
     import torch
     import torch.distributed as dist
@@ -73,7 +74,7 @@ def probe_links() -> None:
         print(
             json.dumps({"latency_us": small * 1e6, "gbps": sent / max(large - small, 1e-9) / 1e9})
         )
-    dist.destroy_process_group()
+    exit_process(0)  # destroys the group; no interpreter finalization (see exit_process)
 
 
 def measure_links(nproc: int) -> dict[str, float]:
@@ -146,7 +147,6 @@ def main() -> int:
     a = ap.parse_args()
     if a.probe_links:
         probe_links()
-        return 0
     patterns = a.patterns.split(",")
     table = Path(a.csv) if os.path.isabs(a.csv) else ROOT / a.csv
     done = {} if a.remeasure else read_rows(table)

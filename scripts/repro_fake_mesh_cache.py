@@ -52,4 +52,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip interpreter finalization, which can abort a gloo process whose work succeeded
+    # (torchtitan_ext.distributed.exit_process explains why): the status stays the real one.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
