@@ -8,7 +8,7 @@ curriculum at a constant 4096 tokens per step:
     stage 2: seq 1024, cp 2, dp_shard 2   <- switch with re-mesh
     stage 3: seq 2048, cp 4, dp_shard 1   <- switch with re-mesh
 
-A switch is timed by the trainer (``stage_switch_sec`` in ``metrics.jsonl``): from the end of a
+A switch is timed by the trainer (``switch_sec`` in ``metrics.jsonl``): from the end of a
 stage's last step to the start of the next stage's first step, i.e. the parameter fingerprint
 before and after, the boundary checkpoint (DCP save), the new mesh, model (new RoPE length and
 theta), optimizer and data loader, and the DCP load that reshards the state to the new mesh.
@@ -25,7 +25,6 @@ memory without the disk checkpoint at most 3. Exit status 1 if a target is misse
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ from typing import Any
 
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
 from torchtitan_ext.distributed import launch_env, torchrun_command
+from torchtitan_ext.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET_REMESH = 3.0  # steps, in memory, no boundary checkpoint
@@ -87,9 +87,9 @@ def run(
         if proc.returncode != 0:
             print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
             raise SystemExit(1)
-        lines = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
-    steps = {r["step"]: r for r in lines if "loss" in r}
-    return [r for r in lines if r.get("stage_boundary") == "start"], steps, wall
+        steps = {r["step"]: r for r in read_metrics(dump)}
+        starts = [r for r in read_metrics(dump, "curriculum") if r["event"] == "start"]
+    return starts, steps, wall
 
 
 def main() -> int:
@@ -123,7 +123,7 @@ def main() -> int:
             times = step_times(steps)
             around = [times[s] for s in range(step - a.window + 1, step + 1) if s in times]
             around += [times[s] for s in range(step + 2, step + 2 + a.window) if s in times]
-            sec = starts[i]["stage_switch_sec"]
+            sec = starts[i]["switch_sec"]
             ratios[name] = sec / (sum(around) / len(around))
             cells.append(f"{sec:6.2f} s {ratios[name]:4.1f}")
         target, column = (TARGET_REMESH, "no disk") if remesh else (TARGET_SAME_MESH, "in memory")

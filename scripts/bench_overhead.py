@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torchtitan_ext.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.97
 # Environment variables that would make train.py join a torchrun job instead of running alone.
@@ -253,7 +255,7 @@ def steady_state_from_metrics(
     Returns:
         (tokens/s, number of timed steps, timed seconds, each timed step's seconds).
     """
-    by_step = {int(r["step"]): r for r in records if "loss" in r}
+    by_step = {int(r["step"]): r for r in records}
     last = max(by_step)
     if last <= warmup:
         raise RuntimeError(f"only {last} steps logged, not more than warmup {warmup}")
@@ -275,9 +277,7 @@ def run_trainer(w: Workload, env: dict[str, str], timeout: float) -> RunResult:
         t0 = time.perf_counter()
         run_checked(trainer_command(w, dump), env, timeout, "train.py")
         wall = time.perf_counter() - t0
-        with open(os.path.join(dump, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    train_records = sorted((r for r in records if "loss" in r), key=lambda r: int(r["step"]))
+        train_records = sorted(read_metrics(dump), key=lambda r: int(r["step"]))
     tps, steps, seconds, step_sec = steady_state_from_metrics(train_records, w.warmup)
     losses = [float(r["loss"]) for r in train_records]
     tokens_per_step = round(tps * seconds / steps)

@@ -1,6 +1,5 @@
 """Shared helpers: real multi-process launches (torchrun and torch.multiprocessing) over gloo."""
 
-import json
 import os
 import socket
 import subprocess
@@ -74,9 +73,13 @@ def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedP
 
 
 def read_metrics(dump_folder: Path) -> list[dict[str, Any]]:
-    """Training records (those with a ``loss``) of ``metrics.jsonl``, in file order."""
-    lines = (dump_folder / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    """Training records (``kind`` "train") of ``metrics.jsonl``, in file order; the file must
+    exist."""
+    from torchtitan_ext.metrics import METRICS_FILE
+    from torchtitan_ext.metrics import read_metrics as read
+
+    assert (dump_folder / METRICS_FILE).is_file(), dump_folder
+    return read(dump_folder)
 
 
 def _spawn_entry(rank: int, fn: Callable[..., None], world_size: int, port: int, args: Any) -> None:

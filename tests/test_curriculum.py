@@ -248,11 +248,17 @@ def run_args(path: Path, dump: Path) -> list[str]:
 
 
 def records(dump: Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
-    import json
+    """The run's step records by step, and its boundary records (``kind`` "curriculum") with
+    their per-parameter fingerprint from ``param_stats.jsonl`` as ``params``."""
+    from torchtitan_ext.metrics import read_metrics, read_param_stats
 
-    lines = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
-    steps = {r["step"]: r for r in lines if "loss" in r}
-    return steps, [r for r in lines if "stage_boundary" in r]
+    steps = {r["step"]: r for r in read_metrics(dump)}
+    boundaries = read_metrics(dump, "curriculum")
+    stats = read_param_stats(dump)
+    assert [(b["step"], b["event"], b["stage"]) for b in boundaries] == [
+        (s["step"], s["event"], s["stage"]) for s in stats
+    ]
+    return steps, [{**b, "params": s["params"]} for b, s in zip(boundaries, stats, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +266,52 @@ def full_run(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("curriculum")
     path = recipe(tmp)
     dump = tmp / "run"
-    proc = torchrun(4, run_args(path, dump))
+    # Validation (1 batch at each stage's end) and tensorboard on: the metrics schema test.
+    more = ["--validation.enable", "--validation.steps", "1", "--validation.freq", "1000"]
+    proc = torchrun(4, [*run_args(path, dump), *more, "--metrics.enable-tensorboard"])
     (tmp / "torchrun.log").write_text(proc.stdout + proc.stderr)
     return path, dump
+
+
+def test_metrics_are_typed_and_grouped(full_run):
+    """metrics.jsonl: every line has a kind ("train", "val" or "curriculum"), counts are ints;
+    per-parameter stats sit in param_stats.jsonl; tensorboard tags are train/, val/ and
+    curriculum/ (a step record's stage and cp under curriculum/)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_train import TRAIN_RECORD_TYPES
+    from torchtitan_ext.metrics import read_metrics
+
+    _, dump = full_run
+    lines = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in lines]
+    assert (kinds.count("train"), kinds.count("val"), kinds.count("curriculum")) == (9, 3, 4)
+    train = read_metrics(dump)
+    for key, typ in {**TRAIN_RECORD_TYPES, "stage": int, "cp": int}.items():
+        assert all(type(r[key]) is typ for r in train), key
+    val = read_metrics(dump, "val")
+    assert [r["step"] for r in val] == [3, 6, 9]
+    assert all(set(r) == {"kind", "step", "loss"} and type(r["loss"]) is float for r in val)
+    boundaries = read_metrics(dump, "curriculum")
+    assert [(b["step"], b["event"], b["stage"]) for b in boundaries] == [
+        (3, "end", 0), (3, "start", 1), (6, "end", 1), (6, "start", 2)
+    ]  # fmt: skip
+    for b in boundaries:
+        assert set(b) - {"switch_sec"} == {
+            "kind", "step", "event", "stage", "param_sum", "param_sq_sum"
+        }, b  # fmt: skip
+        assert ("switch_sec" in b) == (b["event"] == "start")
+    assert len(records(dump)[1]) == 4  # one param_stats.jsonl line per boundary, matched
+    acc = EventAccumulator(str(dump / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/seq_len", "val/loss", "curriculum/stage", "curriculum/cp"} <= tags
+    assert {"curriculum/param_sum", "curriculum/switch_sec"} <= tags
+    assert {t.split("/")[0] for t in tags} == {"train", "val", "curriculum"}, tags
+    assert {e.step: e.value for e in acc.Scalars("curriculum/cp")} == {
+        r["step"]: r["cp"] for r in train
+    }
+    assert [e.value for e in acc.Scalars("val/loss")] == pytest.approx([r["loss"] for r in val])
 
 
 def test_stages_switch_context_parallel_pattern(full_run):
@@ -322,19 +371,19 @@ def test_state_survives_remesh(full_run):
     _, boundaries = records(dump)
     by_step: dict[int, dict[str, dict[str, Any]]] = {}
     for b in boundaries:
-        by_step.setdefault(b["step"], {})[b["stage_boundary"]] = b
+        by_step.setdefault(b["step"], {})[b["event"]] = b
     assert sorted(by_step) == [3, 6]
     for step, pair in by_step.items():
         end, start = pair["end"], pair["start"]
         # Every gathered parameter after the re-mesh equals itself before it: per parameter
         # fp64 sum and sum of squares (only the summation order differs between meshes).
-        assert set(start["param_stats"]) == set(end["param_stats"])
-        assert len(end["param_stats"]) == 1 + 2 * 9 + 2  # embedding, 2 blocks, norm, output
-        for name, (total, squares) in end["param_stats"].items():
-            got_total, got_squares = start["param_stats"][name]
+        assert set(start["params"]) == set(end["params"])
+        assert len(end["params"]) == 1 + 2 * 9 + 2  # embedding, 2 blocks, norm, output
+        for name, (total, squares) in end["params"].items():
+            got_total, got_squares = start["params"][name]
             assert got_squares == pytest.approx(squares, rel=1e-12), (step, name)
             assert got_total == pytest.approx(total, rel=1e-9, abs=1e-9), (step, name)
-        assert start["stage_switch_sec"] > 0
+        assert start["switch_sec"] > 0
 
 
 @pytest.mark.parametrize("resume_step", [4, 3], ids=["mid-stage", "at-boundary"])
@@ -450,7 +499,8 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     shutil.rmtree(background / "checkpoint" / "step-6")
     train_single(args(background, "--checkpoint.async_mode", "async"))
     superseded = map(json.loads, (background / "metrics_superseded.jsonl").read_text().splitlines())
-    assert [r["step"] for r in superseded if "loss" in r] == [5, 6]  # retrained after resume
+    # Steps 5 and 6 were retrained after the resume.
+    assert [r["step"] for r in superseded if r.get("kind") == "train"] == [5, 6]
     assert losses(background) == losses(full)
 
 
@@ -493,7 +543,7 @@ def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
     assert "stage 1 auto mesh:" in log and "chosen" in log, log[-3000:]
     steps, boundaries = records(dump)
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
-    end, start = (b["param_stats"] for b in boundaries)
+    end, start = (b["params"] for b in boundaries)
     assert set(start) == set(end)
     for name, (total, squares) in end.items():
         assert start[name] == pytest.approx([total, squares], rel=1e-9, abs=1e-9), name

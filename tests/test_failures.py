@@ -177,7 +177,7 @@ def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(tmp_path):
     assert superseded[-1] == '{"step": 13, "lo'
     acc = EventAccumulator(str(dump / "tb"))
     acc.Reload()
-    assert [e.step for e in acc.Scalars("loss")] == list(range(1, 13))
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
 
 
 def test_unverified_corrupt_checkpoint_and_no_loadable_checkpoint(tmp_path):
@@ -227,8 +227,8 @@ def test_supersede_keeps_earlier_records(tmp_path):
     from torchtitan_ext.metrics import _supersede_after
 
     path, old = tmp_path / "m.jsonl", tmp_path / "old.jsonl"
-    rows: list[dict[str, Any]] = [{"step": s, "loss": float(s)} for s in (1, 2, 3)]
-    rows.insert(2, {"step": 2, "validation_loss": 1.5})
+    rows: list[dict[str, Any]] = [{"kind": "train", "step": s, "loss": float(s)} for s in (1, 2, 3)]
+    rows.insert(2, {"kind": "val", "step": 2, "loss": 1.5})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _supersede_after(str(path), 2, str(old))
     assert [json.loads(x) for x in path.read_text().splitlines()] == rows[:3]

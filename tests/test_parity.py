@@ -108,10 +108,11 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
         dump = tmp_path / name
         dump.mkdir()
         lines = [
-            f'{{"step": {s}, "loss": {6.0 - s * float(lr) * 100}, "grad_norm": 1.5}}'
+            f'{{"kind": "train", "step": {s}, "loss": {6.0 - s * float(lr) * 100}, '
+            '"grad_norm": 1.5}'
             for s in (1, 2)
         ]
-        lines.append('{"step": 2, "validation_loss": 5.0}')
+        lines.append('{"kind": "val", "step": 2, "loss": 5.0}')
         (dump / "metrics.jsonl").write_text("\n".join(lines) + "\n")
         if emb_grad is not None:
             grads = {"tok_embeddings.weight": emb_grad, "norm.weight": torch.ones(3)}

@@ -6,6 +6,7 @@ Launches are the expensive part on 2 cores, so the two reference runs are module
 several tests read.
 """
 
+import json
 import math
 import re
 import shutil
@@ -19,6 +20,12 @@ from tests.conftest import ROOT, read_metrics, tiny_run_args, torchrun
 
 STEPS = 20
 INTERVAL = 5
+# The type of each field of a "train" record of metrics.jsonl (counts are ints).
+TRAIN_RECORD_TYPES = {
+    "step": int, "seq_len": int, "tokens_seen": int, "skipped_steps": int,
+    "loss": float, "grad_norm": float, "lr": float, "tokens_per_sec": float,
+    "tflops": float, "peak_mem_mib": float, "elapsed_sec": float,
+}  # fmt: skip
 
 
 def base_args(dump: Path, steps: int = STEPS) -> list[str]:
@@ -72,14 +79,20 @@ def test_metrics_jsonl_and_tensorboard(run_4rank):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     records = read_metrics(run_4rank)
-    for key in ("step", "loss", "grad_norm", "lr", "tokens_per_sec", "seq_len", "peak_mem_mib"):
-        assert all(key in r for r in records), key
+    # Every line has a kind (validation is off here: tests/test_curriculum.py checks the
+    # "val" and "curriculum" records); counts are ints, measurements floats.
+    lines = [json.loads(x) for x in (run_4rank / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in lines] == ["train"] * len(records)
+    for key, typ in TRAIN_RECORD_TYPES.items():
+        assert all(type(r[key]) is typ for r in records), key
     assert all(r["seq_len"] == 64 and r["tokens_per_sec"] > 0 for r in records)
     acc = EventAccumulator(str(run_4rank / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"loss", "grad_norm", "lr", "tokens_per_sec", "peak_mem_mib", "seq_len"} <= tags
-    tb_loss = {e.step: e.value for e in acc.Scalars("loss")}
+    expected = {"loss", "grad_norm", "lr", "tokens_per_sec", "peak_mem_mib", "seq_len"}
+    assert {f"train/{k}" for k in expected} <= tags
+    assert all(t.startswith("train/") for t in tags), tags
+    tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert sorted(tb_loss) == [r["step"] for r in records]
     for r in records:
         assert tb_loss[r["step"]] == pytest.approx(r["loss"], rel=1e-6)

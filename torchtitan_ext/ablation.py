@@ -39,7 +39,7 @@ from torchtitan_ext.parity import (
     first_error_line,
     option_args,
     pattern_options,
-    read_records,
+    read_metrics,
 )
 
 ORDERS = ("auto", "cpinner", "tpinner")
@@ -215,7 +215,7 @@ def run_shape(shape: Shape, order: str, args: list[str], warmup: int, timeout: f
     if proc.returncode != 0:
         row.detail = first_error_line(proc)[:300]
         return row
-    records = read_records(dump)
+    records = read_metrics(dump)
     if not records:
         row.detail = "no metrics written"
         return row

@@ -1,5 +1,21 @@
 """Training metrics: a console line, tensorboard scalars and ``metrics.jsonl`` per logged step.
 
+Every line of ``metrics.jsonl`` is one JSON object with a ``kind`` and an integer ``step``:
+
+- ``"train"``: one per logged optimizer step: ``loss`` (nats), ``grad_norm``, ``lr``,
+  ``tokens_per_sec`` (per rank), ``tflops``, ``mfu_pct`` (GPU only), ``seq_len`` (tokens),
+  ``peak_mem_mib``, ``elapsed_sec``, ``tokens_seen`` (tokens, global), ``skipped_steps``; with a
+  curriculum also ``stage`` (0-based), ``cp`` and ``tokens_per_step``. Counts are ints.
+- ``"val"``: ``loss``, the validation loss (global mean over the validation batches).
+- ``"curriculum"``: a stage boundary: ``event`` (``"start"`` | ``"end"``), ``stage``,
+  ``param_sum``, ``param_sq_sum`` (the parameters' fingerprint) and, at a start after a switch,
+  ``switch_sec`` (seconds). The per-parameter fingerprint goes to ``param_stats.jsonl``, one
+  line per boundary (``step``, ``event``, ``stage``, ``params``: name -> [sum, sum of squares]).
+
+Tensorboard tags are grouped the same way: ``train/loss``, ``val/loss``, ``curriculum/stage``
+(``stage``, ``cp`` and ``tokens_per_step`` of the step records go to ``curriculum/`` too).
+``read_metrics`` reads one kind back.
+
 Throughput follows TorchTitan 0.2.2 (``torchtitan/components/metrics.py``): tokens/s is per
 rank (tokens this rank processed since the last log over the wall time), TFLOP/s is
 tokens/s x model FLOPs per token (``get_dense_model_nparams_and_flops``: 6N plus attention),
@@ -14,11 +30,38 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 logger = logging.getLogger("torchtitan_ext")
+
+METRICS_FILE = "metrics.jsonl"
+PARAM_STATS_FILE = "param_stats.jsonl"
+Kind = Literal["train", "val", "curriculum"]
+# Keys of a "train" record that tensorboard shows under curriculum/ rather than train/.
+_CURRICULUM_KEYS = ("stage", "cp", "tokens_per_step")
+
+
+def read_metrics(dump_folder: str | Path, kind: Kind = "train") -> list[dict[str, Any]]:
+    """The records of ``<dump_folder>/metrics.jsonl`` of one ``kind``, in file order; [] if the
+    file is missing. Raises ``ValueError`` on a line that is not JSON."""
+    path = Path(dump_folder) / METRICS_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+def read_param_stats(dump_folder: str | Path) -> list[dict[str, Any]]:
+    """The per-parameter fingerprints of ``<dump_folder>/param_stats.jsonl`` (one per
+    curriculum boundary, in file order): ``step``, ``event``, ``stage`` and ``params`` (name ->
+    [sum, sum of squares], fp64). [] if the file is missing."""
+    path = Path(dump_folder) / PARAM_STATS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -155,6 +198,7 @@ class MetricsLogger:
     stage_label: str = ""
     _writer: Any = field(default=None, repr=False)
     _jsonl: Any = field(default=None, repr=False)
+    _param_stats: Any = field(default=None, repr=False)
     _last_time: float = field(default_factory=time.perf_counter, repr=False)
     _start_time: float = field(default_factory=time.perf_counter, repr=False)
     _start_step: int | None = field(default=None, repr=False)
@@ -166,17 +210,23 @@ class MetricsLogger:
         Each step is recorded once: records of later steps (left by an earlier attempt that
         crashed or diverged after the checkpoint this run resumed from) are moved from
         ``metrics.jsonl`` to ``metrics_superseded.jsonl`` (appended, after a line
-        ``{"superseded_at_resume_from": step}``), and tensorboard hides its events from
-        ``step + 1`` on (``SummaryWriter(purge_step=...)``).
+        ``{"superseded_at_resume_from": step}``; those of ``param_stats.jsonl`` to
+        ``param_stats_superseded.jsonl``), and tensorboard hides its events from ``step + 1``
+        on (``SummaryWriter(purge_step=...)``).
         """
         self._last_time = self._start_time = time.perf_counter()
         self._start_step = step
         if not self.enabled:
             return
         os.makedirs(self.dump_folder, exist_ok=True)
-        path = os.path.join(self.dump_folder, "metrics.jsonl")
-        _supersede_after(path, step, os.path.join(self.dump_folder, "metrics_superseded.jsonl"))
-        self._jsonl = open(path, "a")  # noqa: SIM115
+        paths = []
+        for name in (METRICS_FILE, PARAM_STATS_FILE):
+            path = os.path.join(self.dump_folder, name)
+            stem = name.removesuffix(".jsonl")
+            _supersede_after(path, step, os.path.join(self.dump_folder, f"{stem}_superseded.jsonl"))
+            paths.append(path)
+        self._jsonl = open(paths[0], "a")  # noqa: SIM115
+        self._param_stats = open(paths[1], "a")  # noqa: SIM115
         if self.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -193,7 +243,7 @@ class MetricsLogger:
         tokens_since_last: int,
         seq_len: int,
         peak_mem_mib: float,
-        extra: dict[str, float] | None = None,
+        extra: dict[str, float | int] | None = None,
     ) -> dict[str, Any]:
         """Record one step.
 
@@ -205,10 +255,11 @@ class MetricsLogger:
             tokens_since_last: tokens this rank processed since the previous log.
             seq_len: training sequence length (tokens).
             peak_mem_mib: peak memory (max over ranks), MiB.
-            extra: more scalars to record.
+            extra: more scalars to record (``stage``, ``cp`` and ``tokens_per_step`` show under
+                ``curriculum/`` in tensorboard, the rest under ``train/``).
 
         Returns:
-            The record written (also on non-logging ranks, which write nothing).
+            The ``"train"`` record written (also on non-logging ranks, which write nothing).
         """
         now = time.perf_counter()
         dt = max(now - self._last_time, 1e-9)
@@ -216,6 +267,7 @@ class MetricsLogger:
         tps = tokens_since_last / dt
         tflops = tps * self.flops_per_token / 1e12
         record: dict[str, Any] = {
+            "kind": "train",
             "step": step,
             "loss": loss,
             "grad_norm": grad_norm,
@@ -232,7 +284,6 @@ class MetricsLogger:
             record.update(extra)
         if not self.enabled:
             return record
-        assert self._jsonl is not None, "MetricsLogger.start() must run first"
         start = self._start_step if self._start_step is not None else 0
         done = max(step - start, 1)
         per_step = (now - self._start_time) / done
@@ -241,39 +292,70 @@ class MetricsLogger:
         if self.stage_last_step is not None:
             stage_eta = per_step * (self.stage_last_step - step)
         self._console(record, eta, stage_eta)
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self._writer.add_scalar(key, value, step)
-            self._writer.flush()
+        self._write(record)
         return record
 
     def log_validation(self, step: int, loss: float) -> None:
-        """Record a validation loss (global mean over the validation batches)."""
+        """Record a validation loss (global mean over the validation batches, nats) as a
+        ``"val"`` record."""
         if not self.enabled:
             return
         logger.info(f"step {step:5d}  validation loss {loss:8.4f}")
-        self._jsonl.write(json.dumps({"step": step, "validation_loss": loss}) + "\n")
-        self._jsonl.flush()
-        if self._writer is not None:
-            self._writer.add_scalar("validation_loss", loss, step)
-            self._writer.flush()
+        self._write({"kind": "val", "step": step, "loss": loss})
 
-    def log_event(self, record: dict[str, Any]) -> None:
-        """Write a non-step record (e.g. a curriculum stage boundary) to ``metrics.jsonl`` and
-        the log; its numeric fields also go to tensorboard at ``record["step"]``."""
+    def log_boundary(
+        self,
+        step: int,
+        event: Literal["start", "end"],
+        stage: int,
+        param_stats: dict[str, tuple[float, float]],
+        switch_sec: float | None = None,
+    ) -> None:
+        """Record a curriculum stage boundary: a ``"curriculum"`` record with the parameters'
+        total sum and sum of squares, and ``param_stats`` (name -> (sum, sum of squares)) as a
+        line of ``param_stats.jsonl``.
+
+        Args:
+            step: the last step of the stage that ends, or the step a stage starts after.
+            event: "end" after a stage's last step, "start" before a stage's first.
+            stage: 0-based index of the stage that ends or starts.
+            param_stats: per-parameter fingerprint (``Trainer.param_fingerprint``).
+            switch_sec: seconds from the end of the last stage's step to this start.
+        """
         if not self.enabled:
             return
-        logger.info(" ".join(f"{k}={v}" for k, v in record.items() if not isinstance(v, dict)))
+        record: dict[str, Any] = {
+            "kind": "curriculum",
+            "step": step,
+            "event": event,
+            "stage": stage,
+            "param_sum": sum(v[0] for v in param_stats.values()),
+            "param_sq_sum": sum(v[1] for v in param_stats.values()),
+        }
+        if switch_sec is not None:
+            record["switch_sec"] = switch_sec
+        logger.info(" ".join(f"{k}={v}" for k, v in record.items() if k != "kind"))
+        assert self._param_stats is not None, "MetricsLogger.start() must run first"
+        line = {"step": step, "event": event, "stage": stage, "params": param_stats}
+        self._param_stats.write(json.dumps(line) + "\n")
+        self._param_stats.flush()
+        self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl``; its numbers to tensorboard as ``<group>/<key>`` (the
+        record's kind, or ``curriculum`` for ``_CURRICULUM_KEYS``) at ``record["step"]``."""
+        assert self._jsonl is not None, "MetricsLogger.start() must run first"
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._writer is not None:
-            for key, value in record.items():
-                if key not in ("step", "stage") and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, record["step"])
-            self._writer.flush()
+        if self._writer is None:
+            return
+        kind, step = record["kind"], record["step"]
+        for key, value in record.items():
+            if key in ("kind", "step") or not isinstance(value, (int, float)):
+                continue
+            group = "curriculum" if key in _CURRICULUM_KEYS else kind
+            self._writer.add_scalar(f"{group}/{key}", value, step)
+        self._writer.flush()
 
     def _console(self, r: dict[str, Any], eta: float, stage_eta: float | None = None) -> None:
         c = _Colors(self.color)
@@ -292,10 +374,14 @@ class MetricsLogger:
         logger.info(line)
 
     def close(self) -> None:
-        if self._jsonl is not None:
-            self._jsonl.close()
+        """Close the files and the tensorboard writer (idempotent)."""
+        for f in (self._jsonl, self._param_stats):
+            if f is not None:
+                f.close()
+        self._jsonl = self._param_stats = None
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
 
 
 def _supersede_after(path: str, step: int, superseded_path: str) -> None:

@@ -34,6 +34,7 @@ from torchtitan_ext.distributed import (
     run_and_exit,
     torchrun_command,
 )
+from torchtitan_ext.metrics import read_metrics
 from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
@@ -404,15 +405,6 @@ def first_error_line(proc: "subprocess.CompletedProcess[str]") -> str:
     return lines[-1].strip() if lines else ""
 
 
-def read_records(dump: Path, key: str = "loss") -> list[dict[str, Any]]:
-    """The records of ``<dump>/metrics.jsonl`` that have ``key`` (``loss``: training steps,
-    ``validation_loss``: validations); [] if the file is missing."""
-    path = dump / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if key in r]
-
-
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
@@ -448,11 +440,8 @@ def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     norm (step 1 within ``STEP1_RTOL``, all within ``ALL_STEPS_RTOL``), the validation loss
     (within ``ALL_STEPS_RTOL``), and every parameter's step-1 gradient (within ``GRAD_RTOL``,
     ``grad_deviation``)."""
-    got, ref = read_records(dump), read_records(ref_dump)
-    got_val, ref_val = (
-        read_records(dump, "validation_loss"),
-        read_records(ref_dump, "validation_loss"),
-    )
+    got, ref = read_metrics(dump), read_metrics(ref_dump)
+    got_val, ref_val = read_metrics(dump, "val"), read_metrics(ref_dump, "val")
     if [r["step"] for r in got] != [r["step"] for r in ref] or not ref:
         steps = [r["step"] for r in got]
         return Result(shape.name, shape.nproc, "FAIL", detail=f"logged steps {steps}")
@@ -461,10 +450,7 @@ def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     loss = [_rel(g["loss"], r["loss"]) for g, r in zip(got, ref, strict=True)]
     gn = [_rel(g["grad_norm"], r["grad_norm"]) for g, r in zip(got, ref, strict=True)]
     val = max(
-        (
-            _rel(g["validation_loss"], r["validation_loss"])
-            for g, r in zip(got_val, ref_val, strict=shape.validates)
-        ),
+        (_rel(g["loss"], r["loss"]) for g, r in zip(got_val, ref_val, strict=shape.validates)),
         default=float("nan"),
     )
     step1 = max(loss[0], gn[0])
@@ -528,7 +514,7 @@ def run_matrix(
             why = native_crash(proc) or first_error_line(proc)
             for s in group:
                 errors[s.name] = f"launch exit {proc.returncode}: {why}"
-    if not read_records(out / single.name):
+    if not read_metrics(out / single.name):
         raise RuntimeError(f"the 1-rank reference produced no metrics: {errors.get('single')}")
     for s in shapes:
         if s.name in results:

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -745,7 +745,7 @@ class Trainer:
             until: the last step to run (a curriculum stage's last step).
             switch_started: with a curriculum, ``time.perf_counter()`` when the previous
                 stage's last step ended: the stage switch time (boundary checkpoint, new mesh,
-                model, optimizer, reload) is logged as ``stage_switch_sec``.
+                model, optimizer, reload) is logged as ``switch_sec``.
 
         Returns:
             The metric records of the logged steps (also on non-logging ranks).
@@ -773,12 +773,12 @@ class Trainer:
         gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq, debug=cfg.training.gc_debug)
         records: list[dict[str, Any]] = []
         tokens_since_log = 0
-        extra: dict[str, float] = {}
+        extra: dict[str, float | int] = {}
         if self.stage is not None:
             extra = {
-                "stage": float(self.stage.index),
-                "cp": float(self.dims.cp),
-                "tokens_per_step": float(self.stage.tokens_per_step),
+                "stage": self.stage.index,
+                "cp": self.dims.cp,
+                "tokens_per_step": self.stage.tokens_per_step,
             }
         for step in range(start + 1, end + 1):
             gc_handler.run(step)
@@ -809,8 +809,8 @@ class Trainer:
                         cfg.training.seq_len,
                         self._max_peak_memory(),
                         extra={
-                            "tokens_seen": float(self.train_state.tokens_seen),
-                            "skipped_steps": float(self.skipped_steps),
+                            "tokens_seen": int(self.train_state.tokens_seen),
+                            "skipped_steps": int(self.skipped_steps),
                             **extra,
                         },
                     )
@@ -1031,24 +1031,20 @@ class Trainer:
             sched._last_lr = [float(g["lr"]) for g in groups]
 
     def _log_boundary(
-        self, event: str, step: int, switch_started: float | None, reuse: bool = False
+        self,
+        event: Literal["start", "end"],
+        step: int,
+        switch_started: float | None,
+        reuse: bool = False,
     ) -> None:
         """A stage boundary record with the parameters' fingerprint (``param_fingerprint``: a
         gather of every parameter). ``reuse``: the last boundary's (an in-memory switch keeps
         the very same tensors, so a second gather could only repeat it)."""
         stats = self._boundary_stats if reuse else self.param_fingerprint()
         self._boundary_stats = stats
-        record: dict[str, Any] = {
-            "step": step,
-            "stage_boundary": event,
-            "stage": self.stage.index if self.stage else 0,
-            "param_sum": sum(v[0] for v in stats.values()),
-            "param_sq_sum": sum(v[1] for v in stats.values()),
-            "param_stats": stats,
-        }
-        if switch_started is not None:
-            record["stage_switch_sec"] = time.perf_counter() - switch_started
-        self.metrics.log_event(record)
+        switch_sec = None if switch_started is None else time.perf_counter() - switch_started
+        stage = self.stage.index if self.stage else 0
+        self.metrics.log_boundary(step, event, stage, stats, switch_sec)
 
 
 def run(p: Prepared) -> None:
