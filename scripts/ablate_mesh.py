@@ -27,7 +27,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from torchtitan_ext.ablation import (
+from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
+from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.parallel.cp_patterns import PATTERNS
+from torchtitan_ext.tools.ablation import (
     ORDERS,
     dry_run_sweep,
     enumerate_shapes,
@@ -35,9 +38,6 @@ from torchtitan_ext.ablation import (
     sweep,
     write_report,
 )
-from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
-from torchtitan_ext.config.schema import MESH_DIM_NAMES
-from torchtitan_ext.parallel.cp_patterns import PATTERNS
 
 
 def _degrees(text: str | None, flag: str, ap: argparse.ArgumentParser) -> dict[str, int]:

@@ -7,7 +7,7 @@ batches of 16, 4 and 2 sequences) on N CPU ranks (default 8):
    per-call latency) and of 8 MiB (the bandwidth per rank, ring-algorithm bytes) on the N
    ranks. These are the planner's link inputs (``curriculum.auto_mesh_collective_latency_us``,
    ``auto_mesh_intra_node_gbps``), as a user would give a cluster's; nothing is fitted.
-2. The planner (``curriculum.auto_mesh``, ``torchtitan_ext.auto_mesh``) ranks every
+2. The planner (``curriculum.auto_mesh``, ``torchtitan_ext.tools.auto_mesh``) ranks every
    tp x cp x CP pattern the stage can run (pp 1, dp_replicate 1, dp_shard the rest).
 3. Each of those meshes trains the debug recipe at that stage's seq_len, global and local
    batch for ``--steps`` steps under torchrun (``ablation.run_shape``, the first step left out
@@ -35,13 +35,13 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from torchtitan_ext.ablation import run_shape, shape_args
-from torchtitan_ext.auto_mesh import MeshEstimate
 from torchtitan_ext.config import load_config
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
 from torchtitan_ext.curriculum import plan_curriculum
 from torchtitan_ext.distributed import exit_process, launch_env, torchrun_command
-from torchtitan_ext.parity import ROOT, Shape, pattern_option
+from torchtitan_ext.tools.ablation import run_shape, shape_args
+from torchtitan_ext.tools.auto_mesh import MeshEstimate
+from torchtitan_ext.tools.parity import ROOT, Shape, pattern_option
 
 TARGET = 0.90
 TOKENS_PER_STEP = 4096

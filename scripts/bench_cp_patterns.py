@@ -46,7 +46,7 @@ from torchtitan_ext.parallel.cp_patterns import (  # noqa: E402
     make_pattern,
     split_by_node,
 )
-from torchtitan_ext.parity import parse_shape, pattern_options  # noqa: E402
+from torchtitan_ext.tools.parity import parse_shape, pattern_options  # noqa: E402
 
 MEASURED = {cp: [f"cp{cp}+{o}" if o else f"cp{cp}" for o in pattern_options(cp)] for cp in (4, 8)}
 

@@ -1,7 +1,7 @@
 """Check the dry run's estimates against real runs on this machine: per mesh shape, the bytes
 each rank sends per optimizer step (by kind: fsdp, dp_replicate, tp, cp, pp), counted from the
 collectives torch actually dispatches, and the activation bytes autograd saves for one
-microbatch, each next to ``torchtitan_ext.dry_run``'s estimate for the same rank.
+microbatch, each next to ``torchtitan_ext.tools.dry_run``'s estimate for the same rank.
 
 The recipe is the parity one (``debugmodel_cpu_deep``, seq 128, global batch 8, fp32 on gloo
 ranks); step 1 runs first (pipeline shape inference), step 2 is measured. Shapes with the same
@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from torchtitan_ext.config.manager import load_config  # noqa: E402
 from torchtitan_ext.distributed import launch_env, run_and_exit, torchrun_command  # noqa: E402
-from torchtitan_ext.dry_run import COMM_KINDS  # noqa: E402
-from torchtitan_ext.parity import (  # noqa: E402
+from torchtitan_ext.tools.dry_run import COMM_KINDS  # noqa: E402
+from torchtitan_ext.tools.parity import (  # noqa: E402
     base_args,
     first_error_line,
     parse_shape,
@@ -55,7 +55,8 @@ def _worker(payload: Path) -> int:
     from torchtitan.protocols.train_spec import get_train_spec
 
     from torchtitan_ext.distributed import RankInfo, init_distributed
-    from torchtitan_ext.dry_run import (
+    from torchtitan_ext.models import build_model_on_meta
+    from torchtitan_ext.tools.dry_run import (
         CommCounter,
         ModelDims,
         cp_node_split,
@@ -64,7 +65,6 @@ def _worker(payload: Path) -> int:
         saved_activations,
         work_of,
     )
-    from torchtitan_ext.models import build_model_on_meta
     from torchtitan_ext.trainer import Trainer, prepare, setup_logging
 
     job: dict[str, Any] = json.loads(payload.read_text())

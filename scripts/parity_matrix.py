@@ -10,7 +10,7 @@ within 1e-5 and every step within 5e-4, every parameter's step-1 gradient within
 largest element, and the step-1 grad norm the same on all ranks (the "step-1 grads dev"
 column; ``parity.grad_deviation``). Shapes invalid for the recipe are listed as SKIP with
 the config error that rules them out. Shapes with the same rank count share one launch
-(``torchtitan_ext.parity``). Exit status 1 if any shape fails.
+(``torchtitan_ext.tools.parity``). Exit status 1 if any shape fails.
 
     .venv/bin/python scripts/parity_matrix.py     # the full matrix (~18 min here: 733 + 348 s)
     .venv/bin/python scripts/parity_matrix.py --shapes pp2xtp2xcp2,tp2xcp4 --no-4d
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
-from torchtitan_ext.parity import (
+from torchtitan_ext.tools.parity import (
     Shape,
     factorizations,
     format_table,

@@ -11,7 +11,7 @@ recipe overrides (--section.key value), as for train.py. --nproc is accepted for
 
 Parameters, gradients and optimizer state come from the rank's actual DTensor shards;
 activations and the bytes sent per step by each kind of traffic are estimates (formulas and
-sources in ``torchtitan_ext.dry_run.activation_estimate`` and ``comm_estimate``; checked against
+sources in ``tools.dry_run.activation_estimate`` and ``comm_estimate``; checked against
 real runs by ``scripts/check_dry_run.py``).
 """
 
@@ -21,7 +21,7 @@ import sys
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
 from torchtitan_ext.config.validate import validate
 from torchtitan_ext.curriculum import plan_curriculum, stage_config
-from torchtitan_ext.dry_run import format_table, plan_rank, stage_ranks
+from torchtitan_ext.tools.dry_run import format_table, plan_rank, stage_ranks
 
 
 def main(argv: list[str] | None = None) -> int:

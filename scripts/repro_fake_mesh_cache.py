@@ -9,7 +9,7 @@ the rank, and DTensor caches sharding propagation keyed by mesh), so its coordin
 every rank, and DCP's save of such tensors fails ("Failed to validate global plan ... invalid
 fill": every rank claims the first shard). With ``--clear``, torch's
 ``torch.distributed.tensor.debug._clear_sharding_prop_cache()`` between the two runs avoids it
-(what ``torchtitan_ext.dry_run.forget_fake_meshes`` does). Exit status 1 if the output's
+(what ``torchtitan_ext.tools.dry_run.forget_fake_meshes`` does). Exit status 1 if the output's
 coordinate is wrong.
 """
 

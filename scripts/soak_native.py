@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from torchtitan_ext.distributed import launch_env, torchrun_command
-from torchtitan_ext.parity import NATIVE_CRASH_MARKERS, native_crash, parse_shape, run_matrix
+from torchtitan_ext.tools.parity import NATIVE_CRASH_MARKERS, native_crash, parse_shape, run_matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 KEEP_DIR = Path(tempfile.gettempdir()) / "soak_native_failures"

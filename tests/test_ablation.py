@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from torchtitan_ext.ablation import (
+from torchtitan_ext.tools.ablation import (
     ORDERS,
     enumerate_shapes,
     read_csv,
@@ -45,8 +45,8 @@ def test_cp_patterns_are_swept_and_planned_by_node(tmp_path):
     """--cp-patterns: each cp > 1 shape once per pattern and degree; the dry run gives the
     double ring with node-sized inner rings the least cp traffic across nodes (the ring
     sends most of its traffic across), and rejects Ulysses where heads do not divide."""
-    from torchtitan_ext.ablation import dry_run_sweep
     from torchtitan_ext.parallel.cp_patterns import PATTERNS
+    from torchtitan_ext.tools.ablation import dry_run_sweep
 
     fixed = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
     valid, invalid = enumerate_shapes(

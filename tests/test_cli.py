@@ -14,7 +14,6 @@ from importlib.machinery import ModuleSpec
 import pytest
 
 from tests.conftest import ROOT
-from torchtitan_ext.ablation import Row, progress_line
 from torchtitan_ext.config.__main__ import main as config_main
 from torchtitan_ext.config.manager import (
     UNSUPPORTED_MARK,
@@ -26,6 +25,7 @@ from torchtitan_ext.config.manager import (
     pop_world_size_arg,
 )
 from torchtitan_ext.curriculum import STAGE_KEYS
+from torchtitan_ext.tools.ablation import Row, progress_line
 from torchtitan_ext.trainer import _UNSUPPORTED
 
 DEBUG_CPU = str(ROOT / "train_configs" / "debug_cpu.toml")

@@ -146,8 +146,8 @@ def test_auto_mesh_weighs_traffic_that_crosses_nodes(tmp_path):
     """With 2 ranks per node and a slow inter-node link, the estimate charges a group that
     spans nodes at the inter-node bandwidth: the choice keeps its heaviest traffic inside a
     node (or at least never sends more across nodes than the single-node choice would)."""
-    from torchtitan_ext.auto_mesh import _spans_nodes
     from torchtitan_ext.config import validate
+    from torchtitan_ext.tools.auto_mesh import _spans_nodes
 
     dp = ["--parallelism.data_parallel_shard_degree", "-1"]
     for cp, tp_spans in ((1, False), (2, True)):  # cp innermost: tp peers are cp ranks apart

@@ -4,7 +4,7 @@ recipes at 64 and 512 ranks equal the model's total divided as the mesh says."""
 import pytest
 
 from torchtitan_ext.config import load_config
-from torchtitan_ext.dry_run import plan_rank
+from torchtitan_ext.tools.dry_run import plan_rank
 
 
 def total_params(cfg) -> int:
@@ -62,7 +62,7 @@ def test_estimates_match_real_runs():
 
 
 def test_dry_run_sweep_ranks_shapes_that_fit_by_communication(titan_recipes, tmp_path):
-    from torchtitan_ext.ablation import dry_run_sweep, enumerate_shapes, plan_table
+    from torchtitan_ext.tools.ablation import dry_run_sweep, enumerate_shapes, plan_table
 
     valid, _ = enumerate_shapes(
         titan_recipes / "llama3_8b.toml", 64, tmp_path, steps=2,

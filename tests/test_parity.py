@@ -4,7 +4,7 @@ same global batch (fp32, real gloo ranks under torchrun). Step 1 within 1e-5 rel
 parameter's step-1 gradient element by element within 1e-5 of its largest element, and the
 step-1 gradient norm bitwise the same on all ranks.
 
-Shapes with the same number of ranks share one launch (``torchtitan_ext.parity``): four
+Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``): four
 launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ranks and a 16-rank
 4D shape) is ``scripts/parity_matrix.py``.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from torchtitan_ext.parallel.fsdp import GRAD_NORM_REDISTRIBUTE_WARNING
-from torchtitan_ext.parity import GRAD_RTOL, STEP1_RTOL, Result, parse_shape, run_matrix
+from torchtitan_ext.tools.parity import GRAD_RTOL, STEP1_RTOL, Result, parse_shape, run_matrix
 
 SHAPES = [
     # 2 ranks: each parallelism alone, and the pipeline schedules of each kind (GPipe and
@@ -94,7 +94,7 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
     so a PASS above means something."""
     import torch
 
-    from torchtitan_ext.parity import GRADS_FILE, Shape, compare
+    from torchtitan_ext.tools.parity import GRADS_FILE, Shape, compare
 
     emb = torch.arange(12.0).reshape(4, 3) / 10
     swapped = emb[[1, 0, 2, 3]]
@@ -132,7 +132,7 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
 def test_native_crash_is_told_apart_from_python_errors() -> None:
     import subprocess
 
-    from torchtitan_ext.parity import native_crash
+    from torchtitan_ext.tools.parity import native_crash
 
     def proc(err: str) -> "subprocess.CompletedProcess[str]":
         return subprocess.CompletedProcess(["x"], 1, stdout="", stderr=err)

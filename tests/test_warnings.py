@@ -26,7 +26,7 @@ def fake_tp_mesh() -> Iterator[object]:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from torchtitan_ext.dry_run import forget_fake_meshes
+    from torchtitan_ext.tools.dry_run import forget_fake_meshes
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     try:

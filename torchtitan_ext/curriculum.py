@@ -156,7 +156,7 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
     for i, raw in enumerate(cur.stages):
         prev = stages[-1] if stages else None
         if _wants_auto_mesh(cfg, i, raw):
-            from torchtitan_ext.auto_mesh import choose_stage_mesh
+            from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 
             stage = choose_stage_mesh(cfg, i, raw, world_size, step, prev)
         else:
@@ -380,7 +380,7 @@ def _pattern_label(s: Stage) -> str:
 def format_plan(stages: list[Stage]) -> str:
     """A table of the stages for the log (and, for auto-meshed stages, the planner's choice
     and the next best meshes with their estimates: ``auto_mesh.format_mesh_plan``)."""
-    from torchtitan_ext.auto_mesh import format_mesh_plan
+    from torchtitan_ext.tools.auto_mesh import format_mesh_plan
 
     lines = [
         "stage  steps (global)    seq_len  rope_theta  rope scaling   tp   cp  cp pattern      "

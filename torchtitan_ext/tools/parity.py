@@ -3,7 +3,7 @@
 A *shape* is a set of degrees (pp, dp_replicate, dp_shard, tp, cp), optionally a pipeline
 schedule and options, written as a name: ``pp2xdp_shard2xcp2``, ``pp4xcp2@Interleaved1F1B``,
 ``dp_shard2xcp2+alltoall+nolb``, ``single`` (1 rank). Shapes with the same number of ranks run
-one after another inside one launch (``python -m torchtitan_ext.parity --worker`` under
+one after another inside one launch (``python -m torchtitan_ext.tools.parity --worker`` under
 torchrun), because starting 8 processes costs ~25 s on a 2-core machine; each shape's metrics go
 to ``<out>/<shape>/metrics.jsonl`` and are compared with the 1-rank run's, fp32: the step-1 loss
 and grad norm within 1e-5 relative, steps 1..N within 5e-4 (``compare``). Every parameter's
@@ -39,7 +39,7 @@ from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 STEP1_RTOL = 1e-5
 ALL_STEPS_RTOL = 5e-4
 GRAD_RTOL = 1e-5
@@ -360,7 +360,7 @@ def launch(
     assert all(s.nproc == nproc for s in shapes)
     payload = out / f"launch-{nproc}-{shapes[0].name}.json"
     payload.write_text(json.dumps([shape_run_args(s, base, out, global_batch) for s in shapes]))
-    entry = ["-m", "torchtitan_ext.parity", "--worker", str(payload)]
+    entry = ["-m", "torchtitan_ext.tools.parity", "--worker", str(payload)]
     if nproc == 1:
         cmd = [sys.executable, *entry]
     else:

@@ -141,8 +141,8 @@ def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
     from torchtitan.protocols.train_spec import get_train_spec
 
     from torchtitan_ext.config.validate import resolve_model_args, validate
-    from torchtitan_ext.dry_run import GIB, plan_rank, stage_ranks
     from torchtitan_ext.models import build_model_on_meta
+    from torchtitan_ext.tools.dry_run import GIB, plan_rank, stage_ranks
 
     cur = cfg.curriculum
     dims = validate(cfg, world_size)

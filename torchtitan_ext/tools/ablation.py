@@ -31,7 +31,7 @@ from typing import Any
 from torchtitan_ext.config.manager import load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.distributed import launch_env, torchrun_command
-from torchtitan_ext.parity import (
+from torchtitan_ext.tools.parity import (
     ROOT,
     Shape,
     check_shape,
@@ -400,13 +400,13 @@ def dry_run_sweep(
     valid: list[tuple[Shape, str, list[str]]], nproc: int, budget_gib: float,
     ranks_per_node: int = 8,
 ) -> list[PlanRow]:  # fmt: skip
-    """Plan every valid shape with the dry run (``torchtitan_ext.dry_run.plan_rank`` on torch's
+    """Plan every valid shape with the dry run (``dry_run.plan_rank`` on torch's
     fake process group, ranks of the first and last pipeline stage) and rank them: shapes within
     ``budget_gib`` first, by estimated bytes sent per rank per step (ties: fewer cp bytes
     across nodes, for ``ranks_per_node`` ranks per node), then the rest by memory.
     """
     from torchtitan_ext.config.validate import validate
-    from torchtitan_ext.dry_run import GIB, plan_rank, stage_ranks
+    from torchtitan_ext.tools.dry_run import GIB, plan_rank, stage_ranks
 
     rows = []
     for shape, order, args in valid:
@@ -436,7 +436,7 @@ def dry_run_sweep(
 
 def plan_table(rows: list[PlanRow], budget_gib: float) -> str:
     """Markdown table of a dry-run sweep, best shape marked."""
-    from torchtitan_ext.dry_run import COMM_KINDS
+    from torchtitan_ext.tools.dry_run import COMM_KINDS
 
     lines = [
         f"| shape | order | memory GiB/device | fits {budget_gib:g} GiB | comm GiB/step/rank "
