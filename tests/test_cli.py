@@ -24,9 +24,9 @@ from torchtitan_ext.config.manager import (
     merged_config_class,
     pop_world_size_arg,
 )
+from torchtitan_ext.config.validate import UNSUPPORTED
 from torchtitan_ext.curriculum import STAGE_KEYS
 from torchtitan_ext.tools.ablation import Row, progress_line
-from torchtitan_ext.trainer import _UNSUPPORTED
 
 DEBUG_CPU = str(ROOT / "train_configs" / "debug_cpu.toml")
 _ENTRY = re.compile(r"^  (-\S.*|\w+|\S+ \(recipe only\))$")
@@ -88,7 +88,7 @@ def test_config_help_lists_every_option_stage_key_and_unsupported_one(capsys):
     assert got["--model.rope_theta"].startswith("RoPE base frequency")
     # Marked: exactly the options of the trainer's own table, with its reason.
     marked = {name for name, t in got.items() if UNSUPPORTED_MARK in t}
-    assert marked == {f"--{key}" for key, _, _ in _UNSUPPORTED}
+    assert marked == {f"--{key}" for key, _, _ in UNSUPPORTED}
     assert got["--model.converters"].startswith(
         f"({UNSUPPORTED_MARK}: float8/mx converters are not supported)"
     )

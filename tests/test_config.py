@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,16 +21,28 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("name", "world_size", "shape"),
+    ("name", "world_size", "shape", "unsupported"),
     [
-        ("debug_model.toml", 8, (1, 1, 8, 1, 1)),
-        ("llama3_8b.toml", 64, (1, 1, 64, 1, 1)),
-        ("llama3_70b.toml", 64, (1, 1, 8, 8, 1)),
-        ("llama3_405b.toml", 512, (1, 1, 64, 8, 1)),
+        ("debug_model.toml", 8, (1, 1, 8, 1, 1), []),
+        ("llama3_8b.toml", 64, (1, 1, 64, 1, 1), ["profiling.enable_profiling"]),
+        ("llama3_70b.toml", 64, (1, 1, 8, 8, 1), ["profiling.enable_profiling"]),
+        (
+            "llama3_405b.toml", 512, (1, 1, 64, 8, 1),
+            ["model.converters", "profiling.enable_profiling"],
+        ),
     ],
-)
-def test_torchtitan_recipes_load_unmodified(titan_recipes, name, world_size, shape):
+)  # fmt: skip
+def test_torchtitan_recipes_load_unmodified(titan_recipes, name, world_size, shape, unsupported):
+    """TorchTitan's own recipes load as they are; the settings this trainer does not implement
+    (its profiler, float8) are the only rules they break, one clear error each (train.py and the
+    checker say the same); with those off, each resolves its mesh."""
     cfg = load_config(["--job.config_file", str(titan_recipes / name)])
+    for key in unsupported:
+        with pytest.raises(ConfigError, match="not supported by torchtitan_ext's trainer") as err:
+            validate(cfg, world_size)
+        assert err.value.key == key
+        section, field = key.split(".")
+        setattr(getattr(cfg, section), field, type(getattr(getattr(cfg, section), field))())
     dims = validate(cfg, world_size)
     assert dims is not None
     assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp, dims.cp) == shape
@@ -260,10 +273,89 @@ def test_missing_and_malformed_files(tmp_path):
     ],
 )  # fmt: skip
 def test_config_cli_rejects_what_training_rejects(capsys, more, fragment):
-    """The checker runs train.py's own checks (trainer.check_recipe), so it cannot pass a
+    """The checker runs train.py's own checks (validate.check_recipe), so it cannot pass a
     recipe that training refuses before reading data."""
     assert config_main(["--job.config_file", DEBUG_CPU, *more]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_checker_and_trainer_run_every_rule_of_one_table(monkeypatch, capsys):
+    """config.validate.RULES is the one list of rules: the checker (with a world size) runs
+    every rule of every phase but data, train.py's prepare every rule of every phase (the
+    recipe and mesh ones once more per curriculum stage); --list-rules prints each of them."""
+    import importlib
+
+    from torchtitan_ext.distributed import RankInfo
+    from torchtitan_ext.trainer import prepare
+
+    v = importlib.import_module("torchtitan_ext.config.validate")  # the package exports a function
+    calls: dict[int, int] = {}
+
+    def counted(i: int, rule: Any) -> Any:
+        def check(c: Any) -> None:
+            calls[i] = calls.get(i, 0) + 1
+            rule.check(c)
+
+        return v.Rule(rule.phase, rule.keys, rule.what, check, rule.where)
+
+    monkeypatch.setattr(v, "RULES", tuple(counted(i, r) for i, r in enumerate(v.RULES)))
+    curriculum = str(ROOT / "train_configs" / "debug_cpu_curriculum.toml")
+    args = ["--job.config_file", curriculum, "--training.device", "cpu"]
+    stages = 4  # debug_cpu_curriculum.toml's
+    per_stage = {"recipe", "mesh"}
+    for run, phases in (
+        ("checker", ("curriculum", "recipe", "mesh", "device")),
+        ("train.py", v.PHASES),
+    ):
+        calls.clear()
+        if run == "checker":
+            assert config_main([*args, "--world_size", "4"]) == 0, capsys.readouterr().err
+        else:
+            prepare(args, RankInfo(0, 0, 4))
+        # Exactly the rules of these phases ran; the recipe and mesh ones also for each stage
+        # (and for each mesh the auto-meshed stage 4 considers).
+        assert set(calls) == {i for i, r in enumerate(v.RULES) if r.phase in phases}, run
+        for i, r in enumerate(v.RULES):
+            if r.phase in phases:
+                assert calls[i] >= 1 + stages * (r.phase in per_stage), (run, r.what)
+    capsys.readouterr()
+    assert config_main(["--list-rules"]) == 0
+    listed = capsys.readouterr().out
+    assert [line.rstrip(":") for line in listed.splitlines() if not line.startswith(" ")] == list(
+        v.PHASES
+    )
+    for rule in v.RULES:
+        assert f"{rule.what} [{rule.where}]" in listed
+
+
+def test_walkthrough_recipe_is_the_template_edited(capsys):
+    """train_configs/debug_cpu_4d_curriculum.toml (the README walkthrough's recipe) differs from
+    docs/recipe_template.toml only in the walkthrough's edits, and passes the checker on 8 ranks
+    with pp 2 x tp 2 and cp 1 -> 2 over its two stages."""
+    import tomli
+
+    template = tomli.loads((ROOT / "docs" / "recipe_template.toml").read_text())
+    recipe = ROOT / "train_configs" / "debug_cpu_4d_curriculum.toml"
+    walk = tomli.loads(recipe.read_text())
+    changed = {
+        f"{section}.{key}"
+        for section in template.keys() | walk.keys()
+        for key in template.get(section, {}).keys() | walk.get(section, {}).keys()
+        if template.get(section, {}).get(key) != walk.get(section, {}).get(key)
+    }
+    assert changed == {
+        "job.dump_folder", "job.description", "training.local_batch_size",
+        "lr_scheduler.warmup_steps", "parallelism.tensor_parallel_degree",
+        "parallelism.pipeline_parallel_degree", "checkpoint.interval", "metrics.log_freq",
+        "validation.freq", "validation.steps", "validation.local_batch_size",
+        "curriculum.tokens_per_step", "curriculum.stages",
+    }  # fmt: skip
+    assert config_main(["--job.config_file", str(recipe), "--world_size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "pp 2 x dp_replicate 1 x dp_shard 2 x tp 2 x cp 1" in out
+    assert [line.split()[7:9] for line in out.splitlines() if line.startswith("#       ")] == [
+        ["2", "1"], ["2", "2"]
+    ]  # fmt: skip
 
 
 def test_config_cli_prints_resolved_config(capsys):

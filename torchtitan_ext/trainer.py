@@ -41,11 +41,18 @@ from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
 from torchtitan_ext.checkpoint import Checkpointer, TrainState, complete_steps, transfer_state
 from torchtitan_ext.config.manager import ConfigError, format_toml, load_config
-from torchtitan_ext.config.validate import check_activation_offload, resolve_model_args, validate
+from torchtitan_ext.config.validate import (
+    RecipeData,
+    check_data,
+    check_recipe,
+    global_batch_size,
+    resolve_model_args,
+    unit_len,
+    validate,
+)
 from torchtitan_ext.curriculum import (
     Stage,
     format_plan,
-    plan_curriculum,
     rope_label,
     stage_config,
     stage_lr_factor,
@@ -65,8 +72,6 @@ from torchtitan_ext.distributed import (
     RankInfo,
     configure_cuda_allocator,
     init_distributed,
-    resolve_backend,
-    resolve_device,
 )
 from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
 from torchtitan_ext.metrics import (
@@ -80,7 +85,7 @@ from torchtitan_ext.models import (
     canonical_name,
     init_weights_mesh_independent,
 )
-from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
+from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -128,193 +133,41 @@ class ResumeEarlierStage(Exception):
         self.step = step
 
 
-def _enabled(v: Any) -> bool:
-    return bool(v)
-
-
-def _above_one(v: Any) -> bool:
-    return int(v) > 1
-
-
-# TorchTitan settings this trainer does not implement (yet): rejected, never silently ignored.
-_UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    (
-        "parallelism.pipeline_parallel_schedule_csv",
-        _enabled,
-        "use one of torch's schedules by name",
-    ),
-    (
-        "checkpoint.async_mode",
-        lambda v: v not in ("disabled", "async"),
-        "'disabled' or 'async' (the pinned-memory stager is not wired in)",
-    ),
-    ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
-    ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
-    ("checkpoint.last_save_in_hf", _enabled, "HF-format checkpoints are not supported"),
-    ("model.converters", _enabled, "float8/mx converters are not supported"),
-    ("fault_tolerance.enable", _enabled, "not supported"),
-    ("metrics.enable_wandb", _enabled, "use tensorboard"),
-    ("profiling.enable_profiling", _enabled, "not supported yet"),
-    ("optimizer.early_step_in_backward", _enabled, "not supported"),
-    ("comm.mode", lambda v: v != "default", "only 'default' is supported"),
-    ("training.enable_cpu_offload", _enabled, "FSDP CPU offload is not supported"),
-    (
-        "validation.dataset",
-        lambda v: v != "c4_validation",  # TorchTitan's default, which every recipe carries
-        "validation uses the held-out data.validation_fraction of training.dataset",
-    ),
-    (
-        "validation.dataset_path",
-        _enabled,
-        "validation uses the held-out data.validation_fraction of training.dataset",
-    ),
-]
-
-
-def check_trainer_support(cfg: Any) -> None:
-    """Reject recipe settings that TorchTitan's schema has but this trainer does not implement.
-
-    Raises:
-        ConfigError: the first unsupported setting, e.g. ``model.converters = ['float8']``.
-    """
-    for key, is_bad, why in _UNSUPPORTED:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if is_bad(value):
-            raise ConfigError(key, value, f"not supported by torchtitan_ext's trainer: {why}")
-
-
-def check_recipe(
-    cfg: Any, world_size: int, local_rank: int = 0
-) -> tuple[Any, ParallelDims, list[Stage], torch.device]:
-    """Every check of a recipe that needs no data: the config validation, each curriculum
-    stage for the world size, what this trainer supports, and what the device and torch
-    allow. The one path that ``train.py`` and ``python -m torchtitan_ext.config`` share, so
-    the checker cannot accept what training rejects (only the data is checked by training
-    alone). No collective.
-
-    Returns:
-        (the config to start with: the first stage's with a curriculum, its dims, the stages,
-        the training device).
-
-    Raises:
-        ConfigError: the first problem found.
-    """
-    stages = plan_curriculum(cfg, world_size)
-    if stages and not cfg.curriculum.switch_in_memory:
-        # Each stage then starts from the boundary checkpoint the previous one wrote.
-        if not cfg.checkpoint.enable:
-            raise ConfigError(
-                "checkpoint.enable",
-                False,
-                "with curriculum.switch_in_memory = false each stage starts from the boundary "
-                "checkpoint: enable checkpoints, or switch stages in memory",
-            )
-        if cfg.checkpoint.load_only:
-            raise ConfigError(
-                "checkpoint.load_only",
-                True,
-                "with curriculum.switch_in_memory = false each stage starts from the boundary "
-                "checkpoint, which load_only would not write (every stage but the last would be "
-                "lost): switch stages in memory, or drop load_only",
-            )
-        if not cfg.curriculum.boundary_checkpoint:
-            raise ConfigError(
-                "curriculum.boundary_checkpoint",
-                False,
-                "with curriculum.switch_in_memory = false each stage starts from the boundary "
-                "checkpoint: it cannot be skipped",
-            )
-    if stages:
-        cfg = stage_config(cfg, stages[0])
-    dims = validate(cfg, world_size)
-    assert dims is not None
-    check_trainer_support(cfg)
-    device = resolve_device(cfg, local_rank)
-    check_activation_offload(cfg, device.type)
-    cp = max([s.cp for s in stages] or [dims.cp])
-    if device.type == "cpu" and cp > 1 and (why := cpu_ring_attention.unsupported_reason()):
-        raise ConfigError("parallelism.context_parallel_degree", cp, why)
-    return cfg, dims, stages, device
-
-
 def prepare(args: list[str], rank: RankInfo) -> Prepared:
-    """Parse, validate and load data: no collective, identical on every rank.
+    """Parse, check (``config.validate.RULES``, every phase) and load data: no collective,
+    identical on every rank.
 
     Raises:
         ConfigError: any problem with the recipe, the environment or the data.
     """
-    cfg, dims, stages, device = check_recipe(load_config(args), rank.world_size, rank.local_rank)
-    backend = resolve_backend(cfg, device)
+    check = check_recipe(load_config(args), rank.world_size, rank.local_rank)
+    cfg, dims, device = check.cfg, check.dims, check.device
+    assert dims is not None and device is not None
     model_args = resolve_model_args(cfg)
     model_args.update_from_config(cfg)
+    check.model_args = model_args
     tokenizer = build_tokenizer(cfg)
-    if tokenizer.get_vocab_size() > model_args.vocab_size:
-        raise ConfigError(
-            "model.flavor",
-            cfg.model.flavor,
-            f"vocab_size {model_args.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.get_vocab_size()}",
-        )
     docs = load_documents(cfg)
     train_docs, val_docs = split_documents(
         docs, cfg.data.validation_fraction, cfg.data.shuffle_seed
     )
-    if cfg.validation.enable and not val_docs:
-        raise ConfigError("validation.enable", True, "data.validation_fraction leaves no documents")
     train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
     val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
-    # Fail now, not at the first step, if the data cannot fill one global batch (of any
-    # stage) or one validation window.
-    _check_fills_global_batch(
-        "training.global_batch_size",
-        train_tokens,
-        cfg.training.seq_len,
-        global_batch_size(cfg, dims),
-        cfg.data.shuffle_seed,
-    )
-    if cfg.validation.enable:
-        PackedWindows(val_tokens, cfg.validation.seq_len, 0, shuffle=False, key="validation")
-    for s in stages:
-        stream = train_tokens
-        if s.min_doc_tokens:
-            stream = long_documents(train_tokens, train_doc_offsets, s.min_doc_tokens)
-        if len(stream) < s.seq_len + 1:
-            raise ConfigError(
-                f"curriculum.stages[{s.index}].min_doc_tokens",
-                s.min_doc_tokens,
-                f"leaves {len(stream)} training tokens, less than one window of {s.seq_len}",
-            )
-        _check_fills_global_batch(
-            f"curriculum.stages[{s.index}].global_batch_size",
-            stream,
-            s.seq_len,
-            s.global_batch_size,
-            cfg.data.shuffle_seed,
-            unit_len(stages),
-        )
-        if cfg.validation.enable:
-            PackedWindows(val_tokens, s.seq_len, 0, shuffle=False, key="validation")
+    data = RecipeData(tokenizer, train_tokens, train_doc_offsets, val_tokens, len(val_docs))
+    check_data(check, data)
     return Prepared(
         cfg,
         rank,
         dims,
         device,
-        backend,
+        check.backend,
         tokenizer,
         train_tokens,
         val_tokens,
         model_args,
-        stages,
+        check.stages,
         train_doc_offsets,
     )
-
-
-def global_batch_size(cfg: Any, dims: ParallelDims) -> int:
-    """Sequences per optimizer step: ``training.global_batch_size``, or with -1 the local
-    batch x dp (one microbatch per step)."""
-    t = cfg.training
-    return int(t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp)
 
 
 def validation_window_count(steps: int, global_batch: int, available: int) -> int:
@@ -323,31 +176,6 @@ def validation_window_count(steps: int, global_batch: int, available: int) -> in
     The same on every mesh whenever the global batch is (TorchTitan counts ``steps`` per dp
     rank instead, so its validation loss depends on the data-parallel degree)."""
     return available if steps == -1 else min(available, steps * global_batch)
-
-
-def unit_len(stages: list[Stage]) -> int:
-    """``PackedWindows.unit_len`` of the training data: the longest stage's seq_len (one grid
-    of units for every stage), or 0 (the run's seq_len) without a curriculum."""
-    return max((s.seq_len for s in stages), default=0)
-
-
-def _check_fills_global_batch(
-    key: str, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int, unit: int = 0
-) -> None:
-    """Raise unless the token stream holds at least one global batch of windows.
-
-    Raises:
-        ConfigError: naming ``key`` (the global batch size) with the windows available.
-    """
-    windows = PackedWindows(tokens, seq_len, seed, unit_len=unit).num_windows
-    if windows < global_batch:
-        raise ConfigError(
-            key,
-            global_batch,
-            f"the training set has {windows} windows of {seq_len + 1} tokens "
-            f"({len(tokens)} tokens), fewer than one global batch: use more data, a shorter "
-            "seq_len or a smaller batch",
-        )
 
 
 def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
@@ -1059,7 +887,8 @@ def run(p: Prepared) -> None:
         return
     logger.info(
         "curriculum (its stages set seq_len, steps and batch: the recipe's training.seq_len, "
-        "training.steps and batch sizes are not used):\n" + format_plan(p.stages)
+        "training.steps, batch sizes and validation seq_len and batch are not used):\n"
+        + format_plan(p.stages)
     )
     ckpt = p.cfg.checkpoint
     folder = os.path.join(p.cfg.job.dump_folder, ckpt.folder)

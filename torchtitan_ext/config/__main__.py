@@ -5,13 +5,14 @@ Usage::
     python -m torchtitan_ext.config --job.config_file train_configs/debug_cpu.toml \
         [--world_size 8] [--section.key value ...]
 
-``--help`` lists every option (``config.manager.format_help``). The world size
-(``--world_size``, also spelled ``--world-size`` or ``--nproc``, as in the scripts) defaults to
-``$WORLD_SIZE`` when set (as under torchrun). With a world size it runs every check
-``train.py`` runs before reading data (``trainer.check_recipe``: each curriculum stage, whose
-plan it prints, what the trainer supports, the device and torch); without one, the checks that
-need no world size. Exit status 0 and the resolved config as TOML on stdout; on a bad recipe,
-exit status 2 and one line on stderr naming the key and the value.
+``--help`` lists every option (``config.manager.format_help``), ``--list-rules`` every rule
+(``config.validate.RULES``). The world size (``--world_size``, also spelled ``--world-size`` or
+``--nproc``, as in the scripts) defaults to ``$WORLD_SIZE`` when set (as under torchrun). With a
+world size it runs every check ``train.py`` runs before reading data
+(``validate.check_recipe``: each curriculum stage, whose plan it prints, the mesh, what the
+trainer supports, the device and torch); without one, the ``recipe`` phase. Exit status 0 and
+the resolved config as TOML on stdout; on a bad recipe, exit status 2 and one line on stderr
+naming the key and the value.
 """
 
 import os
@@ -27,7 +28,7 @@ from torchtitan_ext.config.manager import (
     load_config,
     pop_world_size_arg,
 )
-from torchtitan_ext.config.validate import validate
+from torchtitan_ext.config.validate import check_recipe, format_rules, validate
 from torchtitan_ext.curriculum import format_plan
 
 PROG = "python -m torchtitan_ext.config"
@@ -46,16 +47,27 @@ WORLD_SIZE_HELP = (
 )
 
 
+LIST_RULES_FLAG = "--list-rules"
+LIST_RULES_HELP = (
+    "Print every rule a recipe is checked against (config.validate.RULES), by phase, with the "
+    "keys each judges and the module that owns it, and exit."
+)
+
+
 def help_text() -> str:
-    """``--help``'s text: every recipe option plus ``--world_size``."""
+    """``--help``'s text: every recipe option plus ``--world_size`` and ``--list-rules``."""
     flags = ", ".join(f"{flag} N" for flag in WORLD_SIZE_FLAGS)
-    return format_help(PROG, DESCRIPTION, [(flags, WORLD_SIZE_HELP)])
+    extra = [(flags, WORLD_SIZE_HELP), (LIST_RULES_FLAG, LIST_RULES_HELP)]
+    return format_help(PROG, DESCRIPTION, extra)
 
 
 def main(args: list[str]) -> int:
     """Entry point; returns the process exit status."""
     if help_requested(args):
         sys.stdout.write(help_text())
+        return 0
+    if LIST_RULES_FLAG in args:
+        sys.stdout.write(format_rules())
         return 0
     try:
         args, world_size = pop_world_size_arg(args)
@@ -65,16 +77,12 @@ def main(args: list[str]) -> int:
         stages: list[Any] = []
         dims = None
         if world_size is not None:
-            # train.py's own checks (every stage, trainer support, device and torch); the mesh
-            # shown is the first stage's.
-            from torchtitan_ext.trainer import check_recipe
-
-            _, dims, stages, _ = check_recipe(cfg, world_size)
+            # train.py's own checks (every phase of RULES but data); the mesh shown is the
+            # first stage's.
+            check = check_recipe(cfg, world_size)
+            dims, stages = check.dims, check.stages
         else:
-            validate(cfg, None)
-            from torchtitan_ext.trainer import check_trainer_support
-
-            check_trainer_support(cfg)
+            validate(cfg, None)  # the recipe phase
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -372,7 +372,7 @@ def pop_world_size_arg(args: list[str]) -> tuple[list[str], int | None]:
 # option the parser accepts is listed with its docstring, type and default.
 
 UNSUPPORTED_MARK = "not supported by torchtitan_ext's trainer"
-"""The words ``--help`` marks an option with when ``trainer.check_trainer_support`` rejects
+"""The words ``--help`` marks an option with when ``validate.check_trainer_support`` rejects
 (some of) its values; the same words start that check's error."""
 
 _HELP_FALLBACK = {
@@ -430,7 +430,7 @@ def format_help(
 ) -> str:
     """The ``--help`` text of a command that takes a recipe: every option of the merged
     JobConfig (TorchTitan's and torchtitan_ext's) by section, with its docstring, type and
-    default; the options ``trainer.check_trainer_support`` rejects marked with
+    default; the options ``validate.check_trainer_support`` rejects marked with
     ``UNSUPPORTED_MARK`` (from its own table); and a closing section on the
     ``[[curriculum.stages]]`` tables with every key of ``curriculum.STAGE_KEYS``.
 
@@ -539,10 +539,10 @@ def _stage_key_help(root: Any, key: str) -> str:
 
 
 def _unsupported_reasons() -> dict[str, str]:
-    """``dotted key -> why`` from the table ``trainer.check_trainer_support`` checks."""
-    from torchtitan_ext.trainer import _UNSUPPORTED  # it imports this module
+    """``dotted key -> why`` from the table ``validate.check_trainer_support`` checks."""
+    from torchtitan_ext.config.validate import UNSUPPORTED  # it imports this module
 
-    return {key: why for key, _, why in _UNSUPPORTED}
+    return {key: why for key, _, why in UNSUPPORTED}
 
 
 def _unsupported_note(why: str) -> str:

@@ -1,20 +1,536 @@
-"""Semantic checks of a resolved recipe, run identically on every rank before any collective.
+"""Every rule a recipe must pass, in one place: the table ``RULES``, run in phase order.
 
-TorchTitan 0.2.2 asserts some of these deep inside its trainer (after process groups exist, so a
-bad value hangs or prints one traceback per rank) and misses others. Each check here raises one
-``ConfigError`` naming the key and the value.
+``train.py`` (``trainer.prepare``) and the checker (``python -m torchtitan_ext.config``) run the
+same table, so the checker cannot accept what training rejects; only the ``data`` phase needs
+the corpus and runs in training alone. Each rule raises one ``ConfigError`` naming the key and
+the value, on every rank, before any collective (TorchTitan 0.2.2 asserts some of these deep in
+its trainer, after process groups exist, where a bad value hangs or prints one traceback per
+rank, and misses others).
+
+Phases (``PHASES``), each filling in part of ``RecipeCheck`` for the next:
+
+- ``curriculum`` (world size known): plan every ``[[curriculum.stages]]`` (each stage's recipe
+  passes the ``recipe`` and ``mesh`` phases itself); the rest then checks the first stage's;
+- ``recipe``: one config on its own (no world size): values, model, degrees, patterns, what the
+  trainer implements;
+- ``mesh`` (world size known): the mesh (``ParallelDims``) and the batch it implies;
+- ``device``: the training device and process-group backend of this rank, and what they and
+  the installed torch allow;
+- ``data`` (training only): the tokenizer and the corpus against the model and the batches.
+
+A feature adds its rule here (the check itself may live in the feature's module: the table
+names it), so ``python -m torchtitan_ext.config --list-rules`` shows every rule.
 """
 
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.parallel_dims import ParallelDims, check_degrees, mesh_dim_order_of
 
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from torchtitan_ext.curriculum import Stage
+
 SUPPORTED_AC_MODES = ("none", "selective", "full")
+Phase = Literal["curriculum", "recipe", "mesh", "device", "data"]
+PHASES: tuple[Phase, ...] = ("curriculum", "recipe", "mesh", "device", "data")
+
+
+@dataclass
+class RecipeData:
+    """The data the ``data`` phase checks (``trainer.prepare`` loads it).
+
+    Attributes:
+        tokenizer: the recipe's tokenizer (``data.build_tokenizer``).
+        train_tokens: (n,) int32 token stream of the training documents.
+        train_doc_offsets: (n_docs + 1,) int64 offsets of the documents in ``train_tokens``.
+        val_tokens: (m,) int32 token stream of the validation documents (empty when
+            validation is off).
+        val_documents: number of documents in the validation split.
+    """
+
+    tokenizer: Any
+    train_tokens: "np.ndarray"
+    train_doc_offsets: "np.ndarray"
+    val_tokens: "np.ndarray"
+    val_documents: int
+
+
+@dataclass
+class RecipeCheck:
+    """One recipe under check: what the rules read, and what they resolve for later phases.
+
+    Attributes:
+        cfg: the merged JobConfig (after the ``curriculum`` phase: the first stage's).
+        world_size: ranks of the job, or None (the ``curriculum`` and ``mesh`` phases need it).
+        local_rank: this rank's index on its node (the ``device`` phase).
+        model_args: TorchTitan model args of ``model.flavor`` (``recipe`` phase).
+        dims: the mesh degrees (``mesh`` phase).
+        stages: the curriculum stages, [] without one (``curriculum`` phase).
+        device, backend: this rank's training device and process-group backend (``device``).
+        data: the loaded data (set by the caller of the ``data`` phase).
+    """
+
+    cfg: Any
+    world_size: int | None = None
+    local_rank: int = 0
+    model_args: Any = None
+    dims: ParallelDims | None = None
+    stages: "list[Stage]" = field(default_factory=list)
+    device: "torch.device | None" = None
+    backend: str = ""
+    data: RecipeData | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule of ``RULES``.
+
+    Attributes:
+        phase: when it runs (``PHASES``).
+        keys: the recipe keys (or sections) it judges.
+        what: what it requires, in one line.
+        check: raises ``ConfigError`` when the recipe breaks the rule; may fill in the
+            ``RecipeCheck``.
+        where: the module that owns the check.
+    """
+
+    phase: Phase
+    keys: tuple[str, ...]
+    what: str
+    check: Callable[[RecipeCheck], None]
+    where: str
+
+
+def _positive(c: RecipeCheck) -> None:
+    _check_positive(c.cfg)
+
+
+def _degrees(c: RecipeCheck) -> None:
+    check_degrees(c.cfg)
+
+
+def _mesh_dim_order(c: RecipeCheck) -> None:
+    mesh_dim_order_of(c.cfg.parallelism.mesh_dim_order)  # "auto" is resolved with the degrees
+
+
+def _model(c: RecipeCheck) -> None:
+    c.model_args = resolve_model_args(c.cfg)
+
+
+def _heads(c: RecipeCheck) -> None:
+    _check_heads(c.model_args, c.cfg.parallelism.tensor_parallel_degree)
+
+
+def _seq_lens(c: RecipeCheck) -> None:
+    p = c.cfg.parallelism
+    tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
+    _check_seq_len(c.cfg, "training.seq_len", c.cfg.training.seq_len, tp, cp)
+    if c.cfg.validation.enable:
+        _check_seq_len(c.cfg, "validation.seq_len", c.cfg.validation.seq_len, tp, cp)
+
+
+def _cp_pattern(c: RecipeCheck) -> None:
+    from torchtitan_ext.parallel.cp_patterns import check_recipe_pattern
+
+    p = c.cfg.parallelism
+    check_recipe_pattern(c.cfg, c.model_args, p.tensor_parallel_degree, p.context_parallel_degree)
+
+
+def _cp_attention(c: RecipeCheck) -> None:
+    if c.cfg.parallelism.context_parallel_degree > 1:
+        from torchtitan_ext.parallel.context_parallel import check_recipe_cp
+
+        check_recipe_cp(c.cfg, c.model_args)
+
+
+def _long_context(c: RecipeCheck) -> None:
+    from torchtitan_ext.long_context import check_local_sequence
+
+    check_local_sequence(c.cfg, c.cfg.parallelism.context_parallel_degree)
+
+
+def _pipeline(c: RecipeCheck) -> None:
+    if c.cfg.parallelism.pipeline_parallel_degree > 1:
+        from torchtitan_ext.parallel.pipeline import plan_pipeline
+
+        plan_pipeline(c.cfg, c.model_args.n_layers)
+
+
+def _ac_mode(c: RecipeCheck) -> None:
+    mode = c.cfg.activation_checkpoint.mode
+    if mode not in SUPPORTED_AC_MODES:
+        raise ConfigError(
+            "activation_checkpoint.mode",
+            mode,
+            f"supported modes are {', '.join(SUPPORTED_AC_MODES)}",
+        )
+
+
+def _validation_fraction(c: RecipeCheck) -> None:
+    fraction = c.cfg.data.validation_fraction
+    if not 0.0 <= fraction < 0.5:
+        raise ConfigError("data.validation_fraction", fraction, "must be in [0, 0.5)")
+
+
+def _optimizer(c: RecipeCheck) -> None:
+    if c.cfg.optimizer.name not in ("Adam", "AdamW"):
+        raise ConfigError("optimizer.name", c.cfg.optimizer.name, "supported: Adam, AdamW")
+
+
+def _trainer_support(c: RecipeCheck) -> None:
+    check_trainer_support(c.cfg)
+
+
+def _mesh(c: RecipeCheck) -> None:
+    assert c.world_size is not None
+    c.dims = ParallelDims.from_config(c.cfg, c.world_size)
+
+
+def _batch(c: RecipeCheck) -> None:
+    assert c.dims is not None
+    _check_batch(c.cfg, c.dims)
+
+
+def _curriculum(c: RecipeCheck) -> None:
+    from torchtitan_ext.curriculum import plan_curriculum, stage_config
+
+    assert c.world_size is not None
+    c.stages = plan_curriculum(c.cfg, c.world_size)
+    if c.stages:
+        c.cfg = stage_config(c.cfg, c.stages[0])
+
+
+def _disk_switches(c: RecipeCheck) -> None:
+    """Stages that start from the boundary checkpoint (``switch_in_memory = false``) need it."""
+    cfg = c.cfg
+    if not c.stages or cfg.curriculum.switch_in_memory:
+        return
+    why = "with curriculum.switch_in_memory = false each stage starts from the boundary checkpoint"
+    if not cfg.checkpoint.enable:
+        raise ConfigError(
+            "checkpoint.enable", False, f"{why}: enable checkpoints, or switch stages in memory"
+        )
+    if cfg.checkpoint.load_only:
+        raise ConfigError(
+            "checkpoint.load_only",
+            True,
+            f"{why}, which load_only would not write (every stage but the last would be "
+            "lost): switch stages in memory, or drop load_only",
+        )
+    if not cfg.curriculum.boundary_checkpoint:
+        raise ConfigError("curriculum.boundary_checkpoint", False, f"{why}: it cannot be skipped")
+
+
+def _device(c: RecipeCheck) -> None:
+    from torchtitan_ext.distributed import resolve_backend, resolve_device
+
+    c.device = resolve_device(c.cfg, c.local_rank)
+    c.backend = resolve_backend(c.cfg, c.device)
+
+
+def _activation_offload(c: RecipeCheck) -> None:
+    assert c.device is not None
+    check_activation_offload(c.cfg, c.device.type)
+
+
+def _cpu_ring_attention(c: RecipeCheck) -> None:
+    """CP on CPU needs the ring-attention hook, tied to the torch series it was checked on."""
+    from torchtitan_ext.parallel import cpu_ring_attention
+
+    assert c.device is not None
+    cp = max([s.cp for s in c.stages] or [c.cfg.parallelism.context_parallel_degree])
+    if c.device.type == "cpu" and cp > 1 and (why := cpu_ring_attention.unsupported_reason()):
+        raise ConfigError("parallelism.context_parallel_degree", cp, why)
+
+
+def _vocab(c: RecipeCheck) -> None:
+    assert c.data is not None
+    vocab = c.data.tokenizer.get_vocab_size()
+    if vocab > c.model_args.vocab_size:
+        raise ConfigError(
+            "model.flavor",
+            c.cfg.model.flavor,
+            f"vocab_size {c.model_args.vocab_size} is smaller than the tokenizer's {vocab}",
+        )
+
+
+def _validation_split(c: RecipeCheck) -> None:
+    assert c.data is not None
+    if c.cfg.validation.enable and not c.data.val_documents:
+        raise ConfigError("validation.enable", True, "data.validation_fraction leaves no documents")
+
+
+def _training_windows(c: RecipeCheck) -> None:
+    """Fail now, not at the first step, when the data cannot fill one global batch of the run
+    or of any stage (a stage with ``min_doc_tokens`` draws from its long documents only)."""
+    from torchtitan_ext.data import long_documents
+
+    assert c.data is not None and c.dims is not None
+    cfg, d = c.cfg, c.data
+    seed = cfg.data.shuffle_seed
+    _check_fills_global_batch(
+        "training.global_batch_size",
+        d.train_tokens,
+        cfg.training.seq_len,
+        global_batch_size(cfg, c.dims),
+        seed,
+    )
+    unit = unit_len(c.stages)
+    for s in c.stages:
+        stream = d.train_tokens
+        if s.min_doc_tokens:
+            stream = long_documents(d.train_tokens, d.train_doc_offsets, s.min_doc_tokens)
+        if len(stream) < s.seq_len + 1:
+            raise ConfigError(
+                f"curriculum.stages[{s.index}].min_doc_tokens",
+                s.min_doc_tokens,
+                f"leaves {len(stream)} training tokens, less than one window of {s.seq_len}",
+            )
+        key = f"curriculum.stages[{s.index}].global_batch_size"
+        _check_fills_global_batch(key, stream, s.seq_len, s.global_batch_size, seed, unit)
+
+
+def _validation_windows(c: RecipeCheck) -> None:
+    """The validation split holds one window of the run's and of every stage's length."""
+    from torchtitan_ext.data import PackedWindows
+
+    assert c.data is not None
+    if not c.cfg.validation.enable:
+        return
+    for seq_len in [c.cfg.validation.seq_len, *(s.seq_len for s in c.stages)]:
+        PackedWindows(c.data.val_tokens, seq_len, 0, shuffle=False, key="validation")
+
+
+def _enabled(v: Any) -> bool:
+    return bool(v)
+
+
+UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
+    (
+        "parallelism.pipeline_parallel_schedule_csv",
+        _enabled,
+        "use one of torch's schedules by name",
+    ),
+    (
+        "checkpoint.async_mode",
+        lambda v: v not in ("disabled", "async"),
+        "'disabled' or 'async' (the pinned-memory stager is not wired in)",
+    ),
+    ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
+    ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
+    ("checkpoint.last_save_in_hf", _enabled, "HF-format checkpoints are not supported"),
+    ("model.converters", _enabled, "float8/mx converters are not supported"),
+    ("fault_tolerance.enable", _enabled, "not supported"),
+    ("metrics.enable_wandb", _enabled, "use tensorboard"),
+    ("profiling.enable_profiling", _enabled, "not supported yet"),
+    ("optimizer.early_step_in_backward", _enabled, "not supported"),
+    ("comm.mode", lambda v: v != "default", "only 'default' is supported"),
+    ("training.enable_cpu_offload", _enabled, "FSDP CPU offload is not supported"),
+    (
+        "validation.dataset",
+        lambda v: v != "c4_validation",  # TorchTitan's default, which every recipe carries
+        "validation uses the held-out data.validation_fraction of training.dataset",
+    ),
+    (
+        "validation.dataset_path",
+        _enabled,
+        "validation uses the held-out data.validation_fraction of training.dataset",
+    ),
+]
+"""TorchTitan settings this trainer does not implement (yet): ``(dotted key, is_bad(value),
+why)``. Rejected, never silently ignored; ``--help`` marks them."""
+
+
+_HERE = "config.validate"
+_POSITIVE_KEYS = (
+    "training.seq_len", "training.local_batch_size", "training.global_batch_size",
+    "training.steps", "training.max_norm", "optimizer.lr", "lr_scheduler.warmup_steps",
+    "metrics.log_freq", "checkpoint.interval", "checkpoint.keep_latest_k", "validation.freq",
+    "training.max_consecutive_nonfinite_steps", "training.loss_chunk_tokens",
+    "training.mlp_tile_tokens",
+)  # fmt: skip
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "curriculum",
+        ("curriculum",),
+        "every stage resolves (seq_len increasing, CP degree, batch, auto mesh) and its recipe "
+        "passes the recipe and mesh phases",
+        _curriculum,
+        "curriculum.plan_curriculum",
+    ),
+    Rule(
+        "curriculum",
+        ("curriculum.switch_in_memory", "checkpoint.enable", "checkpoint.load_only"),
+        "stages that start from the boundary checkpoint have it written",
+        _disk_switches,
+        _HERE,
+    ),
+    Rule("recipe", _POSITIVE_KEYS, "sizes, counts and rates in range", _positive, _HERE),
+    Rule(
+        "recipe",
+        ("parallelism.*_degree",),
+        "degrees >= 1 (dp_shard: -1 fills the world)",
+        _degrees,
+        "parallel_dims.check_degrees",
+    ),
+    Rule(
+        "recipe",
+        ("parallelism.mesh_dim_order",),
+        "a permutation of the mesh dims with cp innermost of the sequence dims, or 'auto'",
+        _mesh_dim_order,
+        "parallel_dims.mesh_dim_order_of",
+    ),
+    Rule(
+        "recipe",
+        ("model.name", "model.flavor", "model.rope_theta", "model.rope_scaling"),
+        "a registered TorchTitan model and flavor; RoPE theta and scaling valid",
+        _model,
+        _HERE,
+    ),
+    Rule(
+        "recipe",
+        ("parallelism.tensor_parallel_degree",),
+        "tp divides n_heads and n_kv_heads",
+        _heads,
+        _HERE,
+    ),
+    Rule(
+        "recipe",
+        ("training.seq_len", "validation.seq_len"),
+        "divisible by tp x cp (x 2 with head-tail load balancing)",
+        _seq_lens,
+        _HERE,
+    ),
+    Rule(
+        "recipe",
+        ("parallelism.context_parallel_pattern", "parallelism.context_parallel_*_degree"),
+        "a known CP pattern whose degrees divide cp and the heads per TP rank",
+        _cp_pattern,
+        "parallel.cp_patterns.check_recipe_pattern",
+    ),
+    Rule(
+        "recipe",
+        ("model.flavor", "parallelism.context_parallel_load_balancer"),
+        "with cp > 1: SDPA attention, head-tail or no load balancing",
+        _cp_attention,
+        "parallel.context_parallel.check_recipe_cp",
+    ),
+    Rule(
+        "recipe",
+        ("training.loss_chunk_tokens", "training.mlp_tile_tokens"),
+        "at most the local sequence (seq_len / cp)",
+        _long_context,
+        "long_context.check_local_sequence",
+    ),
+    Rule(
+        "recipe",
+        ("parallelism.pipeline_*",),
+        "with pp > 1: stages divide the layers, a known schedule, microbatches divide the batch",
+        _pipeline,
+        "parallel.pipeline.plan_pipeline",
+    ),
+    Rule(
+        "recipe",
+        ("activation_checkpoint.mode",),
+        f"one of {', '.join(SUPPORTED_AC_MODES)}",
+        _ac_mode,
+        _HERE,
+    ),
+    Rule("recipe", ("data.validation_fraction",), "in [0, 0.5)", _validation_fraction, _HERE),
+    Rule("recipe", ("optimizer.name",), "Adam or AdamW", _optimizer, _HERE),
+    Rule(
+        "recipe",
+        tuple(key for key, _, _ in UNSUPPORTED),
+        "TorchTitan settings this trainer does not implement are off (UNSUPPORTED)",
+        _trainer_support,
+        _HERE,
+    ),
+    Rule(
+        "mesh",
+        ("parallelism.*_degree",),
+        "the degrees' product is the world size",
+        _mesh,
+        "parallel_dims.ParallelDims.from_config",
+    ),
+    Rule(
+        "mesh",
+        ("training.global_batch_size",),
+        "a multiple of local_batch_size x the data-parallel degree",
+        _batch,
+        _HERE,
+    ),
+    Rule(
+        "device",
+        ("training.device", "comm.backend"),
+        "the device is visible to this rank; nccl only on CUDA",
+        _device,
+        "distributed.resolve_device, resolve_backend",
+    ),
+    Rule(
+        "device",
+        ("activation_checkpoint.enable_cpu_offload",),
+        "offload needs CUDA and full AC",
+        _activation_offload,
+        _HERE,
+    ),
+    Rule(
+        "device",
+        ("parallelism.context_parallel_degree",),
+        "CP on CPU needs a torch series the CPU ring attention was checked on",
+        _cpu_ring_attention,
+        "parallel.cpu_ring_attention.unsupported_reason",
+    ),
+    Rule(
+        "data",
+        ("model.flavor", "model.tokenizer"),
+        "the model's vocab holds the tokenizer's",
+        _vocab,
+        _HERE,
+    ),
+    Rule(
+        "data",
+        ("validation.enable", "data.validation_fraction"),
+        "validation has documents",
+        _validation_split,
+        _HERE,
+    ),
+    Rule(
+        "data",
+        ("training.global_batch_size", "curriculum.stages[i].min_doc_tokens"),
+        "the training data fills one global batch of the run and of every stage",
+        _training_windows,
+        _HERE,
+    ),
+    Rule(
+        "data",
+        ("validation.seq_len",),
+        "the validation split holds one window of every length",
+        _validation_windows,
+        _HERE,
+    ),
+)
+
+
+def run_phase(phase: Phase, check: RecipeCheck) -> None:
+    """Run the rules of ``phase`` on ``check``, in table order.
+
+    Raises:
+        ConfigError: the first rule broken.
+    """
+    for rule in RULES:
+        if rule.phase == phase:
+            rule.check(check)
 
 
 def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
-    """Check ``cfg`` (the merged JobConfig); with a world size, also the mesh for it.
+    """The ``recipe`` phase of one config; with a world size, also the ``mesh`` phase (a
+    curriculum checks each stage's recipe with this).
 
     Args:
         cfg: the merged JobConfig from ``load_config``.
@@ -26,40 +542,51 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
     Raises:
         ConfigError: the first problem found.
     """
-    _check_positive(cfg)
-    mesh_dim_order_of(cfg.parallelism.mesh_dim_order)  # "auto" is resolved with the degrees
-    model_args = resolve_model_args(cfg)
-    p = cfg.parallelism
-    tp, cp = p.tensor_parallel_degree, p.context_parallel_degree
-    _check_heads(model_args, tp)
-    _check_seq_len(cfg, "training.seq_len", cfg.training.seq_len, tp, cp)
-    if cfg.validation.enable:
-        _check_seq_len(cfg, "validation.seq_len", cfg.validation.seq_len, tp, cp)
-    _check_cp_pattern(cfg, model_args, tp, cp)
-    if cp > 1:
-        _check_cp(cfg, model_args)
-    _check_long_context(cfg, cp)
-    if p.pipeline_parallel_degree > 1:
-        from torchtitan_ext.parallel.pipeline import plan_pipeline
-
-        plan_pipeline(cfg, model_args.n_layers)
-    if cfg.activation_checkpoint.mode not in SUPPORTED_AC_MODES:
-        raise ConfigError(
-            "activation_checkpoint.mode",
-            cfg.activation_checkpoint.mode,
-            f"supported modes are {', '.join(SUPPORTED_AC_MODES)}",
-        )
-    if not 0.0 <= cfg.data.validation_fraction < 0.5:
-        raise ConfigError(
-            "data.validation_fraction", cfg.data.validation_fraction, "must be in [0, 0.5)"
-        )
-    if cfg.optimizer.name not in ("Adam", "AdamW"):
-        raise ConfigError("optimizer.name", cfg.optimizer.name, "supported: Adam, AdamW")
+    check = RecipeCheck(cfg, world_size)
+    run_phase("recipe", check)
     if world_size is None:
         return None
-    dims = ParallelDims.from_config(cfg, world_size)
-    _check_batch(cfg, dims)
-    return dims
+    run_phase("mesh", check)
+    return check.dims
+
+
+def check_recipe(cfg: Any, world_size: int, local_rank: int = 0) -> RecipeCheck:
+    """Every phase but ``data``: what ``train.py`` and ``python -m torchtitan_ext.config
+    --world_size N`` both run, so the checker cannot accept what training rejects. No
+    collective.
+
+    Returns:
+        The check, with ``cfg`` (the first stage's with a curriculum), ``dims``, ``stages``,
+        ``device``, ``backend`` and ``model_args`` resolved.
+
+    Raises:
+        ConfigError: the first problem found.
+    """
+    check = RecipeCheck(cfg, world_size, local_rank)
+    for phase in ("curriculum", "recipe", "mesh", "device"):
+        run_phase(phase, check)
+    return check
+
+
+def check_data(check: RecipeCheck, data: RecipeData) -> None:
+    """The ``data`` phase on a ``check_recipe`` result and the loaded ``data``.
+
+    Raises:
+        ConfigError: the data cannot serve the recipe (naming the key to change).
+    """
+    check.data = data
+    run_phase("data", check)
+
+
+def format_rules() -> str:
+    """``RULES`` as text, by phase: what ``--list-rules`` prints."""
+    lines: list[str] = []
+    for phase in PHASES:
+        lines.append(f"{phase}:")
+        for rule in (r for r in RULES if r.phase == phase):
+            keys = ", ".join(rule.keys)
+            lines.append(f"  - {rule.what} [{rule.where}]\n      {keys}")
+    return "\n".join(lines) + "\n"
 
 
 def resolve_model_args(cfg: Any) -> Any:
@@ -98,20 +625,6 @@ def resolve_model_args(cfg: Any) -> Any:
     if bad is not None:
         raise ConfigError(f"model.{bad[0]}", bad[1], bad[2])
     return args
-
-
-def _check_long_context(cfg: Any, cp: int) -> None:
-    """The long-context memory settings against the local sequence (seq_len / cp)."""
-    local = cfg.training.seq_len // max(cp, 1)
-    for key in ("loss_chunk_tokens", "mlp_tile_tokens"):
-        tokens = getattr(cfg.training, key)
-        if tokens > local:
-            raise ConfigError(
-                f"training.{key}",
-                tokens,
-                f"larger than the local sequence (seq_len {cfg.training.seq_len} / cp {cp} = "
-                f"{local} tokens): it would not save memory; use at most {local}",
-            )
 
 
 def check_activation_offload(cfg: Any, device_type: str) -> None:
@@ -233,82 +746,6 @@ def _check_seq_len(cfg: Any, key: str, seq_len: int, tp: int, cp: int) -> None:
         raise ConfigError(key, seq_len, f"must be divisible by {why} = {div}")
 
 
-def _check_cp(cfg: Any, model_args: Any) -> None:
-    """What context parallel can shard: SDPA attention, head-tail or no load balancing."""
-    from torchtitan_ext.parallel.context_parallel import LOAD_BALANCERS
-
-    attn_type = getattr(model_args, "attn_type", "sdpa")
-    if attn_type != "sdpa":
-        raise ConfigError(
-            "model.flavor",
-            cfg.model.flavor,
-            f"its attn_type is {attn_type!r}; context parallel supports 'sdpa' attention",
-        )
-    lb = cfg.parallelism.context_parallel_load_balancer
-    if lb not in LOAD_BALANCERS:
-        raise ConfigError(
-            "parallelism.context_parallel_load_balancer",
-            lb,
-            "supported with SDPA: 'headtail', or None (no load balancing)",
-        )
-
-
-def _check_cp_pattern(cfg: Any, model_args: Any, tp: int, cp: int) -> None:
-    """``parallelism.context_parallel_pattern`` and the degrees it needs (``cp_patterns``)."""
-    import difflib
-
-    from torchtitan_ext.parallel import cp_patterns
-
-    p = cfg.parallelism
-    key = "parallelism.context_parallel_pattern"
-    name = p.context_parallel_pattern
-    if name not in cp_patterns.PATTERNS:
-        close = difflib.get_close_matches(str(name), cp_patterns.PATTERNS, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(key, name, f"must be one of {', '.join(cp_patterns.PATTERNS)}{hint}")
-    uses = {"hybrid": "ulysses_degree", "double_ring": "inner_ring_degree"}
-    for degree in ("ulysses_degree", "inner_ring_degree"):
-        value = getattr(p, f"context_parallel_{degree}")
-        if value != 0 and uses.get(name) != degree:
-            user = next(k for k, v in uses.items() if v == degree)
-            raise ConfigError(
-                f"parallelism.context_parallel_{degree}",
-                value,
-                f"only context_parallel_pattern = {user!r} uses it (the pattern is {name!r}); "
-                "leave it 0",
-            )
-    if cp == 1 or name == "ring":
-        return
-    if name in uses:
-        degree_key = f"parallelism.context_parallel_{uses[name]}"
-        inner = getattr(p, f"context_parallel_{uses[name]}")
-        if inner < 2 or cp % inner != 0 or inner == cp:
-            raise ConfigError(
-                degree_key,
-                inner,
-                f"{name} needs a divisor of context_parallel_degree ({cp}) in 2 .. {cp // 2}",
-            )
-    else:
-        degree_key, inner = "parallelism.context_parallel_degree", cp
-    heads = model_args.n_heads // tp
-    if name in ("ulysses", "hybrid") and heads % inner != 0:
-        raise ConfigError(
-            degree_key,
-            inner,
-            f"{name} splits the {heads} attention heads per TP rank (n_heads {model_args.n_heads}"
-            f" / tp {tp}) over it: must divide {heads}",
-        )
-    from torchtitan_ext.parallel import cpu_ring_attention
-
-    if cpu_ring_attention.unsupported_reason() is not None:
-        raise ConfigError(
-            key,
-            name,
-            f"needs torch {', '.join(cpu_ring_attention.SUPPORTED_TORCH)}.x (it wraps torch's "
-            f"private ring attention); found torch {__import__('torch').__version__}. Use 'ring'",
-        )
-
-
 def _check_batch(cfg: Any, dims: ParallelDims) -> None:
     local, global_ = cfg.training.local_batch_size, cfg.training.global_batch_size
     if global_ == -1:
@@ -323,4 +760,67 @@ def _check_batch(cfg: Any, dims: ParallelDims) -> None:
         )
 
 
-__all__ = ["resolve_model_args", "seq_len_divisor", "validate"]
+def check_trainer_support(cfg: Any) -> None:
+    """Reject recipe settings that TorchTitan's schema has but this trainer does not implement.
+
+    Raises:
+        ConfigError: the first unsupported setting, e.g. ``model.converters = ['float8']``.
+    """
+    for key, is_bad, why in UNSUPPORTED:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if is_bad(value):
+            raise ConfigError(key, value, f"not supported by torchtitan_ext's trainer: {why}")
+
+
+def global_batch_size(cfg: Any, dims: ParallelDims) -> int:
+    """Sequences per optimizer step: ``training.global_batch_size``, or with -1 the local
+    batch x dp (one microbatch per step)."""
+    t = cfg.training
+    return int(t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp)
+
+
+def unit_len(stages: "list[Stage]") -> int:
+    """``PackedWindows.unit_len`` of the training data: the longest stage's seq_len (one grid
+    of units for every stage), or 0 (the run's seq_len) without a curriculum."""
+    return max((s.seq_len for s in stages), default=0)
+
+
+def _check_fills_global_batch(
+    key: str, tokens: "np.ndarray", seq_len: int, global_batch: int, seed: int, unit: int = 0
+) -> None:
+    """Raise unless the token stream holds at least one global batch of windows.
+
+    Raises:
+        ConfigError: naming ``key`` (the global batch size) with the windows available.
+    """
+    from torchtitan_ext.data import PackedWindows
+
+    windows = PackedWindows(tokens, seq_len, seed, unit_len=unit).num_windows
+    if windows < global_batch:
+        raise ConfigError(
+            key,
+            global_batch,
+            f"the training set has {windows} windows of {seq_len + 1} tokens "
+            f"({len(tokens)} tokens), fewer than one global batch: use more data, a shorter "
+            "seq_len or a smaller batch",
+        )
+
+
+__all__ = [
+    "PHASES",
+    "RULES",
+    "UNSUPPORTED",
+    "RecipeCheck",
+    "RecipeData",
+    "Rule",
+    "check_data",
+    "check_recipe",
+    "check_trainer_support",
+    "format_rules",
+    "global_batch_size",
+    "resolve_model_args",
+    "seq_len_divisor",
+    "unit_len",
+    "validate",
+]

@@ -24,6 +24,7 @@ from torch.distributed.tensor.experimental._attention import (
 )
 from torch.distributed.tensor.parallel import parallelize_module
 
+from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
 from torchtitan_ext.parallel.cp_patterns import CPPattern
 
@@ -96,3 +97,26 @@ def shard_sequence(
     assert isinstance(out_inputs, torch.Tensor) and isinstance(out_labels, torch.Tensor)
     assert isinstance(out_positions, torch.Tensor)
     return out_inputs, out_labels, out_positions
+
+
+def check_recipe_cp(cfg: Any, model_args: Any) -> None:
+    """What context parallel can shard, for a recipe with cp > 1: SDPA attention, head-tail or
+    no load balancing (a rule of ``config.validate.RULES``).
+
+    Raises:
+        ConfigError: the flavor's attention or the load balancer, with what is supported.
+    """
+    attn_type = getattr(model_args, "attn_type", "sdpa")
+    if attn_type != "sdpa":
+        raise ConfigError(
+            "model.flavor",
+            cfg.model.flavor,
+            f"its attn_type is {attn_type!r}; context parallel supports 'sdpa' attention",
+        )
+    lb = cfg.parallelism.context_parallel_load_balancer
+    if lb not in LOAD_BALANCERS:
+        raise ConfigError(
+            "parallelism.context_parallel_load_balancer",
+            lb,
+            "supported with SDPA: 'headtail', or None (no load balancing)",
+        )

@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as ft_c
 from torch.distributed.device_mesh import DeviceMesh
 
+from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.parallel import cpu_ring_attention
 
 PATTERNS = ("ring", "ulysses", "double_ring", "hybrid")
@@ -667,3 +668,62 @@ def split_by_node(
         inter += inter_bytes
         intra += t.nbytes - inter_bytes
     return intra, inter
+
+
+def check_recipe_pattern(cfg: Any, model_args: Any, tp: int, cp: int) -> None:
+    """The recipe's ``parallelism.context_parallel_pattern`` and the degree it needs: a known
+    pattern; a Ulysses / hybrid degree that divides cp and the heads per TP rank; an inner ring
+    degree that divides cp; no degree set that the pattern does not use; torch 2.13 for any
+    pattern but the ring (a rule of ``config.validate.RULES``).
+
+    Raises:
+        ConfigError: naming the key and the value.
+    """
+    import difflib
+
+    p = cfg.parallelism
+    key = "parallelism.context_parallel_pattern"
+    name = p.context_parallel_pattern
+    if name not in PATTERNS:
+        close = difflib.get_close_matches(str(name), PATTERNS, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(key, name, f"must be one of {', '.join(PATTERNS)}{hint}")
+    uses = {"hybrid": "ulysses_degree", "double_ring": "inner_ring_degree"}
+    for degree in ("ulysses_degree", "inner_ring_degree"):
+        value = getattr(p, f"context_parallel_{degree}")
+        if value != 0 and uses.get(name) != degree:
+            user = next(k for k, v in uses.items() if v == degree)
+            raise ConfigError(
+                f"parallelism.context_parallel_{degree}",
+                value,
+                f"only context_parallel_pattern = {user!r} uses it (the pattern is {name!r}); "
+                "leave it 0",
+            )
+    if cp == 1 or name == "ring":
+        return
+    if name in uses:
+        degree_key = f"parallelism.context_parallel_{uses[name]}"
+        inner = getattr(p, f"context_parallel_{uses[name]}")
+        if inner < 2 or cp % inner != 0 or inner == cp:
+            raise ConfigError(
+                degree_key,
+                inner,
+                f"{name} needs a divisor of context_parallel_degree ({cp}) in 2 .. {cp // 2}",
+            )
+    else:
+        degree_key, inner = "parallelism.context_parallel_degree", cp
+    heads = model_args.n_heads // tp
+    if name in ("ulysses", "hybrid") and heads % inner != 0:
+        raise ConfigError(
+            degree_key,
+            inner,
+            f"{name} splits the {heads} attention heads per TP rank (n_heads {model_args.n_heads}"
+            f" / tp {tp}) over it: must divide {heads}",
+        )
+    if cpu_ring_attention.unsupported_reason() is not None:
+        raise ConfigError(
+            key,
+            name,
+            f"needs torch {', '.join(cpu_ring_attention.SUPPORTED_TORCH)}.x (it wraps torch's "
+            f"private ring attention); found torch {__import__('torch').__version__}. Use 'ring'",
+        )

@@ -27,7 +27,7 @@ from typing import Any
 
 from torchtitan_ext.config.manager import ConfigError, load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
-from torchtitan_ext.config.validate import validate
+from torchtitan_ext.config.validate import check_recipe
 from torchtitan_ext.distributed import (
     clear_dtensor_caches,
     launch_env,
@@ -225,9 +225,10 @@ def shape_run_args(shape: Shape, base: list[str], out: Path, global_batch: int) 
 
 
 def check_shape(shape: Shape, args: list[str]) -> str | None:
-    """None if the shape's recipe validates for its world size, else the one-line reason."""
+    """None if the shape's recipe passes train.py's checks (``validate.check_recipe``) for its
+    world size, else the one-line reason."""
     try:
-        validate(load_config(args), shape.nproc)
+        check_recipe(load_config(args), shape.nproc)
     except ConfigError as e:
         return str(e)
     return None
@@ -238,7 +239,7 @@ def _worker(args: list[list[str]]) -> int:
     import torch.distributed as dist
 
     from torchtitan_ext.distributed import RankInfo, init_distributed
-    from torchtitan_ext.trainer import Trainer, check_trainer_support, prepare, setup_logging
+    from torchtitan_ext.trainer import Trainer, prepare, setup_logging
 
     rank = RankInfo.from_env()
     setup_logging(rank.rank)
@@ -246,9 +247,7 @@ def _worker(args: list[list[str]]) -> int:
         # Every recipe is checked before the first collective; each one's data is loaded
         # only when it runs (a tokenized corpus per recipe would not fit 8 ranks' memory).
         for a in args:
-            cfg = load_config(a)
-            validate(cfg, rank.world_size)
-            check_trainer_support(cfg)
+            check_recipe(load_config(a), rank.world_size, rank.local_rank)
         p = prepare(args[0], rank)
     except ConfigError as e:
         sys.stderr.write(f"[rank{rank.rank}] config error: {e}\n")
