@@ -146,8 +146,9 @@ def main() -> int:
     fixed, max_degree = _degrees(a.fixed, "--fixed", ap), _degrees(a.max, "--max", ap)
     if a.dry_run:
         valid, invalid = enumerate_shapes(
-            a.config, a.nproc, out, a.steps, orders, fixed, max_degree, tuple(extra), patterns
-        )
+            a.config, a.nproc, out, a.steps, orders, fixed, max_degree, tuple(extra), patterns,
+            training=False,
+        )  # fmt: skip
         print(f"{len(valid)} valid shapes, {len(invalid)} invalid; planning...", flush=True)
         plan_rows = dry_run_sweep(valid, a.nproc, a.budget_gib, a.ranks_per_node)
         table = plan_table(plan_rows, a.budget_gib)

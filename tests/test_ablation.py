@@ -50,7 +50,7 @@ def test_cp_patterns_are_swept_and_planned_by_node(tmp_path):
 
     fixed = {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1}
     valid, invalid = enumerate_shapes(
-        DEBUG_CPU, 8, tmp_path, steps=2, fixed=fixed, cp_patterns=PATTERNS
+        DEBUG_CPU, 8, tmp_path, steps=2, fixed=fixed, cp_patterns=PATTERNS, training=False
     )
     names = sorted(s.name for s, _, _ in valid)
     assert names == sorted(

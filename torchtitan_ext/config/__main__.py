@@ -10,9 +10,9 @@ Usage::
 ``--nproc``, as in the scripts) defaults to ``$WORLD_SIZE`` when set (as under torchrun). With a
 world size it runs every check ``train.py`` runs before reading data
 (``validate.check_recipe``: each curriculum stage, whose plan it prints, the mesh, what the
-trainer supports, the device and torch); without one, the ``recipe`` phase. Exit status 0 and
-the resolved config as TOML on stdout; on a bad recipe, exit status 2 and one line on stderr
-naming the key and the value.
+trainer supports, the device and torch); without one, the ``recipe`` and ``trainer`` phases.
+Exit status 0 and the resolved config as TOML on stdout; on a bad recipe, exit status 2 and one
+line on stderr naming the key and the value.
 """
 
 import os
@@ -28,7 +28,7 @@ from torchtitan_ext.config.manager import (
     load_config,
     pop_world_size_arg,
 )
-from torchtitan_ext.config.validate import check_recipe, format_rules, validate
+from torchtitan_ext.config.validate import RecipeCheck, check_recipe, format_rules, run_phase
 from torchtitan_ext.curriculum import format_plan
 
 PROG = "python -m torchtitan_ext.config"
@@ -82,7 +82,9 @@ def main(args: list[str]) -> int:
             check = check_recipe(cfg, world_size)
             dims, stages = check.dims, check.stages
         else:
-            validate(cfg, None)  # the recipe phase
+            check = RecipeCheck(cfg)
+            run_phase("recipe", check)
+            run_phase("trainer", check)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -11,9 +11,11 @@ Phases (``PHASES``), each filling in part of ``RecipeCheck`` for the next:
 
 - ``curriculum`` (world size known): plan every ``[[curriculum.stages]]`` (each stage's recipe
   passes the ``recipe`` and ``mesh`` phases itself); the rest then checks the first stage's;
-- ``recipe``: one config on its own (no world size): values, model, degrees, patterns, what the
-  trainer implements;
+- ``recipe``: one config on its own (no world size): values, model, degrees, patterns;
 - ``mesh`` (world size known): the mesh (``ParallelDims``) and the batch it implies;
+- ``trainer``: the TorchTitan settings this trainer does not implement (``UNSUPPORTED``). Not
+  part of ``validate``, so the dry run and the planners still estimate TorchTitan's own recipes
+  (which turn on its profiler);
 - ``device``: the training device and process-group backend of this rank, and what they and
   the installed torch allow;
 - ``data`` (training only): the tokenizer and the corpus against the model and the batches.
@@ -36,8 +38,8 @@ if TYPE_CHECKING:
     from torchtitan_ext.curriculum import Stage
 
 SUPPORTED_AC_MODES = ("none", "selective", "full")
-Phase = Literal["curriculum", "recipe", "mesh", "device", "data"]
-PHASES: tuple[Phase, ...] = ("curriculum", "recipe", "mesh", "device", "data")
+Phase = Literal["curriculum", "recipe", "mesh", "trainer", "device", "data"]
+PHASES: tuple[Phase, ...] = ("curriculum", "recipe", "mesh", "trainer", "device", "data")
 
 
 @dataclass
@@ -445,13 +447,6 @@ RULES: tuple[Rule, ...] = (
     Rule("recipe", ("data.validation_fraction",), "in [0, 0.5)", _validation_fraction, _HERE),
     Rule("recipe", ("optimizer.name",), "Adam or AdamW", _optimizer, _HERE),
     Rule(
-        "recipe",
-        tuple(key for key, _, _ in UNSUPPORTED),
-        "TorchTitan settings this trainer does not implement are off (UNSUPPORTED)",
-        _trainer_support,
-        _HERE,
-    ),
-    Rule(
         "mesh",
         ("parallelism.*_degree",),
         "the degrees' product is the world size",
@@ -463,6 +458,13 @@ RULES: tuple[Rule, ...] = (
         ("training.global_batch_size",),
         "a multiple of local_batch_size x the data-parallel degree",
         _batch,
+        _HERE,
+    ),
+    Rule(
+        "trainer",
+        tuple(key for key, _, _ in UNSUPPORTED),
+        "TorchTitan settings this trainer does not implement are off (UNSUPPORTED)",
+        _trainer_support,
         _HERE,
     ),
     Rule(
@@ -563,7 +565,7 @@ def check_recipe(cfg: Any, world_size: int, local_rank: int = 0) -> RecipeCheck:
         ConfigError: the first problem found.
     """
     check = RecipeCheck(cfg, world_size, local_rank)
-    for phase in ("curriculum", "recipe", "mesh", "device"):
+    for phase in ("curriculum", "recipe", "mesh", "trainer", "device"):
         run_phase(phase, check)
     return check
 

@@ -149,11 +149,15 @@ def enumerate_shapes(
     max_degree: dict[str, int] | None = None,
     extra: tuple[str, ...] = (),
     cp_patterns: tuple[str, ...] = ("ring",),
+    training: bool = True,
 ) -> tuple[list[tuple[Shape, str, list[str]]], list[tuple[Shape, str, str]]]:
     """Every factorization of ``nproc`` (filtered by ``fixed`` degrees and ``max_degree``), in
     each of ``orders`` (``ORDERS``), with ``extra`` recipe overrides; shapes with cp > 1 once
     per context-parallel pattern in ``cp_patterns`` (``cp_patterns.PATTERNS``) and degree
     (``parity.pattern_options``: "+ulysses", "+hybrid<u>", "+dring<n>"; the ring unmarked).
+    A shape is valid when train.py would run it here (``parity.check_shape``); with
+    ``training=False`` (a dry run), when its recipe and mesh pass (the trainer's and this
+    machine's rules left out: a dry run plans TorchTitan's own GPU recipes on a CPU).
 
     Returns:
         (valid, invalid): valid as (shape, order, CLI args); invalid as (shape, order, the
@@ -176,7 +180,7 @@ def enumerate_shapes(
             shape = _with_order(variant, order)
             order_args = AUTO_ORDER_ARGS if order == "auto" else ()
             args = shape_args(recipe, shape, out, steps, g, (*order_args, *extra))
-            why = check_shape(shape, args)
+            why = check_shape(shape, args, training)
             if why is None:
                 valid.append((shape, order, args))
             else:

@@ -27,7 +27,7 @@ from typing import Any
 
 from torchtitan_ext.config.manager import ConfigError, load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
-from torchtitan_ext.config.validate import check_recipe
+from torchtitan_ext.config.validate import check_recipe, validate
 from torchtitan_ext.distributed import (
     clear_dtensor_caches,
     launch_env,
@@ -224,11 +224,16 @@ def shape_run_args(shape: Shape, base: list[str], out: Path, global_batch: int) 
     ]  # fmt: skip
 
 
-def check_shape(shape: Shape, args: list[str]) -> str | None:
-    """None if the shape's recipe passes train.py's checks (``validate.check_recipe``) for its
-    world size, else the one-line reason."""
+def check_shape(shape: Shape, args: list[str], training: bool = True) -> str | None:
+    """None if the shape's recipe passes train.py's checks here (``validate.check_recipe``) for
+    its world size, else the one-line reason. ``training=False``: only the recipe and mesh
+    rules (``validate.validate``), for a dry run of a cluster that is not this machine."""
     try:
-        check_recipe(load_config(args), shape.nproc)
+        cfg = load_config(args)
+        if training:
+            check_recipe(cfg, shape.nproc)
+        else:
+            validate(cfg, shape.nproc)
     except ConfigError as e:
         return str(e)
     return None
