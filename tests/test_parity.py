@@ -1,8 +1,9 @@
 """Mesh parity: every parallelism, alone and composed, trains the same model as 1 rank with the
 same global batch (fp32, real gloo ranks under torchrun). Step 1 within 1e-5 relative, steps
-1-5 within 5e-4, for the loss and the gradient norm; the validation loss within 5e-4; every
-parameter's step-1 gradient element by element within 1e-5 of its largest element, and the
-step-1 gradient norm bitwise the same on all ranks.
+1-3 within 5e-4 (two optimizer updates in; scripts/parity_matrix.py runs 5 steps), for the loss
+and the gradient norm; the validation loss within 5e-4; every parameter's step-1 gradient
+element by element within 1e-5 of its largest element, and the step-1 gradient norm bitwise the
+same on all ranks.
 
 Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``): four
 launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ranks and a 16-rank
@@ -58,7 +59,9 @@ def parity_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def results(parity_out: Path) -> dict[str, Result]:
     shapes = [parse_shape(n) for n in SHAPES]
-    return {r.shape: r for r in run_matrix(shapes, parity_out)}
+    # 3 steps, not the matrix script's 5: the suite's time (19 shapes), with the updates of
+    # steps 1 and 2 still compared after they are applied.
+    return {r.shape: r for r in run_matrix(shapes, parity_out, steps=3)}
 
 
 @pytest.mark.parametrize("shape", SHAPES)
