@@ -219,14 +219,13 @@ class MetricsLogger:
         if not self.enabled:
             return
         os.makedirs(self.dump_folder, exist_ok=True)
-        paths = []
-        for name in (METRICS_FILE, PARAM_STATS_FILE):
-            path = os.path.join(self.dump_folder, name)
-            stem = name.removesuffix(".jsonl")
-            _supersede_after(path, step, os.path.join(self.dump_folder, f"{stem}_superseded.jsonl"))
-            paths.append(path)
-        self._jsonl = open(paths[0], "a")  # noqa: SIM115
-        self._param_stats = open(paths[1], "a")  # noqa: SIM115
+        path, stats_path = (
+            os.path.join(self.dump_folder, name) for name in (METRICS_FILE, PARAM_STATS_FILE)
+        )
+        for p in (path, stats_path):
+            _supersede_after(p, step, p.removesuffix(".jsonl") + "_superseded.jsonl")
+        self._jsonl = open(path, "a")  # noqa: SIM115
+        self._param_stats = open(stats_path, "a")  # noqa: SIM115
         if self.enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

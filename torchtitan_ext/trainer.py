@@ -143,9 +143,8 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
     check = check_recipe(load_config(args), rank.world_size, rank.local_rank)
     cfg, dims, device = check.cfg, check.dims, check.device
     assert dims is not None and device is not None
-    model_args = resolve_model_args(cfg)
+    model_args = check.model_args  # the recipe phase's own copy of the flavor's args
     model_args.update_from_config(cfg)
-    check.model_args = model_args
     tokenizer = build_tokenizer(cfg)
     docs = load_documents(cfg)
     train_docs, val_docs = split_documents(

@@ -17,7 +17,6 @@ line on stderr naming the key and the value.
 
 import os
 import sys
-from typing import Any
 
 from torchtitan_ext.config.manager import (
     WORLD_SIZE_FLAGS,
@@ -28,7 +27,7 @@ from torchtitan_ext.config.manager import (
     load_config,
     pop_world_size_arg,
 )
-from torchtitan_ext.config.validate import RecipeCheck, check_recipe, format_rules, run_phase
+from torchtitan_ext.config.validate import check_recipe, format_rules
 from torchtitan_ext.curriculum import format_plan
 
 PROG = "python -m torchtitan_ext.config"
@@ -74,17 +73,10 @@ def main(args: list[str]) -> int:
         if world_size is None and os.environ.get("WORLD_SIZE"):
             world_size = int(os.environ["WORLD_SIZE"])
         cfg = load_config(args)
-        stages: list[Any] = []
-        dims = None
-        if world_size is not None:
-            # train.py's own checks (every phase of RULES but data); the mesh shown is the
-            # first stage's.
-            check = check_recipe(cfg, world_size)
-            dims, stages = check.dims, check.stages
-        else:
-            check = RecipeCheck(cfg)
-            run_phase("recipe", check)
-            run_phase("trainer", check)
+        # train.py's own checks (every phase of RULES but data; without a world size, those
+        # that need none); the mesh shown is the first stage's.
+        check = check_recipe(cfg, world_size)
+        dims, stages = check.dims, check.stages
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

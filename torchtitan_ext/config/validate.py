@@ -519,15 +519,18 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def run_phase(phase: Phase, check: RecipeCheck) -> None:
-    """Run the rules of ``phase`` on ``check``, in table order.
+def run_phases(check: RecipeCheck, *phases: Phase) -> RecipeCheck:
+    """Run the rules of ``phases`` on ``check``, phase by phase in the order given, each
+    phase's in table order; returns ``check``.
 
     Raises:
         ConfigError: the first rule broken.
     """
-    for rule in RULES:
-        if rule.phase == phase:
-            rule.check(check)
+    for phase in phases:
+        for rule in RULES:
+            if rule.phase == phase:
+                rule.check(check)
+    return check
 
 
 def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
@@ -544,30 +547,29 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
     Raises:
         ConfigError: the first problem found.
     """
-    check = RecipeCheck(cfg, world_size)
-    run_phase("recipe", check)
     if world_size is None:
+        run_phases(RecipeCheck(cfg), "recipe")
         return None
-    run_phase("mesh", check)
-    return check.dims
+    return run_phases(RecipeCheck(cfg, world_size), "recipe", "mesh").dims
 
 
-def check_recipe(cfg: Any, world_size: int, local_rank: int = 0) -> RecipeCheck:
+def check_recipe(cfg: Any, world_size: int | None, local_rank: int = 0) -> RecipeCheck:
     """Every phase but ``data``: what ``train.py`` and ``python -m torchtitan_ext.config
-    --world_size N`` both run, so the checker cannot accept what training rejects. No
-    collective.
+    --world_size N`` both run, so the checker cannot accept what training rejects. Without a
+    world size (the checker without ``--world_size``), the ``recipe`` and ``trainer`` phases.
+    No collective.
 
     Returns:
-        The check, with ``cfg`` (the first stage's with a curriculum), ``dims``, ``stages``,
-        ``device``, ``backend`` and ``model_args`` resolved.
+        The check, with ``cfg`` (the first stage's with a curriculum) and ``model_args``
+        resolved; with a world size also ``dims``, ``stages``, ``device`` and ``backend``.
 
     Raises:
         ConfigError: the first problem found.
     """
+    if world_size is None:
+        return run_phases(RecipeCheck(cfg), "recipe", "trainer")
     check = RecipeCheck(cfg, world_size, local_rank)
-    for phase in ("curriculum", "recipe", "mesh", "trainer", "device"):
-        run_phase(phase, check)
-    return check
+    return run_phases(check, "curriculum", "recipe", "mesh", "trainer", "device")
 
 
 def check_data(check: RecipeCheck, data: RecipeData) -> None:
@@ -577,7 +579,7 @@ def check_data(check: RecipeCheck, data: RecipeData) -> None:
         ConfigError: the data cannot serve the recipe (naming the key to change).
     """
     check.data = data
-    run_phase("data", check)
+    run_phases(check, "data")
 
 
 def format_rules() -> str:
