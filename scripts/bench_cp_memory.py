@@ -11,6 +11,8 @@
    activation memory): measured at two sequence lengths per degree, the per-token slope and
    intercept give the length at which activations reach the budget (activation memory is
    linear in the sequence with flash attention). Target: at least 0.9 x c times that of cp = 1.
+   A slope <= 0 (memory that did not grow with the sequence) is a failed measurement: FAIL,
+   never an infinite reach.
 3. Load balance: per-rank compute time (main-thread CPU time, or CUDA time on GPU) of causal
    ring attention forward + backward at cp = 4 with torch's head-tail balancer and without;
    prints max/min over ranks for both.
@@ -20,13 +22,15 @@ Usage::
     .venv/bin/python scripts/bench_cp_memory.py [--seq-len 8192] [--budget-mib 1024]
 
 Each configuration runs under ``torchrun`` with one process per rank; on a 2-core CPU machine
-the whole benchmark takes a few minutes.
+the whole benchmark takes a few minutes. Exit status: 0 when every target printed passes,
+1 otherwise.
 """
 
 import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -182,7 +186,8 @@ def launch(nproc: int, worker_args: list[str]) -> Any:
         return json.loads(Path(out).read_text())
 
 
-def main() -> None:
+def main() -> int:
+    """Run the benchmark; 0 when every printed target passes, 1 otherwise."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seq-len", type=int, default=8192, help="fixed long sequence (tokens)")
     p.add_argument("--flavor", default="debugmodel_cpu")
@@ -208,18 +213,25 @@ def main() -> None:
             per_len[seq] = max(r["activation_bytes"] for r in res) / mib
         slope = (per_len[a.seq_len] - per_len[a.seq_len // 2]) / (a.seq_len // 2)  # MiB/token
         intercept = per_len[a.seq_len] - slope * a.seq_len
-        reach = (a.budget_mib - intercept) / slope if slope > 0 else float("inf")
+        # A slope <= 0 means the measurement failed (memory must grow with the sequence):
+        # no reach is derived from it (NaN compares False, so its target FAILs).
+        reach = (a.budget_mib - intercept) / slope if slope > 0 else float("nan")
         rows.append((cp, per_len[a.seq_len], reach))
         print(f"  measured cp={cp}: {per_len[a.seq_len // 2]:.1f} MiB at {a.seq_len // 2}, "
               f"{per_len[a.seq_len]:.1f} MiB at {a.seq_len} tokens", flush=True)  # fmt: skip
     base_mem, base_reach = rows[0][1], rows[0][2]
+    failed = False
     print(f"\nseq_len {a.seq_len}, budget {a.budget_mib:.0f} MiB of activations per rank")
     print(f"{'cp':>3} {'act MiB/rank':>13} {'ratio':>7} {'target':>7} "
           f"{'max seq':>9} {'ratio':>7} {'target':>7}")  # fmt: skip
     for cp, mem, reach in rows:
         r_mem, r_reach = mem / base_mem, reach / base_reach
         ok_mem = "PASS" if r_mem <= 1.15 / cp else "FAIL"
-        ok_reach = "PASS" if r_reach >= 0.9 * cp else "FAIL"
+        ok_reach = "PASS" if r_reach >= 0.9 * cp else "FAIL"  # False for a NaN reach
+        if cp == 1:
+            failed |= reach != reach  # cp = 1's own reach is the baseline: NaN fails it
+        else:
+            failed |= "FAIL" in (ok_mem, ok_reach)
         print(f"{cp:>3} {mem:>13.1f} {r_mem:>7.3f} {ok_mem + ' ' if cp > 1 else '':>7} "
               f"{reach:>9.0f} {r_reach:>7.2f} {ok_reach if cp > 1 else '':>7}")  # fmt: skip
     print("(targets: activation ratio <= 1.15/cp; reachable length ratio >= 0.9 x cp)")
@@ -240,7 +252,8 @@ def main() -> None:
         f"  head-tail evens the per-rank time: {'yes' if evened < unbalanced else 'no'} "
         f"(max/min {evened:.2f} vs {unbalanced:.2f} without balancing)"
     )
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

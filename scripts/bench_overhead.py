@@ -22,10 +22,10 @@ run is (tokens of the timed steps) / (wall time of the timed steps). Runs altern
 order over ``--repeats`` repeats and the median over repeats is reported for each side.
 
 Result: ``ratio = trainer tokens/s / minimal-loop tokens/s``; target ``ratio >= 0.97`` (the
-trainer costs at most 3% over a bare loop). PASS/FAIL is printed against the target; the exit
-status is 0 either way, and non-zero only if a run crashed or the setup is invalid. Since both
-sides start from the same weights and see the same batches, their per-step losses should agree
-closely; the largest difference is printed as a check that they did the same work.
+trainer costs at most 3% over a bare loop). Since both sides start from the same weights and see
+the same batches, their per-step losses must agree: the largest difference is printed and must
+be at most ``LOSS_TOLERANCE`` (a check that both did the same work). PASS/FAIL is printed for
+each; the exit status is 1 when either fails, a run crashed or the setup is invalid.
 
 Noise: on a shared machine other processes only ever slow a run down, so the report also gives
 each side's best run and its median step time (tokens per step / median step time), with the
@@ -60,6 +60,9 @@ from torchtitan_ext.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 0.97
+# The largest per-step loss difference (nats) between the trainer and the minimal loop: the same
+# weights, batches and fp32 arithmetic, so only reduction order can differ.
+LOSS_TOLERANCE = 1e-4
 # Environment variables that would make train.py join a torchrun job instead of running alone.
 _LAUNCHER_VARS = (
     "RANK",
@@ -509,8 +512,9 @@ def print_report(
     minimal: list[RunResult],
     argv: list[str],
     load: tuple[float, float],
-) -> None:
-    """The results table, the ratio and PASS/FAIL."""
+) -> bool:
+    """Print the results table, the ratio and the loss check with PASS/FAIL; True when both
+    pass."""
 
     def row(name: str, tps: float, step_tps: float, timed: str = "", wall: str = "") -> None:
         print(f"{name:<16}{tps:>12,.0f}{step_tps:>18,.0f}{timed:>10}{wall:>9}")
@@ -556,14 +560,17 @@ def print_report(
         f", median-step {t_step / m_step:.3f}"
     )
     t_loss, m_loss = trainer[0].losses, minimal[0].losses
-    if len(t_loss) == len(m_loss):
+    losses_pass = len(t_loss) == len(m_loss)
+    if losses_pass:
         diff = max(abs(a - b) for a, b in zip(t_loss, m_loss, strict=True))
+        losses_pass = diff <= LOSS_TOLERANCE
         print(
             f"loss check (repeat 1, {len(t_loss)} steps): max |trainer - minimal| = {diff:.2e}"
-            f" (final loss {t_loss[-1]:.4f} vs {m_loss[-1]:.4f})"
+            f" (final loss {t_loss[-1]:.4f} vs {m_loss[-1]:.4f}; tolerance {LOSS_TOLERANCE:.0e})"
+            f": {'PASS' if losses_pass else 'FAIL'}"
         )
     else:
-        print(f"loss check: step counts differ ({len(t_loss)} vs {len(m_loss)})")
+        print(f"loss check: step counts differ ({len(t_loss)} vs {len(m_loss)}): FAIL")
     notes = noise_notes(trainer, minimal)
     for note in notes:
         print(f"NOISY: {note}")
@@ -572,10 +579,11 @@ def print_report(
     ratio = t_med / m_med
     verdict = "PASS" if ratio >= TARGET_RATIO else "FAIL"
     print(f"ratio = trainer / minimal = {ratio:.3f}  (target >= {TARGET_RATIO}): {verdict}")
+    return ratio >= TARGET_RATIO and losses_pass
 
 
 def main(argv: list[str]) -> int:
-    """Entry point; 0 whatever the ratio, non-zero if a run crashed."""
+    """Entry point; 0 when the ratio and the loss check pass, 1 otherwise (or a run crashed)."""
     args = parse_args(argv)
     config = resolve_config_path(args.config)
     recipe = Recipe(config)
@@ -605,8 +613,8 @@ def main(argv: list[str]) -> int:
     except RuntimeError as e:
         print(f"\nbench_overhead: {e}", file=sys.stderr)
         return 1
-    print_report(w, trainer, minimal, argv, (load_before, os.getloadavg()[0]))
-    return 0
+    passed = print_report(w, trainer, minimal, argv, (load_before, os.getloadavg()[0]))
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
