@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 
 logger = logging.getLogger("torchtitan_ext")
 

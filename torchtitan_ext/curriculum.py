@@ -15,8 +15,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.config.validate import seq_len_divisor
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.rope import ROPE_KEYS
 
 _INT_KEYS = (

@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel.fsdp import non_ascending_fsdp_tp_supported
 
 logger = logging.getLogger("torchtitan_ext")

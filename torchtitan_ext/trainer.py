@@ -40,7 +40,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
 from torchtitan_ext.checkpoint import Checkpointer, TrainState, complete_steps, transfer_state
-from torchtitan_ext.config.manager import ConfigError, format_toml, load_config
+from torchtitan_ext.config.manager import format_toml, load_config
 from torchtitan_ext.config.validate import (
     RecipeData,
     check_data,
@@ -73,6 +73,7 @@ from torchtitan_ext.distributed import (
     configure_cuda_allocator,
     init_distributed,
 )
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
 from torchtitan_ext.metrics import (
     MetricsLogger,

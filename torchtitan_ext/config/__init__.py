@@ -4,7 +4,8 @@
 validates a recipe and prints the resolved config.
 """
 
-from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.manager import load_config
 from torchtitan_ext.config.validate import validate
+from torchtitan_ext.errors import ConfigError
 
 __all__ = ["ConfigError", "load_config", "validate"]

@@ -34,21 +34,7 @@ from torchtitan.config import JobConfig as TitanJobConfig
 from torchtitan.config.manager import custom_registry
 
 from torchtitan_ext.config.schema import JobConfig as ExtJobConfig
-
-
-class ConfigError(ValueError):
-    """A recipe or CLI value that cannot be trained with.
-
-    ``str(err)`` is one line: ``<key> = <value>: <reason>``, the form every rank prints
-    before exiting (see ``torchtitan_ext.trainer.main``).
-    """
-
-    def __init__(self, key: str, value: object, reason: str) -> None:
-        self.key = key
-        self.value = value
-        self.reason = reason
-        super().__init__(f"{key} = {value!r}: {reason}")
-
+from torchtitan_ext.errors import ConfigError
 
 _MISSING = object()
 

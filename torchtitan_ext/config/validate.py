@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel_dims import ParallelDims, check_degrees, mesh_dim_order_of
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 
 EMBEDDED_DATASET = "python_stdlib"
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}

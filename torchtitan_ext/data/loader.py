@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.components.tokenizer import BaseTokenizer
 
-from torchtitan_ext.config.manager import ConfigError
 from torchtitan_ext.data.tokenizer import encode_document
+from torchtitan_ext.errors import ConfigError
 
 logger = logging.getLogger("torchtitan_ext")
 

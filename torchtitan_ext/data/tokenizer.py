@@ -6,7 +6,7 @@ from typing import Any
 import numpy as np
 from torchtitan.components.tokenizer import BaseTokenizer, HuggingFaceTokenizer
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 
 
 class ByteTokenizer(BaseTokenizer):

@@ -4,7 +4,7 @@ model's code."""
 
 from typing import Any
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 
 
 def check_local_sequence(cfg: Any, cp: int) -> None:

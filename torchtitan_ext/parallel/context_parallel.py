@@ -24,7 +24,7 @@ from torch.distributed.tensor.experimental._attention import (
 )
 from torch.distributed.tensor.parallel import parallelize_module
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
 from torchtitan_ext.parallel.cp_patterns import CPPattern
 

@@ -49,7 +49,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as ft_c
 from torch.distributed.device_mesh import DeviceMesh
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import cpu_ring_attention
 
 PATTERNS = ("ring", "ulysses", "double_ring", "hybrid")

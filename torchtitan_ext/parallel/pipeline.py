@@ -41,7 +41,7 @@ from torchtitan.distributed.pipeline_parallel import (
     pipeline_module_split,
 )
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 
 SCHEDULES = (
     "GPipe",

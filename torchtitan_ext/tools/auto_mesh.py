@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from torchtitan_ext.config.manager import ConfigError
+from torchtitan_ext.errors import ConfigError
 
 
 @dataclass(frozen=True)

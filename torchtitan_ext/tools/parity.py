@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torchtitan_ext.config.manager import ConfigError, load_config
+from torchtitan_ext.config.manager import load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.config.validate import check_recipe, validate
 from torchtitan_ext.distributed import (
@@ -34,6 +34,7 @@ from torchtitan_ext.distributed import (
     run_and_exit,
     torchrun_command,
 )
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.metrics import read_metrics
 from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
