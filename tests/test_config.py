@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT
-from torchtitan_ext.config import ConfigError, load_config, validate
+from torchtitan_ext.config import ConfigError, load_config
 from torchtitan_ext.config.__main__ import main as config_main
+from torchtitan_ext.config.validate import validate
 
 DEBUG_CPU = str(ROOT / "train_configs" / "debug_cpu.toml")
 

@@ -146,7 +146,7 @@ def test_auto_mesh_weighs_traffic_that_crosses_nodes(tmp_path):
     """With 2 ranks per node and a slow inter-node link, the estimate charges a group that
     spans nodes at the inter-node bandwidth: the choice keeps its heaviest traffic inside a
     node (or at least never sends more across nodes than the single-node choice would)."""
-    from torchtitan_ext.config import validate
+    from torchtitan_ext.config.validate import validate
     from torchtitan_ext.tools.auto_mesh import _spans_nodes
 
     dp = ["--parallelism.data_parallel_shard_degree", "-1"]
@@ -557,7 +557,7 @@ def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
 
 
 def test_8b_1m_recipe_validates_for_its_cluster():
-    from torchtitan_ext.config import validate
+    from torchtitan_ext.config.validate import validate
     from torchtitan_ext.curriculum import stage_config
 
     cfg = load_config(

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from tests.conftest import ROOT, spawn
-from torchtitan_ext.config import ConfigError, load_config, validate
+from torchtitan_ext.config import ConfigError, load_config
+from torchtitan_ext.config.validate import validate
 from torchtitan_ext.parallel_dims import ParallelDims
 
 

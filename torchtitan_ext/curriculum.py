@@ -15,39 +15,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from torchtitan_ext.config.tables import (
+    MESH_KEYS,
+    PATTERN_DEGREE_KEYS,
+    STAGE_BOOL_KEYS,
+    STAGE_FLOAT_KEYS,
+    STAGE_INT_KEYS,
+    STAGE_KEYS,
+    STAGE_STR_KEYS,
+)
 from torchtitan_ext.config.validate import seq_len_divisor
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.rope import ROPE_KEYS
-
-_INT_KEYS = (
-    "seq_len",
-    "steps",
-    "context_parallel_degree",
-    "global_batch_size",
-    "local_batch_size",
-    "warmup_steps",
-    "min_doc_tokens",
-    "context_parallel_ulysses_degree",
-    "context_parallel_inner_ring_degree",
-    "rope_original_context",
-)
-_FLOAT_KEYS = (
-    "rope_theta",
-    "lr",
-    "rope_scaling_factor",
-    "rope_low_freq_factor",
-    "rope_high_freq_factor",
-    "rope_yarn_beta_fast",
-    "rope_yarn_beta_slow",
-    "rope_yarn_attention_factor",
-)
-_STR_KEYS = ("context_parallel_pattern", "rope_scaling")
-_BOOL_KEYS = ("auto_mesh",)
-_PATTERN_DEGREE_KEYS = ("context_parallel_ulysses_degree", "context_parallel_inner_ring_degree")
-MESH_KEYS = ("context_parallel_degree", "context_parallel_pattern", *_PATTERN_DEGREE_KEYS)
-"""Stage keys that fix the stage's mesh (an auto-meshed stage may not set them)."""
-STAGE_KEYS = _INT_KEYS + _FLOAT_KEYS + _STR_KEYS + _BOOL_KEYS
-"""Keys a ``[[curriculum.stages]]`` table may set."""
 
 
 @dataclass(frozen=True)
@@ -210,16 +189,16 @@ def _resolve_stage(
     for k, v in raw.items():
         if k not in STAGE_KEYS:
             raise ConfigError(f"{key}.{k}", v, f"unknown stage key; valid: {', '.join(STAGE_KEYS)}")
-        if k in _STR_KEYS:
+        if k in STAGE_STR_KEYS:
             if not isinstance(v, str):
                 raise ConfigError(f"{key}.{k}", v, "expected a string")
             continue
-        if k in _BOOL_KEYS:
+        if k in STAGE_BOOL_KEYS:
             continue  # checked by _wants_auto_mesh
         numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if k in _INT_KEYS and not (isinstance(v, int) and numeric):
+        if k in STAGE_INT_KEYS and not (isinstance(v, int) and numeric):
             raise ConfigError(f"{key}.{k}", v, "expected an int")
-        if k in _FLOAT_KEYS and not numeric:
+        if k in STAGE_FLOAT_KEYS and not numeric:
             raise ConfigError(f"{key}.{k}", v, "expected a number")
         if v <= 0:
             raise ConfigError(f"{key}.{k}", v, "must be > 0")
@@ -274,10 +253,10 @@ def _resolve_stage(
     }
     if "context_parallel_pattern" in raw:
         pattern = str(raw["context_parallel_pattern"])
-        degrees = [int(raw.get(k, 0)) for k in _PATTERN_DEGREE_KEYS]
+        degrees = [int(raw.get(k, 0)) for k in PATTERN_DEGREE_KEYS]
     else:
         pattern = p.context_parallel_pattern
-        degrees = [int(raw.get(k, getattr(p, k))) for k in _PATTERN_DEGREE_KEYS]
+        degrees = [int(raw.get(k, getattr(p, k))) for k in PATTERN_DEGREE_KEYS]
     return Stage(
         i,
         seq_len,

@@ -34,6 +34,7 @@ from torchtitan.config import JobConfig as TitanJobConfig
 from torchtitan.config.manager import custom_registry
 
 from torchtitan_ext.config.schema import JobConfig as ExtJobConfig
+from torchtitan_ext.config.tables import STAGE_KEYS, UNSUPPORTED
 from torchtitan_ext.errors import ConfigError
 
 _MISSING = object()
@@ -418,7 +419,7 @@ def format_help(
     JobConfig (TorchTitan's and torchtitan_ext's) by section, with its docstring, type and
     default; the options ``validate.check_trainer_support`` rejects marked with
     ``UNSUPPORTED_MARK`` (from its own table); and a closing section on the
-    ``[[curriculum.stages]]`` tables with every key of ``curriculum.STAGE_KEYS``.
+    ``[[curriculum.stages]]`` tables with every key of ``config.tables.STAGE_KEYS``.
 
     Args:
         prog: the command as typed, e.g. ``"train.py"`` (see ``default_prog``).
@@ -480,9 +481,7 @@ def format_help(
 
 
 def _stage_help(root: Any, width: int) -> list[str]:
-    """The closing ``[[curriculum.stages]]`` section: every key of ``curriculum.STAGE_KEYS``."""
-    from torchtitan_ext.curriculum import STAGE_KEYS  # it imports this module
-
+    """The closing ``[[curriculum.stages]]`` section: every key of ``config.tables.STAGE_KEYS``."""
     lines = ["[[curriculum.stages]]"]
     lines += _wrap(
         "The curriculum: one [[curriculum.stages]] table per context-length stage, in order, in "
@@ -526,8 +525,6 @@ def _stage_key_help(root: Any, key: str) -> str:
 
 def _unsupported_reasons() -> dict[str, str]:
     """``dotted key -> why`` from the table ``validate.check_trainer_support`` checks."""
-    from torchtitan_ext.config.validate import UNSUPPORTED  # it imports this module
-
     return {key: why for key, _, why in UNSUPPORTED}
 
 

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from torchtitan_ext.config.tables import UNSUPPORTED
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel_dims import ParallelDims, check_degrees, mesh_dim_order_of
 
@@ -306,46 +307,6 @@ def _validation_windows(c: RecipeCheck) -> None:
         return
     for seq_len in [c.cfg.validation.seq_len, *(s.seq_len for s in c.stages)]:
         PackedWindows(c.data.val_tokens, seq_len, 0, shuffle=False, key="validation")
-
-
-def _enabled(v: Any) -> bool:
-    return bool(v)
-
-
-UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
-    (
-        "parallelism.pipeline_parallel_schedule_csv",
-        _enabled,
-        "use one of torch's schedules by name",
-    ),
-    (
-        "checkpoint.async_mode",
-        lambda v: v not in ("disabled", "async"),
-        "'disabled' or 'async' (the pinned-memory stager is not wired in)",
-    ),
-    ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
-    ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
-    ("checkpoint.last_save_in_hf", _enabled, "HF-format checkpoints are not supported"),
-    ("model.converters", _enabled, "float8/mx converters are not supported"),
-    ("fault_tolerance.enable", _enabled, "not supported"),
-    ("metrics.enable_wandb", _enabled, "use tensorboard"),
-    ("profiling.enable_profiling", _enabled, "not supported yet"),
-    ("optimizer.early_step_in_backward", _enabled, "not supported"),
-    ("comm.mode", lambda v: v != "default", "only 'default' is supported"),
-    ("training.enable_cpu_offload", _enabled, "FSDP CPU offload is not supported"),
-    (
-        "validation.dataset",
-        lambda v: v != "c4_validation",  # TorchTitan's default, which every recipe carries
-        "validation uses the held-out data.validation_fraction of training.dataset",
-    ),
-    (
-        "validation.dataset_path",
-        _enabled,
-        "validation uses the held-out data.validation_fraction of training.dataset",
-    ),
-]
-"""TorchTitan settings this trainer does not implement (yet): ``(dotted key, is_bad(value),
-why)``. Rejected, never silently ignored; ``--help`` marks them."""
 
 
 _HERE = "config.validate"
