@@ -7,7 +7,8 @@ throughput), for
 * the trainer: ``python train.py --job.config_file <recipe>`` without torchrun (a 1-rank gloo
   group), with checkpointing, validation and tensorboard off and ``metrics.log_freq = 1``; its
   throughput is read from ``<dump_folder>/metrics.jsonl``;
-* a minimal loop (this script's hidden ``--_minimal`` mode): the same TorchTitan Llama 3 model
+* a minimal loop (this script's hidden ``--_minimal`` mode running
+  ``torchtitan_ext.tools.reference_loop``): the same TorchTitan Llama 3 model
   and flavor, initial weights (``init_weights_mesh_independent``, same seed), data (the packed
   windows of the tokenized stdlib corpus, same split, order and batches), parameter dtype
   (``training.dtype``: fp32 in the CPU recipes), local batch, sequence length, optimizer
@@ -311,120 +312,30 @@ def run_minimal(w: Workload, env: dict[str, str], timeout: float) -> RunResult:
 
 
 def minimal_loop(w: Workload) -> dict[str, Any]:
-    """The hand-written training loop; returns its throughput and per-step losses."""
-    import copy
+    """The minimal loop (``torchtitan_ext.tools.reference_loop``: TorchTitan's unmodified model
+    in a plain PyTorch loop) on the workload; returns its throughput and per-step losses."""
+    from torchtitan_ext.config import load_config
+    from torchtitan_ext.tools.reference_loop import reference_loop
 
-    import torch
-    import torch.nn.functional as F
-    from torchtitan.components.loss import IGNORE_INDEX
-    from torchtitan.components.lr_scheduler import build_lr_schedulers
-    from torchtitan.config import TORCH_DTYPE_MAP
-    from torchtitan.models.llama3 import Transformer, llama3_args
-
-    import torchtitan_ext.models  # registers the CPU flavors into llama3_args
-    from torchtitan_ext.data import (
-        ByteTokenizer,
-        PackedWindows,
-        python_stdlib_documents,
-        split_documents,
-        tokenize,
-    )
-
-    torch.set_num_threads(w.threads)
-    # Hyperparameters: the recipe's values over the trainer's defaults.
-    recipe = Recipe(w.config)
-    seed = recipe.get("debug", "seed")
-    seed = 0 if seed is None else int(seed)
-    max_norm = float(recipe.get("training", "max_norm"))
-    global_batch = int(recipe.get("training", "global_batch_size"))
-    accum = 1 if global_batch == -1 else global_batch // w.local_batch_size
-    shuffle_seed = int(recipe.get("data", "shuffle_seed"))
-
-    # Data: the trainer's training split and window order; step k reads windows
-    # [k * G, (k + 1) * G) for global batch G (one rank: G = accum x local batch).
-    docs = python_stdlib_documents()
-    train_docs, _ = split_documents(
-        docs, float(recipe.get("data", "validation_fraction")), shuffle_seed
-    )
-    windows = PackedWindows(tokenize(train_docs, ByteTokenizer()), w.seq_len, shuffle_seed)
-
-    # Model: on CPU, parameters in training.dtype (fp32 unless the recipe says otherwise, as
-    # in the trainer), the trainer's initial weights.
-    torch.manual_seed(seed)
-    model_args = copy.deepcopy(llama3_args[w.flavor])
-    model_args.max_seq_len = w.seq_len  # what TransformerModelArgs.update_from_config does
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(TORCH_DTYPE_MAP[recipe.get("training", "dtype")])
-    try:
-        with torch.device("meta"):
-            model = Transformer(model_args)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    torchtitan_ext.models.init_weights_mesh_independent(model, seed, torch.device("cpu"))
-    model.train()
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    name, implementation = (
-        recipe.get("optimizer", "name"),
-        recipe.get("optimizer", "implementation"),
-    )
-    optimizer_cls = {"AdamW": torch.optim.AdamW, "Adam": torch.optim.Adam}[name]
-    optimizer = optimizer_cls(
-        params,
-        lr=recipe.get("optimizer", "lr"),
-        betas=(recipe.get("optimizer", "beta1"), recipe.get("optimizer", "beta2")),
-        eps=recipe.get("optimizer", "eps"),
-        weight_decay=recipe.get("optimizer", "weight_decay"),
-        foreach=implementation == "foreach",
-        fused=implementation == "fused",
-    )
-    # TorchTitan's warmup/stable/decay schedule, as the trainer builds it (one LambdaLR per
-    # optimizer; a plain list of optimizers is all it iterates).
-    scheduler = build_lr_schedulers([optimizer], recipe.cfg.lr_scheduler, w.steps)
-
-    # Timing mirrors the trainer's metrics: ends[k] is the end of step k (ends[0]: the start
-    # of the loop); the timed window runs from the end of step `warmup` to the end of the last.
-    losses: list[float] = []
-    ends = [time.perf_counter()]
-    consumed = 0
-    for _step in range(1, w.steps + 1):
-        micro = [
-            windows.batch(consumed + m * w.local_batch_size, w.local_batch_size)
-            for m in range(accum)
-        ]
-        consumed += accum * w.local_batch_size
-        optimizer.zero_grad()
-        n_tokens = sum(int((labels != IGNORE_INDEX).sum()) for _, labels in micro)
-        loss_sum = 0.0
-        for inputs, labels in micro:
-            pred = model(inputs)
-            loss = (
-                F.cross_entropy(
-                    pred.flatten(0, 1).float(),
-                    labels.flatten(0, 1),
-                    reduction="sum",
-                    ignore_index=IGNORE_INDEX,
-                )
-                / n_tokens
-            )
-            del pred
-            loss.backward()
-            loss_sum += loss.item()
-        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss_sum)
-        ends.append(time.perf_counter())
+    cfg = load_config([
+        "--job.config_file", w.config,
+        "--model.flavor", w.flavor,
+        "--training.local_batch_size", str(w.local_batch_size),
+        "--training.seq_len", str(w.seq_len),
+        "--training.steps", str(w.steps),
+    ])  # fmt: skip
+    r = reference_loop(cfg, w.steps, threads=w.threads)
+    # The timed window runs from the end of step `warmup` to the end of the last.
+    ends = r.step_ends
     seconds = ends[-1] - ends[w.warmup]
     timed_steps = w.steps - w.warmup
-    tokens_per_step = accum * w.local_batch_size * w.seq_len
     return {
-        "tokens_per_sec": timed_steps * tokens_per_step / seconds,
+        "tokens_per_sec": timed_steps * r.tokens_per_step / seconds,
         "timed_steps": timed_steps,
         "timed_sec": seconds,
-        "losses": losses,
+        "losses": r.losses,
         "step_sec": [b - a for a, b in itertools.pairwise(ends[w.warmup :])],
-        "tokens_per_step": tokens_per_step,
+        "tokens_per_step": r.tokens_per_step,
     }
 
 

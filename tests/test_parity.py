@@ -5,6 +5,7 @@ and the gradient norm; the validation loss within 5e-4; every parameter's step-1
 element by element within 1e-5 of its largest element, and the step-1 gradient norm bitwise the
 same on all ranks.
 
+The model is ``debugmodel_cpu_deep_gqa`` (grouped-query attention: 8 query heads, 2 kv heads).
 Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``): four
 launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ranks and a 16-rank
 4D shape) is ``scripts/parity_matrix.py``.
@@ -60,8 +61,11 @@ def parity_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def results(parity_out: Path) -> dict[str, Result]:
     shapes = [parse_shape(n) for n in SHAPES]
     # 3 steps, not the matrix script's 5: the suite's time (19 shapes), with the updates of
-    # steps 1 and 2 still compared after they are applied.
-    return {r.shape: r for r in run_matrix(shapes, parity_out, steps=3)}
+    # steps 1 and 2 still compared after they are applied. The GQA twin of the matrix's flavor
+    # (8 query heads, 2 kv heads): every shape also checks grouped-query attention, and
+    # tp2xcp4+hybrid2 the Ulysses K/V replication (1 kv head per tp rank, Ulysses degree 2).
+    flavor = "debugmodel_cpu_deep_gqa"
+    return {r.shape: r for r in run_matrix(shapes, parity_out, steps=3, flavor=flavor)}
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -52,6 +52,18 @@ CPU_FLAVORS: dict[str, TransformerModelArgs] = {
         multiple_of=32,
         rope_theta=500000,
     ),
+    # debugmodel_cpu_deep with grouped-query attention (8 query heads over 2 kv heads): the
+    # test suite's parity shapes (tp up to 2), so every parallelism is checked with GQA, and
+    # Ulysses inside a tp2 group (1 kv head per tp rank) replicates K/V to the query heads.
+    "debugmodel_cpu_deep_gqa": TransformerModelArgs(
+        dim=64,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=2,
+        vocab_size=320,
+        multiple_of=32,
+        rope_theta=500000,
+    ),
     # ~99M parameters, vocab 32768 (a real tokenizer's size) against dim 1024: the logits are
     # as large a share of the activations as in real models (Llama 3 8B: 128256 / 4096).
     # Random token ids are enough for the memory benchmark (scripts/bench_long_context.py).
