@@ -97,11 +97,12 @@ def test_fsdp_tp_runs_print_neither_silenced_warning(
 def test_parity_check_can_fail(tmp_path: Path) -> None:
     """The comparison flags losses that differ by more than the tolerance (and passes equal
     ones), a parameter's gradient that differs where the losses and norms do not (the
-    embedding's rows swapped), a grad norm that differs between ranks, and missing gradients,
+    embedding's rows swapped), a grad norm that differs between ranks, missing gradients, and
+    a CP-pattern shape whose pattern never ran (torch's ring instead, numerically right too),
     so a PASS above means something."""
     import torch
 
-    from torchtitan_ext.tools.parity import GRADS_FILE, Shape, compare
+    from torchtitan_ext.tools.parity import GRADS_FILE, PATTERN_CALLS_FILE, Shape, compare
 
     emb = torch.arange(12.0).reshape(4, 3) / 10
     swapped = emb[[1, 0, 2, 3]]
@@ -124,6 +125,7 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
         if emb_grad is not None:
             grads = {"tok_embeddings.weight": emb_grad, "norm.weight": torch.ones(3)}
             torch.save({"grads": grads, "grad_norms": torch.tensor(norms)}, dump / GRADS_FILE)
+        (dump / PATTERN_CALLS_FILE).write_text("{}")  # no pattern ran: right for the ring
     res = compare(Shape({"tp": 2}), tmp_path / "other", tmp_path / "single")
     assert res.status == "FAIL" and res.loss_dev > 1e-3
     same = compare(Shape({"tp": 2}), tmp_path / "single", tmp_path / "single")
@@ -134,6 +136,14 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
     assert ranks.status == "FAIL" and "differs between ranks" in ranks.detail
     missing = compare(Shape({"tp": 2}), tmp_path / "nograds", tmp_path / "single")
     assert missing.status == "FAIL" and "no step-1 gradients" in missing.detail
+    ulysses = Shape({"cp": 2}, options=("ulysses",))
+    fell_back = compare(ulysses, tmp_path / "single", tmp_path / "single")
+    assert fell_back.status == "FAIL" and "ulysses never ran" in fell_back.detail
+    (tmp_path / "other" / PATTERN_CALLS_FILE).write_text('{"ulysses": 6, "ulysses_backward": 6}')
+    ran = compare(ulysses, tmp_path / "other", tmp_path / "other")
+    assert ran.status == "PASS", ran
+    ring = compare(Shape({"cp": 2}), tmp_path / "other", tmp_path / "other")
+    assert ring.status == "FAIL" and "other CP patterns ran" in ring.detail
 
 
 def test_native_crash_is_told_apart_from_python_errors() -> None:

@@ -47,6 +47,10 @@ GRAD_RTOL = 1e-5
 """Step-1 gradients: per parameter, the largest element deviation over the largest element of
 the 1-rank gradient (``grad_deviation``)."""
 GRADS_FILE = "grads-step1.pt"
+PATTERN_CALLS_FILE = "cp-pattern-calls.json"
+"""Per shape: the attention forwards and backwards each CP pattern ran, summed over the ranks
+(``cp_patterns.calls``): a pattern shape that fell back to torch's ring (which is numerically
+right too) shows 0 and fails."""
 MAX_SHAPES_PER_LAUNCH = 10
 
 # Shape options: suffix "+name" -> recipe overrides.
@@ -265,7 +269,9 @@ def _worker(args: list[list[str]]) -> int:
                 p = prepare(a, rank)  # the previous recipe's data is released here
             trainer = Trainer(p)
             record_first_step_grads(trainer, Path(p.cfg.job.dump_folder) / GRADS_FILE)
+            cp_patterns.calls.clear()
             trainer.train()
+            record_pattern_calls(Path(p.cfg.job.dump_folder) / PATTERN_CALLS_FILE)
             del trainer
             gc.collect()  # the trainer's reference cycles (stage closures) hold its model
             # Else the next shape's DTensors can run collectives on this shape's equal
@@ -275,6 +281,46 @@ def _worker(args: list[list[str]]) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+def record_pattern_calls(path: Path) -> None:
+    """Write ``cp_patterns.calls`` summed over the ranks to ``path`` on rank 0 (collective)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(cp_patterns.calls))
+    total: dict[str, int] = {}
+    for counts in gathered:
+        for name, n in counts.items():
+            total[name] = total.get(name, 0) + n
+    if dist.get_rank() == 0:
+        path.write_text(json.dumps(total, sort_keys=True))
+
+
+def expected_pattern(shape: Shape) -> str:
+    """The CP pattern a shape's options select ("ring" unless one names another)."""
+    for option in shape.options:
+        args = option_args(option) or []
+        if "--parallelism.context_parallel_pattern" in args:
+            return args[args.index("--parallelism.context_parallel_pattern") + 1]
+    return "ring"
+
+
+def pattern_calls_problem(shape: Shape, dump: Path) -> str:
+    """ "" if the shape's CP pattern really ran (forward and backward calls counted in
+    ``PATTERN_CALLS_FILE``) and no other pattern did, else why not. A ring shape must count
+    none: the ring is torch's own code."""
+    path = dump / PATTERN_CALLS_FILE
+    if not path.exists():
+        return f"no pattern call counts ({path.parent.name}/{path.name})"
+    calls = json.loads(path.read_text())
+    want = expected_pattern(shape) if shape.degrees.get("cp", 1) > 1 else "ring"
+    others = {k: n for k, n in calls.items() if n and k.removesuffix("_backward") != want}
+    if others:
+        return f"other CP patterns ran: {others}"
+    if want != "ring" and not (calls.get(want) and calls.get(f"{want}_backward")):
+        return f"CP pattern {want} never ran (torch's ring instead): calls {calls}"
+    return ""
 
 
 def record_first_step_grads(trainer: Any, path: Path) -> None:
@@ -443,8 +489,9 @@ class Result:
 def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     """Compare a shape's metrics with the reference's, step by step: training loss and grad
     norm (step 1 within ``STEP1_RTOL``, all within ``ALL_STEPS_RTOL``), the validation loss
-    (within ``ALL_STEPS_RTOL``), and every parameter's step-1 gradient (within ``GRAD_RTOL``,
-    ``grad_deviation``)."""
+    (within ``ALL_STEPS_RTOL``), every parameter's step-1 gradient (within ``GRAD_RTOL``,
+    ``grad_deviation``), and that the shape's CP pattern is what ran
+    (``pattern_calls_problem``)."""
     got, ref = read_metrics(dump), read_metrics(ref_dump)
     got_val, ref_val = read_metrics(dump, "val"), read_metrics(ref_dump, "val")
     if [r["step"] for r in got] != [r["step"] for r in ref] or not ref:
@@ -460,9 +507,12 @@ def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     )
     step1 = max(loss[0], gn[0])
     grad, why = grad_deviation(dump, ref_dump)
+    pattern_problem = pattern_calls_problem(shape, dump)
     ok = step1 <= STEP1_RTOL and max(loss + gn) <= ALL_STEPS_RTOL
     ok = ok and (not shape.validates or val <= ALL_STEPS_RTOL)
     ok = ok and grad <= GRAD_RTOL  # False for nan (not comparable: ``why``)
+    ok = ok and not pattern_problem
+    why = "; ".join(w for w in (why, pattern_problem) if w)
     status = "PASS" if ok else "FAIL"
     return Result(shape.name, shape.nproc, status, step1, max(loss), max(gn), val, grad, why)
 
