@@ -390,6 +390,33 @@ def test_command_line_override_error_is_one_line_naming_the_key():
     assert "invalid literal for int()" in line and "(command line)" in line
 
 
+@pytest.mark.parametrize(
+    ("flags", "enable"),
+    [
+        (["--validation.enable", "false"], False),
+        (["--validation.enable=False"], False),
+        (["--validation.enable", "off", "--training.steps", "3"], False),
+        (["--validation.no-enable", "--validation.enable", "true"], True),
+        (["--validation.no_enable", "--validation.enable=1"], True),
+        (["--validation.no_enable"], False),
+        (["--validation.no_enable", "--validation.enable"], True),
+    ],
+)  # fmt: skip
+def test_bool_override_takes_true_or_false(flags, enable):
+    """``--section.key true|false`` (TorchTitan's users' spelling) sets a boolean, besides
+    tyro's flags ``--section.key`` / ``--section.no_key``; the next option still parses."""
+    cfg = load_config(["--job.config_file", DEBUG_CPU, *flags])
+    assert cfg.validation.enable is enable
+    assert cfg.training.steps == (3 if "3" in flags else 300)
+
+
+def test_bool_override_with_another_word_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(["--job.config_file", DEBUG_CPU, "--validation.enable=maybe"])
+    assert err.value.key == "validation.enable"
+    assert "expected true or false" in str(err.value)
+
+
 def test_pipeline_validation_shape_follows_training_unless_set(tmp_path):
     """With pp > 1, a training override carries over to validation unless validation's own
     keys are set (in the recipe or on the command line); without pp nothing changes."""
