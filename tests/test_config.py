@@ -157,8 +157,8 @@ IRD = ["--parallelism.context_parallel_inner_ring_degree"]
          "hybrid needs a divisor of context_parallel_degree (4) in 2 .. 2"),
         ([*CP4, *PATTERN, "double_ring", *IRD, "4"], 16,
          "parallelism.context_parallel_inner_ring_degree", "in 2 .. 2"),
-        ([*CP4, *PATTERN, "double_ring"], 16, "parallelism.context_parallel_inner_ring_degree",
-         "in 2 .. 2"),
+        (["--parallelism.context_parallel_degree", "2", *PATTERN, "double_ring"], 8,
+         "parallelism.context_parallel_degree", "cp 2 has none; use 'ring'"),
         ([*CP4, *UD, "2"], 16, "parallelism.context_parallel_ulysses_degree",
          "only context_parallel_pattern = 'hybrid' uses it (the pattern is 'ring')"),
         ([*CP4, *PATTERN, "ulysses", "--parallelism.tensor_parallel_degree", "4"], 64,
@@ -171,6 +171,38 @@ def test_bad_mesh_for_world_size(overrides, world_size, key, fragment):
         validate(load_config(args + overrides), world_size)
     assert err.value.key == key
     assert fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cp", "dp_shard", "inner"), [(4, 4, 2), (8, 2, 4), (6, 1, 3), (16, 1, 8)]
+)  # fmt: skip
+def test_double_ring_default_inner_ring_degree(tmp_path, cp, dp_shard, inner):
+    """``context_parallel_inner_ring_degree`` unset (0) with the double ring: the largest
+    divisor of cp in 2 .. min(cp / 2, 8) (an inner ring within an 8-GPU node), in the check,
+    the pattern the trainer builds, and the stage plan's label."""
+    from torchtitan_ext.curriculum import _pattern_label, plan_curriculum, stage_config
+    from torchtitan_ext.parallel.cp_patterns import default_inner_ring_degree, recipe_pattern
+
+    assert default_inner_ring_degree(cp) == inner
+    args = ["--job.config_file", DEBUG_CPU, *PATTERN, "double_ring", "--validation.no-enable",
+            "--parallelism.context_parallel_degree", str(cp), "--training.seq_len", "384",
+            "--parallelism.data_parallel_shard_degree", str(dp_shard)]  # fmt: skip
+    cfg = load_config(args)
+    assert cfg.parallelism.context_parallel_inner_ring_degree == 0
+    validate(cfg, cp * dp_shard)
+    pattern = recipe_pattern(cfg.parallelism, cp)
+    assert (pattern.name, pattern.inner, pattern.outer) == ("double_ring", inner, cp // inner)
+    # A curriculum stage that sets the pattern without its degree gets the same.
+    stage_toml = (
+        "\n[curriculum]\n[[curriculum.stages]]\nseq_len = 384\nsteps = 2\n"
+        f'context_parallel_degree = {cp}\ncontext_parallel_pattern = "double_ring"\n'
+    )
+    recipe = write(tmp_path, (ROOT / "train_configs" / "debug_cpu.toml").read_text() + stage_toml)
+    cfg = load_config(["--job.config_file", recipe, "--validation.no-enable",
+                       "--parallelism.data_parallel_shard_degree", "-1"])  # fmt: skip
+    (stage,) = plan_curriculum(cfg, cp * dp_shard)
+    assert _pattern_label(stage) == f"double_ring({inner})"
+    assert recipe_pattern(stage_config(cfg, stage).parallelism, cp).inner == inner
 
 
 PP = ["--parallelism.pipeline_parallel_degree"]

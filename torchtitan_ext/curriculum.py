@@ -373,7 +373,10 @@ def rope_label(rope: dict[str, Any]) -> str:
 def _pattern_label(s: Stage) -> str:
     if s.cp == 1:
         return "-"
-    inner = {"hybrid": s.cp_ulysses_degree, "double_ring": s.cp_inner_ring_degree}
+    from torchtitan_ext.parallel.cp_patterns import default_inner_ring_degree
+
+    ring = s.cp_inner_ring_degree or default_inner_ring_degree(s.cp)
+    inner = {"hybrid": s.cp_ulysses_degree, "double_ring": ring}
     return f"{s.cp_pattern}({inner[s.cp_pattern]})" if s.cp_pattern in inner else s.cp_pattern
 
 

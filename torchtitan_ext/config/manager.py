@@ -449,7 +449,8 @@ _STAGE_KEY_HELP = {
     "(0 or unset: all documents).",
     "context_parallel_pattern": "This stage's parallelism.context_parallel_pattern (unset: the "
     "recipe's); a stage that sets it also sets the degree its pattern needs "
-    "(context_parallel_ulysses_degree / context_parallel_inner_ring_degree).",
+    "(hybrid: context_parallel_ulysses_degree; double_ring: context_parallel_inner_ring_degree, "
+    "unset: its default, see parallelism.context_parallel_inner_ring_degree).",
     "auto_mesh": "true: the planner picks this stage's tp x cp x CP pattern (see "
     "curriculum.auto_mesh, whose value an unset key takes); the stage then sets none of "
     "context_parallel_degree and the pattern keys.",
