@@ -449,6 +449,34 @@ def test_bool_override_with_another_word_names_the_key():
     assert "expected true or false" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "batch", "warned"),
+    [
+        ([], 16, None),
+        (["--parallelism.context_parallel_degree", "4"], 4, 16),
+        (["--parallelism.context_parallel_degree", "2"], 8, 16),
+        (["--parallelism.context_parallel_degree", "4", "--training.global_batch_size", "4"],
+         4, None),
+    ],
+)  # fmt: skip
+def test_derived_global_batch_shrunk_by_cp_is_reported(capsys, overrides, batch, warned):
+    """global_batch_size = -1 is local batch x dp, and cp takes its ranks from dp: the checker
+    (and the trainer, through the same ``derived_batch_note``) says so, with the value that
+    keeps the cp 1 batch; nothing when the batch is set or cp is 1."""
+    args = ["--job.config_file", DEBUG_CPU, "--world_size", "4", *overrides]
+    assert config_main(args) == 0
+    out = capsys.readouterr().out
+    assert f"# global batch: {batch} x 256 tokens" in out
+    warnings = [line for line in out.splitlines() if line.startswith("# warning:")]
+    if warned is None:
+        assert warnings == []
+    else:
+        (line,) = warnings
+        assert line.startswith("# warning: training.global_batch_size = -1: global batch = ")
+        assert f"= {batch} sequences" in line
+        assert f"set training.global_batch_size = {warned} to train the cp 1 batch" in line
+
+
 def test_pipeline_validation_shape_follows_training_unless_set(tmp_path):
     """With pp > 1, a training override carries over to validation unless validation's own
     keys are set (in the recipe or on the command line); without pp nothing changes."""

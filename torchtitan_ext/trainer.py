@@ -45,6 +45,7 @@ from torchtitan_ext.config.validate import (
     RecipeData,
     check_data,
     check_recipe,
+    derived_batch_note,
     global_batch_size,
     resolve_model_args,
     unit_len,
@@ -323,6 +324,9 @@ class Trainer:
             f"(local batch {t.local_batch_size}, {self.dataloader.grad_accum_steps} "
             f"microbatch(es) per step, dp {dims.dp})"
         )
+        batch_note = derived_batch_note(cfg, dims)
+        if batch_note is not None:
+            self._warn(batch_note)
         if self.val_windows is not None:
             v = cfg.validation
             wanted = v.steps * self.dataloader.global_batch_size
