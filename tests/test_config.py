@@ -342,7 +342,7 @@ def test_checker_and_trainer_run_every_rule_of_one_table(monkeypatch, capsys):
         else:
             prepare(args, RankInfo(0, 0, 4))
         # Exactly the rules of these phases ran; the recipe and mesh ones also for each stage
-        # (and for each mesh the auto-meshed stage 4 considers).
+        # (and for each mesh the auto-meshed stage 3 considers).
         assert set(calls) == {i for i, r in enumerate(v.RULES) if r.phase in phases}, run
         for i, r in enumerate(v.RULES):
             if r.phase in phases:
@@ -516,3 +516,15 @@ def test_cp_innermost_with_tp_and_fsdp_is_valid_where_torch_composes_it(monkeypa
     with pytest.raises(ConfigError, match=r"needs tp after dp_shard and cp") as err:
         validate(load_config(args), 4)
     assert err.value.key == "parallelism.mesh_dim_order"
+
+
+def test_recipes_doc_flavor_table_matches_registry():
+    """docs/recipes.md lists every flavor's dim, layers, heads, kv heads and vocab (the numbers
+    tp and Ulysses degrees must divide) as the registry has them."""
+    from torchtitan_ext.models import flavor_table
+
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    assert flavor_table() in doc, (
+        "docs/recipes.md's flavor table is stale: replace it with the output of "
+        'python -c "from torchtitan_ext.models import flavor_table; print(flavor_table())"'
+    )
