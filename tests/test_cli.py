@@ -184,3 +184,58 @@ def test_ablation_progress_lines_have_no_dangling_parts():
     failed = Row("tp8", "auto", 8, 1, 1, 1, 8, 1, status="error", detail="RuntimeError: boom")
     assert progress_line(failed) == "    error: RuntimeError: boom"
     assert progress_line(Row("x", "auto", 1, 1, 1, 1, 1, 1, status="error")) == "    error"
+
+
+def _gpu_check() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_cuda_is_one_line_and_nonzero():
+    """scripts/gpu_check.sh lists its checks anywhere, and without CUDA stops before the first
+    check with one line and exit status 3 (issue 20 item 13)."""
+    import torch
+
+    env = {"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    script = str(ROOT / "scripts" / "gpu_check.sh")
+    listed = subprocess.run(["bash", script, "--list"], env=env, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == list(_gpu_check().CHECKS)
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the checks would run")
+    proc = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("gpu_check: needs a CUDA GPU"), line
+
+
+def test_gpu_check_titan_recipe_loads_in_torchtitan(tmp_path):
+    """The tokens_per_s check's recipe for TorchTitan's own trainer is one TorchTitan 0.2.2's
+    ConfigManager accepts, and its custom import registers what it names (the 1.2B flavor, the
+    python_stdlib corpus, the byte tokenizer)."""
+    import argparse
+
+    from torchtitan.config import ConfigManager as TitanConfigManager
+    from torchtitan.hf_datasets.text_datasets import DATASETS
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    recipe = tmp_path / "titan.toml"
+    recipe.write_text(_gpu_check()._titan_toml(argparse.Namespace(steps=8), tmp_path))
+    cfg = TitanConfigManager().parse_args(["--job.config_file", str(recipe)])
+    assert (cfg.model.flavor, cfg.training.seq_len, cfg.training.steps) == ("1.2B", 8192, 8)
+    from torchtitan.protocols import train_spec
+
+    try:
+        importlib.import_module(cfg.experimental.custom_import)
+        spec = get_train_spec("llama3")
+        assert spec.model_args["1.2B"].n_heads == 32
+        assert cfg.training.dataset in DATASETS
+        assert spec.build_tokenizer_fn is not None
+        assert spec.build_tokenizer_fn(cfg).get_vocab_size() == 258
+    finally:  # TorchTitan's own llama3 spec again for the rest of the session
+        train_spec._extra_train_specs.pop("llama3", None)

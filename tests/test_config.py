@@ -158,8 +158,8 @@ IRD = ["--parallelism.context_parallel_inner_ring_degree"]
          "hybrid needs a divisor of context_parallel_degree (4) in 2 .. 2"),
         ([*CP4, *PATTERN, "double_ring", *IRD, "4"], 16,
          "parallelism.context_parallel_inner_ring_degree", "in 2 .. 2"),
-        ([*CP4, *PATTERN, "double_ring"], 16, "parallelism.context_parallel_inner_ring_degree",
-         "in 2 .. 2"),
+        (["--parallelism.context_parallel_degree", "2", *PATTERN, "double_ring"], 8,
+         "parallelism.context_parallel_degree", "cp 2 has none; use 'ring'"),
         ([*CP4, *UD, "2"], 16, "parallelism.context_parallel_ulysses_degree",
          "only context_parallel_pattern = 'hybrid' uses it (the pattern is 'ring')"),
         ([*CP4, *PATTERN, "ulysses", "--parallelism.tensor_parallel_degree", "4"], 64,
@@ -172,6 +172,38 @@ def test_bad_mesh_for_world_size(overrides, world_size, key, fragment):
         validate(load_config(args + overrides), world_size)
     assert err.value.key == key
     assert fragment in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("cp", "dp_shard", "inner"), [(4, 4, 2), (8, 2, 4), (6, 1, 3), (16, 1, 8)]
+)  # fmt: skip
+def test_double_ring_default_inner_ring_degree(tmp_path, cp, dp_shard, inner):
+    """``context_parallel_inner_ring_degree`` unset (0) with the double ring: the largest
+    divisor of cp in 2 .. min(cp / 2, 8) (an inner ring within an 8-GPU node), in the check,
+    the pattern the trainer builds, and the stage plan's label."""
+    from torchtitan_ext.curriculum import _pattern_label, plan_curriculum, stage_config
+    from torchtitan_ext.parallel.cp_patterns import default_inner_ring_degree, recipe_pattern
+
+    assert default_inner_ring_degree(cp) == inner
+    args = ["--job.config_file", DEBUG_CPU, *PATTERN, "double_ring", "--validation.no-enable",
+            "--parallelism.context_parallel_degree", str(cp), "--training.seq_len", "384",
+            "--parallelism.data_parallel_shard_degree", str(dp_shard)]  # fmt: skip
+    cfg = load_config(args)
+    assert cfg.parallelism.context_parallel_inner_ring_degree == 0
+    validate(cfg, cp * dp_shard)
+    pattern = recipe_pattern(cfg.parallelism, cp)
+    assert (pattern.name, pattern.inner, pattern.outer) == ("double_ring", inner, cp // inner)
+    # A curriculum stage that sets the pattern without its degree gets the same.
+    stage_toml = (
+        "\n[curriculum]\n[[curriculum.stages]]\nseq_len = 384\nsteps = 2\n"
+        f'context_parallel_degree = {cp}\ncontext_parallel_pattern = "double_ring"\n'
+    )
+    recipe = write(tmp_path, (ROOT / "train_configs" / "debug_cpu.toml").read_text() + stage_toml)
+    cfg = load_config(["--job.config_file", recipe, "--validation.no-enable",
+                       "--parallelism.data_parallel_shard_degree", "-1"])  # fmt: skip
+    (stage,) = plan_curriculum(cfg, cp * dp_shard)
+    assert _pattern_label(stage) == f"double_ring({inner})"
+    assert recipe_pattern(stage_config(cfg, stage).parallelism, cp).inner == inner
 
 
 PP = ["--parallelism.pipeline_parallel_degree"]
@@ -311,7 +343,7 @@ def test_checker_and_trainer_run_every_rule_of_one_table(monkeypatch, capsys):
         else:
             prepare(args, RankInfo(0, 0, 4))
         # Exactly the rules of these phases ran; the recipe and mesh ones also for each stage
-        # (and for each mesh the auto-meshed stage 4 considers).
+        # (and for each mesh the auto-meshed stage 3 considers).
         assert set(calls) == {i for i, r in enumerate(v.RULES) if r.phase in phases}, run
         for i, r in enumerate(v.RULES):
             if r.phase in phases:
@@ -391,6 +423,61 @@ def test_command_line_override_error_is_one_line_naming_the_key():
     assert "invalid literal for int()" in line and "(command line)" in line
 
 
+@pytest.mark.parametrize(
+    ("flags", "enable"),
+    [
+        (["--validation.enable", "false"], False),
+        (["--validation.enable=False"], False),
+        (["--validation.enable", "off", "--training.steps", "3"], False),
+        (["--validation.no-enable", "--validation.enable", "true"], True),
+        (["--validation.no_enable", "--validation.enable=1"], True),
+        (["--validation.no_enable"], False),
+        (["--validation.no_enable", "--validation.enable"], True),
+    ],
+)  # fmt: skip
+def test_bool_override_takes_true_or_false(flags, enable):
+    """``--section.key true|false`` (TorchTitan's users' spelling) sets a boolean, besides
+    tyro's flags ``--section.key`` / ``--section.no_key``; the next option still parses."""
+    cfg = load_config(["--job.config_file", DEBUG_CPU, *flags])
+    assert cfg.validation.enable is enable
+    assert cfg.training.steps == (3 if "3" in flags else 300)
+
+
+def test_bool_override_with_another_word_names_the_key():
+    with pytest.raises(ConfigError) as err:
+        load_config(["--job.config_file", DEBUG_CPU, "--validation.enable=maybe"])
+    assert err.value.key == "validation.enable"
+    assert "expected true or false" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "batch", "warned"),
+    [
+        ([], 16, None),
+        (["--parallelism.context_parallel_degree", "4"], 4, 16),
+        (["--parallelism.context_parallel_degree", "2"], 8, 16),
+        (["--parallelism.context_parallel_degree", "4", "--training.global_batch_size", "4"],
+         4, None),
+    ],
+)  # fmt: skip
+def test_derived_global_batch_shrunk_by_cp_is_reported(capsys, overrides, batch, warned):
+    """global_batch_size = -1 is local batch x dp, and cp takes its ranks from dp: the checker
+    (and the trainer, through the same ``derived_batch_note``) says so, with the value that
+    keeps the cp 1 batch; nothing when the batch is set or cp is 1."""
+    args = ["--job.config_file", DEBUG_CPU, "--world_size", "4", *overrides]
+    assert config_main(args) == 0
+    out = capsys.readouterr().out
+    assert f"# global batch: {batch} x 256 tokens" in out
+    warnings = [line for line in out.splitlines() if line.startswith("# warning:")]
+    if warned is None:
+        assert warnings == []
+    else:
+        (line,) = warnings
+        assert line.startswith("# warning: training.global_batch_size = -1: global batch = ")
+        assert f"= {batch} sequences" in line
+        assert f"set training.global_batch_size = {warned} to train the cp 1 batch" in line
+
+
 def test_pipeline_validation_shape_follows_training_unless_set(tmp_path):
     """With pp > 1, a training override carries over to validation unless validation's own
     keys are set (in the recipe or on the command line); without pp nothing changes."""
@@ -430,3 +517,15 @@ def test_cp_innermost_with_tp_and_fsdp_is_valid_where_torch_composes_it(monkeypa
     with pytest.raises(ConfigError, match=r"needs tp after dp_shard and cp") as err:
         validate(load_config(args), 4)
     assert err.value.key == "parallelism.mesh_dim_order"
+
+
+def test_recipes_doc_flavor_table_matches_registry():
+    """docs/recipes.md lists every flavor's dim, layers, heads, kv heads and vocab (the numbers
+    tp and Ulysses degrees must divide) as the registry has them."""
+    from torchtitan_ext.models import flavor_table
+
+    doc = (ROOT / "docs" / "recipes.md").read_text()
+    assert flavor_table() in doc, (
+        "docs/recipes.md's flavor table is stale: replace it with the output of "
+        'python -c "from torchtitan_ext.models import flavor_table; print(flavor_table())"'
+    )

@@ -3,6 +3,7 @@ run through three stages with two re-meshes (cp 1 -> 2 -> 4, the CP pattern ring
 double ring), resumed mid-stage and at a boundary."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -315,7 +316,7 @@ def test_metrics_are_typed_and_grouped(full_run):
 
 
 def test_stages_switch_context_parallel_pattern(full_run):
-    """Stage 2 runs Ulysses over cp 2, stage 3 a double ring over cp 4 (the parity of each
+    """Stage 1 runs Ulysses over cp 2, stage 2 a double ring over cp 4 (the parity of each
     pattern is tests/test_parity.py's; here: the switch itself, and resume across it below)."""
     _, dump = full_run
     log = (dump.parent / "torchrun.log").read_text()
@@ -342,14 +343,33 @@ def test_stages_switch_at_configured_steps(full_run):
         assert (r["stage"], r["seq_len"], r["cp"]) == expected[first], step
         assert r["tokens_per_step"] == 1024
     # The first loss of a stage is finite and near the last one, also where the RoPE changes
-    # from theta only (stages 1-2) to YaRN (stage 3).
+    # from theta only (stages 0-1) to YaRN (stage 2).
     for boundary in (3, 6):
         before, after = steps[boundary]["loss"], steps[boundary + 1]["loss"]
         assert abs(after - before) / before < 0.3, (boundary, before, after)
 
 
+def test_stage_numbering_is_zero_based_everywhere(full_run):
+    """One numbering, from 0 (as ``curriculum.stages[i]`` in config errors): the plan table,
+    each stage's log line and console label, the re-mesh lines, and ``metrics.jsonl``'s
+    ``stage`` of step and boundary records name the same stage by the same number."""
+    _, dump = full_run
+    log = (dump.parent / "torchrun.log").read_text()
+    steps, boundaries = records(dump)
+    for index, (first, last) in enumerate([(1, 3), (4, 6), (7, 9)]):
+        assert f"stage {index} of 0..2: steps {first}-{last}," in log, log[-3000:]
+        assert steps[first]["stage"] == steps[last]["stage"] == index
+        assert re.search(rf"\s{index}\s+{first}-{last}\s+\d", log), log[:3000]  # the plan
+    assert re.search(r"stage 2 of 0\.\.2 eta", log), log[-3000:]
+    assert "stage 1: re-meshed in memory" in log and "stage 2: re-meshed in memory" in log
+    assert [(b["event"], b["stage"]) for b in boundaries] == [
+        ("end", 0), ("start", 1), ("end", 1), ("start", 2)
+    ]  # fmt: skip
+    assert "stage 3" not in log
+
+
 def test_one_lr_schedule_with_stage_lr_and_warmup(full_run, tmp_path):
-    """The run's schedule (warmup 2, cosine decay over 9 steps) spans the stages; stage 2
+    """The run's schedule (warmup 2, cosine decay over 9 steps) spans the stages; stage 1
     (steps 4-6) has peak LR 1e-3 and a 2-step warmup of its own, the others the recipe's 3e-3."""
     import torch
     from torchtitan.components.lr_scheduler import build_lr_schedulers
@@ -441,10 +461,10 @@ rope_theta = 100000
 
 
 def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
-    """1 rank, 2 stages of 3 steps. A roll-back into stage 2 (load_step 4, with step-6 on
+    """1 rank, 2 stages of 3 steps. A roll-back into stage 1 (load_step 4, with step-6 on
     disk) trains steps 5-6 again, exactly, and keep_latest_k keeps what it wrote;
     exclude_from_loading applies to where a run starts, never to the hand-off between stages
-    (which once restarted the LR warmup and the data at stage 2)."""
+    (which once restarted the LR warmup and the data at stage 1)."""
     from tests.conftest import read_metrics, train_single
 
     path = recipe(tmp_path, TWO_STAGES)
@@ -474,7 +494,8 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     assert losses(excluded) == losses(full)
     # The same-mesh switch happened in memory; reloading the boundary checkpoint instead gives
     # the same run bit for bit.
-    assert "stage 2: switched in memory" in full_log
+    assert "stage 1 of 0..1: steps 4-6," in full_log
+    assert "stage 1: switched in memory" in full_log
     disk = tmp_path / "disk"
     disk_log = train_single(args(disk, "--curriculum.no-switch-in-memory")).stdout
     assert losses(disk) == losses(full)
@@ -490,7 +511,7 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     ]
     assert (full / "checkpoint" / "step-3").is_dir()
     # Background saves (checkpoint.async_mode = "async"): the same run and the same (verified)
-    # checkpoints, the boundary one published during stage 2; resuming from one is exact.
+    # checkpoints, the boundary one published during stage 1; resuming from one is exact.
     background = tmp_path / "async"
     log = train_single(args(background, "--checkpoint.async_mode", "async")).stdout
     assert "in the background" in log
@@ -529,7 +550,7 @@ def test_in_memory_remesh_with_pipeline_equals_reloading(tmp_path):
 
 
 def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
-    """2 ranks, stage 1 Ulysses over cp 2, stage 2 auto-meshed: the plan is logged before
+    """2 ranks, stage 0 Ulysses over cp 2, stage 1 auto-meshed: the plan is logged before
     training, the stage runs the chosen mesh with the state taken over exactly, and neither
     DCP checkpoints nor CP patterns trip over what the planner's fake-process-group runs left
     in the process (they once did: every rank claimed the first shard in a save, and a

@@ -190,7 +190,9 @@ def test_bad_recipe_fails_fast_on_every_rank(tmp_path):
     bad.write_text(recipe.replace("seq_len = 256\n", 'seq_len = "abc"\n', 1))
     # A hang waiting for a collective would run into the subprocess timeout.
     proc = torchrun(4, ["--job.config_file", str(bad)], timeout=120, check=False)
-    assert proc.returncode != 0
+    # The ranks exit 2, torchrun 1 (its status for any failed worker), as troubleshooting.md
+    # says: the root cause of its summary is a rank that exited 2.
+    assert proc.returncode == 1
     # Every rank detects the error on its own; torchrun stops the others as soon as the first
     # exits, so how many lines arrive depends on timing: at least one, all the same message.
     message = r"\[rank[0-3]\] config error: training\.seq_len = 'abc': expected an int\n"
@@ -201,6 +203,7 @@ def test_bad_recipe_fails_fast_on_every_rank(tmp_path):
     # summary at the very end shows the line (the worker's error file), not a link.
     summary = proc.stderr[proc.stderr.rindex("Root Cause") :]
     assert re.search(message, summary), summary
+    assert re.search(r"exitcode\s*: 2 ", summary), summary
     output = proc.stdout + proc.stderr
     assert output.count("Traceback (most recent call last)") <= 1
     for ours in (ROOT / "train.py", ROOT / "torchtitan_ext"):

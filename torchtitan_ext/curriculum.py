@@ -343,6 +343,14 @@ def stage_of_step(stages: list[Stage], step: int) -> Stage:
     return stages[-1]
 
 
+def stage_name(index: int, n_stages: int) -> str:
+    """How the log names a stage: ``"1 of 0..2"`` (the second of three). Stages count from 0
+    everywhere a user reads them, as the recipe's ``curriculum.stages[i]`` array does in
+    config errors: the plan table, the log, the console line, ``metrics.jsonl``'s ``stage``
+    and tensorboard's ``curriculum/stage``."""
+    return f"{index} of 0..{n_stages - 1}"
+
+
 def rope_label(rope: dict[str, Any]) -> str:
     """A stage's RoPE scaling in a few characters: "none", "llama x8", "yarn x4"."""
     kind = rope.get("rope_scaling", "llama")
@@ -352,7 +360,10 @@ def rope_label(rope: dict[str, Any]) -> str:
 def _pattern_label(s: Stage) -> str:
     if s.cp == 1:
         return "-"
-    inner = {"hybrid": s.cp_ulysses_degree, "double_ring": s.cp_inner_ring_degree}
+    from torchtitan_ext.parallel.cp_patterns import default_inner_ring_degree
+
+    ring = s.cp_inner_ring_degree or default_inner_ring_degree(s.cp)
+    inner = {"hybrid": s.cp_ulysses_degree, "double_ring": ring}
     return f"{s.cp_pattern}({inner[s.cp_pattern]})" if s.cp_pattern in inner else s.cp_pattern
 
 

@@ -183,7 +183,8 @@ class MetricsLogger:
         total_steps: steps of the run (for the ETA).
         color: ANSI colors on the console line.
         stage_last_step, stage_label: with a curriculum, the current stage's last step and
-            "i/n" label: the console line adds the stage and its ETA.
+            label (``curriculum.stage_name``: "1 of 0..2", stages count from 0): the console
+            line adds the stage and its ETA.
     """
 
     dump_folder: str

@@ -98,6 +98,27 @@ for _name, _args in {**CPU_FLAVORS, **GPU_FLAVORS}.items():
     llama3_args.setdefault(_name, _args)
 
 
+def flavor_table() -> str:
+    """The Llama 3 flavors of TorchTitan's registry (``llama3_args``, with the ones this module
+    adds) as a Markdown table: dim, layers, heads, kv heads (a flavor without ``n_kv_heads``
+    has one per head), head dim and vocab (embedding rows), and where each is defined.
+    ``docs/recipes.md`` holds it (tests/test_config.py checks that it matches); print it with
+    ``python -c "from torchtitan_ext.models import flavor_table; print(flavor_table())"``."""
+    ours = {**CPU_FLAVORS, **GPU_FLAVORS}
+    rows = [
+        "| flavor | dim | layers | heads | kv heads | head dim | vocab | defined by |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, a in llama3_args.items():
+        kv = a.n_kv_heads or a.n_heads
+        where = "torchtitan_ext" if name in ours else "TorchTitan 0.2.2"
+        rows.append(
+            f"| `{name}` | {a.dim} | {a.n_layers} | {a.n_heads} | {kv} | {a.dim // a.n_heads} "
+            f"| {a.vocab_size} | {where} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def build_model_on_meta(model_cls: type[nn.Module], model_args: Any) -> nn.Module:
     """Construct the model on the meta device (no memory); parallelize, then initialize."""
     with torch.device("meta"):

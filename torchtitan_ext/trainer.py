@@ -45,6 +45,7 @@ from torchtitan_ext.config.validate import (
     RecipeData,
     check_data,
     check_recipe,
+    derived_batch_note,
     global_batch_size,
     resolve_model_args,
     unit_len,
@@ -56,6 +57,7 @@ from torchtitan_ext.curriculum import (
     rope_label,
     stage_config,
     stage_lr_factor,
+    stage_name,
     stage_of_step,
 )
 from torchtitan_ext.data import (
@@ -315,7 +317,7 @@ class Trainer:
             peak_flops=device_peak_flops(device),
             total_steps=t.steps,
             stage_last_step=stage.last_step if stage else None,
-            stage_label=f"{stage.index + 1}/{n_stages}" if stage else "",
+            stage_label=stage_name(stage.index, n_stages) if stage else "",
             # Colors only on a terminal: piped logs stay free of escape codes.
             color=not cfg.metrics.disable_color_printing and sys.stdout.isatty(),
         )
@@ -324,6 +326,9 @@ class Trainer:
             f"(local batch {t.local_batch_size}, {self.dataloader.grad_accum_steps} "
             f"microbatch(es) per step, dp {dims.dp})"
         )
+        batch_note = derived_batch_note(cfg, dims)
+        if batch_note is not None:
+            self._warn(batch_note)
         if self.val_windows is not None:
             v = cfg.validation
             wanted = v.steps * self.dataloader.global_batch_size
@@ -812,9 +817,9 @@ class Trainer:
         self.val_windows = self._build_val_windows(p)
         self.metrics.flops_per_token = self.flops_per_token
         self.metrics.stage_last_step = stage.last_step
-        self.metrics.stage_label = f"{stage.index + 1}/{self.n_stages}"
+        self.metrics.stage_label = stage_name(stage.index, self.n_stages)
         self._switched_in_memory = True
-        logger.info(f"stage {stage.index + 1}: switched in memory (same mesh)")
+        logger.info(f"stage {stage.index}: switched in memory (same mesh)")
 
     def take_state(self, old: "Trainer") -> None:
         """Continue from ``old``'s model, optimizer, LR schedule, data position and step (the
@@ -827,7 +832,7 @@ class Trainer:
         transfer_state(self.checkpointer.states, old.checkpointer.states)
         self._switched_in_memory = True
         logger.info(
-            f"stage {self.stage.index + 1 if self.stage else 1}: re-meshed in memory "
+            f"stage {self.stage.index if self.stage else 0}: re-meshed in memory "
             f"({old.dims.shape_str()} -> {self.dims.shape_str()}, state moved in "
             f"{time.perf_counter() - started:.2f} s)"
         )
@@ -902,7 +907,7 @@ def run(p: Prepared) -> None:
             # The newer checkpoints failed to load and were set aside (Checkpointer): go on
             # from the stage of the one that loaded.
             first = stage_of_step(p.stages, e.step)
-            logger.warning(f"resuming from step {e.step}: stage {first.index + 1} again")
+            logger.warning(f"resuming from step {e.step}: stage {first.index} again")
         gc.collect()  # the abandoned stage's trainer
 
 
@@ -916,7 +921,7 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
     trainer: Trainer | None = None
     for i, stage in enumerate(stages):
         logger.info(
-            f"stage {stage.index + 1}/{len(p.stages)}: steps {stage.first_step}-"
+            f"stage {stage_name(stage.index, len(p.stages))}: steps {stage.first_step}-"
             f"{stage.last_step}, seq_len {stage.seq_len}, cp {stage.cp}, dp_shard "
             f"{stage.dp_shard}, global batch {stage.global_batch_size}, rope_theta "
             f"{stage.rope_theta or 'flavor default'}, rope scaling {rope_label(stage.rope)}"

@@ -27,7 +27,12 @@ from torchtitan_ext.config.manager import (
     load_config,
     pop_world_size_arg,
 )
-from torchtitan_ext.config.validate import check_recipe, format_rules
+from torchtitan_ext.config.validate import (
+    check_recipe,
+    derived_batch_note,
+    format_rules,
+    global_batch_size,
+)
 from torchtitan_ext.curriculum import format_plan
 
 PROG = "python -m torchtitan_ext.config"
@@ -83,6 +88,12 @@ def main(args: list[str]) -> int:
     sys.stdout.write(format_toml(cfg))
     if dims is not None:
         print(f"\n# mesh for world size {world_size}: {dims.shape_str()}")
+        if not stages:
+            t = cfg.training
+            print(f"# global batch: {global_batch_size(cfg, dims)} x {t.seq_len} tokens")
+        note = derived_batch_note(cfg, dims)
+        if note is not None:
+            print(f"# warning: {note}")
     if stages:
         print(
             "# curriculum:\n"

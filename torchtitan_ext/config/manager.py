@@ -72,6 +72,7 @@ class ConfigManager(TitanConfigManager):
         if help_requested(args):
             sys.stdout.write(format_help(self.prog))
             raise SystemExit(0)
+        args = bool_flags_to_tyro(self.config_cls, args)
         toml_values = self._maybe_load_toml(args)
         config_cls = self._maybe_add_custom_config(args, toml_values)
         base = self._dict_to_dataclass(config_cls, toml_values) if toml_values else config_cls()
@@ -121,6 +122,54 @@ class ConfigManager(TitanConfigManager):
             cfg.job.custom_config_module = cfg.experimental.custom_args_module
         if cfg.model.tokenizer_path:
             cfg.model.hf_assets_path = cfg.model.tokenizer_path
+
+
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+def bool_keys(root: Any) -> set[str]:
+    """Dotted keys (``validation.enable``) of every ``bool`` field of the config class
+    ``root``, nested sections included."""
+    keys: set[str] = set()
+    for section, cls, _ in _sections(root, None):
+        hints = typing.get_type_hints(cls)
+        keys |= {f"{section}.{f.name}" for f in dataclasses.fields(cls) if hints[f.name] is bool}
+    return keys
+
+
+def bool_flags_to_tyro(root: Any, args: list[str]) -> list[str]:
+    """Accept ``--section.key true|false`` (and ``=true`` / ``=false``; also 1/0, yes/no,
+    on/off, any case) for the boolean options of ``root``, as TorchTitan's users type them:
+    rewritten to tyro's flag spellings ``--section.key`` / ``--section.no_key``. Other
+    arguments, and a boolean flag not followed by one of those words, pass unchanged.
+
+    Raises:
+        ConfigError: ``--section.key=VALUE`` with a VALUE that is no boolean word.
+    """
+    keys = bool_keys(root)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        name, eq, inline = arg.partition("=")
+        dotted = name[2:].replace("-", "_") if name.startswith("--") else ""
+        if dotted not in keys:
+            out.append(arg)
+            i += 1
+            continue
+        value = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+        word = value.lower()
+        if word not in _TRUE + _FALSE:
+            if eq:
+                raise ConfigError(dotted, value, "expected true or false (command line)")
+            out.append(arg)  # the bare flag: true
+            i += 1
+            continue
+        section, _, key = dotted.rpartition(".")
+        out.append(f"--{dotted}" if word in _TRUE else f"--{section}.no_{key}")
+        i += 1 if eq else 2
+    return out
 
 
 def _section_path(root: Any, cls: Any, prefix: str = "") -> str | None:
@@ -387,7 +436,8 @@ _STAGE_KEY_HELP = {
     "(0 or unset: all documents).",
     "context_parallel_pattern": "This stage's parallelism.context_parallel_pattern (unset: the "
     "recipe's); a stage that sets it also sets the degree its pattern needs "
-    "(context_parallel_ulysses_degree / context_parallel_inner_ring_degree).",
+    "(hybrid: context_parallel_ulysses_degree; double_ring: context_parallel_inner_ring_degree, "
+    "unset: its default, see parallelism.context_parallel_inner_ring_degree).",
     "auto_mesh": "true: the planner picks this stage's tp x cp x CP pattern (see "
     "curriculum.auto_mesh, whose value an unset key takes); the stage then sets none of "
     "context_parallel_degree and the pattern keys.",
@@ -436,8 +486,9 @@ def format_help(
     intro = (f"{description.strip()}\n\n" if description.strip() else "") + (
         "Every option is a key of the recipe: --section.key VALUE overrides [section] key of "
         "the recipe file (--job.config_file), which overrides the defaults below. Keys take _ "
-        "or - (--training.seq_len, --training.seq-len). A boolean is a flag: --section.key "
-        "sets it, --section.no_key clears it. A list is comma-separated: "
+        "or - (--training.seq_len, --training.seq-len). A boolean takes true or false "
+        "(--validation.enable false) or is a flag: --section.key sets it, --section.no_key "
+        "clears it. A list is comma-separated: "
         "--model.converters a,b."
     )
     for paragraph in intro.split("\n\n"):
@@ -474,7 +525,11 @@ def format_help(
                     width,
                 )
                 continue
-            flags = f"--{key}, --{section}.no_{f.name}" if tp is bool else f"--{key} {_metavar(tp)}"
+            flags = (
+                f"--{key} [true|false], --{section}.no_{f.name}"
+                if tp is bool
+                else f"--{key} {_metavar(tp)}"
+            )
             out += _entry(flags, f"{text} (default: {_format_default(f)})", width)
     out += ["", *_stage_help(root, width)]
     return "\n".join(out) + "\n"

@@ -122,7 +122,9 @@ class Parallelism:
 
     context_parallel_inner_ring_degree: int = 0
     """With context_parallel_pattern = "double_ring": ranks of the inner ring (2 .. cp / 2,
-    dividing cp); the outer ring spans cp / this groups. 0 with any other pattern."""
+    dividing cp); the outer ring spans cp / this groups. 0 (the default): the largest divisor
+    of cp in 2 .. min(cp / 2, 8), so an inner ring stays within an 8-GPU node (cp 4 -> 2,
+    8 -> 4, 16 -> 8). 0 with any other pattern."""
 
 
 @dataclass

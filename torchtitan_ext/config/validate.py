@@ -745,6 +745,29 @@ def global_batch_size(cfg: Any, dims: ParallelDims) -> int:
     return int(t.global_batch_size if t.global_batch_size != -1 else t.local_batch_size * dims.dp)
 
 
+def derived_batch_note(cfg: Any, dims: ParallelDims) -> str | None:
+    """A warning when ``training.global_batch_size = -1`` derives a smaller global batch than
+    the recipe gives without context parallel: -1 means local batch x dp, and the cp ranks are
+    taken from dp (``data_parallel_shard_degree = -1`` takes what cp leaves), so dp 4 on 4
+    ranks trains 4 x local sequences per step but dp 1 x cp 4 only 1 x local: losses of the two
+    runs are not comparable. None when the batch is set or cp is 1.
+
+    Returns:
+        One line naming the key, both batches and the value that keeps the cp = 1 batch.
+    """
+    t = cfg.training
+    if t.global_batch_size != -1 or dims.cp == 1:
+        return None
+    derived = t.local_batch_size * dims.dp
+    without_cp = derived * dims.cp
+    return (
+        f"training.global_batch_size = -1: global batch = local_batch_size {t.local_batch_size}"
+        f" x dp {dims.dp} = {derived} sequences; context_parallel_degree {dims.cp} took its ranks"
+        f" from dp, which at cp 1 gives {without_cp}. Losses compare only at equal batches: set "
+        f"training.global_batch_size = {without_cp} to train the cp 1 batch"
+    )
+
+
 def unit_len(stages: "list[Stage]") -> int:
     """``PackedWindows.unit_len`` of the training data: the longest stage's seq_len (one grid
     of units for every stage), or 0 (the run's seq_len) without a curriculum."""

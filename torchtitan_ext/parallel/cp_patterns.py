@@ -112,14 +112,37 @@ def pattern_choices(cp: int) -> list[tuple[str, int, int]]:
     ]
 
 
+RANKS_PER_NODE = 8
+"""Ranks of one node for ``default_inner_ring_degree``: the 8 GPUs of an H100 / H200 HGX node
+(the planner's ``curriculum.auto_mesh_ranks_per_node`` default too)."""
+
+
+def default_inner_ring_degree(cp: int) -> int:
+    """The inner ring of a double ring whose ``context_parallel_inner_ring_degree`` is 0
+    (unset): the largest divisor of ``cp`` in 2 .. min(cp / 2, ``RANKS_PER_NODE``).
+
+    The largest so that the outer ring, the one that crosses the slow links, has as few
+    hops as can be (LoongTrain, arXiv 2406.18485, puts the inner ring inside a node); at most
+    cp / 2 so that there are two rings to nest; at most a node's 8 ranks so that with cp
+    innermost in the mesh an inner ring never spans nodes. cp 4 -> 2, 6 -> 3, 8 -> 4,
+    16 -> 8, 64 -> 8, 12 -> 6. 0 when there is none (cp 1, 2 or a prime): the double ring
+    needs another degree then.
+    """
+    cap = min(cp // 2, RANKS_PER_NODE)
+    return next((d for d in range(cap, 1, -1) if cp % d == 0), 0)
+
+
 def make_pattern(name: str, cp: int, ulysses_degree: int, inner_ring_degree: int) -> CPPattern:
     """The ``CPPattern`` of the recipe keys (validated by ``config.validate``, which names the
-    keys; this raises ``ValueError`` for what slipped through)."""
+    keys; this raises ``ValueError`` for what slipped through). A double ring with
+    ``inner_ring_degree`` 0 gets ``default_inner_ring_degree(cp)``."""
     if name == "ring" or cp == 1:
         return CPPattern("ring", cp, 1)
     if name == "ulysses":
         return CPPattern(name, cp, cp)
     inner = ulysses_degree if name == "hybrid" else inner_ring_degree
+    if name == "double_ring" and inner == 0:
+        inner = default_inner_ring_degree(cp)
     if name not in PATTERNS or inner < 2 or cp % inner != 0 or inner == cp:
         raise ValueError(f"invalid context-parallel pattern {name!r} with cp {cp}, inner {inner}")
     return CPPattern(name, cp, inner)
@@ -673,7 +696,8 @@ def split_by_node(
 def check_recipe_pattern(cfg: Any, model_args: Any, tp: int, cp: int) -> None:
     """The recipe's ``parallelism.context_parallel_pattern`` and the degree it needs: a known
     pattern; a Ulysses / hybrid degree that divides cp and the heads per TP rank; an inner ring
-    degree that divides cp; no degree set that the pattern does not use; torch 2.13 for any
+    degree that divides cp (0: ``default_inner_ring_degree``, which needs cp to have one); no
+    degree set that the pattern does not use; torch 2.13 for any
     pattern but the ring (a rule of ``config.validate.RULES``).
 
     Raises:
@@ -704,6 +728,15 @@ def check_recipe_pattern(cfg: Any, model_args: Any, tp: int, cp: int) -> None:
     if name in uses:
         degree_key = f"parallelism.context_parallel_{uses[name]}"
         inner = getattr(p, f"context_parallel_{uses[name]}")
+        if name == "double_ring" and inner == 0:
+            inner = default_inner_ring_degree(cp)
+            if inner == 0:
+                raise ConfigError(
+                    "parallelism.context_parallel_degree",
+                    cp,
+                    "double_ring nests an inner ring of 2 .. cp / 2 ranks (a divisor of cp) in "
+                    f"an outer ring: cp {cp} has none; use 'ring'",
+                )
         if inner < 2 or cp % inner != 0 or inner == cp:
             raise ConfigError(
                 degree_key,
