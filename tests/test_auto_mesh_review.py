@@ -5,9 +5,12 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from tests.conftest import ROOT
+from torchtitan_ext.config import load_config
+from torchtitan_ext.curriculum import plan_curriculum
 
 AUTO = """
 [curriculum]
@@ -61,3 +64,33 @@ def test_alloc_conf_is_set_before_the_budget_initializes_cuda(tmp_path, monkeypa
     assert p.device.type == "cuda" and p.stages[1].mesh_plan
     assert ("get_device_properties", CUDA_ALLOC_CONF) in seen  # the budget was read ...
     assert all(conf == CUDA_ALLOC_CONF for _, conf in seen), seen  # ... with the setting on
+
+
+def test_auto_mesh_batch_is_the_recipes_on_every_mesh(tmp_path):
+    """[auto_mesh_batch] With ``global_batch_size = -1`` and no ``tokens_per_step`` the batch
+    is TorchTitan's local_batch_size x dp, so each candidate mesh would train its own batch
+    (16, 8 and 4 sequences for tp1 cp1, tp1 cp2 and tp2 cp2 on 4 ranks) and seconds per step
+    would favour small dp. The planner fixes the batch first, on the recipe's own mesh (tp 1,
+    cp 1: dp 4, 16 sequences), plans every candidate with it and ranks by time per token; a
+    recipe whose own mesh gives no batch is refused in one line naming the key."""
+    from torchtitan_ext.config import ConfigError
+
+    # A slow device: compute (tokens per step / world x flops per token) outweighs traffic,
+    # which is where a smaller batch looked faster per step.
+    slow = ["--curriculum.auto_mesh_tflops", "1e-6"]
+    cfg = load_config(["--job.config_file", str(recipe(tmp_path)), *slow])
+    assert cfg.training.global_batch_size == -1 and cfg.training.local_batch_size == 4
+    stages = plan_curriculum(cfg, 4)
+    auto = stages[1]
+    assert auto.global_batch_size == 16 and auto.tokens_per_step == 16 * 128
+    ranked = auto.mesh_plan
+    assert {(e.tp, e.cp) for e in ranked} >= {(1, 1), (1, 2), (2, 2)}
+    assert {e.tokens_per_step for e in ranked} == {16 * 128}
+    per_token = [e.step_sec / e.tokens_per_step for e in ranked]
+    assert per_token == sorted(per_token) and ranked[0].sec_per_token == per_token[0]
+    # The recipe's own mesh (cp 3 of 4 ranks) resolves no batch: refused, naming the key.
+    cfg.parallelism.context_parallel_degree = 3
+    with pytest.raises(ConfigError) as err:
+        plan_curriculum(cfg, 4)
+    assert err.value.key == "training.global_batch_size"
+    assert "recipe's own mesh" in str(err.value) and "\n" not in str(err.value)
