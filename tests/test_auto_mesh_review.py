@@ -94,3 +94,20 @@ def test_auto_mesh_batch_is_the_recipes_on_every_mesh(tmp_path):
         plan_curriculum(cfg, 4)
     assert err.value.key == "training.global_batch_size"
     assert "recipe's own mesh" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_auto_mesh_memory_budget_of_0_leaves_headroom(tmp_path, monkeypatch):
+    """[auto_mesh_memory] A budget of 0 is the GPU's memory less what the dry run does not
+    see: the CUDA context and NCCL's buffers (a fixed reserve), and the allocator's
+    fragmentation (a share of the rest); a budget given is taken as is."""
+    from torchtitan_ext.tools.auto_mesh import CUDA_RESERVED_GIB, FRAGMENTATION, budget_gib
+
+    props = SimpleNamespace(total_memory=80 * 1024**3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    args = ["--job.config_file", str(recipe(tmp_path)), "--training.device", "cuda"]
+    budget = budget_gib(load_config(args))
+    assert budget == pytest.approx((80 - CUDA_RESERVED_GIB) * (1 - FRAGMENTATION))
+    assert 60 < budget < 80 - CUDA_RESERVED_GIB
+    given = budget_gib(load_config([*args, "--curriculum.auto_mesh_memory_gib", "80"]))
+    assert given == 80

@@ -6,8 +6,8 @@ context-parallel degrees and CP pattern from ``choose_stage_mesh``: every tp x c
 and dp_replicate leave, dp_shard taking the rest, that passes the stage's full config
 validation is planned with the dry run (``dry_run.plan_rank`` on torch's fake process group:
 the real mesh, pipeline split and ``parallelize`` on meta tensors; per-device memory and bytes
-sent per step by kind); those within the memory budget are ranked by the estimated time per
-token, the step time
+sent per step by kind); those within the memory budget (``budget_gib``: a budget of 0 is the
+GPU's memory less a headroom) are ranked by the estimated time per token, the step time
 
     compute: flops per token (TorchTitan's 6N + attention) x tokens per step
              / (world size x ``auto_mesh_tflops``)
@@ -101,9 +101,23 @@ def pattern_options(cp: int, patterns: tuple[str, ...]) -> list[tuple[str, int, 
     return [c for c in pattern_choices(cp) if cp == 1 or c[0] in patterns]
 
 
+CUDA_RESERVED_GIB = 2.0
+"""Device memory, GiB, that a budget of 0 leaves to what the dry run does not see: the CUDA
+context (about 0.5 GiB on Hopper with lazy module loading, more without) and NCCL's
+communicator buffers (per communicator, NCCL_BUFFSIZE = 4 MiB per channel and protocol and
+peer; a mesh opens one communicator per dim and CP pattern group, up to about 1 GiB in all)."""
+
+FRAGMENTATION = 0.10
+"""Share of the rest that a budget of 0 leaves to the caching allocator's fragmentation and
+its rounding (blocks of 512 B, 2 MiB segments; expandable segments reduce but do not remove
+it)."""
+
+
 def budget_gib(cfg: Any) -> float:
-    """``curriculum.auto_mesh_memory_gib``, or with 0 the memory of CUDA device 0 (GiB) when
-    ``training.device`` resolves to CUDA, else (CPU) no limit.
+    """``curriculum.auto_mesh_memory_gib``, or with 0 the memory of CUDA device 0 less the
+    headroom, (total - ``CUDA_RESERVED_GIB``) x (1 - ``FRAGMENTATION``) GiB (70.2 of an 80 GiB
+    H100), when ``training.device`` resolves to CUDA, else (CPU) no limit. A budget given is
+    taken as is: what the dry run's estimate per device must stay within.
 
     Raises:
         ConfigError: 0 with ``training.device = "cuda"`` and no CUDA device visible (planning
@@ -122,7 +136,8 @@ def budget_gib(cfg: Any) -> float:
                 given,
                 "no CUDA device is visible to read the memory of: give the budget per device",
             )
-        return torch.cuda.get_device_properties(0).total_memory / 1024**3
+        total = torch.cuda.get_device_properties(0).total_memory / 1024**3
+        return (total - CUDA_RESERVED_GIB) * (1 - FRAGMENTATION)
     return float("inf")
 
 
