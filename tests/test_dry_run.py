@@ -37,11 +37,14 @@ def test_param_bytes_per_rank(titan_recipes, recipe, world_size, divisor):
     assert plan.activation_bytes > 0
 
 
-def test_estimates_match_real_runs():
+def test_estimates_match_real_runs_and_bound_the_peak_auto_mesh_memory():
     """The dry run's communication and activation estimates against what real gloo runs of
     the same shapes send and save (scripts/check_dry_run.py): within 10% for every kind of
-    traffic and rank, and the CP patterns' traffic split by node (2 ranks per node). The
-    script fails on a larger error, so this can fail."""
+    traffic and rank, and the CP patterns' traffic split by node (2 ranks per node).
+    [auto_mesh_memory] The memory estimate per device (what auto mesh plans with) is at least
+    the peak every rank measures during a step, for every CP pattern: ring, Ulysses, hybrid,
+    double ring (it was not before the patterns' attention buffers were counted). The script
+    fails on a larger error or a peak above its estimate, so this can fail."""
     import subprocess
     import sys
     from pathlib import Path
@@ -61,6 +64,7 @@ def test_estimates_match_real_runs():
     for name in shapes.split(","):
         assert f"| {name} |" in proc.stdout
     assert "worst relative error" in proc.stdout
+    assert "## Peak memory per rank" in proc.stdout and "peak memory above" not in proc.stdout
     assert "| cp4+dring2+fullac | 5.62 / 5.6" in proc.stdout  # intra-node, then inter-node
 
 

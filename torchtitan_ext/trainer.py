@@ -138,12 +138,18 @@ class ResumeEarlierStage(Exception):
 
 def prepare(args: list[str], rank: RankInfo) -> Prepared:
     """Parse, check (``config.validate.RULES``, every phase) and load data: no collective,
-    identical on every rank.
+    identical on every rank. Unless ``training.device = "cpu"``, first sets the CUDA
+    allocator's settings (``configure_cuda_allocator``), before any rule can start CUDA.
 
     Raises:
         ConfigError: any problem with the recipe, the environment or the data.
     """
-    check = check_recipe(load_config(args), rank.world_size, rank.local_rank)
+    recipe = load_config(args)
+    if recipe.training.device != "cpu":
+        # Before any rule can start CUDA (auto mesh reads the GPU's memory): the caching
+        # allocator reads its settings once, when CUDA starts.
+        configure_cuda_allocator()
+    check = check_recipe(recipe, rank.world_size, rank.local_rank)
     cfg, dims, device = check.cfg, check.dims, check.device
     assert dims is not None and device is not None
     model_args = check.model_args  # the recipe phase's own copy of the flavor's args
@@ -1035,9 +1041,7 @@ def main(args: list[str]) -> int:
         # Same message on every rank, before any collective: no hang, no traceback.
         _report_config_error(rank.rank, e)
         return 2
-    cfg = prepared.cfg
-    if prepared.device.type == "cuda":
-        configure_cuda_allocator()  # before the first CUDA allocation (init_distributed's)
+    cfg = prepared.cfg  # PYTORCH_CUDA_ALLOC_CONF: set by prepare, before CUDA could start
     if cfg.job.print_config and rank.rank == 0:
         print(format_toml(cfg))
     init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)

@@ -192,8 +192,10 @@ class Curriculum:
     """Every stage gets its mesh from the planner (a stage can ask for it alone with
     ``auto_mesh = true`` in its table): among the tp x cp x CP-pattern choices that pass the
     recipe's validation (pp and dp_replicate stay the recipe's, dp_shard takes the rest), those
-    whose dry-run memory per device fits auto_mesh_memory_gib, the least estimated step time
-    (compute at auto_mesh_tflops plus the dry run's bytes per step over the links below). The
+    whose dry-run memory per device fits auto_mesh_memory_gib, the least estimated time per
+    token (compute at auto_mesh_tflops plus the dry run's bytes per step over the links below,
+    over the tokens per step). Every choice trains the stage's batch: with global_batch_size =
+    -1 and no tokens_per_step, local_batch_size x dp on the recipe's own tp and cp degrees. The
     plan is printed before training; a stage that sets context_parallel_degree or a pattern
     cannot also be auto-meshed."""
 
@@ -203,8 +205,9 @@ class Curriculum:
     """The CP patterns auto_mesh considers (each with every inner degree it can take)."""
 
     auto_mesh_memory_gib: float = 0.0
-    """Memory budget per device for auto_mesh, GiB. 0: the CUDA device's total memory (on CPU,
-    no limit)."""
+    """Memory budget per device for auto_mesh, GiB, that the dry run's estimate must stay
+    within. 0: the CUDA device's memory less 2 GiB (CUDA context, NCCL buffers) and 10% of the
+    rest (fragmentation), 70.2 of 80 GiB (on CPU, no limit)."""
 
     auto_mesh_ranks_per_node: int = 8
     """Consecutive ranks per node, for auto_mesh's intra / inter-node split."""

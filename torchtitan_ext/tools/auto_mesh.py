@@ -6,7 +6,8 @@ context-parallel degrees and CP pattern from ``choose_stage_mesh``: every tp x c
 and dp_replicate leave, dp_shard taking the rest, that passes the stage's full config
 validation is planned with the dry run (``dry_run.plan_rank`` on torch's fake process group:
 the real mesh, pipeline split and ``parallelize`` on meta tensors; per-device memory and bytes
-sent per step by kind); those within the memory budget are ranked by an estimated step time,
+sent per step by kind); those within the memory budget (``budget_gib``: a budget of 0 is the
+GPU's memory less a headroom) are ranked by the estimated time per token, the step time
 
     compute: flops per token (TorchTitan's 6N + attention) x tokens per step
              / (world size x ``auto_mesh_tflops``)
@@ -17,7 +18,9 @@ sent per step by kind); those within the memory budget are ranked by an estimate
       plus its collective calls (``dry_run.collective_counts``) times
       ``auto_mesh_collective_latency_us``,
 
-no overlap assumed (an upper bound; the ranking is what matters). Ties go to the smaller CP
+no overlap assumed (an upper bound; the ranking is what matters), over the tokens per step.
+Every candidate trains the same batch (``stage_batch``: the planner changes the mesh, never a
+hyperparameter), so this orders them as their step times do. Ties go to the smaller CP
 degree. The same model as ``cp_patterns.attention_comm``'s modelled table and
 ``ablate_mesh.py --dry-run``; its assumptions are the keys above.
 
@@ -47,6 +50,8 @@ class MeshEstimate:
         comm_gib: bytes sent per step by the busiest rank, GiB; inter_node_gib: the part of
             it that crosses nodes; comm_calls: its collective calls per step.
         compute_sec, comm_sec: the step-time estimate's parts, seconds.
+        tokens_per_step: tokens per optimizer step (global batch x seq_len): the same for
+            every candidate of a stage (``stage_batch``).
     """
 
     tp: int
@@ -62,11 +67,18 @@ class MeshEstimate:
     compute_sec: float
     comm_sec: float
     comm_calls: int = 0
+    tokens_per_step: int = 0
 
     @property
     def step_sec(self) -> float:
         """Estimated seconds per optimizer step (compute + communication, no overlap)."""
         return self.compute_sec + self.comm_sec
+
+    @property
+    def sec_per_token(self) -> float:
+        """Estimated seconds per token trained: what the planner ranks by (``step_sec`` /
+        ``tokens_per_step``; inf without tokens)."""
+        return self.step_sec / self.tokens_per_step if self.tokens_per_step else float("inf")
 
     @property
     def label(self) -> str:
@@ -89,9 +101,23 @@ def pattern_options(cp: int, patterns: tuple[str, ...]) -> list[tuple[str, int, 
     return [c for c in pattern_choices(cp) if cp == 1 or c[0] in patterns]
 
 
+CUDA_RESERVED_GIB = 2.0
+"""Device memory, GiB, that a budget of 0 leaves to what the dry run does not see: the CUDA
+context (about 0.5 GiB on Hopper with lazy module loading, more without) and NCCL's
+communicator buffers (per communicator, NCCL_BUFFSIZE = 4 MiB per channel and protocol and
+peer; a mesh opens one communicator per dim and CP pattern group, up to about 1 GiB in all)."""
+
+FRAGMENTATION = 0.10
+"""Share of the rest that a budget of 0 leaves to the caching allocator's fragmentation and
+its rounding (blocks of 512 B, 2 MiB segments; expandable segments reduce but do not remove
+it)."""
+
+
 def budget_gib(cfg: Any) -> float:
-    """``curriculum.auto_mesh_memory_gib``, or with 0 the memory of CUDA device 0 (GiB) when
-    ``training.device`` resolves to CUDA, else (CPU) no limit.
+    """``curriculum.auto_mesh_memory_gib``, or with 0 the memory of CUDA device 0 less the
+    headroom, (total - ``CUDA_RESERVED_GIB``) x (1 - ``FRAGMENTATION``) GiB (70.2 of an 80 GiB
+    H100), when ``training.device`` resolves to CUDA, else (CPU) no limit. A budget given is
+    taken as is: what the dry run's estimate per device must stay within.
 
     Raises:
         ConfigError: 0 with ``training.device = "cuda"`` and no CUDA device visible (planning
@@ -110,7 +136,8 @@ def budget_gib(cfg: Any) -> float:
                 given,
                 "no CUDA device is visible to read the memory of: give the budget per device",
             )
-        return torch.cuda.get_device_properties(0).total_memory / 1024**3
+        total = torch.cuda.get_device_properties(0).total_memory / 1024**3
+        return (total - CUDA_RESERVED_GIB) * (1 - FRAGMENTATION)
     return float("inf")
 
 
@@ -187,6 +214,7 @@ def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
         compute_sec=compute_sec,
         comm_sec=comm_sec,
         comm_calls=sum(busiest.comm_calls.values()),
+        tokens_per_step=tokens,
     )
 
 
@@ -222,20 +250,61 @@ def _check_settings(cfg: Any) -> None:
         )
 
 
+def stage_batch(
+    cfg: Any, i: int, raw: dict[str, Any], world_size: int, step: int, prev: Any
+) -> int | None:
+    """The global batch (sequences per optimizer step) of auto-meshed stage ``i`` (table
+    ``raw``) when the recipe leaves it to the mesh, fixed before any mesh is tried so that
+    the planner changes the mesh and never a hyperparameter; None when it is the same on every
+    mesh anyway (``curriculum.tokens_per_step`` / seq_len, or a ``global_batch_size`` >= 1).
+    ``global_batch_size = -1`` (TorchTitan's ``local_batch_size`` x dp) is taken on the
+    recipe's own mesh: its ``[parallelism]`` tp and CP degree with dp_shard the rest, the mesh
+    the stage would train on without ``auto_mesh``.
+
+    Raises:
+        ConfigError: -1 and the recipe's own mesh does not resolve a batch for this stage,
+            as ``training.global_batch_size``, naming why; a bad key of the table as itself.
+    """
+    from torchtitan_ext.curriculum import _resolve_stage
+
+    if cfg.curriculum.tokens_per_step > 0:
+        return None
+    if raw.get("global_batch_size", cfg.training.global_batch_size) != -1:
+        return None
+    table = {k: v for k, v in raw.items() if k != "auto_mesh"}
+    p = cfg.parallelism
+    tp = p.tensor_parallel_degree
+    free = world_size // (p.pipeline_parallel_degree * p.data_parallel_replicate_degree * tp)
+    try:
+        return _resolve_stage(cfg, i, table, free, step, prev, tp).global_batch_size
+    except ConfigError as e:
+        if not e.key.endswith(("context_parallel_degree", "global_batch_size")):
+            raise  # the table itself (a key's type, seq_len, steps): its own key
+        raise ConfigError(
+            "training.global_batch_size",
+            -1,
+            f"auto-meshed stage {i} takes local_batch_size x dp on the recipe's own mesh "
+            f"(tp {tp}, cp {p.context_parallel_degree}), which does not resolve ({e.key} = "
+            f"{e.value}: {e.reason}); give the batch or curriculum.tokens_per_step",
+        ) from None
+
+
 def choose_stage_mesh(
     cfg: Any, i: int, raw: dict[str, Any], world_size: int, step: int, prev: Any
 ) -> Any:
-    """Stage ``i`` (table ``raw``) with the mesh of least estimated step time that fits the
-    budget (see the module docstring). Collective-free.
+    """Stage ``i`` (table ``raw``) with the mesh of least estimated time per token that fits
+    the budget (see the module docstring), every candidate with the batch of ``stage_batch``.
+    Collective-free.
 
     Returns:
         The resolved ``curriculum.Stage``, its ``mesh_plan`` the estimates of every valid
         candidate, best first.
 
     Raises:
-        ConfigError: a bad ``auto_mesh_*`` setting; no candidate passes validation (the
-            first candidate's reason); none fits the budget (naming the smallest estimate),
-            each as ``curriculum.stages[i].auto_mesh``.
+        ConfigError: a bad ``auto_mesh_*`` setting; a batch left to the mesh that the
+            recipe's own mesh does not resolve (``stage_batch``); no candidate passes
+            validation (the first candidate's reason) or none fits the budget (naming the
+            smallest estimate), each as ``curriculum.stages[i].auto_mesh``.
     """
     from torchtitan_ext.config.validate import validate
     from torchtitan_ext.curriculum import _resolve_stage, stage_config
@@ -246,6 +315,8 @@ def choose_stage_mesh(
     budget = budget_gib(cfg)
     patterns = tuple(cfg.curriculum.auto_mesh_patterns)
     key = f"curriculum.stages[{i}].auto_mesh"
+    batch = stage_batch(cfg, i, raw, world_size, step, prev)
+    fixed = {} if batch is None else {"global_batch_size": batch}
     found: list[tuple[MeshEstimate, Any]] = []
     reasons: list[str] = []
     for tp in _divisors(free):
@@ -253,6 +324,7 @@ def choose_stage_mesh(
             for pattern, ulysses, inner in pattern_options(cp, patterns):
                 table = {
                     **raw,
+                    **fixed,
                     "context_parallel_degree": cp,
                     "context_parallel_pattern": pattern,
                 }
@@ -271,7 +343,7 @@ def choose_stage_mesh(
                 found.append((estimate_mesh(stage_cfg, world_size, budget), stage))
     if not found:
         raise ConfigError(key, True, f"no mesh passes validation (first: {reasons[0]})")
-    ranked = sorted(found, key=lambda c: (not c[0].fits, c[0].step_sec, c[0].cp, c[0].tp))
+    ranked = sorted(found, key=lambda c: (not c[0].fits, c[0].sec_per_token, c[0].cp, c[0].tp))
     best, stage = ranked[0]
     if not best.fits:
         smallest = min((e for e, _ in found), key=lambda e: e.memory_gib)
@@ -286,8 +358,8 @@ def choose_stage_mesh(
 
 def format_mesh_plan(stages: list[Any], top: int = 3) -> str:
     """For each auto-meshed stage, the chosen mesh and the next best ones with their
-    estimates (memory GiB/device, comm GiB/step, step seconds), for the log and the checker;
-    empty without auto-meshed stages."""
+    estimates (memory GiB/device, comm GiB/step, step seconds; all at the stage's tokens per
+    step), for the log and the checker; empty without auto-meshed stages."""
     lines = []
     for s in stages:
         if not s.mesh_plan:
@@ -295,7 +367,8 @@ def format_mesh_plan(stages: list[Any], top: int = 3) -> str:
         fitting = [e for e in s.mesh_plan if e.fits]
         lines.append(
             f"stage {s.index} auto mesh: {len(fitting)} of {len(s.mesh_plan)} valid meshes fit; "
-            "est. memory GiB/device, comm GiB/step (inter-node), step s (compute + comm)"
+            f"each at {s.tokens_per_step} tokens/step, ranked by time per token; est. memory "
+            "GiB/device, comm GiB/step (inter-node), step s (compute + comm)"
         )
         for rank, e in enumerate(fitting[:top]):
             mark = "chosen" if rank == 0 else f"#{rank + 1}"

@@ -40,7 +40,8 @@ from torchtitan_ext.parallelize import parallelize
 GIB = 1024**3
 
 
-def _local_numel_bytes(parts: list[nn.Module]) -> tuple[int, int]:
+def local_numel_bytes(parts: list[nn.Module]) -> tuple[int, int]:
+    """Parameter elements and bytes this rank holds of ``parts`` (its DTensor shards)."""
     numel = nbytes = 0
     for part in parts:
         for p in part.parameters():
@@ -127,8 +128,9 @@ def layer_saved_elements(m: ModelDims, w: Work, tp: int, tiled_mlp: bool = False
     s·b·(2·h + (6·h + 2·kv + 4·f)/tp); without TP s·b·(8·h + 2·kv + 4·f), 24.5·s·b·h for
     Llama 3 8B, against 17·s·b·h (34 bytes in 16-bit) for GPT in Korthikanti et al. 2022
     (arXiv 2205.05198, Table 2), whose MLP is 4·h wide, which keeps dropout masks and the
-    attention scores, and whose LayerNorm keeps less. Terms of s·b·heads (softmax
-    statistics) are left out. A fused RMSNorm kernel (CUDA) keeps one tensor less per norm.
+    attention scores, and whose LayerNorm keeps less. The s·b·heads/tp softmax statistics
+    (SDPA's fp32 logsumexp) are added by ``activation_estimate``. A fused RMSNorm kernel
+    (CUDA) keeps one tensor less per norm.
     With a tiled MLP (``training.mlp_tile_tokens``) the SwiGLU keeps only its tiles' inputs,
     the all-gathered ffn input already counted: the 4·f term goes.
     """
@@ -175,12 +177,20 @@ def activation_estimate(
     (``layer_saved_elements``), and its peak adds one tile's (4·t·b·f/tp elements).
     Activation offload (``activation_checkpoint.enable_cpu_offload``, full AC) keeps the block
     inputs in host memory: none is held on the device, and the recompute adds the one copied
-    back.
+    back. With context parallel each block keeps one more attention-output-sized tensor
+    (s·b·h/tp) and fp32 logsumexp than without (measured with saved-tensor hooks,
+    ``scripts/check_dry_run.py``: torch's CP dispatch returns its own copies, not views), and
+    the peak adds one attention call's buffers
+    (``cp_buffer_bytes``: the ring's gathered K/V, Ulysses' all-to-all copies, GQA K/V
+    replication), counted as if they coincided with the loss's.
     """
     tp, e = dims.tp, w.act_bytes
     t = cfg.training
     tile, chunk = t.mlp_tile_tokens, t.loss_chunk_tokens
-    layer = layer_saved_elements(m, w, tp, tiled_mlp=tile > 0) * e
+    softmax_stats = w.s * w.b * m.n_heads // tp * 4  # SDPA's fp32 logsumexp, kept per block
+    layer = layer_saved_elements(m, w, tp, tiled_mlp=tile > 0) * e + softmax_stats
+    if dims.cp > 1:  # measured: one more attention output and logsumexp per block
+        layer += w.s * w.b * m.dim // tp * e + softmax_stats
     block_input = w.s * w.b * m.dim // tp * e
     full_ac = cfg.activation_checkpoint.mode == "full"
     offload = full_ac and cfg.activation_checkpoint.enable_cpu_offload
@@ -195,7 +205,58 @@ def activation_estimate(
         recompute += min(tile, w.s) * w.b * 4 * m.ffn_dim // tp * e
     chunk_peak = (3 * min(chunk, w.s * w.b) + m.dim) * 4 * m.vocab // tp
     loss_peak = chunk_peak if chunk else logits
-    return Activations(saved, saved * in_flight + recompute + (loss_peak if has_output else 0))
+    transient = (loss_peak if has_output else 0) + cp_buffer_bytes(cfg, dims, m, w)
+    return Activations(saved, saved * in_flight + recompute + transient)
+
+
+def cp_buffer_bytes(cfg: Any, dims: ParallelDims, m: ModelDims, w: Work) -> int:
+    """Bytes one attention call under context parallel holds on top of the saved activations
+    while it runs (forward or backward, whichever holds more; one call at a time), for the
+    recipe's ``context_parallel_pattern``. With q = this rank's query (= output) elements
+    (s·b·h/tp), kv = its key (= value) elements (s·b·kv/tp), e = bytes per activation:
+
+    - ring (torch's ``_templated_ring_attention``): the gathered K/V of all cp ranks,
+      cp·2·kv·e (``allgather`` rotation; ``alltoall``: the block in hand and the next,
+      2·2·kv·e), again in backward, where the fp32 dK/dV travel around the ring (held, sent and
+      received: 3·2·kv·4) and dq accumulates in fp32 (q·4); forward merges in fp32 (q·4).
+    - ulysses over u ranks (``cp_patterns._ulysses_*``): K/V replicated to the query heads
+      when u does not divide the kv heads (GQA: kv becomes q), and per all-to-all its send
+      buffer, receive buffer and the rearranged copies, three of each exchanged tensor: in
+      backward q, k, v, out, dout and the fp32 logsumexp in, dq, dk, dv out.
+    - hybrid: Ulysses' buffers plus the ring's over the outer cp / u ranks on the head-sharded
+      tensors (the same number of elements).
+    - double ring: the outer rotation's K/V (held, sent, received: 3·2·kv·e) and in backward
+      its fp32 dK/dV (3·2·kv·4) and fp32 dq (q·4), plus the inner ring's buffers.
+
+    Counted from the code, an upper bound (buffers of one step freed before the next are all
+    counted at once); ``scripts/check_dry_run.py`` measures the peak they add to.
+    """
+    if dims.cp == 1:
+        return 0
+    p = cfg.parallelism
+    pattern = cp_patterns.recipe_pattern(p, dims.cp)
+    e, tokens = w.act_bytes, w.s * w.b
+    q = tokens * m.dim // dims.tp
+    kv = tokens * m.kv_dim // dims.tp
+    lse = tokens * m.n_heads // dims.tp * 4
+
+    def ring(n: int, kv_elems: int) -> int:
+        if n == 1:
+            return 0
+        held = n if p.context_parallel_rotate_method == "allgather" else 2
+        return held * 2 * kv_elems * e + 3 * 2 * kv_elems * 4 + q * 4
+
+    if pattern.name == "ring":
+        return ring(dims.cp, kv)
+    if pattern.name == "double_ring":
+        return 3 * 2 * kv * (e + 4) + q * 4 + ring(pattern.inner, kv)
+    u = pattern.inner
+    kv_heads = m.kv_dim // (m.dim // m.n_heads) // dims.tp
+    if kv_heads % u != 0:
+        kv = q  # K/V replicated to the query heads (cp_patterns._replicate_kv)
+    backward_in = (3 * q + 2 * kv) * e + lse
+    backward_out = (q + 2 * kv) * e
+    return 3 * (backward_in + backward_out) + ring(pattern.outer, kv)
 
 
 COMM_KINDS = ("fsdp", "dp_replicate", "tp", "cp", "pp")
@@ -408,14 +469,14 @@ def estimate(
     """Activation and communication estimates for one rank holding the (parallelized) model
     ``parts`` of pipeline stage row ``stage_index`` at index ``cp_index`` of its cp group
     (None: read from the live cp mesh)."""
-    numel, _ = _local_numel_bytes(parts)
+    numel, _ = local_numel_bytes(parts)
     last_unit = [
         m
         for part in parts
         for m in (getattr(part, "norm", None), getattr(part, "output", None))
         if m is not None
     ]
-    last_numel, _ = _local_numel_bytes(last_unit)
+    last_numel, _ = local_numel_bytes(last_unit)
     layers = sum(len(list(part.get_submodule("layers").children())) for part in parts)
     stages = [
         (getattr(p, "tok_embeddings", None) is not None, getattr(p, "output", None) is not None)
@@ -478,7 +539,7 @@ def plan_rank(
     finally:
         dist.destroy_process_group()
         forget_fake_meshes()
-    numel, param_bytes = _local_numel_bytes(parts)
+    numel, param_bytes = local_numel_bytes(parts)
     modules = [name for part in parts for name, m in part.named_children() if m is not None]
     act_dtype = act_dtype or TORCH_DTYPE_MAP[cfg.training.mixed_precision_param]
     acts, comm = estimate(cfg, dims, model_dims, parts, stage_index, act_dtype, coords["cp"])
@@ -728,3 +789,37 @@ def saved_activations() -> Iterator[list[int]]:
         yield total
     live = {ptr: nbytes for ref, ptr, nbytes in saved if ref() is not None}
     total[0] = sum(live.values())
+
+
+def measure_peak(trainer: Any) -> int:
+    """Run one training step of ``trainer`` (a ``trainer.Trainer``) and return this rank's
+    peak of live tensor bytes during it: the parameters, gradients and optimizer state it
+    holds plus everything the step allocates (activations, collective buffers, temporaries),
+    tracked by torch's ``MemTracker`` (``torch.distributed._tools.mem_tracker``: a dispatch
+    mode over every op's outputs' storages, freed by weakref, storage resizes included, as
+    FSDP2 frees its unsharded parameters) without its per-module statistics, which refuse a
+    module called twice in one step (pipeline microbatches, gradient accumulation). What
+    ``RankPlan.total_bytes`` estimates; on CPU, where no allocator statistics exist.
+    Collective (one step)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    class PeakTracker(MemTracker):
+        def _pre_fw_hook(self, module: nn.Module, inputs: Any) -> None:
+            pass
+
+        def _post_fw_hook(self, module: nn.Module, inputs: Any, outputs: Any) -> None:
+            pass
+
+        def _pre_bw_hook(self, module: nn.Module, args: Any) -> None:
+            pass
+
+        def _post_bw_hook(self, module: nn.Module, args: Any) -> None:
+            pass
+
+    tracker = PeakTracker()
+    tracker.track_external(*trainer.model_parts, *trainer.optimizers.optimizers)
+    batch = trainer.dataloader.next_step()
+    with tracker:
+        trainer.train_step(batch)
+    peak = tracker.get_tracker_snapshot("peak")
+    return max(snap["Total"] for snap in peak.values())
