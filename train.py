@@ -7,6 +7,7 @@ import sys
 
 from torchtitan_ext.config.manager import format_help, help_requested
 from torchtitan_ext.distributed import run_and_exit
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 from torchtitan_ext.trainer import main
 
 DESCRIPTION = """Train a recipe on every rank torchrun starts:
@@ -23,4 +24,5 @@ if __name__ == "__main__":
         sys.exit(0)
     # Exits with main's status on every path (an unexpected exception: its traceback and 1),
     # without interpreter finalization, which can abort on gloo: see distributed.exit_process.
-    run_and_exit(lambda: main(sys.argv[1:]))
+    # The planner of auto-meshed curriculum stages is handed in here, above the runtime.
+    run_and_exit(lambda: main(sys.argv[1:], mesh_planner=choose_stage_mesh))

@@ -39,10 +39,10 @@ from typing import NoReturn
 
 from torchtitan_ext.config import load_config
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
-from torchtitan_ext.curriculum import plan_curriculum
+from torchtitan_ext.config.validate import plan_curriculum
 from torchtitan_ext.distributed import exit_process, launch_env, torchrun_command
 from torchtitan_ext.tools.ablation import run_shape, shape_args
-from torchtitan_ext.tools.auto_mesh import MeshEstimate
+from torchtitan_ext.tools.auto_mesh import MeshEstimate, choose_stage_mesh
 from torchtitan_ext.tools.parity import ROOT, Shape, pattern_option
 
 TARGET = 0.90
@@ -176,7 +176,7 @@ def main() -> int:
                 "--job.config_file", str(recipe),
                 "--parallelism.data_parallel_shard_degree", "-1", *link_args,
             ])  # fmt: skip
-            stage = plan_curriculum(cfg, a.nproc)[0]
+            stage = plan_curriculum(cfg, a.nproc, choose_stage_mesh)[0]
             candidates = [e for e in stage.mesh_plan if e.fits]
             measured: dict[str, float] = {}
             for e in candidates:

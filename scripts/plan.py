@@ -19,8 +19,9 @@ import argparse
 import sys
 
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
-from torchtitan_ext.config.validate import validate
-from torchtitan_ext.curriculum import plan_curriculum, stage_config
+from torchtitan_ext.config.validate import plan_curriculum, validate
+from torchtitan_ext.curriculum import stage_config
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 from torchtitan_ext.tools.dry_run import format_table, plan_rank, stage_ranks
 
 
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe_args = ["--job.config_file", a.config, *overrides]
     try:
         cfg = load_config(recipe_args)
-        stages = plan_curriculum(cfg, a.world_size)
+        stages = plan_curriculum(cfg, a.world_size, choose_stage_mesh)
         configs = [(f"stage {s.index} (seq_len {s.seq_len}, cp {s.cp})", stage_config(cfg, s))
                    for s in stages] or [(f"seq_len {cfg.training.seq_len}", cfg)]  # fmt: skip
         for title, stage_cfg in configs:

@@ -10,7 +10,8 @@ import torch
 
 from tests.conftest import ROOT
 from torchtitan_ext.config import load_config
-from torchtitan_ext.curriculum import plan_curriculum
+from torchtitan_ext.config.validate import plan_curriculum
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 
 AUTO = """
 [curriculum]
@@ -60,7 +61,7 @@ def test_alloc_conf_is_set_before_the_budget_initializes_cuda(tmp_path, monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_properties", starts_cuda("get_device_properties"))
     args = ["--job.config_file", str(recipe(tmp_path)), "--training.device", "cuda",
             "--job.dump_folder", str(tmp_path / "run")]  # fmt: skip
-    p = prepare(args, RankInfo(0, 0, 4))
+    p = prepare(args, RankInfo(0, 0, 4), choose_stage_mesh)
     assert p.device.type == "cuda" and p.stages[1].mesh_plan
     assert ("get_device_properties", CUDA_ALLOC_CONF) in seen  # the budget was read ...
     assert all(conf == CUDA_ALLOC_CONF for _, conf in seen), seen  # ... with the setting on
@@ -80,7 +81,7 @@ def test_auto_mesh_batch_is_the_recipes_on_every_mesh(tmp_path):
     slow = ["--curriculum.auto_mesh_tflops", "1e-6"]
     cfg = load_config(["--job.config_file", str(recipe(tmp_path)), *slow])
     assert cfg.training.global_batch_size == -1 and cfg.training.local_batch_size == 4
-    stages = plan_curriculum(cfg, 4)
+    stages = plan_curriculum(cfg, 4, choose_stage_mesh)
     auto = stages[1]
     assert auto.global_batch_size == 16 and auto.tokens_per_step == 16 * 128
     ranked = auto.mesh_plan
@@ -91,7 +92,7 @@ def test_auto_mesh_batch_is_the_recipes_on_every_mesh(tmp_path):
     # The recipe's own mesh (cp 3 of 4 ranks) resolves no batch: refused, naming the key.
     cfg.parallelism.context_parallel_degree = 3
     with pytest.raises(ConfigError) as err:
-        plan_curriculum(cfg, 4)
+        plan_curriculum(cfg, 4, choose_stage_mesh)
     assert err.value.key == "training.global_batch_size"
     assert "recipe's own mesh" in str(err.value) and "\n" not in str(err.value)
 

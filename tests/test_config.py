@@ -181,7 +181,8 @@ def test_double_ring_default_inner_ring_degree(tmp_path, cp, dp_shard, inner):
     """``context_parallel_inner_ring_degree`` unset (0) with the double ring: the largest
     divisor of cp in 2 .. min(cp / 2, 8) (an inner ring within an 8-GPU node), in the check,
     the pattern the trainer builds, and the stage plan's label."""
-    from torchtitan_ext.curriculum import _pattern_label, plan_curriculum, stage_config
+    from torchtitan_ext.config.validate import plan_curriculum
+    from torchtitan_ext.curriculum import _pattern_label, stage_config
     from torchtitan_ext.parallel.cp_patterns import default_inner_ring_degree, recipe_pattern
 
     assert default_inner_ring_degree(cp) == inner

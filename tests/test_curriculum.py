@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, torchrun
 from torchtitan_ext.config import ConfigError, load_config
-from torchtitan_ext.curriculum import plan_curriculum
+from torchtitan_ext.config.validate import plan_curriculum
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 
 STAGES = """
 [curriculum]
@@ -58,7 +59,7 @@ def recipe(tmp_path: Path, stages: str = STAGES) -> Path:
 
 def plan(tmp_path: Path, stages: str, world_size: int = 4, extra: list[str] | None = None):
     cfg = load_config(["--job.config_file", str(recipe(tmp_path, stages)), *(extra or [])])
-    return plan_curriculum(cfg, world_size)
+    return plan_curriculum(cfg, world_size, choose_stage_mesh)
 
 
 def test_plan_resolves_stages(tmp_path):
@@ -584,7 +585,7 @@ def test_8b_1m_recipe_validates_for_its_cluster():
     cfg = load_config(
         ["--job.config_file", str(ROOT / "train_configs" / "llama3_8b_curriculum_1m.toml")]
     )
-    stages = plan_curriculum(cfg, 256)
+    stages = plan_curriculum(cfg, 256, choose_stage_mesh)
     assert stages[0].seq_len == 4096 and stages[-1].seq_len == 1048576
     thetas = [s.rope_theta for s in stages]
     assert thetas == sorted(thetas) and len(set(thetas)) > 1

@@ -4,14 +4,16 @@ Long-context models grow their context in stages, each continuing from the previ
 (arXiv 2402.08268) went 32K -> 1M with RoPE theta raised per stage at a constant 4M tokens per
 batch; Llama 3 (arXiv 2407.21783) raised the context in six stages up to 128K and the CP degree
 with it, keeping the tokens per CP rank about constant. A recipe's ``[[curriculum.stages]]``
-lists the stages; ``plan_curriculum`` resolves and checks all of them for the world size before
-step 1 (a recipe that would fail at stage 4 fails at start-up), and ``stage_config`` gives the
+lists the stages; ``resolve_curriculum`` resolves all of them for the world size before step 1,
+each checked by the rule table as it is resolved (``validate.plan_curriculum``: a recipe that
+would fail at stage 4 fails at start-up), and ``stage_config`` gives the
 recipe one stage trains with: its seq_len, batch, RoPE theta and CP degree, with dp_shard taking
 the rest of the fixed world. tp, pp and dp_replicate stay fixed across stages.
 """
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +26,8 @@ from torchtitan_ext.config.tables import (
     STAGE_KEYS,
     STAGE_STR_KEYS,
 )
-from torchtitan_ext.config.validate import seq_len_divisor
 from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.parallel_dims import seq_len_divisor
 from torchtitan_ext.rope import ROPE_KEYS
 
 
@@ -85,8 +87,22 @@ class Stage:
         return self.global_batch_size * self.seq_len
 
 
-def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
-    """Resolve and check every stage of ``cfg.curriculum`` for ``world_size`` ranks.
+MeshPlanner = Callable[[Any, int, dict[str, Any], int, int, "Stage | None"], "Stage"]
+"""Chooses an auto-meshed stage's mesh: ``(cfg, stage index, stage table, world size, steps
+before the stage, previous stage) -> Stage`` (``tools.auto_mesh.choose_stage_mesh``; the entry
+points hand it in, so the runtime never imports the planning tools)."""
+
+StageCheck = Callable[[Any, int], object]
+"""Checks one stage's recipe for a world size, raising ``ConfigError`` (the rule table's
+``validate``, handed in by ``validate.plan_curriculum``: the rules sit above the features)."""
+
+
+def resolve_curriculum(
+    cfg: Any, world_size: int, check_stage: StageCheck, mesh_planner: MeshPlanner | None = None
+) -> list[Stage]:
+    """Resolve every stage of ``cfg.curriculum`` for ``world_size`` ranks, checking each stage's
+    recipe with ``check_stage`` as it goes; auto-meshed stages get their mesh from
+    ``mesh_planner``.
 
     Rules: seq_len strictly increasing; steps >= 1; the CP degree (given, or the smallest one
     that keeps seq_len / cp <= ``max_tokens_per_cp_rank``, or the recipe's) divides
@@ -98,10 +114,9 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
         The stages, in order ([] when the recipe has no curriculum).
 
     Raises:
-        ConfigError: naming ``curriculum.stages[i].<key>`` (or the curriculum key) and value.
+        ConfigError: naming ``curriculum.stages[i].<key>`` (or the curriculum key) and value;
+            an auto-meshed stage without a ``mesh_planner``.
     """
-    from torchtitan_ext.config.validate import validate
-
     cur = cfg.curriculum
     if not cur.stages:
         return []
@@ -135,9 +150,14 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
     for i, raw in enumerate(cur.stages):
         prev = stages[-1] if stages else None
         if _wants_auto_mesh(cfg, i, raw):
-            from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
-
-            stage = choose_stage_mesh(cfg, i, raw, world_size, step, prev)
+            if mesh_planner is None:
+                raise ConfigError(
+                    f"curriculum.stages[{i}].auto_mesh",
+                    True,
+                    "auto mesh needs the mesh planner (torchtitan_ext.tools.auto_mesh), which "
+                    "train.py and python -m torchtitan_ext.config hand in; this caller gave none",
+                )
+            stage = mesh_planner(cfg, i, raw, world_size, step, prev)
         else:
             free = world_size // (others * p.tensor_parallel_degree)  # for dp_shard x cp
             stage = _resolve_stage(cfg, i, raw, free, step, prev, p.tensor_parallel_degree)
@@ -148,7 +168,7 @@ def plan_curriculum(cfg: Any, world_size: int) -> list[Stage]:
                 f"must be greater than the previous stage's {stages[-1].seq_len}",
             )
         try:
-            validate(stage_config(cfg, stage), world_size)
+            check_stage(stage_config(cfg, stage), world_size)
         except ConfigError as e:
             raise ConfigError(f"curriculum.stages[{i}] -> {e.key}", e.value, e.reason) from None
         stages.append(stage)
@@ -369,9 +389,7 @@ def _pattern_label(s: Stage) -> str:
 
 def format_plan(stages: list[Stage]) -> str:
     """A table of the stages for the log (and, for auto-meshed stages, the planner's choice
-    and the next best meshes with their estimates: ``auto_mesh.format_mesh_plan``)."""
-    from torchtitan_ext.tools.auto_mesh import format_mesh_plan
-
+    and the next best meshes with their estimates: ``format_mesh_plan``)."""
     lines = [
         "stage  steps (global)    seq_len  rope_theta  rope scaling   tp   cp  cp pattern      "
         "dp_shard  batch  "
@@ -390,3 +408,27 @@ def format_plan(stages: list[Stage]) -> str:
         )
     auto = format_mesh_plan(stages)
     return "\n".join(lines) + (f"\n{auto}" if auto else "")
+
+
+def format_mesh_plan(stages: list[Stage], top: int = 3) -> str:
+    """For each auto-meshed stage, the chosen mesh and the next best ones with the planner's
+    estimates (``Stage.mesh_plan``: memory GiB/device, comm GiB/step, step seconds), for the
+    log and the checker; empty without auto-meshed stages."""
+    lines = []
+    for s in stages:
+        if not s.mesh_plan:
+            continue
+        fitting = [e for e in s.mesh_plan if e.fits]
+        lines.append(
+            f"stage {s.index} auto mesh: {len(fitting)} of {len(s.mesh_plan)} valid meshes fit; "
+            f"each at {s.tokens_per_step} tokens/step, ranked by time per token; est. memory "
+            "GiB/device, comm GiB/step (inter-node), step s (compute + comm)"
+        )
+        for rank, e in enumerate(fitting[:top]):
+            mark = "chosen" if rank == 0 else f"#{rank + 1}"
+            lines.append(
+                f"  {mark:6s} {e.label:34s} {e.memory_gib:8.3g}  {e.comm_gib:8.3g} "
+                f"({e.inter_node_gib:.3g})  {e.step_sec:.3g} ({e.compute_sec:.3g} + "
+                f"{e.comm_sec:.3g})"
+            )
+    return "\n".join(lines)

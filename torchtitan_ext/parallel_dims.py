@@ -314,3 +314,10 @@ def check_mesh_dim_order(order: tuple[str, ...]) -> None:
             list(order),
             "pp must be first and dp_replicate second; dp_shard, tp and cp may be in any order",
         )
+
+
+def seq_len_divisor(tp: int, cp: int, load_balancer: str | None) -> int:
+    """What ``seq_len`` must be divisible by: tp for sequence parallel, and cp (2 x cp with a
+    load balancer, which splits the sequence into 2 x cp chunks: TorchTitan's head-tail)."""
+    cp_factor = 2 * cp if cp > 1 and load_balancer else cp
+    return tp * cp_factor

@@ -52,6 +52,7 @@ from torchtitan_ext.config.validate import (
     validate,
 )
 from torchtitan_ext.curriculum import (
+    MeshPlanner,
     Stage,
     format_plan,
     rope_label,
@@ -136,10 +137,12 @@ class ResumeEarlierStage(Exception):
         self.step = step
 
 
-def prepare(args: list[str], rank: RankInfo) -> Prepared:
+def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = None) -> Prepared:
     """Parse, check (``config.validate.RULES``, every phase) and load data: no collective,
     identical on every rank. Unless ``training.device = "cpu"``, first sets the CUDA
     allocator's settings (``configure_cuda_allocator``), before any rule can start CUDA.
+    ``mesh_planner`` chooses auto-meshed stages' meshes (the entry point hands in
+    ``tools.auto_mesh.choose_stage_mesh``: the runtime never imports the tools).
 
     Raises:
         ConfigError: any problem with the recipe, the environment or the data.
@@ -149,7 +152,7 @@ def prepare(args: list[str], rank: RankInfo) -> Prepared:
         # Before any rule can start CUDA (auto mesh reads the GPU's memory): the caching
         # allocator reads its settings once, when CUDA starts.
         configure_cuda_allocator()
-    check = check_recipe(recipe, rank.world_size, rank.local_rank)
+    check = check_recipe(recipe, rank.world_size, rank.local_rank, mesh_planner)
     cfg, dims, device = check.cfg, check.dims, check.device
     assert dims is not None and device is not None
     model_args = check.model_args  # the recipe phase's own copy of the flavor's args
@@ -1027,8 +1030,9 @@ def setup_logging(rank: int) -> None:
     )
 
 
-def main(args: list[str]) -> int:
-    """``train.py``'s entry point; returns the exit status (2 on a bad recipe)."""
+def main(args: list[str], mesh_planner: MeshPlanner | None = None) -> int:
+    """``train.py``'s entry point; returns the exit status (2 on a bad recipe).
+    ``mesh_planner``: see ``prepare``."""
     try:
         rank = RankInfo.from_env()
     except ConfigError as e:
@@ -1036,7 +1040,7 @@ def main(args: list[str]) -> int:
         return 2
     setup_logging(rank.rank)
     try:
-        prepared = prepare(args, rank)
+        prepared = prepare(args, rank, mesh_planner)
     except ConfigError as e:
         # Same message on every rank, before any collective: no hang, no traceback.
         _report_config_error(rank.rank, e)

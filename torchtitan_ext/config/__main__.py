@@ -34,6 +34,7 @@ from torchtitan_ext.config.validate import (
     global_batch_size,
 )
 from torchtitan_ext.curriculum import format_plan
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 
 PROG = "python -m torchtitan_ext.config"
 
@@ -80,7 +81,7 @@ def main(args: list[str]) -> int:
         cfg = load_config(args)
         # train.py's own checks (every phase of RULES but data; without a world size, those
         # that need none); the mesh shown is the first stage's.
-        check = check_recipe(cfg, world_size)
+        check = check_recipe(cfg, world_size, mesh_planner=choose_stage_mesh)
         dims, stages = check.dims, check.stages
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

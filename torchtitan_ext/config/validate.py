@@ -30,13 +30,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torchtitan_ext.config.tables import UNSUPPORTED
 from torchtitan_ext.errors import ConfigError
-from torchtitan_ext.parallel_dims import ParallelDims, check_degrees, mesh_dim_order_of
+from torchtitan_ext.parallel_dims import (
+    ParallelDims,
+    check_degrees,
+    mesh_dim_order_of,
+    seq_len_divisor,
+)
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from torchtitan_ext.curriculum import Stage
+    from torchtitan_ext.curriculum import MeshPlanner, Stage
 
 SUPPORTED_AC_MODES = ("none", "selective", "full")
 Phase = Literal["curriculum", "recipe", "mesh", "trainer", "device", "data"]
@@ -76,6 +81,8 @@ class RecipeCheck:
         stages: the curriculum stages, [] without one (``curriculum`` phase).
         device, backend: this rank's training device and process-group backend (``device``).
         data: the loaded data (set by the caller of the ``data`` phase).
+        mesh_planner: chooses auto-meshed stages' meshes (``curriculum.MeshPlanner``; the
+            entry points hand in ``tools.auto_mesh.choose_stage_mesh``), or None.
     """
 
     cfg: Any
@@ -87,6 +94,7 @@ class RecipeCheck:
     device: "torch.device | None" = None
     backend: str = ""
     data: RecipeData | None = None
+    mesh_planner: "MeshPlanner | None" = None
 
 
 @dataclass(frozen=True)
@@ -200,10 +208,10 @@ def _batch(c: RecipeCheck) -> None:
 
 
 def _curriculum(c: RecipeCheck) -> None:
-    from torchtitan_ext.curriculum import plan_curriculum, stage_config
+    from torchtitan_ext.curriculum import stage_config
 
     assert c.world_size is not None
-    c.stages = plan_curriculum(c.cfg, c.world_size)
+    c.stages = plan_curriculum(c.cfg, c.world_size, c.mesh_planner)
     if c.stages:
         c.cfg = stage_config(c.cfg, c.stages[0])
 
@@ -325,7 +333,7 @@ RULES: tuple[Rule, ...] = (
         "every stage resolves (seq_len increasing, CP degree, batch, auto mesh) and its recipe "
         "passes the recipe and mesh phases",
         _curriculum,
-        "curriculum.plan_curriculum",
+        "curriculum.resolve_curriculum",
     ),
     Rule(
         "curriculum",
@@ -514,11 +522,42 @@ def validate(cfg: Any, world_size: int | None = None) -> ParallelDims | None:
     return run_phases(RecipeCheck(cfg, world_size), "recipe", "mesh").dims
 
 
-def check_recipe(cfg: Any, world_size: int | None, local_rank: int = 0) -> RecipeCheck:
+def plan_curriculum(
+    cfg: Any, world_size: int, mesh_planner: "MeshPlanner | None" = None
+) -> "list[Stage]":
+    """Resolve every stage of ``cfg.curriculum`` for ``world_size`` ranks, each stage's recipe
+    checked by the ``recipe`` and ``mesh`` phases (``validate``) as it is resolved.
+
+    Args:
+        cfg: the merged JobConfig.
+        world_size: ranks of the job.
+        mesh_planner: for auto-meshed stages (``tools.auto_mesh.choose_stage_mesh``).
+
+    Returns:
+        The stages, in order ([] when the recipe has no curriculum).
+
+    Raises:
+        ConfigError: naming ``curriculum.stages[i].<key>`` (or the curriculum key) and value.
+    """
+    from torchtitan_ext.curriculum import resolve_curriculum
+
+    return resolve_curriculum(cfg, world_size, validate, mesh_planner)
+
+
+def check_recipe(
+    cfg: Any,
+    world_size: int | None,
+    local_rank: int = 0,
+    mesh_planner: "MeshPlanner | None" = None,
+) -> RecipeCheck:
     """Every phase but ``data``: what ``train.py`` and ``python -m torchtitan_ext.config
     --world_size N`` both run, so the checker cannot accept what training rejects. Without a
     world size (the checker without ``--world_size``), the ``recipe`` and ``trainer`` phases.
     No collective.
+
+    Args:
+        mesh_planner: chooses auto-meshed stages' meshes (``RecipeCheck.mesh_planner``);
+            without it an auto-meshed stage is a ``ConfigError``.
 
     Returns:
         The check, with ``cfg`` (the first stage's with a curriculum) and ``model_args``
@@ -529,7 +568,7 @@ def check_recipe(cfg: Any, world_size: int | None, local_rank: int = 0) -> Recip
     """
     if world_size is None:
         return run_phases(RecipeCheck(cfg), "recipe", "trainer")
-    check = RecipeCheck(cfg, world_size, local_rank)
+    check = RecipeCheck(cfg, world_size, local_rank, mesh_planner=mesh_planner)
     return run_phases(check, "curriculum", "recipe", "mesh", "trainer", "device")
 
 
@@ -617,13 +656,6 @@ def check_activation_offload(cfg: Any, device_type: str) -> None:
             f'needs activation_checkpoint.mode = "full" (it offloads the block inputs full AC '
             f"keeps), not {ac.mode!r}",
         )
-
-
-def seq_len_divisor(tp: int, cp: int, load_balancer: str | None) -> int:
-    """What ``seq_len`` must be divisible by: tp for sequence parallel, and cp (2 x cp with a
-    load balancer, which splits the sequence into 2 x cp chunks: TorchTitan's head-tail)."""
-    cp_factor = 2 * cp if cp > 1 and load_balancer else cp
-    return tp * cp_factor
 
 
 def _check_positive(cfg: Any) -> None:
@@ -808,7 +840,6 @@ __all__ = [
     "format_rules",
     "global_batch_size",
     "resolve_model_args",
-    "seq_len_divisor",
     "unit_len",
     "validate",
 ]

@@ -354,27 +354,3 @@ def choose_stage_mesh(
             f"smallest estimate is {smallest.memory_gib:.2f} GiB ({smallest.label})",
         )
     return dataclasses.replace(stage, mesh_plan=tuple(e for e, _ in ranked))
-
-
-def format_mesh_plan(stages: list[Any], top: int = 3) -> str:
-    """For each auto-meshed stage, the chosen mesh and the next best ones with their
-    estimates (memory GiB/device, comm GiB/step, step seconds; all at the stage's tokens per
-    step), for the log and the checker; empty without auto-meshed stages."""
-    lines = []
-    for s in stages:
-        if not s.mesh_plan:
-            continue
-        fitting = [e for e in s.mesh_plan if e.fits]
-        lines.append(
-            f"stage {s.index} auto mesh: {len(fitting)} of {len(s.mesh_plan)} valid meshes fit; "
-            f"each at {s.tokens_per_step} tokens/step, ranked by time per token; est. memory "
-            "GiB/device, comm GiB/step (inter-node), step s (compute + comm)"
-        )
-        for rank, e in enumerate(fitting[:top]):
-            mark = "chosen" if rank == 0 else f"#{rank + 1}"
-            lines.append(
-                f"  {mark:6s} {e.label:34s} {e.memory_gib:8.3g}  {e.comm_gib:8.3g} "
-                f"({e.inter_node_gib:.3g})  {e.step_sec:.3g} ({e.compute_sec:.3g} + "
-                f"{e.comm_sec:.3g})"
-            )
-    return "\n".join(lines)

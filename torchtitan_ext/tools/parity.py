@@ -39,6 +39,7 @@ from torchtitan_ext.metrics import read_metrics
 from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 
 ROOT = Path(__file__).resolve().parents[2]
 STEP1_RTOL = 1e-5
@@ -236,7 +237,7 @@ def check_shape(shape: Shape, args: list[str], training: bool = True) -> str | N
     try:
         cfg = load_config(args)
         if training:
-            check_recipe(cfg, shape.nproc)
+            check_recipe(cfg, shape.nproc, mesh_planner=choose_stage_mesh)
         else:
             validate(cfg, shape.nproc)
     except ConfigError as e:
@@ -257,8 +258,8 @@ def _worker(args: list[list[str]]) -> int:
         # Every recipe is checked before the first collective; each one's data is loaded
         # only when it runs (a tokenized corpus per recipe would not fit 8 ranks' memory).
         for a in args:
-            check_recipe(load_config(a), rank.world_size, rank.local_rank)
-        p = prepare(args[0], rank)
+            check_recipe(load_config(a), rank.world_size, rank.local_rank, choose_stage_mesh)
+        p = prepare(args[0], rank, choose_stage_mesh)
     except ConfigError as e:
         sys.stderr.write(f"[rank{rank.rank}] config error: {e}\n")
         return 2
@@ -266,7 +267,7 @@ def _worker(args: list[list[str]]) -> int:
     try:
         for i, a in enumerate(args):
             if i > 0:
-                p = prepare(a, rank)  # the previous recipe's data is released here
+                p = prepare(a, rank, choose_stage_mesh)  # the previous data is released here
             trainer = Trainer(p)
             record_first_step_grads(trainer, Path(p.cfg.job.dump_folder) / GRADS_FILE)
             cp_patterns.calls.clear()
