@@ -270,3 +270,28 @@ def test_missing_manifest_is_damage_unless_allowed(tmp_path, capfd):
         "(Unsupported operand 255)"
     )
     assert want in logged, logged[-2000:]
+
+
+def test_full_disk_in_training_is_one_line_per_rank(small_tmpfs):
+    """Training on the 3 MiB tmpfs: step-2 (about 2.1 MiB) fits, step-4 does not. The run
+    stops before writing it with one line per rank naming the folder and the bytes needed and
+    free, exit status 1, no traceback; step-2 is intact (before: a wall of tracebacks from
+    inside DCP's writer that never said "disk")."""
+    import re
+
+    from tests.conftest import ROOT, tiny_run_args, torchrun
+
+    dump = small_tmpfs / "run"
+    args = [*tiny_run_args(dump, 4), "--checkpoint.interval", "2"]
+    proc = torchrun(2, args, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    folder = dump / "checkpoint"
+    for rank in (0, 1):
+        line = (
+            rf"\[rank{rank}\] error: checkpoint step-4 not written: no space left on device "
+            rf"for {re.escape(str(folder))} \(it needs about 2\.\d MiB \(\d+ bytes\), 0\.\d MiB "
+            r"\(\d+ bytes\) free\); the newest complete checkpoint, step-2, is kept"
+        )
+        assert re.search(line, proc.stderr), proc.stderr[-3000:]
+    assert f'File "{ROOT / "torchtitan_ext"}' not in proc.stdout + proc.stderr  # no traceback
+    assert sorted(os.listdir(folder)) == ["step-2"]
