@@ -235,11 +235,14 @@ def _manifest_and_pickle(rank: int, world: int, dump: str, out: str, phase: str)
 
 
 def test_missing_manifest_is_damage_unless_allowed(tmp_path, capfd):
-    """step-4's manifest deleted and a tensor's pickle data damaged: the resume reports
-    step-4 in one line naming the missing manifest, loads step-2 and sets step-4 aside
-    (before, a missing manifest turned verification off and the damaged step-4 loaded).
-    With checkpoint.allow_unverified the load is attempted and DCP's failure names the file,
-    byte range, key and cause (not torch's weights_only help text)."""
+    """step-4's manifest deleted and a value of its tensor flipped: the resume reports step-4
+    in one line naming the missing manifest, loads step-2 and sets step-4 aside (before, a
+    missing manifest turned verification off and the damaged step-4 loaded). With
+    checkpoint.allow_unverified and the tensor's pickle data damaged too, DCP's load fails
+    and the reason names the file, byte range, key and cause (not torch's weights_only help
+    text)."""
+    import struct
+
     import torch.distributed.checkpoint as dcp
 
     dump, out = tmp_path / "run", tmp_path / "loaded.txt"
@@ -250,17 +253,21 @@ def test_missing_manifest_is_damage_unless_allowed(tmp_path, capfd):
     info = next(s for i, s in metadata.storage_data.items() if i.fqn == "model.w")
     with open(step4 / info.relative_path, "r+b") as f:
         f.seek(info.offset)
-        at = f.read(info.length).find(b"\x80\x02")  # the pickle's PROTO opcode
-        f.seek(info.offset + at + 2)
-        f.write(b"\xff")  # its first opcode, damaged
+        item = f.read(info.length)
+        values = item.find(struct.pack("<f", 4.0) * 8)  # model.w, filled with 4.0
+        f.seek(info.offset + values + 3)
+        f.write(bytes([item[values + 3] ^ 0x01]))  # 4.0 -> 16.0: a flipped exponent bit
     capfd.readouterr()
     spawn(_manifest_and_pickle, 1, str(dump), str(out), "verify")
     assert out.read_text() == "(2, 2)"
     logged = "".join(capfd.readouterr())
-    assert f"checkpoint {step4} cannot be loaded: manifest.json is missing" in logged
+    assert f"checkpoint {step4} cannot be loaded: manifest.json is missing" in logged, logged
     assert sorted(os.listdir(dump / "checkpoint")) == ["step-2", "step-4.corrupt"]
 
     os.rename(dump / "checkpoint" / "step-4.corrupt", step4)
+    with open(step4 / info.relative_path, "r+b") as f:
+        f.seek(info.offset + item.find(b"\x80\x02") + 2)  # after the pickle's PROTO opcode
+        f.write(b"\xff")  # its first opcode, damaged
     spawn(_manifest_and_pickle, 1, str(dump), str(out), "allow")
     assert out.read_text() == "(2, 2)"
     logged = "".join(capfd.readouterr())
