@@ -301,6 +301,8 @@ def test_missing_and_malformed_files(tmp_path):
           "--parallelism.data_parallel_shard_degree", "-1",
           "--activation_checkpoint.enable_cpu_offload", "--activation_checkpoint.mode", "full"],
          "activation_checkpoint.enable_cpu_offload"),
+        (["--checkpoint.allow_unverified", "--checkpoint.no-verify"],
+         "checkpoint.allow_unverified = True: has no effect with checkpoint.verify = false"),
     ],
 )  # fmt: skip
 def test_config_cli_rejects_what_training_rejects(capsys, more, fragment):

@@ -482,14 +482,15 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     rolled = tmp_path / "rolled"
     shutil.copytree(full / "checkpoint", rolled / "checkpoint")
     # keep_latest_k 1 after the roll-back purges older checkpoints, never the one just written
-    # (the step-6 it replaces was set aside as step-6.superseded before training).
+    # (the step-6 it replaces was set aside as step-6.superseded before training) nor the
+    # newest confirmed one (step-4: step 5's gradient norm was finite; step-6 has no next step).
     proc = train_single(
         args(rolled, "--checkpoint.load_step", "4", "--checkpoint.keep_latest_k", "1")
     )
     assert "nothing to do" not in proc.stdout
     assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
     ckpts = sorted(p.name for p in (rolled / "checkpoint").iterdir())
-    assert ckpts == ["step-6", "step-6.superseded"], ckpts
+    assert ckpts == ["step-4", "step-6", "step-6.superseded"], ckpts
     excluded = tmp_path / "excluded"
     train_single(args(excluded, "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler"))
     assert losses(excluded) == losses(full)

@@ -36,24 +36,31 @@ def losses(dump: Path) -> dict[int, float]:
 
 
 def test_divergence_keeps_the_newest_good_checkpoint(tmp_path):
-    """lr 1e6 after a sane start: the non-finite steps are skipped, no checkpoint is written
-    from them, the run stops with one line per rank, and a rerun at the sane LR resumes from
-    the last good checkpoint to exactly the losses of a run that never diverged."""
+    """lr 1e30 after a sane start, a checkpoint every step, keep_latest_k = 1: step 4 applies
+    the LR (huge but finite weights, checkpointed) and step 5's gradient norm is NaN. The
+    non-finite steps are skipped and the run stops with one line per rank naming step-3 as
+    the newest good checkpoint: step-4, whose weights gave the NaN, is set aside as
+    step-4.suspect (kept, never resumed from), and keep_latest_k did not delete step-3 for it
+    (it waits for the next step's finite gradient norm). A rerun at the sane LR resumes from
+    step-3 to exactly the losses of a run that never diverged."""
     dump, ref = tmp_path / "run", tmp_path / "ref"
     torchrun(2, ckpt_args(ref, 6, interval=3, keep=2))  # the run that never diverges
     shutil.copytree(ref / "checkpoint" / "step-3", dump / "checkpoint" / "step-3")
     proc = torchrun(
-        2, [*ckpt_args(dump, 12, interval=3, keep=1), "--optimizer.lr", "1e6"], check=False
+        2, [*ckpt_args(dump, 12, interval=1, keep=1), "--optimizer.lr", "1e30"], check=False
     )
     assert proc.returncode != 0
-    line = r"\[rank[01]\] error: training diverged: non-finite gradient norm at steps \d+-\d+ "
+    line = r"\[rank[01]\] error: training diverged: non-finite gradient norm at steps 5-8 "
     assert re.search(line, proc.stderr), proc.stderr[-2000:]
-    assert "newest checkpoint: step-3 (finite)" in proc.stderr
+    suspect = dump / "checkpoint" / "step-4.suspect"
+    assert f"newest good checkpoint: step-3 ({suspect}: written before it, set aside)" in (
+        proc.stderr
+    ), proc.stderr[-2000:]
     assert "optimizer update skipped" in proc.stdout
     assert f'File "{ROOT / "torchtitan_ext"}' not in proc.stdout + proc.stderr  # no traceback
-    assert steps_in(dump / "checkpoint") == ["step-3"]  # keep_latest_k = 1 deleted nothing
+    assert steps_in(dump / "checkpoint") == ["step-3", "step-4.suspect"]
     diverged = read_metrics(dump)
-    assert any(r["loss"] != r["loss"] for r in diverged)  # NaN was logged, not hidden
+    assert any(r["grad_norm"] != r["grad_norm"] for r in diverged)  # NaN logged, not hidden
 
     torchrun(2, ckpt_args(dump, 6, interval=3, keep=1))  # the rerun at the recipe's LR
     got, want = losses(dump), losses(ref)
@@ -192,7 +199,7 @@ def test_unverified_corrupt_checkpoint_and_no_loadable_checkpoint(tmp_path):
 
     for step in (2, 4, 6):
         os.truncate(dump / "checkpoint" / f"step-{step}" / "__0_0.distcp", 100)
-    proc = torchrun(1, ckpt_args(dump, 8, interval=2), check=False)
+    proc = torchrun(1, [*ckpt_args(dump, 8, interval=2), "--checkpoint.no-verify"], check=False)
     assert proc.returncode != 0
     workers = proc.stderr.partition(" FAILED\n")[0]  # torchrun's summary repeats the line
     errors = [x for x in workers.splitlines() if "config error" in x]

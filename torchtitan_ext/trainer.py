@@ -39,7 +39,13 @@ from torchtitan.distributed.utils import clip_grad_norm_
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
-from torchtitan_ext.checkpoint import Checkpointer, TrainState, complete_steps, transfer_state
+from torchtitan_ext.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    TrainState,
+    agreed_steps,
+    transfer_state,
+)
 from torchtitan_ext.config.manager import format_toml, load_config
 from torchtitan_ext.config.validate import (
     RecipeData,
@@ -693,6 +699,7 @@ class Trainer:
         """
         if updated:
             self.nonfinite_streak = []
+            self.checkpointer.step_finished(step)  # the checkpoints before it are good
             return
         self.skipped_steps += 1
         self.nonfinite_streak.append(step)
@@ -702,15 +709,17 @@ class Trainer:
             f"({len(self.nonfinite_streak)} in a row, at most {limit} tolerated)"
         )
         if len(self.nonfinite_streak) > limit:
-            self.checkpointer.finish()  # a background save of an earlier step is a good one
-            done = complete_steps(self.checkpointer.folder) if self.checkpointer.enabled else []
-            newest = f"step-{done[-1]}" if done else "none"
+            self.checkpointer.finish()  # publish a background save, then judge it with the rest
             streak = self.nonfinite_streak
+            # The weights of the step before the first non-finite gradient norm gave it.
+            newest, moved = self.checkpointer.set_aside_suspect(streak[0])
+            aside = f" ({', '.join(moved)}: written before it, set aside)" if moved else ""
             raise TrainingDiverged(
                 f"training diverged: non-finite gradient norm at steps {streak[0]}-{streak[-1]} "
                 f"({len(streak)} in a row, training.max_consecutive_nonfinite_steps = {limit}); "
-                f"newest checkpoint: {newest} (finite); lower optimizer.lr or raise "
-                "lr_scheduler.warmup_steps and run again to resume from it"
+                f"newest good checkpoint: {f'step-{newest}' if newest is not None else 'none'}"
+                f"{aside}; lower optimizer.lr or raise lr_scheduler.warmup_steps and run "
+                "again to resume from it"
             )
 
     @torch.no_grad()
@@ -906,7 +915,8 @@ def run(p: Prepared) -> None:
     )
     ckpt = p.cfg.checkpoint
     folder = os.path.join(p.cfg.job.dump_folder, ckpt.folder)
-    done = complete_steps(folder) if ckpt.load_step == -1 else [ckpt.load_step]
+    # Rank 0's listing on every rank: a stale view elsewhere must not pick another stage.
+    done = agreed_steps(folder)[0] if ckpt.load_step == -1 else [ckpt.load_step]
     first = stage_of_step(p.stages, done[-1] if done else 0)
     while True:
         try:
@@ -1057,7 +1067,7 @@ def main(args: list[str], mesh_planner: MeshPlanner | None = None) -> int:
     except ConfigError as e:
         _report_config_error(rank.rank, e)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointError) as e:
         _report_error(rank.rank, "error", str(e))
         return 1
     except (dist.DistError, RuntimeError) as e:

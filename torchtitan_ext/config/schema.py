@@ -140,6 +140,13 @@ class Checkpoint:
     check it before loading; a checkpoint that fails the check or fails to load is reported
     and the previous complete one is loaded instead."""
 
+    allow_unverified: bool = False
+    """Load a checkpoint that has no manifest.json without checking it (one written elsewhere,
+    or with verify = false). Off by default: every checkpoint this trainer writes with verify
+    on has a manifest, so one without is damaged (its manifest deleted) and the previous
+    complete checkpoint is loaded instead. A checkpoint that has a manifest is always checked.
+    checkpoint.initial_load_path is loaded without a manifest either way."""
+
 
 @dataclass
 class Data:

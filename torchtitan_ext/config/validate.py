@@ -237,6 +237,17 @@ def _disk_switches(c: RecipeCheck) -> None:
         raise ConfigError("curriculum.boundary_checkpoint", False, f"{why}: it cannot be skipped")
 
 
+def _unverified(c: RecipeCheck) -> None:
+    """``checkpoint.allow_unverified`` only means something when manifests are checked."""
+    ckpt = c.cfg.checkpoint
+    if ckpt.allow_unverified and not ckpt.verify:
+        raise ConfigError(
+            "checkpoint.allow_unverified",
+            True,
+            "has no effect with checkpoint.verify = false (nothing is verified): drop one",
+        )
+
+
 def _device(c: RecipeCheck) -> None:
     from torchtitan_ext.distributed import resolve_backend, resolve_device
 
@@ -343,6 +354,13 @@ RULES: tuple[Rule, ...] = (
         _HERE,
     ),
     Rule("recipe", _POSITIVE_KEYS, "sizes, counts and rates in range", _positive, _HERE),
+    Rule(
+        "recipe",
+        ("checkpoint.allow_unverified", "checkpoint.verify"),
+        "allow_unverified only with verify (a checkpoint without a manifest otherwise fails)",
+        _unverified,
+        _HERE,
+    ),
     Rule(
         "recipe",
         ("parallelism.*_degree",),
