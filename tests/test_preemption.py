@@ -131,6 +131,14 @@ def test_second_job_on_a_dump_folder_in_use_stops_at_once(tmp_path):
     try:
         read_until(holder, r"step:\s+1 ")
         second = torchrun(2, run_args(dump, 2), check=False)
+        assert second.returncode != 0, second.stdout[-3000:]
+        workers = second.stderr.partition(" FAILED\n")[0]  # torchrun's summary repeats a line
+        refused = re.findall(
+            rf"\[rank(\d)\] config error: job.dump_folder = '{re.escape(str(dump))}': in use "
+            rf"by another job \(pid {holder.pid} on host ",
+            workers,
+        )
+        assert sorted(refused) == ["0", "1"], second.stderr[-3000:]
         try:
             acquire(str(dump))
             raise AssertionError("the lock of a running job was granted")
@@ -138,14 +146,6 @@ def test_second_job_on_a_dump_folder_in_use_stops_at_once(tmp_path):
             assert f"pid {holder.pid} on host " in e.holder
     finally:
         stop(holder, signal.SIGKILL)
-    assert second.returncode != 0
-    workers = second.stderr.partition(" FAILED\n")[0]  # torchrun's summary repeats a line
-    refused = re.findall(
-        rf"\[rank(\d)\] config error: job.dump_folder = '{re.escape(str(dump))}': in use by "
-        rf"another job \(pid {holder.pid} on host ",
-        workers,
-    )
-    assert sorted(refused) == ["0", "1"], second.stderr[-3000:]
     steps = [r["step"] for r in read_metrics(dump)]
     assert steps == list(range(1, len(steps) + 1))  # only the holder's records
     acquire(str(dump)).release()  # the kernel released the dead holder's lock

@@ -102,6 +102,11 @@ class StopRequest:
         return self._installed
 
     @property
+    def deferred(self) -> bool:
+        """Whether the training loop has started (signals wait for a step boundary)."""
+        return self._deferred
+
+    @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 

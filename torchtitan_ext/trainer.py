@@ -679,7 +679,8 @@ class Trainer:
                 else:
                     self._check_state_finite(step)
                     self.checkpointer.save(step)
-            self._stop_if_requested(step)
+            if step < cfg.training.steps:  # after the run's last step: nothing left to stop
+                self._stop_if_requested(step)
         if self.stage is None or end >= cfg.training.steps:
             self.checkpointer.finish()  # else the next stage finishes a background save
         self.metrics.close()
@@ -1189,9 +1190,17 @@ def _main(args: list[str]) -> int:
     except (dist.DistError, RuntimeError) as e:
         if not _is_comm_failure(e):
             raise
-        if STOP.signum:  # a peer stopped on the signal before this rank's training loop
+        if STOP.signum and not STOP.deferred:  # a peer stopped on the signal at start-up
             _report_stop_at_start(rank.rank, STOP.signum, cfg)
             return STOPPED_EXIT_CODE
+        if STOP.signum:  # a peer ended its stop early: its grace period ran out
+            _report_error(
+                rank.rank,
+                "error",
+                f"{STOP.signal_name}: a rank exited before the stop was done (its line says "
+                f"why); newest complete checkpoint: {_newest_checkpoint(cfg)}",
+            )
+            return 1
         # A peer that stopped responding (comm.train_timeout_seconds after the first step,
         # comm.init_timeout_seconds before) or died: the surviving ranks' one line each.
         _report_error(
