@@ -14,7 +14,9 @@ What a training process does instead of dying (``StopRequest``, installed by ``t
 ``main``):
 
 - Before the training loop (start-up, checkpoint load) nothing is lost by stopping: the
-  signal raises ``StopSignal`` in the main thread, as Ctrl-C raises ``KeyboardInterrupt``.
+  process prints its line and exits with ``STOPPED_EXIT_CODE`` at once, as the signal's
+  default action would have ended it (also while the main thread waits in native code, e.g.
+  for a rendezvous with a peer that has died).
 - From the training loop on (``defer``) the signal is only recorded. At every step boundary
   the ranks all-reduce (MAX) the signal number they have seen (``agreed``: one 8-byte
   all-reduce per step, on a gloo group of its own when the backend is NCCL, so no GPU sync),
@@ -57,20 +59,6 @@ with nothing to save): sysexits.h's EX_TEMPFAIL, "temporary failure, retry later
 the same command resumes exactly."""
 
 
-class StopSignal(BaseException):
-    """A stop signal that arrived before the training loop started (nothing to save).
-    A ``BaseException``, like ``KeyboardInterrupt``, so that no ``except Exception`` on the
-    way up swallows it.
-
-    Attributes:
-        signum: the signal number.
-    """
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} before training started")
-        self.signum = signum
-
-
 class StopRequest:
     """This process's stop-signal state (one per process: ``STOP``). See the module docstring.
 
@@ -90,9 +78,9 @@ class StopRequest:
         self.exit_code: int | None = None
         self._installed = False
         self._deferred = False
-        self._raised = False
         self._announced = False
         self._rank = 0
+        self._on_start_up: Callable[[str], None] | None = None
         self._on_expiry: Callable[[str], None] | None = None
         self._timer: threading.Timer | None = None
         self._group: dist.ProcessGroup | None = None
@@ -102,25 +90,30 @@ class StopRequest:
         return self._installed
 
     @property
-    def deferred(self) -> bool:
-        """Whether the training loop has started (signals wait for a step boundary)."""
-        return self._deferred
-
-    @property
     def signal_name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
-    def install(self, grace_s: float, rank: int, on_expiry: Callable[[str], None]) -> None:
+    def install(
+        self,
+        grace_s: float,
+        rank: int,
+        on_start_up: Callable[[str], None],
+        on_expiry: Callable[[str], None],
+    ) -> None:
         """Handle ``STOP_SIGNALS`` from now on (main thread only; once per process).
 
         Args:
             grace_s: seconds from the first signal to the process's end (> 0).
             rank: the global rank (only rank 0 logs the notice).
+            on_start_up: called from the watcher thread with the signal's name when a signal
+                arrives before ``defer``: it prints the process's one line; the process then
+                exits with ``STOPPED_EXIT_CODE``.
             on_expiry: called from the watchdog thread with the signal's name when the grace
                 period ends before the process does: it prints the process's one line; the
                 process then exits with status 1.
         """
-        self.grace_s, self._rank, self._on_expiry = grace_s, rank, on_expiry
+        self.grace_s, self._rank = grace_s, rank
+        self._on_start_up, self._on_expiry = on_start_up, on_expiry
         reader, writer = socket.socketpair()
         writer.setblocking(False)
         # The C-level handler writes each signal's number to `writer` at once, in whichever
@@ -172,11 +165,9 @@ class StopRequest:
         self.exit_code = code
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        """The Python-level handler (main thread, between bytecodes)."""
+        """The Python-level handler (main thread, between bytecodes): it replaces the default
+        action; the watcher thread has seen the signal already, or will."""
         self._note(signum)
-        if not self._deferred and not self._raised:
-            self._raised = True
-            raise StopSignal(signum)
 
     def _watch(self, reader: socket.socket) -> None:
         """The watcher thread: records the first stop signal as soon as it arrives."""
@@ -188,16 +179,17 @@ class StopRequest:
             if not data:
                 return
             for signum in data:
-                if signum in STOP_SIGNALS:
-                    self._note(signum)
-                    # Before the loop the raised StopSignal explains itself.
-                    if not self._announced and self._rank == 0 and self._deferred:
-                        self._announced = True
-                        logger.warning(
-                            f"{self.signal_name}: stopping after the current step with a "
-                            f"checkpoint (within checkpoint.stop_grace_seconds = "
-                            f"{self.grace_s:g})"
-                        )
+                if signum not in STOP_SIGNALS:
+                    continue
+                self._note(signum)
+                if not self._deferred:
+                    self._exit(self._on_start_up, STOPPED_EXIT_CODE)
+                if not self._announced and self._rank == 0:
+                    self._announced = True
+                    logger.warning(
+                        f"{self.signal_name}: stopping after the current step with a "
+                        f"checkpoint (within checkpoint.stop_grace_seconds = {self.grace_s:g})"
+                    )
 
     def _note(self, signum: int) -> None:
         """Record the first stop signal and start the grace period's watchdog."""
@@ -210,16 +202,21 @@ class StopRequest:
             self._timer.start()
 
     def _expire(self) -> None:
-        """The grace period is over and the process still runs: its line, then exit."""
-        code = self.exit_code
-        if code is None:
-            code = 1
-            if self._on_expiry is not None:
-                # The exit must happen whatever the report does.
-                with contextlib.suppress(Exception):
-                    self._on_expiry(self.signal_name)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        """The grace period is over and the process still runs: its line, then exit 1."""
+        self._exit(self._on_expiry, 1)
+
+    def _exit(self, report: Callable[[str], None] | None, code: int) -> None:
+        """End the process from a helper thread: ``report``'s line and ``code``, unless the
+        main thread has settled its status already (``finished``: then that status, no line).
+        Like a kill, it skips cleanup; everything on disk is written to survive one."""
+        if self.exit_code is not None:
+            code = self.exit_code
+        elif report is not None:
+            with contextlib.suppress(Exception):  # the exit must happen whatever it does
+                report(self.signal_name)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
 
 

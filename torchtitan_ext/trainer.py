@@ -91,7 +91,7 @@ from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
-from torchtitan_ext.preemption import STOP, STOPPED_EXIT_CODE, StopSignal
+from torchtitan_ext.preemption import STOP, STOPPED_EXIT_CODE
 from torchtitan_ext.rope import apply_rope_scaling, rope_scaling_of
 from torchtitan_ext.run_lock import FolderInUse, FolderLock, LocksUnsupported, acquire
 
@@ -609,7 +609,7 @@ class Trainer:
             # one the previous stage ended with, whatever the mesh change.
             reuse = in_memory and bool(self._boundary_stats)  # the same tensors: same mesh
             self._log_boundary("start", start, switch_started, reuse=reuse)
-        # From here a stop signal waits for a step boundary (before: it ends the start-up).
+        # From here a stop signal waits for a step boundary (before, it ends the process).
         STOP.defer()
         self._stop_if_requested(start)
         if start >= end:
@@ -1165,7 +1165,12 @@ def _main(args: list[str]) -> int:
     if cfg.job.print_config and rank.rank == 0:
         print(format_toml(cfg))
     if cfg.checkpoint.stop_grace_seconds > 0:
-        STOP.install(cfg.checkpoint.stop_grace_seconds, rank.rank, _grace_expired(rank.rank, cfg))
+        STOP.install(
+            cfg.checkpoint.stop_grace_seconds,
+            rank.rank,
+            lambda signal_name: _report_stop_at_start(rank.rank, signal_name, cfg),
+            _grace_expired(rank.rank, cfg),
+        )
     locks: list[FolderLock] = []
     try:
         init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)
@@ -1178,9 +1183,6 @@ def _main(args: list[str]) -> int:
     except TrainingStopped as e:
         _report_error(rank.rank, signal.Signals(e.signum).name, str(e))
         return STOPPED_EXIT_CODE
-    except StopSignal as e:
-        _report_stop_at_start(rank.rank, e.signum, cfg)
-        return STOPPED_EXIT_CODE
     except ConfigError as e:
         _report_config_error(rank.rank, e)
         return 2
@@ -1190,17 +1192,6 @@ def _main(args: list[str]) -> int:
     except (dist.DistError, RuntimeError) as e:
         if not _is_comm_failure(e):
             raise
-        if STOP.signum and not STOP.deferred:  # a peer stopped on the signal at start-up
-            _report_stop_at_start(rank.rank, STOP.signum, cfg)
-            return STOPPED_EXIT_CODE
-        if STOP.signum:  # a peer ended its stop early: its grace period ran out
-            _report_error(
-                rank.rank,
-                "error",
-                f"{STOP.signal_name}: a rank exited before the stop was done (its line says "
-                f"why); newest complete checkpoint: {_newest_checkpoint(cfg)}",
-            )
-            return 1
         # A peer that stopped responding (comm.train_timeout_seconds after the first step,
         # comm.init_timeout_seconds before) or died: the surviving ranks' one line each.
         _report_error(
@@ -1219,11 +1210,11 @@ def _main(args: list[str]) -> int:
     return 0
 
 
-def _report_stop_at_start(rank: int, signum: int, cfg: Any) -> None:
+def _report_stop_at_start(rank: int, signal_name: str, cfg: Any) -> None:
     """The line of a process stopped by a signal before its training loop (nothing to save)."""
     _report_error(
         rank,
-        signal.Signals(signum).name,
+        signal_name,
         f"stopped before training started; newest checkpoint: {_newest_checkpoint(cfg)}; run "
         "the same command to resume",
     )
