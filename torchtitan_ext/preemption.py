@@ -17,7 +17,8 @@ What a training process does instead of dying (``StopRequest``, installed by ``t
   process prints its line and exits with ``STOPPED_EXIT_CODE`` at once, as the signal's
   default action would have ended it (also while the main thread waits in native code, e.g.
   for a rendezvous with a peer that has died).
-- From the training loop on (``defer``) the signal is only recorded. At every step boundary
+- From the training loop on (``defer``; also between curriculum stages, where the next
+  stage's loop checks first) the signal is only recorded. At every step boundary
   the ranks all-reduce (MAX) the signal number they have seen (``agreed``: one 8-byte
   all-reduce per step, on a gloo group of its own when the backend is NCCL, so no GPU sync),
   so every rank stops after the same step; the trainer then writes that step's checkpoint
@@ -165,9 +166,9 @@ class StopRequest:
         self.exit_code = code
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        """The Python-level handler (main thread, between bytecodes): it replaces the default
-        action; the watcher thread has seen the signal already, or will."""
-        self._note(signum)
+        """The Python-level handler (main thread, between bytecodes). It only replaces the
+        default action: the watcher thread gets every signal through the wakeup fd, sooner,
+        and alone takes ``_lock`` (a handler taking it could interrupt itself holding it)."""
 
     def _watch(self, reader: socket.socket) -> None:
         """The watcher thread: records the first stop signal as soon as it arrives."""
