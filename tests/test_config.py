@@ -83,6 +83,8 @@ def test_cli_overrides_titan_and_our_keys():
         ),
         ("[validation]\nsteps = 0\n", "validation.steps", "must be positive or -1"),
         ("[training]\nsteps = 0\n", "training.steps", "must be >= 1"),
+        ("[checkpoint]\nstop_grace_seconds = -1.0\n", "checkpoint.stop_grace_seconds",
+         "must be a number of seconds >= 0 (0: off)"),
         (
             "[parallelism]\nmesh_dim_order = ['dp_shard', 'pp', 'dp_replicate', 'tp', 'cp']\n",
             "parallelism.mesh_dim_order",

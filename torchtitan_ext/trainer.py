@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -100,7 +101,9 @@ from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
+from torchtitan_ext.preemption import STOP, STOPPED_EXIT_CODE
 from torchtitan_ext.rope import apply_rope_scaling, rope_scaling_of
+from torchtitan_ext.run_lock import FolderInUse, FolderLock, LocksUnsupported, acquire
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -128,6 +131,20 @@ class TrainingDiverged(RuntimeError):
     """The run cannot continue from its current state: more consecutive non-finite gradient
     norms than ``training.max_consecutive_nonfinite_steps``, or non-finite weights at a save.
     Raised on every rank at the same step (the decision uses global values only)."""
+
+
+class TrainingStopped(Exception):
+    """Every rank stopped after the same step on a stop signal (``preemption``), its
+    checkpoint written; the message is the process's one line.
+
+    Attributes:
+        signum: the signal the ranks agreed on.
+        step: the last step trained.
+    """
+
+    def __init__(self, signum: int, step: int, message: str) -> None:
+        super().__init__(message)
+        self.signum, self.step = signum, step
 
 
 class ResumeEarlierStage(Exception):
@@ -613,6 +630,9 @@ class Trainer:
             # one the previous stage ended with, whatever the mesh change.
             reuse = in_memory and bool(self._boundary_stats)  # the same tensors: same mesh
             self._log_boundary("start", start, switch_started, reuse=reuse)
+        # From here a stop signal waits for a step boundary (before, it ends the process).
+        STOP.defer()
+        self._stop_if_requested(start)
         if start >= end:
             logger.info(f"nothing to do: checkpoint at step {start} >= {end}")
             return []
@@ -680,10 +700,42 @@ class Trainer:
                 else:
                     self._check_state_finite(step)
                     self.checkpointer.save(step)
+            if step < cfg.training.steps:  # after the run's last step: nothing left to stop
+                self._stop_if_requested(step)
         if self.stage is None or end >= cfg.training.steps:
             self.checkpointer.finish()  # else the next stage finishes a background save
         self.metrics.close()
         return records
+
+    def _stop_if_requested(self, step: int) -> None:
+        """At a step boundary (``step`` done, or loaded before the loop): when any rank has
+        received a stop signal (``STOP.agreed``, one small all-reduce), write this step's
+        checkpoint unless it is on disk already, synchronously, and stop. Collective.
+
+        Raises:
+            TrainingStopped: on every rank at the same step, with the process's line.
+            TrainingDiverged: the state to save is not finite (the checkpoint is refused).
+        """
+        signum = STOP.agreed()
+        if not signum:
+            return
+        c = self.checkpointer
+        c.finish()  # a background save (of this step or an earlier one) is published
+        if not c.enabled or c.load_only:
+            key = "checkpoint.enable = false" if not c.enabled else "checkpoint.load_only = true"
+            what = f"no checkpoint written ({key})"
+        elif step == 0:
+            what = "nothing trained yet, no checkpoint"
+        else:
+            # Rank 0's view of the folder decides for all (others may see it later).
+            if STOP.rank0_says(self.rank == 0 and step not in complete_steps(c.folder)):
+                self._check_state_finite(step)
+                c.save(step)
+                c.finish()  # async_mode: synchronous all the same
+            what = f"checkpoint step-{step}; run the same command to resume"
+        self.metrics.close()
+        where = f"at step {step}" if step > 0 else "before step 1"
+        raise TrainingStopped(signum, step, f"stopped {where}; {what}")
 
     def _warn(self, message: str) -> None:
         """A warning on rank 0 only, for conclusions every rank reaches alike."""
@@ -1040,9 +1092,86 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def lock_outputs(cfg: Any, rank: int) -> list[FolderLock]:
+    """Take the lock of ``job.dump_folder`` (and of ``checkpoint.folder`` when it lies
+    outside it) on rank 0 (``run_lock``), before anything of the run touches them, and share
+    the verdict with every rank (one broadcast). Collective. The locks hold until the process
+    ends (the kernel releases them however it ends).
+
+    Returns:
+        Rank 0's locks (keep them alive); [] on the other ranks.
+
+    Raises:
+        ConfigError: on every rank, when another job holds a lock (the message names the folder
+            and the holder) or the lock file cannot be created.
+    """
+    dump = os.path.abspath(cfg.job.dump_folder)
+    folders = [("job.dump_folder", dump)]
+    ckpt = os.path.abspath(os.path.join(dump, cfg.checkpoint.folder))
+    if cfg.checkpoint.enable and os.path.commonpath([dump, ckpt]) != dump:
+        folders.append(("checkpoint.folder", ckpt))
+    locks: list[FolderLock] = []
+    verdict: tuple[str, str, str] | None = None
+    if rank == 0:
+        for key, folder in folders:
+            try:
+                locks.append(acquire(folder))
+            except FolderInUse as e:
+                verdict = (key, folder, f"in use by another job ({e.holder}); wait for it to "
+                           "end, or give this run a folder of its own")  # fmt: skip
+            except LocksUnsupported as e:
+                logger.warning(
+                    f"{key} = {folder}: the file system does not support locks ({e.reason}): "
+                    "a second job on this folder would not be refused"
+                )
+            except OSError as e:
+                verdict = (key, folder, f"cannot create its lock file: {e.strerror or e}")
+            if verdict is not None:
+                break
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        shared: list[Any] = [verdict]
+        dist.broadcast_object_list(shared, src=0)
+        verdict = shared[0]
+    if verdict is not None:
+        for lock in locks:
+            lock.release()
+        raise ConfigError(*verdict)
+    return locks
+
+
+def _newest_checkpoint(cfg: Any) -> str:
+    """The newest complete checkpoint of the run as ``step-N`` (or "none"), for lines."""
+    if not cfg.checkpoint.enable:
+        return "none (checkpoint.enable = false)"
+    done = complete_steps(os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder))
+    return f"step-{done[-1]}" if done else "none"
+
+
+def _grace_expired(rank: int, cfg: Any) -> Callable[[str], None]:
+    """The line of a process whose stop outlasts ``checkpoint.stop_grace_seconds``."""
+    grace = cfg.checkpoint.stop_grace_seconds
+
+    def report(signal_name: str) -> None:
+        _report_error(
+            rank,
+            "error",
+            f"{signal_name} received {grace:g} s ago and the step or its checkpoint is not "
+            f"done (checkpoint.stop_grace_seconds = {grace:g}); exiting; newest complete "
+            f"checkpoint: {_newest_checkpoint(cfg)}",
+        )
+
+    return report
+
+
 def main(args: list[str], mesh_planner: MeshPlanner | None = None) -> int:
-    """``train.py``'s entry point; returns the exit status (2 on a bad recipe).
-    ``mesh_planner``: see ``prepare``."""
+    """``train.py``'s entry point; returns the exit status (2 on a bad recipe,
+    ``preemption.STOPPED_EXIT_CODE`` after a stop signal). ``mesh_planner``: see ``prepare``."""
+    code = _main(args, mesh_planner)
+    STOP.finished(code)  # a grace-period watchdog firing while the process exits keeps it
+    return code
+
+
+def _main(args: list[str], mesh_planner: MeshPlanner | None) -> int:
     try:
         rank = RankInfo.from_env()
     except ConfigError as e:
@@ -1058,12 +1187,25 @@ def main(args: list[str], mesh_planner: MeshPlanner | None = None) -> int:
     cfg = prepared.cfg  # PYTORCH_CUDA_ALLOC_CONF: set by prepare, before CUDA could start
     if cfg.job.print_config and rank.rank == 0:
         print(format_toml(cfg))
-    init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)
+    if cfg.checkpoint.stop_grace_seconds > 0:
+        STOP.install(
+            cfg.checkpoint.stop_grace_seconds,
+            rank.rank,
+            lambda signal_name: _report_stop_at_start(rank.rank, signal_name, cfg),
+            _grace_expired(rank.rank, cfg),
+        )
+    locks: list[FolderLock] = []
     try:
+        init_distributed(prepared.backend, prepared.device, cfg.comm.init_timeout_seconds)
+        STOP.connect()
+        locks = lock_outputs(cfg, rank.rank)  # before anything touches the folder
         t0 = time.perf_counter()
         run(prepared)
         out = os.path.abspath(cfg.job.dump_folder)
         logger.info(f"training done in {time.perf_counter() - t0:.1f}s; outputs in {out}")
+    except TrainingStopped as e:
+        _report_error(rank.rank, signal.Signals(e.signum).name, str(e))
+        return STOPPED_EXIT_CODE
     except ConfigError as e:
         _report_config_error(rank.rank, e)
         return 2
@@ -1084,5 +1226,18 @@ def main(args: list[str], mesh_planner: MeshPlanner | None = None) -> int:
         )
         return 1
     finally:
-        dist.destroy_process_group()
+        for lock in locks:
+            lock.release()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
+
+
+def _report_stop_at_start(rank: int, signal_name: str, cfg: Any) -> None:
+    """The line of a process stopped by a signal before its training loop (nothing to save)."""
+    _report_error(
+        rank,
+        signal_name,
+        f"stopped before training started; newest checkpoint: {_newest_checkpoint(cfg)}; run "
+        "the same command to resume",
+    )

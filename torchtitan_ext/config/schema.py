@@ -135,6 +135,15 @@ class Comm:
 
 @dataclass
 class Checkpoint:
+    stop_grace_seconds: float = 25.0
+    """On SIGTERM (what Slurm and Kubernetes send before killing a job) or SIGINT (Ctrl-C),
+    every rank finishes the current step, the step's checkpoint is written synchronously and
+    the job exits with status 75 and one line, all within this many seconds of the signal;
+    past them each process exits at once with status 1 and a line naming the newest complete
+    checkpoint. Keep it below the SIGKILL deadline (torchrun --shutdown-timeout, default 30;
+    Slurm KillWait or --signal; Kubernetes terminationGracePeriodSeconds). 0: off (a signal
+    ends the process at once, as without this handling)."""
+
     verify: bool = True
     """Write a manifest (size and xxh3-64 checksum of every file) with each checkpoint and
     check it before loading; a checkpoint that fails the check or fails to load is reported

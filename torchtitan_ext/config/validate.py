@@ -334,7 +334,7 @@ _POSITIVE_KEYS = (
     "training.steps", "training.max_norm", "optimizer.lr", "lr_scheduler.warmup_steps",
     "metrics.log_freq", "checkpoint.interval", "checkpoint.keep_latest_k", "validation.freq",
     "training.max_consecutive_nonfinite_steps", "training.loss_chunk_tokens",
-    "training.mlp_tile_tokens",
+    "training.mlp_tile_tokens", "checkpoint.stop_grace_seconds",
 )  # fmt: skip
 
 RULES: tuple[Rule, ...] = (
@@ -726,6 +726,12 @@ def _check_positive(cfg: Any) -> None:
             cfg.training.mlp_tile_tokens,
             cfg.training.mlp_tile_tokens >= 0,
             ">= 0 (0: off)",
+        ),
+        (
+            "checkpoint.stop_grace_seconds",
+            cfg.checkpoint.stop_grace_seconds,
+            0 <= cfg.checkpoint.stop_grace_seconds < 1e9,
+            "a number of seconds >= 0 (0: off)",
         ),
     ]
     for key, value, ok, rule in checks:
