@@ -45,6 +45,7 @@ from torchtitan_ext.checkpoint import (
     CheckpointError,
     TrainState,
     agreed_steps,
+    complete_steps,
     transfer_state,
 )
 from torchtitan_ext.config.manager import format_toml, load_config
