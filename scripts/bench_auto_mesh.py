@@ -39,11 +39,11 @@ from typing import NoReturn
 
 from torchtitan_ext.config import load_config
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS
-from torchtitan_ext.config.validate import plan_curriculum
 from torchtitan_ext.distributed import exit_process, launch_env, torchrun_command
 from torchtitan_ext.tools.ablation import run_shape, shape_args
 from torchtitan_ext.tools.auto_mesh import MeshEstimate, choose_stage_mesh
 from torchtitan_ext.tools.parity import ROOT, Shape, pattern_option
+from torchtitan_ext.validate import plan_curriculum
 
 TARGET = 0.90
 TOKENS_PER_STEP = 4096

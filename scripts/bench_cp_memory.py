@@ -48,11 +48,11 @@ def worker_memory(seq_len: int, flavor: str, out: str) -> int:
     import torch.distributed as dist
 
     from torchtitan_ext.config import load_config
-    from torchtitan_ext.config.validate import resolve_model_args, validate
     from torchtitan_ext.distributed import RankInfo, init_distributed, resolve_device
     from torchtitan_ext.models import build_model_on_meta, init_weights_mesh_independent
     from torchtitan_ext.parallel.context_parallel import shard_sequence
     from torchtitan_ext.parallelize import parallelize
+    from torchtitan_ext.validate import resolve_model_args, validate
 
     rank = RankInfo.from_env()
     cp = rank.world_size

@@ -19,10 +19,10 @@ import argparse
 import sys
 
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
-from torchtitan_ext.config.validate import plan_curriculum, validate
 from torchtitan_ext.curriculum import stage_config
 from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 from torchtitan_ext.tools.dry_run import format_table, plan_rank, stage_ranks
+from torchtitan_ext.validate import plan_curriculum, validate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ def test_auto_order_is_the_resolved_auto_order_not_the_recipes(tmp_path):
     sets tp innermost; "auto" resolves to cp innermost on torch 2.13) and keeps the plain
     shape name."""
     from torchtitan_ext.config import load_config
-    from torchtitan_ext.config.validate import validate
+    from torchtitan_ext.validate import validate
 
     recipe = ROOT / "train_configs" / "debug_cpu_4d.toml"
     fixed = {"pp": 1, "dp_replicate": 1, "dp_shard": 2, "tp": 2, "cp": 2}

@@ -10,8 +10,8 @@ import torch
 
 from tests.conftest import ROOT
 from torchtitan_ext.config import load_config
-from torchtitan_ext.config.validate import plan_curriculum
 from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.validate import plan_curriculum
 
 AUTO = """
 [curriculum]

@@ -24,9 +24,9 @@ from torchtitan_ext.config.manager import (
     merged_config_class,
     pop_world_size_arg,
 )
-from torchtitan_ext.config.validate import UNSUPPORTED
 from torchtitan_ext.curriculum import STAGE_KEYS
 from torchtitan_ext.tools.ablation import Row, progress_line
+from torchtitan_ext.validate import UNSUPPORTED
 
 DEBUG_CPU = str(ROOT / "train_configs" / "debug_cpu.toml")
 _ENTRY = re.compile(r"^  (-\S.*|\w+|\S+ \(recipe only\))$")

@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT
 from torchtitan_ext.config import ConfigError, load_config
 from torchtitan_ext.config.__main__ import main as config_main
-from torchtitan_ext.config.validate import validate
+from torchtitan_ext.validate import validate
 
 DEBUG_CPU = str(ROOT / "train_configs" / "debug_cpu.toml")
 
@@ -34,7 +34,7 @@ def test_torchtitan_recipes_load_unmodified(titan_recipes, name, world_size, sha
     """TorchTitan's own recipes load and resolve their mesh as they are (the dry run plans
     them); what this trainer does not implement (its profiler, float8) train.py and the checker
     reject with one clear error."""
-    from torchtitan_ext.config.validate import check_recipe
+    from torchtitan_ext.validate import check_recipe
 
     cfg = load_config(["--job.config_file", str(titan_recipes / name)])
     dims = validate(cfg, world_size)
@@ -183,9 +183,9 @@ def test_double_ring_default_inner_ring_degree(tmp_path, cp, dp_shard, inner):
     """``context_parallel_inner_ring_degree`` unset (0) with the double ring: the largest
     divisor of cp in 2 .. min(cp / 2, 8) (an inner ring within an 8-GPU node), in the check,
     the pattern the trainer builds, and the stage plan's label."""
-    from torchtitan_ext.config.validate import plan_curriculum
     from torchtitan_ext.curriculum import _pattern_label, stage_config
     from torchtitan_ext.parallel.cp_patterns import default_inner_ring_degree, recipe_pattern
+    from torchtitan_ext.validate import plan_curriculum
 
     assert default_inner_ring_degree(cp) == inner
     args = ["--job.config_file", DEBUG_CPU, *PATTERN, "double_ring", "--validation.no-enable",
@@ -315,7 +315,7 @@ def test_config_cli_rejects_what_training_rejects(capsys, more, fragment):
 
 
 def test_checker_and_trainer_run_every_rule_of_one_table(monkeypatch, capsys):
-    """config.validate.RULES is the one list of rules: the checker (with a world size) runs
+    """validate.RULES is the one list of rules: the checker (with a world size) runs
     every rule of every phase but data, train.py's prepare every rule of every phase (the
     recipe and mesh ones once more per curriculum stage); --list-rules prints each of them."""
     import importlib
@@ -323,7 +323,7 @@ def test_checker_and_trainer_run_every_rule_of_one_table(monkeypatch, capsys):
     from torchtitan_ext.distributed import RankInfo
     from torchtitan_ext.trainer import prepare
 
-    v = importlib.import_module("torchtitan_ext.config.validate")  # the package exports a function
+    v = importlib.import_module("torchtitan_ext.validate")
     calls: dict[int, int] = {}
 
     def counted(i: int, rule: Any) -> Any:

@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, torchrun
 from torchtitan_ext.config import ConfigError, load_config
-from torchtitan_ext.config.validate import plan_curriculum
 from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.validate import plan_curriculum
 
 STAGES = """
 [curriculum]
@@ -148,8 +148,8 @@ def test_auto_mesh_weighs_traffic_that_crosses_nodes(tmp_path):
     """With 2 ranks per node and a slow inter-node link, the estimate charges a group that
     spans nodes at the inter-node bandwidth: the choice keeps its heaviest traffic inside a
     node (or at least never sends more across nodes than the single-node choice would)."""
-    from torchtitan_ext.config.validate import validate
     from torchtitan_ext.tools.auto_mesh import _spans_nodes
+    from torchtitan_ext.validate import validate
 
     dp = ["--parallelism.data_parallel_shard_degree", "-1"]
     for cp, tp_spans in ((1, False), (2, True)):  # cp innermost: tp peers are cp ranks apart
@@ -428,7 +428,7 @@ def test_resume_equals_uninterrupted(full_run, tmp_path, resume_step):
 def test_disk_switches_need_boundary_checkpoints(tmp_path):
     """Stages that start from the boundary checkpoint (switch_in_memory = false) need it
     written: checkpoints enabled, not load_only, not skipped. Switching in memory needs none."""
-    from torchtitan_ext.config.validate import check_recipe
+    from torchtitan_ext.validate import check_recipe
 
     def check(*more: str) -> None:
         check_recipe(load_config([*run_args(recipe(tmp_path), tmp_path / "run"), *more]), 4)
@@ -580,8 +580,8 @@ def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
 
 
 def test_8b_1m_recipe_validates_for_its_cluster():
-    from torchtitan_ext.config.validate import validate
     from torchtitan_ext.curriculum import stage_config
+    from torchtitan_ext.validate import validate
 
     cfg = load_config(
         ["--job.config_file", str(ROOT / "train_configs" / "llama3_8b_curriculum_1m.toml")]

@@ -11,7 +11,7 @@ def total_params(cfg) -> int:
     import torch
     from torchtitan.protocols.train_spec import get_train_spec
 
-    from torchtitan_ext.config.validate import resolve_model_args
+    from torchtitan_ext.validate import resolve_model_args
 
     args = resolve_model_args(cfg)
     args.update_from_config(cfg)

@@ -10,8 +10,8 @@ import pytest
 
 from tests.conftest import ROOT, read_metrics, tiny_run_args, train_single
 from torchtitan_ext.config import ConfigError, load_config
-from torchtitan_ext.config.validate import check_trainer_support
 from torchtitan_ext.data.tokenizer import build_tokenizer, encode_document
+from torchtitan_ext.validate import check_trainer_support
 
 DEBUG_CPU = str(ROOT / "train_configs" / "debug_cpu.toml")
 AC = "--activation_checkpoint.mode"

@@ -15,8 +15,8 @@ from torch.distributed.tensor import DTensor
 
 from tests.conftest import ROOT, spawn
 from torchtitan_ext.config import ConfigError, load_config
-from torchtitan_ext.config.validate import validate
 from torchtitan_ext.parallel_dims import ParallelDims
+from torchtitan_ext.validate import validate
 
 
 def _cfg(dp_replicate: int, dp_shard: int, tp: int, cp: int, order: object) -> SimpleNamespace:

@@ -49,16 +49,6 @@ from torchtitan_ext.checkpoint import (
     transfer_state,
 )
 from torchtitan_ext.config.manager import format_toml, load_config
-from torchtitan_ext.config.validate import (
-    RecipeData,
-    check_data,
-    check_recipe,
-    derived_batch_note,
-    global_batch_size,
-    resolve_model_args,
-    unit_len,
-    validate,
-)
 from torchtitan_ext.curriculum import (
     MeshPlanner,
     Stage,
@@ -105,6 +95,16 @@ from torchtitan_ext.parallelize import parallelize
 from torchtitan_ext.preemption import STOP, STOPPED_EXIT_CODE
 from torchtitan_ext.rope import apply_rope_scaling, rope_scaling_of
 from torchtitan_ext.run_lock import FolderInUse, FolderLock, LocksUnsupported, acquire
+from torchtitan_ext.validate import (
+    RecipeData,
+    check_data,
+    check_recipe,
+    derived_batch_note,
+    global_batch_size,
+    resolve_model_args,
+    unit_len,
+    validate,
+)
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -162,7 +162,7 @@ class ResumeEarlierStage(Exception):
 
 
 def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = None) -> Prepared:
-    """Parse, check (``config.validate.RULES``, every phase) and load data: no collective,
+    """Parse, check (``validate.RULES``, every phase) and load data: no collective,
     identical on every rank. Unless ``training.device = "cpu"``, first sets the CUDA
     allocator's settings (``configure_cuda_allocator``), before any rule can start CUDA.
     ``mesh_planner`` chooses auto-meshed stages' meshes (the entry point hands in

@@ -3,7 +3,7 @@
 The config layer is the bottom of the package (it imports nothing of torchtitan_ext but the leaf
 ``errors``): ``schema`` (our sections), ``tables`` (key tables), ``manager`` (TOML + CLI ->
 JobConfig). The rule table that validates a loaded recipe against the features,
-``torchtitan_ext.config.validate``, sits above the features and is imported by its own name.
+``torchtitan_ext.validate``, sits above the features and is imported by its own name.
 
 ``python -m torchtitan_ext.config --job.config_file X.toml [--world_size N] [overrides]``
 validates a recipe and prints the resolved config.

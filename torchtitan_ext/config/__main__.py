@@ -6,7 +6,7 @@ Usage::
         [--world_size 8] [--section.key value ...]
 
 ``--help`` lists every option (``config.manager.format_help``), ``--list-rules`` every rule
-(``config.validate.RULES``). The world size (``--world_size``, also spelled ``--world-size`` or
+(``validate.RULES``). The world size (``--world_size``, also spelled ``--world-size`` or
 ``--nproc``, as in the scripts) defaults to ``$WORLD_SIZE`` when set (as under torchrun). With a
 world size it runs every check ``train.py`` runs before reading data
 (``validate.check_recipe``: each curriculum stage, whose plan it prints, the mesh, what the
@@ -27,14 +27,14 @@ from torchtitan_ext.config.manager import (
     load_config,
     pop_world_size_arg,
 )
-from torchtitan_ext.config.validate import (
+from torchtitan_ext.curriculum import format_plan
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.validate import (
     check_recipe,
     derived_batch_note,
     format_rules,
     global_batch_size,
 )
-from torchtitan_ext.curriculum import format_plan
-from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 
 PROG = "python -m torchtitan_ext.config"
 
@@ -54,7 +54,7 @@ WORLD_SIZE_HELP = (
 
 LIST_RULES_FLAG = "--list-rules"
 LIST_RULES_HELP = (
-    "Print every rule a recipe is checked against (config.validate.RULES), by phase, with the "
+    "Print every rule a recipe is checked against (validate.RULES), by phase, with the "
     "keys each judges and the module that owns it, and exit."
 )
 

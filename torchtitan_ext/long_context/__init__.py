@@ -10,7 +10,7 @@ from torchtitan_ext.errors import ConfigError
 def check_local_sequence(cfg: Any, cp: int) -> None:
     """``training.loss_chunk_tokens`` and ``training.mlp_tile_tokens`` are at most the local
     sequence (seq_len / cp tokens), where they would save memory (a rule of
-    ``config.validate.RULES``).
+    ``validate.RULES``).
 
     Raises:
         ConfigError: naming the key, with the largest useful value.

@@ -101,7 +101,7 @@ def shard_sequence(
 
 def check_recipe_cp(cfg: Any, model_args: Any) -> None:
     """What context parallel can shard, for a recipe with cp > 1: SDPA attention, head-tail or
-    no load balancing (a rule of ``config.validate.RULES``).
+    no load balancing (a rule of ``validate.RULES``).
 
     Raises:
         ConfigError: the flavor's attention or the load balancer, with what is supported.

@@ -133,7 +133,7 @@ def default_inner_ring_degree(cp: int) -> int:
 
 
 def make_pattern(name: str, cp: int, ulysses_degree: int, inner_ring_degree: int) -> CPPattern:
-    """The ``CPPattern`` of the recipe keys (validated by ``config.validate``, which names the
+    """The ``CPPattern`` of the recipe keys (validated by ``validate``, which names the
     keys; this raises ``ValueError`` for what slipped through). A double ring with
     ``inner_ring_degree`` 0 gets ``default_inner_ring_degree(cp)``."""
     if name == "ring" or cp == 1:
@@ -698,7 +698,7 @@ def check_recipe_pattern(cfg: Any, model_args: Any, tp: int, cp: int) -> None:
     pattern; a Ulysses / hybrid degree that divides cp and the heads per TP rank; an inner ring
     degree that divides cp (0: ``default_inner_ring_degree``, which needs cp to have one); no
     degree set that the pattern does not use; torch 2.13 for any
-    pattern but the ring (a rule of ``config.validate.RULES``).
+    pattern but the ring (a rule of ``validate.RULES``).
 
     Raises:
         ConfigError: naming the key and the value.

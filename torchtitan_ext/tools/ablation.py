@@ -409,8 +409,8 @@ def dry_run_sweep(
     ``budget_gib`` first, by estimated bytes sent per rank per step (ties: fewer cp bytes
     across nodes, for ``ranks_per_node`` ranks per node), then the rest by memory.
     """
-    from torchtitan_ext.config.validate import validate
     from torchtitan_ext.tools.dry_run import GIB, plan_rank, stage_ranks
+    from torchtitan_ext.validate import validate
 
     rows = []
     for shape, order, args in valid:

@@ -167,9 +167,9 @@ def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
     """
     from torchtitan.protocols.train_spec import get_train_spec
 
-    from torchtitan_ext.config.validate import resolve_model_args, validate
     from torchtitan_ext.models import build_model_on_meta
     from torchtitan_ext.tools.dry_run import GIB, plan_rank, stage_ranks
+    from torchtitan_ext.validate import resolve_model_args, validate
 
     cur = cfg.curriculum
     dims = validate(cfg, world_size)
@@ -306,8 +306,8 @@ def choose_stage_mesh(
             validation (the first candidate's reason) or none fits the budget (naming the
             smallest estimate), each as ``curriculum.stages[i].auto_mesh``.
     """
-    from torchtitan_ext.config.validate import validate
     from torchtitan_ext.curriculum import _resolve_stage, stage_config
+    from torchtitan_ext.validate import validate
 
     _check_settings(cfg)
     p = cfg.parallelism

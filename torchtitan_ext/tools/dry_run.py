@@ -30,12 +30,12 @@ from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import set_default_dtype
 
-from torchtitan_ext.config.validate import resolve_model_args, validate
 from torchtitan_ext.models import build_model_on_meta
 from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
+from torchtitan_ext.validate import resolve_model_args, validate
 
 GIB = 1024**3
 

@@ -27,7 +27,6 @@ from typing import Any
 
 from torchtitan_ext.config.manager import load_config
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
-from torchtitan_ext.config.validate import check_recipe, validate
 from torchtitan_ext.distributed import (
     clear_dtensor_caches,
     launch_env,
@@ -40,6 +39,7 @@ from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import V_SCHEDULES
 from torchtitan_ext.parallel_dims import DEGREE_KEYS
 from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.validate import check_recipe, validate
 
 ROOT = Path(__file__).resolve().parents[2]
 STEP1_RTOL = 1e-5

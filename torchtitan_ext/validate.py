@@ -328,7 +328,7 @@ def _validation_windows(c: RecipeCheck) -> None:
         PackedWindows(c.data.val_tokens, seq_len, 0, shuffle=False, key="validation")
 
 
-_HERE = "config.validate"
+_HERE = "validate"
 _POSITIVE_KEYS = (
     "training.seq_len", "training.local_batch_size", "training.global_batch_size",
     "training.steps", "training.max_norm", "optimizer.lr", "lr_scheduler.warmup_steps",
