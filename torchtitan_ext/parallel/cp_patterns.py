@@ -147,7 +147,26 @@ _registry: dict[str, _Groups] = {}
 _installed = False
 calls: Counter[str] = Counter()
 """Attention forwards / backwards run per pattern in this process ("ulysses",
-"ulysses_backward", ...): how tests and benchmarks see that a pattern, not torch's ring, ran."""
+"ulysses_backward", ...): how tests and benchmarks see that a pattern, not torch's ring, ran.
+Counted when the attention executes, also inside a graph compiled with aot_eager (``_count``),
+not when torch.compile traces it; inductor's code does not count (the same trace decides
+whether the pattern runs, so an aot_eager count shows it)."""
+
+
+@torch.library.custom_op("torchtitan_ext::cp_pattern_ran", mutates_args=())
+def _count(x: torch.Tensor, name: str) -> None:
+    """Add one to ``calls[name]`` (``x``: a tensor of the call, for the dispatcher). An op,
+    registered as ordered-effectful, not Python: torch.compile's trace keeps it in the graph,
+    and aot_eager runs it with each execution (inductor's generated code leaves it out)."""
+    calls[name] += 1
+
+
+@_count.register_fake
+def _count_fake(x: torch.Tensor, name: str) -> None:
+    return None
+
+
+_count.register_effect(torch.library.EffectType.ORDERED)
 
 
 def register(cp_mesh: DeviceMesh, pattern: CPPattern) -> None:
@@ -226,7 +245,7 @@ def _install() -> None:
         if entry is None:
             return torch_forward(group, seq_dim, op, query, key, value, is_causal, **kwargs)
         run = _double_ring_forward if entry.pattern.name == "double_ring" else _ulysses_forward
-        calls[entry.pattern.name] += 1
+        _count(query, entry.pattern.name)
         return run(entry, torch_forward, seq_dim, op, query, key, value, is_causal, kwargs)
 
     def backward(
@@ -240,10 +259,11 @@ def _install() -> None:
                 group, seq_dim, op, grad_out, grad_out_name, query, key, value, out,
                 logsumexp, is_causal, **kwargs,
             )  # fmt: skip
+        _count(query, entry.pattern.name + "_backward")
         tensors = _Bwd(grad_out, grad_out_name, query, key, value, out, logsumexp)
-        run = _double_ring_backward if entry.pattern.name == "double_ring" else _ulysses_backward
-        calls[entry.pattern.name + "_backward"] += 1
-        return run(entry, torch_backward, seq_dim, op, tensors, is_causal, kwargs)
+        if entry.pattern.name == "double_ring":
+            return _double_ring_backward(entry, seq_dim, op, tensors, is_causal, kwargs)
+        return _ulysses_backward(entry, torch_backward, seq_dim, op, tensors, is_causal, kwargs)
 
     _attention._templated_ring_attention = forward
     _attention._templated_ring_attention_backward = backward
@@ -661,12 +681,26 @@ def _split_kv(
     return buf[: key.numel()].reshape(key.shape), buf[key.numel() :].reshape(value.shape)
 
 
+def _fp32_out(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``op`` returning its output in fp32 (exact: an upcast). torch's merger records the
+    dtype of the blocks it merges and casts its result to it, so torch's inner ring then hands
+    the outer ring an unrounded output."""
+
+    def run(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        out, *rest = op(*args, **kwargs)
+        return (out.float(), *rest)
+
+    return run
+
+
 def _double_ring_forward(
     entry: _Groups, ring: Callable[..., Any], seq_dim: int, op: Any, query: torch.Tensor,
     key: torch.Tensor, value: torch.Tensor, is_causal: bool, kwargs: dict[str, Any],
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Outer ring over groups (K/V passed to the next group by an all-to-all rotation that
-    overlaps the inner ring), torch's ring inside each group, torch's merger across."""
+    overlaps the inner ring), torch's ring inside each group, torch's merger across. With
+    torch's ``convert_to_f32`` (its default) the inner rings' outputs reach the outer merger
+    in fp32 and the output is rounded to the input dtype once, as in torch's ring."""
     from torch.distributed.tensor.experimental._context_parallel._attention import (
         _create_rotater,
         _RotateMethod,
@@ -677,6 +711,7 @@ def _double_ring_forward(
     balanced = bool(opts.enable_load_balance)
     n_groups, g = entry.pattern.outer, dist.get_rank(entry.outer)
     merger = _SDPAMerger(opts.convert_to_f32, seq_dim=seq_dim)
+    block_op = _fp32_out(op) if opts.convert_to_f32 else op
     rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
     rest: list[Any] = []
     blocks = _outer_steps(rotater, key.contiguous(), value.contiguous(), n_groups)
@@ -687,36 +722,97 @@ def _double_ring_forward(
         q = _halve(query, seq_dim, True) if block.q_half else query
         k, v = (_halve(t, seq_dim, False) if block.kv_half else t for t in (key_o, value_o))
         with _load_balance(balanced and o == 0):
-            out, lse, *rest = ring(entry.inner, seq_dim, op, q, k, v, block.causal, **kwargs)
+            out, lse, *rest = ring(entry.inner, seq_dim, block_op, q, k, v, block.causal, **kwargs)
         merger.step(out, lse, block.q_half)
-    return (*merger.results(), *rest)
+    out, lse = merger.results()
+    return (out.to(query.dtype), lse, *rest)
 
 
-def _double_ring_backward(
-    entry: _Groups, ring_backward: Callable[..., Any], seq_dim: int, op: Any, t: _Bwd,
-    is_causal: bool, kwargs: dict[str, Any],
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Backward of ``_double_ring_forward``: each outer step runs torch's ring backward in the
-    group; the K/V gradient of a block travels with it around the outer ring, accumulating each
-    group's contribution in fp32, and arrives back at its owner after the last step."""
+def _add(total: torch.Tensor, part: torch.Tensor, seq_dim: int, half: int | None) -> torch.Tensor:
+    """``total + part``, or with ``half`` (0 first, 1 second) ``part`` added to that half of
+    ``total`` along ``seq_dim`` (torch's ``_partial_update``), in ``total``'s dtype."""
+    from torch.distributed.tensor.experimental._context_parallel._attention import (
+        _partial_update,
+    )
+
+    part = part.to(total.dtype)
+    if half is None:
+        return total + part
+    return _partial_update(total, part, seq_dim, 2, half, add=True)
+
+
+def _ring_backward(
+    group: dist.ProcessGroup, seq_dim: int, op: Any, t: _Bwd, is_causal: bool, balanced: bool,
+    accum: torch.dtype, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:  # fmt: skip
+    """torch's ring backward (``_templated_ring_attention_backward``) over ``group``: the same
+    steps, causal behaviour and head-tail halves (``_outer_block`` is its
+    ``_is_causal_behavior`` and half selection), torch's rotaters (K/V by the recipe's method in
+    their own dtype, their gradient by all-to-all in ``accum``) and ``_partial_update``; but dq
+    and this rank's dK/dV come back in ``accum`` where torch casts them to the input dtype, so
+    the double ring adds its outer steps' partials unrounded."""
     from torch.distributed.tensor.experimental._context_parallel._attention import (
         _create_rotater,
-        _partial_update,
         _RotateMethod,
     )
 
-    balanced = bool(_options().enable_load_balance)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    kv_rotater = _create_rotater(group, seq_dim)
+    dkv_rotater = _create_rotater(group, seq_dim, _RotateMethod.ALL_TO_ALL)
+    grad_q = torch.zeros_like(t.query, dtype=accum)
+    grad_k = torch.zeros_like(t.key, dtype=accum)
+    grad_v = torch.zeros_like(t.value, dtype=accum)
+    rest: list[Any] = []
+    for i, key, value in _outer_steps(kv_rotater, t.key.contiguous(), t.value.contiguous(), size):
+        if i > 0:  # the gradient of the block now held, accumulated by the ranks before
+            grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
+        block = _outer_block(i, rank, size, is_causal, balanced)
+        if not block.skip:
+            q, out, dout, lse = (
+                (_halve(x, seq_dim, True) for x in (t.query, t.out, t.grad_out, t.logsumexp))
+                if block.q_half
+                else (t.query, t.out, t.grad_out, t.logsumexp)
+            )
+            k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
+            dq, dk, dv, *rest = op(
+                query=q, key=k, value=v, out=out, logsumexp=lse.contiguous(),
+                is_causal=block.causal,
+                **{**kwargs, t.grad_out_name: dout},
+            )  # fmt: skip
+            grad_q = _add(grad_q, dq, seq_dim, 1 if block.q_half else None)
+            grad_k = _add(grad_k, dk, seq_dim, 0 if block.kv_half else None)
+            grad_v = _add(grad_v, dv, seq_dim, 0 if block.kv_half else None)
+        dkv_rotater.exchange_buffers(torch.cat([grad_k.flatten(), grad_v.flatten()]))
+    grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
+    return grad_q, grad_k, grad_v, rest
+
+
+def _double_ring_backward(
+    entry: _Groups, seq_dim: int, op: Any, t: _Bwd, is_causal: bool, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, ...]:
+    """Backward of ``_double_ring_forward``: each outer step runs the ring backward in the
+    group (``_ring_backward``); the K/V gradient of a block travels with it around the outer
+    ring, accumulating each group's contribution, and arrives back at its owner after the last
+    step. Accumulation is in fp32 with torch's ``convert_to_f32`` (its default), else in the
+    input dtype, as torch's ring: gradients are rounded once, at the end."""
+    from torch.distributed.tensor.experimental._context_parallel._attention import (
+        _create_rotater,
+        _RotateMethod,
+    )
+
+    opts = _options()
+    balanced = bool(opts.enable_load_balance)
+    accum = torch.float32 if opts.convert_to_f32 else t.query.dtype
     n_groups, g = entry.pattern.outer, dist.get_rank(entry.outer)
     kv_rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
     dkv_rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
-    grad_q = torch.zeros_like(t.query, dtype=torch.float32)
+    grad_q = torch.zeros_like(t.query, dtype=accum)
+    grad_k = torch.zeros_like(t.key, dtype=accum)
+    grad_v = torch.zeros_like(t.value, dtype=accum)
     rest: list[Any] = []
     blocks = _outer_steps(kv_rotater, t.key.contiguous(), t.value.contiguous(), n_groups)
     for o, key, value in blocks:
-        if o == 0:
-            grad_k = torch.zeros_like(key, dtype=torch.float32)
-            grad_v = torch.zeros_like(value, dtype=torch.float32)
-        else:
+        if o > 0:
             grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
         block = _outer_block(o, g, n_groups, is_causal, balanced)
         if not block.skip:
@@ -726,25 +822,16 @@ def _double_ring_backward(
                 else (t.query, t.out, t.grad_out, t.logsumexp)
             )
             k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
-            with _load_balance(balanced and o == 0):
-                dq, dk, dv, *rest = ring_backward(
-                    entry.inner, seq_dim, op, dout, t.grad_out_name, q, k, v, out,
-                    lse.contiguous(), block.causal, **kwargs,
-                )  # fmt: skip
-            grad_q = (
-                _partial_update(grad_q, dq.float(), seq_dim, 2, 1, add=True)
-                if block.q_half
-                else grad_q + dq.float()
+            inner = _Bwd(dout, t.grad_out_name, q, k, v, out, lse.contiguous())
+            dq, dk, dv, rest = _ring_backward(
+                entry.inner, seq_dim, op, inner, block.causal, balanced and o == 0, accum, kwargs
             )
-            if block.kv_half:
-                grad_k = _partial_update(grad_k, dk.float(), seq_dim, 2, 0, add=True)
-                grad_v = _partial_update(grad_v, dv.float(), seq_dim, 2, 0, add=True)
-            else:
-                grad_k, grad_v = grad_k + dk.float(), grad_v + dv.float()
+            grad_q = _add(grad_q, dq, seq_dim, 1 if block.q_half else None)
+            grad_k = _add(grad_k, dk, seq_dim, 0 if block.kv_half else None)
+            grad_v = _add(grad_v, dv, seq_dim, 0 if block.kv_half else None)
         dkv_rotater.exchange_buffers(torch.cat([grad_k.flatten(), grad_v.flatten()]))
     grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
-    dtype = t.query.dtype
-    return (grad_q.to(dtype), grad_k.to(t.key.dtype), grad_v.to(t.value.dtype), *rest)
+    return (grad_q.to(t.query.dtype), grad_k.to(t.key.dtype), grad_v.to(t.value.dtype), *rest)
 
 
 # ---- communication model -----------------------------------------------------------------
