@@ -32,7 +32,9 @@ rank order) ring rank j holds super-chunks j and 2r-1-j of 2r, torch's head-tail
 the r = cp / u ring ranks. Without load balancing every pattern shards contiguously.
 
 Block results are merged with torch's ``_SDPAMerger`` and K/V move with torch's rotaters; only
-the schedule of the double ring's outer loop and the Ulysses all-to-alls are ours.
+the schedule of the double ring's outer loop, its inner rings' backward (torch's schedule,
+returning fp32 accumulators where torch casts to the input dtype) and the Ulysses all-to-alls
+are ours. Every kernel's logsumexp layout is handled (``LseLayout``).
 
 These wrap private torch functions, so they are installed only on a torch series in
 ``cpu_ring_attention.SUPPORTED_TORCH`` (``require``); ``ring`` needs none of this.
