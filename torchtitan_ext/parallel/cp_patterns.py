@@ -32,12 +32,16 @@ rank order) ring rank j holds super-chunks j and 2r-1-j of 2r, torch's head-tail
 the r = cp / u ring ranks. Without load balancing every pattern shards contiguously.
 
 Block results are merged with torch's ``_SDPAMerger`` and K/V move with torch's rotaters; only
-the schedule of the double ring's outer loop and the Ulysses all-to-alls are ours.
+the schedule of the double ring's outer loop, its inner rings' backward (torch's schedule,
+returning fp32 accumulators where torch casts to the input dtype) and the Ulysses all-to-alls
+are ours. Every kernel's logsumexp layout is handled (``LseLayout``).
 
 These wrap private torch functions, so they are installed only on a torch series in
 ``cpu_ring_attention.SUPPORTED_TORCH`` (``require``); ``ring`` needs none of this.
 """
 
+import math
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -168,7 +172,26 @@ _registry: dict[str, _Groups] = {}
 _installed = False
 calls: Counter[str] = Counter()
 """Attention forwards / backwards run per pattern in this process ("ulysses",
-"ulysses_backward", ...): how tests and benchmarks see that a pattern, not torch's ring, ran."""
+"ulysses_backward", ...): how tests and benchmarks see that a pattern, not torch's ring, ran.
+Counted when the attention executes, also inside a graph compiled with aot_eager (``_count``),
+not when torch.compile traces it; inductor's code does not count (the same trace decides
+whether the pattern runs, so an aot_eager count shows it)."""
+
+
+@torch.library.custom_op("torchtitan_ext::cp_pattern_ran", mutates_args=())
+def _count(x: torch.Tensor, name: str) -> None:
+    """Add one to ``calls[name]`` (``x``: a tensor of the call, for the dispatcher). An op,
+    registered as ordered-effectful, not Python: torch.compile's trace keeps it in the graph,
+    and aot_eager runs it with each execution (inductor's generated code leaves it out)."""
+    calls[name] += 1
+
+
+@_count.register_fake
+def _count_fake(x: torch.Tensor, name: str) -> None:
+    return None
+
+
+_count.register_effect(torch.library.EffectType.ORDERED)
 
 
 def register(cp_mesh: DeviceMesh, pattern: CPPattern) -> None:
@@ -247,7 +270,7 @@ def _install() -> None:
         if entry is None:
             return torch_forward(group, seq_dim, op, query, key, value, is_causal, **kwargs)
         run = _double_ring_forward if entry.pattern.name == "double_ring" else _ulysses_forward
-        calls[entry.pattern.name] += 1
+        _count(query, entry.pattern.name)
         return run(entry, torch_forward, seq_dim, op, query, key, value, is_causal, kwargs)
 
     def backward(
@@ -261,10 +284,11 @@ def _install() -> None:
                 group, seq_dim, op, grad_out, grad_out_name, query, key, value, out,
                 logsumexp, is_causal, **kwargs,
             )  # fmt: skip
+        _count(query, entry.pattern.name + "_backward")
         tensors = _Bwd(grad_out, grad_out_name, query, key, value, out, logsumexp)
-        run = _double_ring_backward if entry.pattern.name == "double_ring" else _ulysses_backward
-        calls[entry.pattern.name + "_backward"] += 1
-        return run(entry, torch_backward, seq_dim, op, tensors, is_causal, kwargs)
+        if entry.pattern.name == "double_ring":
+            return _double_ring_backward(entry, seq_dim, op, tensors, is_causal, kwargs)
+        return _ulysses_backward(entry, torch_backward, seq_dim, op, tensors, is_causal, kwargs)
 
     _attention._templated_ring_attention = forward
     _attention._templated_ring_attention_backward = backward
@@ -306,25 +330,44 @@ def _load_balance(on: bool) -> Iterator[None]:
 # ---- Ulysses and hybrid ------------------------------------------------------------------
 
 
-def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+class _InMemoryRank:
+    """One of ``size`` ranks played by threads of one process: the all-to-all goes through
+    shared memory (``check_kernel_lse`` runs the Ulysses layout code on one device)."""
+
+    def __init__(self, rank: int, slots: list[torch.Tensor | None], barrier: threading.Barrier):
+        self.rank, self.slots, self.barrier = rank, slots, barrier
+
+    def all_to_all(self, x: torch.Tensor) -> torch.Tensor:
+        self.slots[self.rank] = x
+        self.barrier.wait()
+        out = torch.stack([s[self.rank] for s in self.slots if s is not None])
+        self.barrier.wait()  # every rank has read the slots before any writes again
+        return out
+
+
+_Group = dist.ProcessGroup | _InMemoryRank
+
+
+def _all_to_all(x: torch.Tensor, group: _Group) -> torch.Tensor:
     """All-to-all over dim 0 (size = group size): piece i goes to rank i."""
+    if isinstance(group, _InMemoryRank):
+        return group.all_to_all(x.contiguous())
     out = ft_c.all_to_all_single(x.contiguous(), None, None, group)
     return out.wait() if isinstance(out, ft_c.AsyncCollectiveTensor) else out
 
 
-def _seq_to_heads(
-    xs: list[torch.Tensor], group: dist.ProcessGroup, u: int, halves: bool
-) -> list[torch.Tensor]:
-    """(B, H_i, S, D) tensors of one dtype, sequence-sharded -> (B, H_i / u, u x S, D),
-    head-sharded, in one all-to-all. With ``halves`` (head-tail layout) each rank's S is two
-    pieces; the gathered sequence is the first pieces in rank order, then the second pieces in
-    reverse rank order (module doc)."""
+def _pack_seq(xs: list[torch.Tensor], u: int) -> torch.Tensor:
+    """Send buffer of ``_seq_to_heads``: (B, H_i, S, D) tensors -> (u, B, sum(H_i) / u, S, D),
+    piece j holding head group j of every tensor."""
     b, _, s, d = xs[0].shape
-    heads = [x.shape[1] // u for x in xs]
-    send = torch.cat(
-        [x.reshape(b, u, h, s, d).transpose(0, 1) for x, h in zip(xs, heads, strict=True)], dim=2
-    )
-    recv = _all_to_all(send, group)  # (u source ranks, B, sum(H_i) / u, S, D)
+    return torch.cat([x.reshape(b, u, x.shape[1] // u, s, d).transpose(0, 1) for x in xs], dim=2)
+
+
+def _unpack_heads(recv: torch.Tensor, heads: list[int], halves: bool) -> list[torch.Tensor]:
+    """Receive buffer of ``_seq_to_heads`` (u source ranks, B, sum(h_i), S, D) -> (B, h_i,
+    u x S, D): the sequence in rank order, or with ``halves`` the first halves in rank order,
+    then the second halves in reverse rank order (module doc)."""
+    u, b, _, s, d = recv.shape
     outs = []
     for part in recv.split(heads, dim=2):
         h = part.shape[2]
@@ -338,10 +381,9 @@ def _seq_to_heads(
     return outs
 
 
-def _heads_to_seq(
-    xs: list[torch.Tensor], group: dist.ProcessGroup, u: int, halves: bool
-) -> list[torch.Tensor]:
-    """Inverse of ``_seq_to_heads``: (B, H_i / u, u x S, D) -> (B, H_i, S, D)."""
+def _pack_heads(xs: list[torch.Tensor], u: int, halves: bool) -> torch.Tensor:
+    """Send buffer of ``_heads_to_seq``: (B, h_i, u x S, D) -> (u, B, sum(h_i), S, D), piece j
+    holding rank j's sequence shard (inverse of ``_unpack_heads``)."""
     b, _, t, d = xs[0].shape
     s = t // u
     parts = []
@@ -353,9 +395,198 @@ def _heads_to_seq(
         else:
             x = x.reshape(b, h, u, s, d).permute(2, 0, 1, 3, 4)
         parts.append(x.reshape(u, b, h, s, d))
-    recv = _all_to_all(torch.cat(parts, dim=2), group)  # (u head groups, B, sum(h), S, D)
-    heads = [x.shape[1] for x in xs]
+    return torch.cat(parts, dim=2)
+
+
+def _unpack_seq(recv: torch.Tensor, heads: list[int]) -> list[torch.Tensor]:
+    """Receive buffer of ``_heads_to_seq`` (u head groups, B, sum(h_i), S, D) -> (B, u x h_i,
+    S, D) (inverse of ``_pack_seq``)."""
+    u, b, _, s, d = recv.shape
     return [p.transpose(0, 1).reshape(b, u * p.shape[2], s, d) for p in recv.split(heads, dim=2)]
+
+
+def _seq_to_heads(
+    xs: list[torch.Tensor], group: _Group, u: int, halves: bool
+) -> list[torch.Tensor]:
+    """(B, H_i, S, D) tensors of one dtype, sequence-sharded -> (B, H_i / u, u x S, D),
+    head-sharded, in one all-to-all. With ``halves`` (head-tail layout) each rank's S is two
+    pieces; the gathered sequence is the first pieces in rank order, then the second pieces in
+    reverse rank order (module doc)."""
+    heads = [x.shape[1] // u for x in xs]
+    return _unpack_heads(_all_to_all(_pack_seq(xs, u), group), heads, halves)
+
+
+def _heads_to_seq(
+    xs: list[torch.Tensor], group: _Group, u: int, halves: bool
+) -> list[torch.Tensor]:
+    """Inverse of ``_seq_to_heads``: (B, H_i / u, u x S, D) -> (B, H_i, S, D)."""
+    recv = _all_to_all(_pack_heads(xs, u, halves), group)
+    return _unpack_seq(recv, [x.shape[1] for x in xs])
+
+
+LSE_ALIGN = 32
+"""torch's memory-efficient kernel on CUDA (``kAlignLSE``) returns its logsumexp with the
+sequence dim padded to a multiple of this, +inf in the padding (which its backward may read)."""
+
+
+@dataclass(frozen=True)
+class LseLayout:
+    """How an attention kernel lays out the fp32 logsumexp of its ``T`` queries, as torch's CP
+    dispatch hands it over (the shapes of torch's meta registrations,
+    ``torch/_meta_registrations.py``):
+
+    - plain (B, H, T): the CPU flash op (strided as (B, T, H) transposed) and CUDA flash;
+    - ``unit_dim`` (B, H, T, 1): cuDNN;
+    - ``padded`` (B, H, ceil(T / 32) x 32), +inf past T: memory-efficient on CUDA (plain on
+      ROCm). A T that is a multiple of 32 reads as plain, which is the same tensor.
+
+    A kernel's backward takes the layout its forward returned, so the patterns hand each kernel
+    (and torch's ring) that layout and return it for the local shard.
+    """
+
+    unit_dim: bool = False
+    padded: bool = False
+
+    @classmethod
+    def of(cls, lse: torch.Tensor, q_len: int) -> "LseLayout":
+        """The layout of ``lse``, a kernel's logsumexp for ``q_len`` queries.
+
+        Raises:
+            RuntimeError: a shape none of torch's CP kernels returns (naming it).
+        """
+        shape = tuple(lse.shape)
+        if len(shape) == 4 and shape[2:] == (q_len, 1):
+            return cls(unit_dim=True)
+        if len(shape) == 3 and shape[2] == q_len:
+            return cls()
+        if len(shape) == 3 and shape[2] == -(-q_len // LSE_ALIGN) * LSE_ALIGN:
+            return cls(padded=True)
+        raise RuntimeError(
+            f"context-parallel pattern: unknown logsumexp layout {shape} for {q_len} queries "
+            f"(known: (B, H, S), (B, H, S, 1), (B, H, S padded to a multiple of {LSE_ALIGN}))"
+        )
+
+    def plain(self, lse: torch.Tensor, q_len: int) -> torch.Tensor:
+        """``lse`` in this layout -> (B, H, q_len)."""
+        if self.unit_dim:
+            return lse.squeeze(3)
+        return lse.narrow(2, 0, q_len) if self.padded else lse
+
+    def apply(self, lse: torch.Tensor) -> torch.Tensor:
+        """(B, H, T) -> this layout for T queries (contiguous where the kernel reads it)."""
+        if self.unit_dim:
+            return lse.unsqueeze(3)
+        if self.padded:
+            pad = -lse.shape[2] % LSE_ALIGN
+            return torch.nn.functional.pad(lse, (0, pad), value=float("inf"))
+        return lse.contiguous()
+
+
+def _lse_to_heads(
+    lse: torch.Tensor, q_len: int, group: _Group, u: int, halves: bool
+) -> torch.Tensor:
+    """Logsumexp of the local ``q_len`` queries, in a kernel's layout -> (B, H / u, u x
+    q_len) in the same layout for u x q_len queries, as ``_seq_to_heads``."""
+    layout = LseLayout.of(lse, q_len)
+    (out,) = _seq_to_heads([layout.plain(lse, q_len).unsqueeze(-1)], group, u, halves)
+    return layout.apply(out.squeeze(-1))
+
+
+def _lse_to_seq(
+    lse: torch.Tensor, layout: LseLayout, t: int, group: _Group, u: int, halves: bool
+) -> torch.Tensor:
+    """Inverse of ``_lse_to_heads``: the logsumexp of ``t`` head-sharded queries in ``layout``
+    -> the local t / u queries' in the same layout."""
+    (out,) = _heads_to_seq([layout.plain(lse, t).unsqueeze(-1)], group, u, halves)
+    return layout.apply(out.squeeze(-1))
+
+
+def check_kernel_lse(
+    op: Callable[..., Any], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    ulysses_degree: int = 2, is_causal: bool = True, **kwargs: Any,
+) -> float:  # fmt: skip
+    """Check a real attention kernel's logsumexp layout through the Ulysses code, on one device
+    (for a GPU check script: no process group needed).
+
+    Runs ``op(query, key, value, is_causal=is_causal, **kwargs)`` as torch's CP dispatch does
+    (e.g. ``torch.ops.aten._scaled_dot_product_cudnn_attention`` with ``attn_bias=None,
+    compute_log_sumexp=True``; ``..._efficient_attention`` likewise; ``..._flash_attention``),
+    reads its logsumexp with ``LseLayout`` and compares it with the fp32 logsumexp of the
+    scores. Then ``ulysses_degree`` ranks, played by threads exchanging in memory, run the
+    patterns' own ``_lse_to_seq`` (head-sharded kernel output -> each rank's sequence shard,
+    head-tail ordered when causal, as in training) and ``_lse_to_heads`` (the way back, what
+    the backward hands the kernel): every shard must match the reference's, in the kernel's
+    layout kind, and the way back must give the kernel's own tensor bit for bit (padding too).
+
+    Args:
+        op: the attention op (forward); query/key/value: (B, H, T, D) on the kernel's device,
+            H divisible by ``ulysses_degree``, T by 2 x ``ulysses_degree``.
+        kwargs: further arguments of ``op`` (``scale`` is honoured by the reference).
+
+    Returns:
+        The largest absolute difference (nats) between the kernel's logsumexp, read through the
+        layout code (whole and per shard), and the fp32 reference; the caller bounds it
+        (about 1e-5 for fp32 inputs; bf16 kernels a few 1e-3).
+
+    Raises:
+        ValueError: shapes the degree does not divide.
+        RuntimeError: a layout ``LseLayout`` does not know, or the layout code does not
+            reproduce the kernel's tensor.
+    """
+    from torch.distributed.tensor.experimental._attention import _HeadTailLoadBalancer
+
+    _, h, t, d = query.shape
+    u = ulysses_degree
+    if u < 1 or h % u or t % (2 * u):
+        raise ValueError(f"check_kernel_lse: ulysses_degree {u} must divide heads {h} and "
+                         f"tokens {t} / 2")  # fmt: skip
+    lse = op(query, key, value, is_causal=is_causal, **kwargs)[1]
+    layout = LseLayout.of(lse, t)
+    scale = kwargs.get("scale") or 1 / math.sqrt(d)
+    scores = query.float() @ key.float().transpose(-1, -2) * scale
+    if is_causal:
+        mask = torch.ones(t, t, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(mask, -math.inf)
+    ref = scores.logsumexp(-1)
+    errs = [float((layout.plain(lse, t) - ref).abs().max())]
+    order = (
+        _HeadTailLoadBalancer(t, u, ref.device)._generate_indices()[0]
+        if is_causal
+        else torch.arange(t, device=ref.device)
+    )
+    want = ref.index_select(2, order).chunk(u, dim=2)
+    slots: list[torch.Tensor | None] = [None] * u
+    barrier = threading.Barrier(u, timeout=120)
+    results: list[tuple[torch.Tensor, torch.Tensor] | BaseException | None] = [None] * u
+
+    def rank(r: int) -> None:
+        try:
+            group = _InMemoryRank(r, slots, barrier)
+            mine = lse.narrow(1, r * (h // u), h // u)  # the heads rank r's kernel computes
+            local = _lse_to_seq(mine, layout, t, group, u, is_causal)
+            results[r] = (local, _lse_to_heads(local, t // u, group, u, is_causal))
+        except BaseException as e:  # reported below, after every thread ended
+            barrier.abort()
+            results[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(u)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for r, res in enumerate(results):
+        if not isinstance(res, tuple):
+            raise RuntimeError(f"check_kernel_lse: rank {r} of {u} failed: {res!r}")
+        local, back = res
+        local_layout = LseLayout.of(local, t // u)
+        if local_layout.unit_dim != layout.unit_dim:
+            raise RuntimeError(f"check_kernel_lse: shard {tuple(local.shape)} of rank {r} "
+                               f"lost the kernel's layout {layout}")  # fmt: skip
+        errs.append(float((local_layout.plain(local, t // u) - want[r]).abs().max()))
+        if not torch.equal(back, lse.narrow(1, r * (h // u), h // u)):
+            raise RuntimeError(f"check_kernel_lse: rank {r}'s logsumexp back in heads differs "
+                               f"from the kernel's {tuple(lse.shape)} ({layout})")  # fmt: skip
+    return max(errs)
 
 
 def _replicate_kv(kv: torch.Tensor, n_heads: int, u: int) -> torch.Tensor:
@@ -373,24 +604,13 @@ def _unreplicate_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad.reshape(b, kv_heads, h // kv_heads, s, d).sum(dim=2)
 
 
-def _lse_to_heads(
-    lse: torch.Tensor, group: dist.ProcessGroup, u: int, halves: bool
-) -> torch.Tensor:
-    """Logsumexp (B, H, S) fp32 -> (B, H / u, u x S), as ``_seq_to_heads``."""
-    return _seq_to_heads([lse.unsqueeze(-1)], group, u, halves)[0].squeeze(-1)
-
-
-def _lse_to_seq(lse: torch.Tensor, group: dist.ProcessGroup, u: int, halves: bool) -> torch.Tensor:
-    """Inverse of ``_lse_to_heads``."""
-    return _heads_to_seq([lse.unsqueeze(-1)], group, u, halves)[0].squeeze(-1)
-
-
 def _ulysses_forward(
     entry: _Groups, ring: Callable[..., Any], seq_dim: int, op: Any, query: torch.Tensor,
     key: torch.Tensor, value: torch.Tensor, is_causal: bool, kwargs: dict[str, Any],
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Ulysses (ring_degree 1) or hybrid: all-to-all to heads over the inner group, then the
-    local op or torch's ring over the outer group, then all-to-all back."""
+    local op or torch's ring over the outer group, then all-to-all back. The logsumexp goes
+    back in the layout the kernel (or torch's ring) returned (``LseLayout``)."""
     u, halves = entry.pattern.inner, bool(_options().enable_load_balance)
     n_heads = query.shape[1]
     key, value = (_replicate_kv(t, n_heads, u) for t in (key, value))
@@ -399,8 +619,10 @@ def _ulysses_forward(
         out, lse, *rest = op(q, k, v, is_causal=is_causal, **kwargs)
     else:
         out, lse, *rest = ring(entry.outer, seq_dim, op, q, k, v, is_causal, **kwargs)
+    t = q.shape[2]
+    layout = LseLayout.of(lse, t)
     (out,) = _heads_to_seq([out], entry.inner, u, halves)
-    return (out, _lse_to_seq(lse, entry.inner, u, halves), *rest)
+    return (out, _lse_to_seq(lse, layout, t, entry.inner, u, halves), *rest)
 
 
 def _ulysses_backward(
@@ -416,7 +638,7 @@ def _ulysses_backward(
     q, k, v, out, dout = _seq_to_heads(
         [t.query, key, value, t.out, t.grad_out], entry.inner, u, halves
     )
-    lse = _lse_to_heads(t.logsumexp, entry.inner, u, halves)
+    lse = _lse_to_heads(t.logsumexp, t.query.shape[2], entry.inner, u, halves)
     if entry.pattern.outer == 1:
         kwargs = {**kwargs, t.grad_out_name: dout}
         dq, dk, dv, *rest = op(
@@ -484,12 +706,26 @@ def _split_kv(
     return buf[: key.numel()].reshape(key.shape), buf[key.numel() :].reshape(value.shape)
 
 
+def _fp32_out(op: Callable[..., Any]) -> Callable[..., Any]:
+    """``op`` returning its output in fp32 (exact: an upcast). torch's merger records the
+    dtype of the blocks it merges and casts its result to it, so torch's inner ring then hands
+    the outer ring an unrounded output."""
+
+    def run(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        out, *rest = op(*args, **kwargs)
+        return (out.float(), *rest)
+
+    return run
+
+
 def _double_ring_forward(
     entry: _Groups, ring: Callable[..., Any], seq_dim: int, op: Any, query: torch.Tensor,
     key: torch.Tensor, value: torch.Tensor, is_causal: bool, kwargs: dict[str, Any],
 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Outer ring over groups (K/V passed to the next group by an all-to-all rotation that
-    overlaps the inner ring), torch's ring inside each group, torch's merger across."""
+    overlaps the inner ring), torch's ring inside each group, torch's merger across. With
+    torch's ``convert_to_f32`` (its default) the inner rings' outputs reach the outer merger
+    in fp32 and the output is rounded to the input dtype once, as in torch's ring."""
     from torch.distributed.tensor.experimental._context_parallel._attention import (
         _create_rotater,
         _RotateMethod,
@@ -500,6 +736,7 @@ def _double_ring_forward(
     balanced = bool(opts.enable_load_balance)
     n_groups, g = entry.pattern.outer, dist.get_rank(entry.outer)
     merger = _SDPAMerger(opts.convert_to_f32, seq_dim=seq_dim)
+    block_op = _fp32_out(op) if opts.convert_to_f32 else op
     rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
     rest: list[Any] = []
     blocks = _outer_steps(rotater, key.contiguous(), value.contiguous(), n_groups)
@@ -510,36 +747,97 @@ def _double_ring_forward(
         q = _halve(query, seq_dim, True) if block.q_half else query
         k, v = (_halve(t, seq_dim, False) if block.kv_half else t for t in (key_o, value_o))
         with _load_balance(balanced and o == 0):
-            out, lse, *rest = ring(entry.inner, seq_dim, op, q, k, v, block.causal, **kwargs)
+            out, lse, *rest = ring(entry.inner, seq_dim, block_op, q, k, v, block.causal, **kwargs)
         merger.step(out, lse, block.q_half)
-    return (*merger.results(), *rest)
+    out, lse = merger.results()
+    return (out.to(query.dtype), lse, *rest)
 
 
-def _double_ring_backward(
-    entry: _Groups, ring_backward: Callable[..., Any], seq_dim: int, op: Any, t: _Bwd,
-    is_causal: bool, kwargs: dict[str, Any],
-) -> tuple[torch.Tensor, ...]:  # fmt: skip
-    """Backward of ``_double_ring_forward``: each outer step runs torch's ring backward in the
-    group; the K/V gradient of a block travels with it around the outer ring, accumulating each
-    group's contribution in fp32, and arrives back at its owner after the last step."""
+def _add(total: torch.Tensor, part: torch.Tensor, seq_dim: int, half: int | None) -> torch.Tensor:
+    """``total + part``, or with ``half`` (0 first, 1 second) ``part`` added to that half of
+    ``total`` along ``seq_dim`` (torch's ``_partial_update``), in ``total``'s dtype."""
+    from torch.distributed.tensor.experimental._context_parallel._attention import (
+        _partial_update,
+    )
+
+    part = part.to(total.dtype)
+    if half is None:
+        return total + part
+    return _partial_update(total, part, seq_dim, 2, half, add=True)
+
+
+def _ring_backward(
+    group: dist.ProcessGroup, seq_dim: int, op: Any, t: _Bwd, is_causal: bool, balanced: bool,
+    accum: torch.dtype, kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:  # fmt: skip
+    """torch's ring backward (``_templated_ring_attention_backward``) over ``group``: the same
+    steps, causal behaviour and head-tail halves (``_outer_block`` is its
+    ``_is_causal_behavior`` and half selection), torch's rotaters (K/V by the recipe's method in
+    their own dtype, their gradient by all-to-all in ``accum``) and ``_partial_update``; but dq
+    and this rank's dK/dV come back in ``accum`` where torch casts them to the input dtype, so
+    the double ring adds its outer steps' partials unrounded."""
     from torch.distributed.tensor.experimental._context_parallel._attention import (
         _create_rotater,
-        _partial_update,
         _RotateMethod,
     )
 
-    balanced = bool(_options().enable_load_balance)
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    kv_rotater = _create_rotater(group, seq_dim)
+    dkv_rotater = _create_rotater(group, seq_dim, _RotateMethod.ALL_TO_ALL)
+    grad_q = torch.zeros_like(t.query, dtype=accum)
+    grad_k = torch.zeros_like(t.key, dtype=accum)
+    grad_v = torch.zeros_like(t.value, dtype=accum)
+    rest: list[Any] = []
+    for i, key, value in _outer_steps(kv_rotater, t.key.contiguous(), t.value.contiguous(), size):
+        if i > 0:  # the gradient of the block now held, accumulated by the ranks before
+            grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
+        block = _outer_block(i, rank, size, is_causal, balanced)
+        if not block.skip:
+            q, out, dout, lse = (
+                (_halve(x, seq_dim, True) for x in (t.query, t.out, t.grad_out, t.logsumexp))
+                if block.q_half
+                else (t.query, t.out, t.grad_out, t.logsumexp)
+            )
+            k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
+            dq, dk, dv, *rest = op(
+                query=q, key=k, value=v, out=out, logsumexp=lse.contiguous(),
+                is_causal=block.causal,
+                **{**kwargs, t.grad_out_name: dout},
+            )  # fmt: skip
+            grad_q = _add(grad_q, dq, seq_dim, 1 if block.q_half else None)
+            grad_k = _add(grad_k, dk, seq_dim, 0 if block.kv_half else None)
+            grad_v = _add(grad_v, dv, seq_dim, 0 if block.kv_half else None)
+        dkv_rotater.exchange_buffers(torch.cat([grad_k.flatten(), grad_v.flatten()]))
+    grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
+    return grad_q, grad_k, grad_v, rest
+
+
+def _double_ring_backward(
+    entry: _Groups, seq_dim: int, op: Any, t: _Bwd, is_causal: bool, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, ...]:
+    """Backward of ``_double_ring_forward``: each outer step runs the ring backward in the
+    group (``_ring_backward``); the K/V gradient of a block travels with it around the outer
+    ring, accumulating each group's contribution, and arrives back at its owner after the last
+    step. Accumulation is in fp32 with torch's ``convert_to_f32`` (its default), else in the
+    input dtype, as torch's ring: gradients are rounded once, at the end."""
+    from torch.distributed.tensor.experimental._context_parallel._attention import (
+        _create_rotater,
+        _RotateMethod,
+    )
+
+    opts = _options()
+    balanced = bool(opts.enable_load_balance)
+    accum = torch.float32 if opts.convert_to_f32 else t.query.dtype
     n_groups, g = entry.pattern.outer, dist.get_rank(entry.outer)
     kv_rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
     dkv_rotater = _create_rotater(entry.outer, seq_dim, _RotateMethod.ALL_TO_ALL)
-    grad_q = torch.zeros_like(t.query, dtype=torch.float32)
+    grad_q = torch.zeros_like(t.query, dtype=accum)
+    grad_k = torch.zeros_like(t.key, dtype=accum)
+    grad_v = torch.zeros_like(t.value, dtype=accum)
     rest: list[Any] = []
     blocks = _outer_steps(kv_rotater, t.key.contiguous(), t.value.contiguous(), n_groups)
     for o, key, value in blocks:
-        if o == 0:
-            grad_k = torch.zeros_like(key, dtype=torch.float32)
-            grad_v = torch.zeros_like(value, dtype=torch.float32)
-        else:
+        if o > 0:
             grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
         block = _outer_block(o, g, n_groups, is_causal, balanced)
         if not block.skip:
@@ -549,25 +847,16 @@ def _double_ring_backward(
                 else (t.query, t.out, t.grad_out, t.logsumexp)
             )
             k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
-            with _load_balance(balanced and o == 0):
-                dq, dk, dv, *rest = ring_backward(
-                    entry.inner, seq_dim, op, dout, t.grad_out_name, q, k, v, out,
-                    lse.contiguous(), block.causal, **kwargs,
-                )  # fmt: skip
-            grad_q = (
-                _partial_update(grad_q, dq.float(), seq_dim, 2, 1, add=True)
-                if block.q_half
-                else grad_q + dq.float()
+            inner = _Bwd(dout, t.grad_out_name, q, k, v, out, lse.contiguous())
+            dq, dk, dv, rest = _ring_backward(
+                entry.inner, seq_dim, op, inner, block.causal, balanced and o == 0, accum, kwargs
             )
-            if block.kv_half:
-                grad_k = _partial_update(grad_k, dk.float(), seq_dim, 2, 0, add=True)
-                grad_v = _partial_update(grad_v, dv.float(), seq_dim, 2, 0, add=True)
-            else:
-                grad_k, grad_v = grad_k + dk.float(), grad_v + dv.float()
+            grad_q = _add(grad_q, dq, seq_dim, 1 if block.q_half else None)
+            grad_k = _add(grad_k, dk, seq_dim, 0 if block.kv_half else None)
+            grad_v = _add(grad_v, dv, seq_dim, 0 if block.kv_half else None)
         dkv_rotater.exchange_buffers(torch.cat([grad_k.flatten(), grad_v.flatten()]))
     grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
-    dtype = t.query.dtype
-    return (grad_q.to(dtype), grad_k.to(t.key.dtype), grad_v.to(t.value.dtype), *rest)
+    return (grad_q.to(t.query.dtype), grad_k.to(t.key.dtype), grad_v.to(t.value.dtype), *rest)
 
 
 # ---- communication model -----------------------------------------------------------------
