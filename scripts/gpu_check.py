@@ -18,9 +18,11 @@ The checks (``CHECKS``; to add one, write a function ``(args) -> list[Row]`` and
   sequence length that is a multiple of 32 and one that is not (the efficient kernel pads its
   LSE to a multiple of 32; cuDNN returns (B, H, S, 1); flash (B, H, S)). Each LSE is compared
   with an fp32 reference, then passed through what the CP patterns do with it
-  (``torchtitan_ext.parallel.cp_patterns``): the Ulysses / hybrid all-to-all round trip
-  ``_lse_to_heads`` -> ``_lse_to_seq`` (on a 1-rank NCCL group, u = 1, with and without the
-  head-tail halves), the double ring's merge of two key blocks with torch's ``_SDPAMerger``
+  (``torchtitan_ext.parallel.cp_patterns``): ``check_kernel_lse``, the Ulysses / hybrid
+  exchange of the LSE (``LseLayout``, ``_lse_to_seq`` and ``_lse_to_heads``, with u = 2 and 4
+  ranks played by threads in memory, head-tail ordered), which must give the kernel's own
+  tensor back bit for bit, padding included; the double ring's merge of two key blocks with
+  torch's ``_SDPAMerger``
   (whole queries, and the second half of the queries as ``_double_ring_forward`` does for a
   later group), and ``_halve`` of the LSE as ``_double_ring_backward`` does.
 - ``long_context_memory``: ``docs/long_context.md``'s memory question on the 1.2B flavor
@@ -37,10 +39,8 @@ The checks (``CHECKS``; to add one, write a function ``(args) -> list[Row]`` and
 
 import argparse
 import dataclasses
-import functools
 import importlib.util
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -78,17 +78,6 @@ class Check:
 
 
 # ---- lse_layouts ---------------------------------------------------------------------------
-
-
-def _one_rank_group() -> Any:
-    """A 1-rank NCCL process group (the CP helpers' all-to-alls need one)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 1000))
-        dist.init_process_group("nccl", rank=0, world_size=1)
-    return dist.group.WORLD
 
 
 def _kernels() -> list[tuple[str, Any, Callable[..., tuple[Any, Any]]]]:
@@ -191,7 +180,7 @@ def _flat(out: Any, lse: Any, s: int) -> Any:
     return torch.cat([out.float().flatten(), _as_bhs(lse, s).flatten()])
 
 
-def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs, group: Any) -> list[Row]:
+def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs) -> list[Row]:
     """The rows of one kernel at one length (see the module doc, ``lse_layouts``)."""
     import torch
     import torch.nn.functional as F
@@ -216,10 +205,17 @@ def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs, group: Any) -> 
             got = F.scaled_dot_product_attention(t.q, t.k, t.v, is_causal=True)
         return got, out
 
-    def round_trip(halves: bool) -> tuple[Any, Any]:
-        heads = cp_patterns._lse_to_heads(lse, group, 1, halves)
-        back = cp_patterns._lse_to_seq(heads, group, 1, halves)
-        return _as_bhs(back, s), t.ref[1]
+    def ulysses_exchange(u: int) -> Row:
+        check = f"{case}: check_kernel_lse, Ulysses u={u}"
+        try:
+            err = cp_patterns.check_kernel_lse(
+                lambda q, k, v, is_causal: op(q, k, v, is_causal), t.q, t.k, t.v,
+                ulysses_degree=u, is_causal=True,
+            )  # fmt: skip
+        except Exception as e:  # the row reports it
+            return Row(name, check, "error", "FAIL", _first_line(e))
+        return Row(name, check, f"max abs err {err:.1e}", "ok" if err <= 2e-2 else "FAIL",
+                   "tolerance 0.02 (bf16)")  # fmt: skip
 
     def merged() -> tuple[Any, Any]:
         merger = _SDPAMerger(True, seq_dim=2)
@@ -245,9 +241,7 @@ def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs, group: Any) -> 
 
     rows.append(_compare(name, f"{case}: out, LSE vs fp32", vs_reference, 2e-2))
     rows.append(_compare(name, f"{case}: sdpa_kernel = aten op", via_sdpa_kernel, 1e-3))
-    for halves in (False, True):
-        rows.append(_compare(name, f"{case}: _lse_to_heads -> _lse_to_seq, halves={halves}",
-                             functools.partial(round_trip, halves), 2e-2))  # fmt: skip
+    rows += [ulysses_exchange(u) for u in (2, 4)]
     rows.append(_compare(name, f"{case}: _SDPAMerger, 2 key blocks", merged, 2e-2))
     rows.append(_compare(name, f"{case}: _SDPAMerger, q half", merged_q_half, 2e-2))
     rows.append(_compare(name, f"{case}: _halve(LSE), second half", halved, 2e-2))
@@ -257,14 +251,13 @@ def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs, group: Any) -> 
 def check_lse_layouts(a: argparse.Namespace) -> list[Row]:
     import torch
 
-    group = _one_rank_group()
     torch.manual_seed(0)
     rows: list[Row] = []
     # A multiple of 32 and a length that is not (the efficient kernel pads its LSE to 32).
     for s in (1024, 1000):
         t = _inputs(s)
         for kernel, backend, op in _kernels():
-            rows += _kernel_rows(kernel, backend, op, t, group)
+            rows += _kernel_rows(kernel, backend, op, t)
     return rows
 
 
