@@ -321,6 +321,7 @@ def test_checker_and_trainer_run_every_rule_of_one_table(monkeypatch, capsys):
     import importlib
 
     from torchtitan_ext.distributed import RankInfo
+    from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
     from torchtitan_ext.trainer import prepare
 
     v = importlib.import_module("torchtitan_ext.validate")
@@ -346,7 +347,7 @@ def test_checker_and_trainer_run_every_rule_of_one_table(monkeypatch, capsys):
         if run == "checker":
             assert config_main([*args, "--world_size", "4"]) == 0, capsys.readouterr().err
         else:
-            prepare(args, RankInfo(0, 0, 4))
+            prepare(args, RankInfo(0, 0, 4), choose_stage_mesh)
         # Exactly the rules of these phases ran; the recipe and mesh ones also for each stage
         # (and for each mesh the auto-meshed stage 3 considers).
         assert set(calls) == {i for i, r in enumerate(v.RULES) if r.phase in phases}, run

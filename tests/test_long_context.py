@@ -201,7 +201,7 @@ def test_activation_offload_moves_only_block_inputs_and_keeps_gradients(monkeypa
 
 def test_activation_offload_is_rejected_off_cuda_and_without_full_ac():
     from torchtitan_ext.config import ConfigError, load_config
-    from torchtitan_ext.validate import check_activation_offload
+    from torchtitan_ext.parallel.activation_checkpoint import check_activation_offload
 
     on = ["--activation_checkpoint.enable_cpu_offload"]
     full = load_config([*on, "--activation_checkpoint.mode", "full"])

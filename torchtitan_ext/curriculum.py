@@ -29,6 +29,7 @@ from torchtitan_ext.config.tables import (
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel_dims import seq_len_divisor
 from torchtitan_ext.rope import ROPE_KEYS
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 
 @dataclass(frozen=True)
@@ -432,3 +433,37 @@ def format_mesh_plan(stages: list[Stage], top: int = 3) -> str:
                 f"{e.comm_sec:.3g})"
             )
     return "\n".join(lines)
+
+
+def _disk_switches(c: RecipeCheck) -> None:
+    """Stages that start from the boundary checkpoint (``switch_in_memory = false``) need it."""
+    cfg = c.cfg
+    if not c.stages or cfg.curriculum.switch_in_memory:
+        return
+    why = "with curriculum.switch_in_memory = false each stage starts from the boundary checkpoint"
+    if not cfg.checkpoint.enable:
+        raise ConfigError(
+            "checkpoint.enable", False, f"{why}: enable checkpoints, or switch stages in memory"
+        )
+    if cfg.checkpoint.load_only:
+        raise ConfigError(
+            "checkpoint.load_only",
+            True,
+            f"{why}, which load_only would not write (every stage but the last would be "
+            "lost): switch stages in memory, or drop load_only",
+        )
+    if not cfg.curriculum.boundary_checkpoint:
+        raise ConfigError("curriculum.boundary_checkpoint", False, f"{why}: it cannot be skipped")
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "curriculum",
+        ("curriculum.switch_in_memory", "checkpoint.enable", "checkpoint.load_only"),
+        "stages that start from the boundary checkpoint have it written",
+        _disk_switches,
+        "curriculum",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 
 @dataclass(frozen=True)
@@ -267,3 +268,21 @@ def launch_env(**extra: str) -> dict[str, str]:
     }
     env.pop("MASTER_ADDR", None)
     return env
+
+
+def _device(c: RecipeCheck) -> None:
+    c.device = resolve_device(c.cfg, c.local_rank)
+    c.backend = resolve_backend(c.cfg, c.device)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "device",
+        ("training.device", "comm.backend"),
+        "the device is visible to this rank; nccl only on CUDA",
+        _device,
+        "distributed",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

@@ -20,6 +20,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torchtitan_ext.config.schema import MESH_DIM_NAMES
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel.fsdp import non_ascending_fsdp_tp_supported
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -321,3 +322,43 @@ def seq_len_divisor(tp: int, cp: int, load_balancer: str | None) -> int:
     load balancer, which splits the sequence into 2 x cp chunks: TorchTitan's head-tail)."""
     cp_factor = 2 * cp if cp > 1 and load_balancer else cp
     return tp * cp_factor
+
+
+def _degrees(c: RecipeCheck) -> None:
+    check_degrees(c.cfg)
+
+
+def _mesh_dim_order(c: RecipeCheck) -> None:
+    mesh_dim_order_of(c.cfg.parallelism.mesh_dim_order)  # "auto" is resolved with the degrees
+
+
+def _mesh(c: RecipeCheck) -> None:
+    assert c.world_size is not None
+    c.dims = ParallelDims.from_config(c.cfg, c.world_size)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("parallelism.*_degree",),
+        "degrees >= 1 (dp_shard: -1 fills the world)",
+        _degrees,
+        "parallel_dims",
+    ),
+    Rule(
+        "recipe",
+        ("parallelism.mesh_dim_order",),
+        "a permutation of the mesh dims with cp innermost of the sequence dims, or 'auto'",
+        _mesh_dim_order,
+        "parallel_dims",
+    ),
+    Rule(
+        "mesh",
+        ("parallelism.*_degree",),
+        "the degrees' product is the world size",
+        _mesh,
+        "parallel_dims",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

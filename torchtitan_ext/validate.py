@@ -20,113 +20,41 @@ Phases (``PHASES``), each filling in part of ``RecipeCheck`` for the next:
   the installed torch allow;
 - ``data`` (training only): the tokenizer and the corpus against the model and the batches.
 
-A feature adds its rule here (the check itself may live in the feature's module: the table
-names it), so ``python -m torchtitan_ext.config --list-rules`` shows every rule.
+Each feature declares its rules next to its code (a ``RULES`` tuple of ``rules.Rule`` in
+``parallel_dims``, ``curriculum``, ``distributed``, ``long_context`` and the ``parallel``
+modules); this module, above the features, assembles the one table from that explicit list
+(the order within a phase matters: a rule may read what an earlier one resolved) and holds the
+rules that judge the recipe as a whole (values in range, the model, the batch, the data). The
+features never import this module; ``python -m torchtitan_ext.config --list-rules`` shows
+every rule.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from torchtitan_ext import curriculum, distributed, long_context, parallel_dims
 from torchtitan_ext.config.tables import UNSUPPORTED
 from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.parallel import (
+    activation_checkpoint,
+    context_parallel,
+    cpu_ring_attention,
+    pipeline,
+)
 from torchtitan_ext.parallel_dims import (
     ParallelDims,
     check_degrees,
-    mesh_dim_order_of,
     seq_len_divisor,
 )
+from torchtitan_ext.rules import PHASES, Phase, RecipeCheck, RecipeData, Rule
 
 if TYPE_CHECKING:
     import numpy as np
-    import torch
 
     from torchtitan_ext.curriculum import MeshPlanner, Stage
-
-SUPPORTED_AC_MODES = ("none", "selective", "full")
-Phase = Literal["curriculum", "recipe", "mesh", "trainer", "device", "data"]
-PHASES: tuple[Phase, ...] = ("curriculum", "recipe", "mesh", "trainer", "device", "data")
-
-
-@dataclass
-class RecipeData:
-    """The data the ``data`` phase checks (``trainer.prepare`` loads it).
-
-    Attributes:
-        tokenizer: the recipe's tokenizer (``data.build_tokenizer``).
-        train_tokens: (n,) int32 token stream of the training documents.
-        train_doc_offsets: (n_docs + 1,) int64 offsets of the documents in ``train_tokens``.
-        val_tokens: (m,) int32 token stream of the validation documents (empty when
-            validation is off).
-        val_documents: number of documents in the validation split.
-    """
-
-    tokenizer: Any
-    train_tokens: "np.ndarray"
-    train_doc_offsets: "np.ndarray"
-    val_tokens: "np.ndarray"
-    val_documents: int
-
-
-@dataclass
-class RecipeCheck:
-    """One recipe under check: what the rules read, and what they resolve for later phases.
-
-    Attributes:
-        cfg: the merged JobConfig (after the ``curriculum`` phase: the first stage's).
-        world_size: ranks of the job, or None (the ``curriculum`` and ``mesh`` phases need it).
-        local_rank: this rank's index on its node (the ``device`` phase).
-        model_args: TorchTitan model args of ``model.flavor`` (``recipe`` phase).
-        dims: the mesh degrees (``mesh`` phase).
-        stages: the curriculum stages, [] without one (``curriculum`` phase).
-        device, backend: this rank's training device and process-group backend (``device``).
-        data: the loaded data (set by the caller of the ``data`` phase).
-        mesh_planner: chooses auto-meshed stages' meshes (``curriculum.MeshPlanner``; the
-            entry points hand in ``tools.auto_mesh.choose_stage_mesh``), or None.
-    """
-
-    cfg: Any
-    world_size: int | None = None
-    local_rank: int = 0
-    model_args: Any = None
-    dims: ParallelDims | None = None
-    stages: "list[Stage]" = field(default_factory=list)
-    device: "torch.device | None" = None
-    backend: str = ""
-    data: RecipeData | None = None
-    mesh_planner: "MeshPlanner | None" = None
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One rule of ``RULES``.
-
-    Attributes:
-        phase: when it runs (``PHASES``).
-        keys: the recipe keys (or sections) it judges.
-        what: what it requires, in one line.
-        check: raises ``ConfigError`` when the recipe breaks the rule; may fill in the
-            ``RecipeCheck``.
-        where: the module that owns the check.
-    """
-
-    phase: Phase
-    keys: tuple[str, ...]
-    what: str
-    check: Callable[[RecipeCheck], None]
-    where: str
 
 
 def _positive(c: RecipeCheck) -> None:
     _check_positive(c.cfg)
-
-
-def _degrees(c: RecipeCheck) -> None:
-    check_degrees(c.cfg)
-
-
-def _mesh_dim_order(c: RecipeCheck) -> None:
-    mesh_dim_order_of(c.cfg.parallelism.mesh_dim_order)  # "auto" is resolved with the degrees
 
 
 def _model(c: RecipeCheck) -> None:
@@ -152,36 +80,6 @@ def _cp_pattern(c: RecipeCheck) -> None:
     check_recipe_pattern(c.cfg, c.model_args, p.tensor_parallel_degree, p.context_parallel_degree)
 
 
-def _cp_attention(c: RecipeCheck) -> None:
-    if c.cfg.parallelism.context_parallel_degree > 1:
-        from torchtitan_ext.parallel.context_parallel import check_recipe_cp
-
-        check_recipe_cp(c.cfg, c.model_args)
-
-
-def _long_context(c: RecipeCheck) -> None:
-    from torchtitan_ext.long_context import check_local_sequence
-
-    check_local_sequence(c.cfg, c.cfg.parallelism.context_parallel_degree)
-
-
-def _pipeline(c: RecipeCheck) -> None:
-    if c.cfg.parallelism.pipeline_parallel_degree > 1:
-        from torchtitan_ext.parallel.pipeline import plan_pipeline
-
-        plan_pipeline(c.cfg, c.model_args.n_layers)
-
-
-def _ac_mode(c: RecipeCheck) -> None:
-    mode = c.cfg.activation_checkpoint.mode
-    if mode not in SUPPORTED_AC_MODES:
-        raise ConfigError(
-            "activation_checkpoint.mode",
-            mode,
-            f"supported modes are {', '.join(SUPPORTED_AC_MODES)}",
-        )
-
-
 def _validation_fraction(c: RecipeCheck) -> None:
     fraction = c.cfg.data.validation_fraction
     if not 0.0 <= fraction < 0.5:
@@ -195,11 +93,6 @@ def _optimizer(c: RecipeCheck) -> None:
 
 def _trainer_support(c: RecipeCheck) -> None:
     check_trainer_support(c.cfg)
-
-
-def _mesh(c: RecipeCheck) -> None:
-    assert c.world_size is not None
-    c.dims = ParallelDims.from_config(c.cfg, c.world_size)
 
 
 def _batch(c: RecipeCheck) -> None:
@@ -216,27 +109,6 @@ def _curriculum(c: RecipeCheck) -> None:
         c.cfg = stage_config(c.cfg, c.stages[0])
 
 
-def _disk_switches(c: RecipeCheck) -> None:
-    """Stages that start from the boundary checkpoint (``switch_in_memory = false``) need it."""
-    cfg = c.cfg
-    if not c.stages or cfg.curriculum.switch_in_memory:
-        return
-    why = "with curriculum.switch_in_memory = false each stage starts from the boundary checkpoint"
-    if not cfg.checkpoint.enable:
-        raise ConfigError(
-            "checkpoint.enable", False, f"{why}: enable checkpoints, or switch stages in memory"
-        )
-    if cfg.checkpoint.load_only:
-        raise ConfigError(
-            "checkpoint.load_only",
-            True,
-            f"{why}, which load_only would not write (every stage but the last would be "
-            "lost): switch stages in memory, or drop load_only",
-        )
-    if not cfg.curriculum.boundary_checkpoint:
-        raise ConfigError("curriculum.boundary_checkpoint", False, f"{why}: it cannot be skipped")
-
-
 def _unverified(c: RecipeCheck) -> None:
     """``checkpoint.allow_unverified`` only means something when manifests are checked."""
     ckpt = c.cfg.checkpoint
@@ -246,28 +118,6 @@ def _unverified(c: RecipeCheck) -> None:
             True,
             "has no effect with checkpoint.verify = false (nothing is verified): drop one",
         )
-
-
-def _device(c: RecipeCheck) -> None:
-    from torchtitan_ext.distributed import resolve_backend, resolve_device
-
-    c.device = resolve_device(c.cfg, c.local_rank)
-    c.backend = resolve_backend(c.cfg, c.device)
-
-
-def _activation_offload(c: RecipeCheck) -> None:
-    assert c.device is not None
-    check_activation_offload(c.cfg, c.device.type)
-
-
-def _cpu_ring_attention(c: RecipeCheck) -> None:
-    """CP on CPU needs the ring-attention hook, tied to the torch series it was checked on."""
-    from torchtitan_ext.parallel import cpu_ring_attention
-
-    assert c.device is not None
-    cp = max([s.cp for s in c.stages] or [c.cfg.parallelism.context_parallel_degree])
-    if c.device.type == "cpu" and cp > 1 and (why := cpu_ring_attention.unsupported_reason()):
-        raise ConfigError("parallelism.context_parallel_degree", cp, why)
 
 
 def _vocab(c: RecipeCheck) -> None:
@@ -338,6 +188,8 @@ _POSITIVE_KEYS = (
 )  # fmt: skip
 
 RULES: tuple[Rule, ...] = (
+    # curriculum: plan the stages (each checked by the recipe and mesh phases), then what
+    # the stages need of the rest of the recipe.
     Rule(
         "curriculum",
         ("curriculum",),
@@ -346,13 +198,9 @@ RULES: tuple[Rule, ...] = (
         _curriculum,
         "curriculum.resolve_curriculum",
     ),
-    Rule(
-        "curriculum",
-        ("curriculum.switch_in_memory", "checkpoint.enable", "checkpoint.load_only"),
-        "stages that start from the boundary checkpoint have it written",
-        _disk_switches,
-        _HERE,
-    ),
+    *curriculum.RULES,
+    # recipe, mesh, trainer, device and data, phase by phase in this order (run_phases); a
+    # rule may use what an earlier one resolved (the model args, the mesh, the device).
     Rule("recipe", _POSITIVE_KEYS, "sizes, counts and rates in range", _positive, _HERE),
     Rule(
         "recipe",
@@ -361,20 +209,7 @@ RULES: tuple[Rule, ...] = (
         _unverified,
         _HERE,
     ),
-    Rule(
-        "recipe",
-        ("parallelism.*_degree",),
-        "degrees >= 1 (dp_shard: -1 fills the world)",
-        _degrees,
-        "parallel_dims.check_degrees",
-    ),
-    Rule(
-        "recipe",
-        ("parallelism.mesh_dim_order",),
-        "a permutation of the mesh dims with cp innermost of the sequence dims, or 'auto'",
-        _mesh_dim_order,
-        "parallel_dims.mesh_dim_order_of",
-    ),
+    *parallel_dims.RULES,  # recipe: degrees, dim order; mesh: the mesh
     Rule(
         "recipe",
         ("model.name", "model.flavor", "model.rope_theta", "model.rope_scaling"),
@@ -403,43 +238,11 @@ RULES: tuple[Rule, ...] = (
         _cp_pattern,
         "parallel.cp_patterns.check_recipe_pattern",
     ),
-    Rule(
-        "recipe",
-        ("model.flavor", "parallelism.context_parallel_load_balancer"),
-        "with cp > 1: SDPA attention, head-tail or no load balancing",
-        _cp_attention,
-        "parallel.context_parallel.check_recipe_cp",
-    ),
-    Rule(
-        "recipe",
-        ("training.loss_chunk_tokens", "training.mlp_tile_tokens"),
-        "at most the local sequence (seq_len / cp)",
-        _long_context,
-        "long_context.check_local_sequence",
-    ),
-    Rule(
-        "recipe",
-        ("parallelism.pipeline_*",),
-        "with pp > 1: stages divide the layers, a known schedule, microbatches divide the batch",
-        _pipeline,
-        "parallel.pipeline.plan_pipeline",
-    ),
-    Rule(
-        "recipe",
-        ("activation_checkpoint.mode",),
-        f"one of {', '.join(SUPPORTED_AC_MODES)}",
-        _ac_mode,
-        _HERE,
-    ),
+    *context_parallel.RULES,
+    *long_context.RULES,
+    *pipeline.RULES,
     Rule("recipe", ("data.validation_fraction",), "in [0, 0.5)", _validation_fraction, _HERE),
     Rule("recipe", ("optimizer.name",), "Adam or AdamW", _optimizer, _HERE),
-    Rule(
-        "mesh",
-        ("parallelism.*_degree",),
-        "the degrees' product is the world size",
-        _mesh,
-        "parallel_dims.ParallelDims.from_config",
-    ),
     Rule(
         "mesh",
         ("training.global_batch_size",),
@@ -454,27 +257,9 @@ RULES: tuple[Rule, ...] = (
         _trainer_support,
         _HERE,
     ),
-    Rule(
-        "device",
-        ("training.device", "comm.backend"),
-        "the device is visible to this rank; nccl only on CUDA",
-        _device,
-        "distributed.resolve_device, resolve_backend",
-    ),
-    Rule(
-        "device",
-        ("activation_checkpoint.enable_cpu_offload",),
-        "offload needs CUDA and full AC",
-        _activation_offload,
-        _HERE,
-    ),
-    Rule(
-        "device",
-        ("parallelism.context_parallel_degree",),
-        "CP on CPU needs a torch series the CPU ring attention was checked on",
-        _cpu_ring_attention,
-        "parallel.cpu_ring_attention.unsupported_reason",
-    ),
+    *distributed.RULES,  # device: resolves the device the next rules read
+    *activation_checkpoint.RULES,  # recipe: the AC mode; device: offload
+    *cpu_ring_attention.RULES,
     Rule(
         "data",
         ("model.flavor", "model.tokenizer"),
@@ -647,33 +432,6 @@ def resolve_model_args(cfg: Any) -> Any:
     if bad is not None:
         raise ConfigError(f"model.{bad[0]}", bad[1], bad[2])
     return args
-
-
-def check_activation_offload(cfg: Any, device_type: str) -> None:
-    """``activation_checkpoint.enable_cpu_offload`` needs full AC (what it offloads are the
-    block inputs full AC keeps) and a CUDA device (on CPU there is nothing to offload to).
-    ``device_type``: the resolved training device ("cpu" or "cuda").
-
-    Raises:
-        ConfigError: naming the key and what it needs.
-    """
-    ac = cfg.activation_checkpoint
-    if not ac.enable_cpu_offload:
-        return
-    if device_type != "cuda":
-        raise ConfigError(
-            "activation_checkpoint.enable_cpu_offload",
-            True,
-            f"offloads activations from a CUDA device to host memory; this run is on "
-            f"{device_type}, where activations already live in host memory",
-        )
-    if ac.mode != "full":
-        raise ConfigError(
-            "activation_checkpoint.enable_cpu_offload",
-            True,
-            f'needs activation_checkpoint.mode = "full" (it offloads the block inputs full AC '
-            f"keeps), not {ac.mode!r}",
-        )
 
 
 def _check_positive(cfg: Any) -> None:

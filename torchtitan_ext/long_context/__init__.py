@@ -5,6 +5,7 @@ model's code."""
 from typing import Any
 
 from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 
 def check_local_sequence(cfg: Any, cp: int) -> None:
@@ -25,3 +26,20 @@ def check_local_sequence(cfg: Any, cp: int) -> None:
                 f"larger than the local sequence (seq_len {cfg.training.seq_len} / cp {cp} = "
                 f"{local} tokens): it would not save memory; use at most {local}",
             )
+
+
+def _long_context(c: RecipeCheck) -> None:
+    check_local_sequence(c.cfg, c.cfg.parallelism.context_parallel_degree)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("training.loss_chunk_tokens", "training.mlp_tile_tokens"),
+        "at most the local sequence (seq_len / cp)",
+        _long_context,
+        "long_context",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

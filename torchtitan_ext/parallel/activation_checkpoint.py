@@ -9,6 +9,9 @@ from torch.autograd.graph import save_on_cpu
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 from torchtitan.distributed.activation_checkpoint import apply_ac as titan_apply_ac
 
+from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
+
 # Ops whose outputs selective op-level AC saves instead of recomputing: matmuls and the
 # attention kernels (TorchTitan's list, plus the CPU flash-attention op it lacks).
 OP_SAC_SAVE_LIST: set[Any] = {
@@ -87,3 +90,68 @@ def apply_activation_offload(model: nn.Module, pin_memory: bool = True) -> int:
     for name, block in list(layers.named_children()):
         layers.register_module(name, OffloadedBlock(block, pin_memory))
     return len(layers)
+
+
+def check_activation_offload(cfg: Any, device_type: str) -> None:
+    """``activation_checkpoint.enable_cpu_offload`` needs full AC (what it offloads are the
+    block inputs full AC keeps) and a CUDA device (on CPU there is nothing to offload to).
+    ``device_type``: the resolved training device ("cpu" or "cuda").
+
+    Raises:
+        ConfigError: naming the key and what it needs.
+    """
+    ac = cfg.activation_checkpoint
+    if not ac.enable_cpu_offload:
+        return
+    if device_type != "cuda":
+        raise ConfigError(
+            "activation_checkpoint.enable_cpu_offload",
+            True,
+            f"offloads activations from a CUDA device to host memory; this run is on "
+            f"{device_type}, where activations already live in host memory",
+        )
+    if ac.mode != "full":
+        raise ConfigError(
+            "activation_checkpoint.enable_cpu_offload",
+            True,
+            f'needs activation_checkpoint.mode = "full" (it offloads the block inputs full AC '
+            f"keeps), not {ac.mode!r}",
+        )
+
+
+SUPPORTED_AC_MODES = ("none", "selective", "full")
+
+
+def _ac_mode(c: RecipeCheck) -> None:
+    mode = c.cfg.activation_checkpoint.mode
+    if mode not in SUPPORTED_AC_MODES:
+        raise ConfigError(
+            "activation_checkpoint.mode",
+            mode,
+            f"supported modes are {', '.join(SUPPORTED_AC_MODES)}",
+        )
+
+
+def _activation_offload(c: RecipeCheck) -> None:
+    assert c.device is not None
+    check_activation_offload(c.cfg, c.device.type)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("activation_checkpoint.mode",),
+        f"one of {', '.join(SUPPORTED_AC_MODES)}",
+        _ac_mode,
+        "parallel.activation_checkpoint",
+    ),
+    Rule(
+        "device",
+        ("activation_checkpoint.enable_cpu_offload",),
+        "offload needs CUDA and full AC",
+        _activation_offload,
+        "parallel.activation_checkpoint",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

@@ -27,6 +27,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
 from torchtitan_ext.parallel.cp_patterns import CPPattern
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 LOAD_BALANCERS = ("headtail", None)
 """Values of ``parallelism.context_parallel_load_balancer`` supported with SDPA (None: no
@@ -120,3 +121,21 @@ def check_recipe_cp(cfg: Any, model_args: Any) -> None:
             lb,
             "supported with SDPA: 'headtail', or None (no load balancing)",
         )
+
+
+def _cp_attention(c: RecipeCheck) -> None:
+    if c.cfg.parallelism.context_parallel_degree > 1:
+        check_recipe_cp(c.cfg, c.model_args)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("model.flavor", "parallelism.context_parallel_load_balancer"),
+        "with cp > 1: SDPA attention, head-tail or no load balancing",
+        _cp_attention,
+        "parallel.context_parallel",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

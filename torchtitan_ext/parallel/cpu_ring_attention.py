@@ -35,6 +35,9 @@ from torch.distributed.tensor._ops.utils import (
     register_op_strategy,
 )
 
+from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
+
 SUPPORTED_TORCH = ("2.13",)
 """torch release series this extension was checked against (its CP internals are private)."""
 
@@ -203,3 +206,24 @@ def require() -> None:
     if reason is not None:
         raise RuntimeError(reason)
     enable()
+
+
+def _cpu_ring_attention(c: RecipeCheck) -> None:
+    """CP on CPU needs the ring-attention hook, tied to the torch series it was checked on."""
+    assert c.device is not None
+    cp = max([s.cp for s in c.stages] or [c.cfg.parallelism.context_parallel_degree])
+    if c.device.type == "cpu" and cp > 1 and (why := unsupported_reason()):
+        raise ConfigError("parallelism.context_parallel_degree", cp, why)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "device",
+        ("parallelism.context_parallel_degree",),
+        "CP on CPU needs a torch series the CPU ring attention was checked on",
+        _cpu_ring_attention,
+        "parallel.cpu_ring_attention",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

@@ -42,6 +42,7 @@ from torchtitan.distributed.pipeline_parallel import (
 )
 
 from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 SCHEDULES = (
     "GPipe",
@@ -324,3 +325,21 @@ def _with_section(cfg: Any, name: str, section: Any) -> Any:
     out = copy.copy(cfg)
     setattr(out, name, section)
     return out
+
+
+def _pipeline(c: RecipeCheck) -> None:
+    if c.cfg.parallelism.pipeline_parallel_degree > 1:
+        plan_pipeline(c.cfg, c.model_args.n_layers)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("parallelism.pipeline_*",),
+        "with pp > 1: stages divide the layers, a known schedule, microbatches divide the batch",
+        _pipeline,
+        "parallel.pipeline",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""
