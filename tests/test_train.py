@@ -209,6 +209,34 @@ def test_bad_recipe_fails_fast_on_every_rank(tmp_path):
         assert f'File "{ours}' not in output  # no frame of our code anywhere
 
 
+def test_step_that_stops_a_diverged_run_is_recorded_metrics_once(tmp_path):
+    """The step whose non-finite gradient norm stops the run ("training diverged") has its
+    record in metrics.jsonl, like every skipped step before it, each step once."""
+    import subprocess
+    import sys
+
+    from torchtitan_ext.distributed import launch_env
+
+    dump = tmp_path / "run"
+    args = [*tiny_run_args(dump, 8, warmup_steps=1), "--optimizer.lr", "1e6"]
+    args += ["--training.max_consecutive_nonfinite_steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    found = re.search(
+        r"training diverged: non-finite gradient norm at steps (\d+)-(\d+)", proc.stderr
+    )
+    assert found, proc.stderr[-2000:]
+    first, stop = int(found[1]), int(found[2])
+    records = read_metrics(dump)
+    assert [r["step"] for r in records] == list(range(1, stop + 1))
+    for r in records[first - 1 :]:  # the skipped steps: non-finite norm, counted
+        assert not math.isfinite(r["grad_norm"]), r
+        assert r["skipped_steps"] == r["step"] - first + 1, r
+
+
 # One rank of a 2-rank gloo job in a fresh process. ``import torchtitan_ext`` applies
 # use_single_worker_gloo; then, for each faked torch change, the binding is put back as torch
 # left it, the change is faked and use_single_worker_gloo applied again. Each case creates a
