@@ -135,6 +135,43 @@ def test_tiled_mlp_matches_the_feed_forward():
         assert got is not None and want is not None and _rel(got, want) < 1e-6
 
 
+def test_tiled_mlp_under_full_ac_runs_each_tile_twice_tiled_recompute(monkeypatch, tmp_path):
+    """Under full activation checkpointing, a training step runs each tiled feed-forward twice
+    (forward, and one recompute in backward, tile by tile), not three times (the block's
+    recompute running the tiles once more before each tile's own), with the gradients of the
+    untiled model."""
+    from torchtitan.components.loss import cross_entropy_loss
+
+    from torchtitan_ext.config import load_config
+    from torchtitan_ext.long_context.tiled_mlp import TiledFeedForward, apply_tiled_mlp
+    from torchtitan_ext.parallel import activation_checkpoint as ac_module
+
+    base, args = _tiny_model()
+    tokens = torch.randint(0, args.vocab_size, (2, 33))
+    ac_cfg = load_config(["--activation_checkpoint.mode", "full"]).activation_checkpoint
+    tiles = 0
+    tile = TiledFeedForward._tile
+
+    def counted(self: TiledFeedForward, *args: torch.Tensor) -> torch.Tensor:
+        nonlocal tiles
+        tiles += 1
+        return tile(self, *args)
+
+    monkeypatch.setattr(TiledFeedForward, "_tile", counted)
+    grads = []
+    for tiled in (False, True):
+        model = copy.deepcopy(base)
+        if tiled:
+            apply_tiled_mlp(model, tile_tokens=10)  # 32 tokens: tiles of 10, 10, 10 and 2
+        ac_module.apply_ac(model, ac_cfg, compile_enabled=False, dump_folder=str(tmp_path))
+        cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        grads.append([p.grad for p in model.parameters()])
+    per_forward = 4 * args.n_layers
+    assert tiles == 2 * per_forward, (tiles, per_forward)
+    for got, want in zip(*grads, strict=True):
+        assert got is not None and want is not None and _rel(got, want) < 1e-6
+
+
 def _tiny_model() -> tuple["Transformer", Any]:
     """TorchTitan's Llama on the ``debugmodel_cpu_tiny`` flavor (32-token sequences), seeded
     and initialized: (model, its args)."""

@@ -1,6 +1,7 @@
 """Activation checkpointing: TorchTitan 0.2.2's ``apply_ac`` with a CPU-aware op save list, and
 activation offload of the checkpointed block inputs to host memory (``OffloadedBlock``)."""
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -8,6 +9,8 @@ from torch import nn
 from torch.autograd.graph import save_on_cpu
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import ActivationWrapper
 from torchtitan.distributed.activation_checkpoint import apply_ac as titan_apply_ac
+
+from torchtitan_ext.long_context.tiled_mlp import TiledFeedForward
 
 # Ops whose outputs selective op-level AC saves instead of recomputing: matmuls and the
 # attention kernels (TorchTitan's list, plus the CPU flash-attention op it lacks).
@@ -32,7 +35,14 @@ def apply_ac(model: nn.Module, ac_config: Any, compile_enabled: bool, dump_folde
             outputs of ``OP_SAC_SAVE_LIST``, recompute the rest).
         compile_enabled: whether blocks will be compiled (TorchTitan adapts its wrappers).
         dump_folder: job dump folder (TorchTitan writes memory-budget plots there).
+
+    With full AC of blocks whose feed-forward is tiled (``long_context.tiled_mlp``), the
+    checkpoint's early stop is on (``early_stop``; TorchTitan's default is off): the block's
+    recompute then ends at the feed-forward's saved input instead of running its tiles, which
+    recompute in their own backward, so the feed-forward runs twice per step, not three times.
     """
+    if ac_config.mode == "full" and any(isinstance(m, TiledFeedForward) for m in model.modules()):
+        ac_config = dataclasses.replace(ac_config, early_stop=True)
     titan_apply_ac(
         model,
         ac_config,
