@@ -22,6 +22,7 @@ Targets (issue 11): the longest sequence with both features at least 4x the base
 each feature's throughput at least 0.9x the baseline's.
 
     .venv/bin/python scripts/bench_long_context.py [--seq-lens 2048 4096] [--budget-mib 4096]
+        [--cp 1 2] [--settings off "tiled MLP" ...]
 
 About 10 minutes on the 2-core CPU machine. On a GPU the same command measures CUDA memory.
 """
@@ -140,6 +141,8 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=1024, help="mlp_tile_tokens (default 1024)")
     ap.add_argument("--budget-mib", type=float, default=4096.0,
                     help="step memory per rank for the longest-sequence column, MiB")  # fmt: skip
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                    help="settings besides 'off' (the reference); default all")  # fmt: skip
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     ap.add_argument("--_out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -157,6 +160,8 @@ def main() -> int:
     start = time.perf_counter()
     for cp in a.cp:
         for name, setting in SETTINGS.items():
+            if name != "off" and name not in a.settings:
+                continue
             got = {
                 n: measure(cp, recipe(n, cp, a.flavor, setting, a.chunk, a.tile))
                 for n in (short, long)
@@ -178,7 +183,9 @@ def main() -> int:
             })  # fmt: skip
             print(f"[{time.perf_counter() - start:5.0f}s] cp {cp} {name}: "
                   f"{got[short]['mib']:.0f} / {got[long]['mib']:.0f} MiB at {short} / {long} "
-                  f"tokens, {long / got[long]['seconds']:.0f} tokens/s", flush=True)  # fmt: skip
+                  f"tokens, {long / got[long]['seconds']:.0f} tokens/s (step "
+                  f"{got[short]['seconds']:.2f} / {got[long]['seconds']:.2f} s)",
+                  flush=True)  # fmt: skip
     print(f"\n| cp | setting | step MiB @{short} | step MiB @{long} | KiB/token | "
           f"longest seq in {a.budget_mib:.0f} MiB | x off | tokens/s | x off |")  # fmt: skip
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")

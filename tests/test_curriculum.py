@@ -409,20 +409,37 @@ def test_state_survives_remesh(full_run):
 
 
 @pytest.mark.parametrize("resume_step", [4, 3], ids=["mid-stage", "at-boundary"])
-def test_resume_equals_uninterrupted(full_run, tmp_path, resume_step):
+def test_resume_equals_uninterrupted_metrics_once(full_run, tmp_path, resume_step):
+    """Resuming from step 4 (mid-stage) or 3 (the boundary into stage 2) gives the losses of
+    the run that never stopped, in the metrics files the interrupted run left: each step and
+    boundary is recorded once (at the boundary, the start of stage 2 again, from the
+    checkpoint it was entered from), the crashed attempt's later records superseded."""
+    from torchtitan_ext.metrics import read_metrics
+
     path, dump = full_run
     resumed = tmp_path / "resumed"
     shutil.copytree(dump / "checkpoint", resumed / "checkpoint")
     for ckpt in (resumed / "checkpoint").iterdir():
         if int(ckpt.name.split("-")[1]) > resume_step:
             shutil.rmtree(ckpt)
+    for name in ("metrics.jsonl", "param_stats.jsonl"):  # as a run killed after step 9 left them
+        shutil.copy(dump / name, resumed / name)
     torchrun(4, run_args(path, resumed))
-    full, _ = records(dump)
-    got, _ = records(resumed)
-    assert sorted(got) == list(range(resume_step + 1, 10))
+    full, full_boundaries = records(dump)
+    got, boundaries = records(resumed)
+    assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 10))
     for step, r in got.items():
         assert r["loss"] == full[step]["loss"], step
         assert r["grad_norm"] == full[step]["grad_norm"], step
+    assert [(b["step"], b["event"], b["stage"]) for b in boundaries] == [
+        (3, "end", 0), (3, "start", 1), (6, "end", 1), (6, "start", 2)
+    ]  # fmt: skip
+    for b, want in zip(boundaries, full_boundaries, strict=True):
+        assert b["param_sq_sum"] == pytest.approx(want["param_sq_sum"], rel=1e-12), b
+    superseded = (resumed / "param_stats_superseded.jsonl").read_text().splitlines()
+    assert json.loads(superseded[0]) == {"superseded_at_resume_from": resume_step}
+    # The boundaries after the resume point: (6, end), (6, start) and at the boundary (3, start).
+    assert len(superseded) == 1 + (3 if resume_step == 3 else 2)
 
 
 def test_disk_switches_need_boundary_checkpoints(tmp_path):

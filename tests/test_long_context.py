@@ -5,10 +5,13 @@ parameter with the unsharded model. Whole-run parity on TP/CP/PP/FSDP meshes is 
 tests/test_parity.py; the memory they save is measured by scripts/bench_long_context.py."""
 
 import copy
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from tests.conftest import spawn
 from torchtitan_ext.distributed import CUDA_ALLOC_CONF, configure_cuda_allocator
@@ -51,6 +54,63 @@ def test_chunked_cross_entropy_matches_the_unchunked_loss():
         assert got is not None and _rel(got, want) < 1e-6
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Bytes of the tensor storages created under the mode and still alive: ``live`` now and
+    ``peak`` (the CPU counterpart of CUDA's ``max_memory_allocated`` for what the mode runs).
+    An op's output that shares an input's storage (a view) adds nothing; a storage is counted
+    until torch frees it (a weakref on its Python object, which torch keeps while the storage
+    lives)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._live: set[int] = set()
+
+    def _freed(self, ptr: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._live.discard(ptr)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs or {}))
+                  if isinstance(t, torch.Tensor)}  # fmt: skip
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+            if ptr in inputs or ptr in self._live or nbytes == 0:
+                continue
+            self._live.add(ptr)
+            self.live += nbytes
+            weakref.finalize(storage, self._freed, ptr, nbytes)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def test_chunked_loss_holds_one_hidden_gradient_chunk_grad_peak():
+    """The chunked loss's forward holds the hidden states' gradient (B, S, dim) once: each
+    chunk's part is written into one buffer, not concatenated from a list of chunks (which
+    holds it twice at the concatenation, as ``tools.dry_run`` does not count)."""
+    from torch import nn
+
+    from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
+
+    torch.manual_seed(0)
+    batch, seq, dim, vocab, chunk = 2, 512, 64, 32, 64
+    head = nn.Linear(dim, vocab, bias=False)
+    hidden = torch.randn(batch, seq, dim, requires_grad=True)
+    labels = torch.randint(0, vocab, (batch, seq))
+    grad_bytes = hidden.numel() * hidden.element_size()
+    with _LiveBytes() as mem:
+        loss = ChunkedCrossEntropy(head, chunk)(hidden, labels)
+    # One chunk's logits, log-softmax and gradients (chunk x vocab, chunk x dim) and the weight's
+    # gradient are small next to the (B, S, dim) gradient here.
+    assert grad_bytes <= mem.peak < 1.5 * grad_bytes, (mem.peak, grad_bytes)
+    loss.backward()
+    assert hidden.grad is not None and hidden.grad.shape == hidden.shape
+
+
 def test_tiled_mlp_matches_the_feed_forward():
     from torchtitan.models.llama3.model.model import FeedForward
 
@@ -72,6 +132,43 @@ def test_tiled_mlp_matches_the_feed_forward():
         grads.append([xi.grad, *(p.grad for p in module.parameters())])
     assert _rel(outs[1], outs[0]) < 1e-6
     for got, want in zip(grads[1], grads[0], strict=True):
+        assert got is not None and want is not None and _rel(got, want) < 1e-6
+
+
+def test_tiled_mlp_under_full_ac_runs_each_tile_twice_tiled_recompute(monkeypatch, tmp_path):
+    """Under full activation checkpointing, a training step runs each tiled feed-forward twice
+    (forward, and one recompute in backward, tile by tile), not three times (the block's
+    recompute running the tiles once more before each tile's own), with the gradients of the
+    untiled model."""
+    from torchtitan.components.loss import cross_entropy_loss
+
+    from torchtitan_ext.config import load_config
+    from torchtitan_ext.long_context.tiled_mlp import TiledFeedForward, apply_tiled_mlp
+    from torchtitan_ext.parallel import activation_checkpoint as ac_module
+
+    base, args = _tiny_model()
+    tokens = torch.randint(0, args.vocab_size, (2, 33))
+    ac_cfg = load_config(["--activation_checkpoint.mode", "full"]).activation_checkpoint
+    tiles = 0
+    tile = TiledFeedForward._tile
+
+    def counted(self: TiledFeedForward, *args: torch.Tensor) -> torch.Tensor:
+        nonlocal tiles
+        tiles += 1
+        return tile(self, *args)
+
+    monkeypatch.setattr(TiledFeedForward, "_tile", counted)
+    grads = []
+    for tiled in (False, True):
+        model = copy.deepcopy(base)
+        if tiled:
+            apply_tiled_mlp(model, tile_tokens=10)  # 32 tokens: tiles of 10, 10, 10 and 2
+        ac_module.apply_ac(model, ac_cfg, compile_enabled=False, dump_folder=str(tmp_path))
+        cross_entropy_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        grads.append([p.grad for p in model.parameters()])
+    per_forward = 4 * args.n_layers
+    assert tiles == 2 * per_forward, (tiles, per_forward)
+    for got, want in zip(*grads, strict=True):
         assert got is not None and want is not None and _rel(got, want) < 1e-6
 
 

@@ -208,3 +208,130 @@ def test_bad_recipe_fails_fast_on_every_rank(tmp_path):
     assert output.count("Traceback (most recent call last)") <= 1
     for ours in (ROOT / "train.py", ROOT / "torchtitan_ext"):
         assert f'File "{ours}' not in output  # no frame of our code anywhere
+
+
+def test_step_that_stops_a_diverged_run_is_recorded_metrics_once(tmp_path):
+    """The step whose non-finite gradient norm stops the run ("training diverged") has its
+    record in metrics.jsonl, like every skipped step before it, each step once."""
+    import subprocess
+    import sys
+
+    from torchtitan_ext.distributed import launch_env
+
+    dump = tmp_path / "run"
+    args = [*tiny_run_args(dump, 8, warmup_steps=1), "--optimizer.lr", "1e6"]
+    args += ["--training.max_consecutive_nonfinite_steps", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    found = re.search(
+        r"training diverged: non-finite gradient norm at steps (\d+)-(\d+)", proc.stderr
+    )
+    assert found, proc.stderr[-2000:]
+    first, stop = int(found[1]), int(found[2])
+    records = read_metrics(dump)
+    assert [r["step"] for r in records] == list(range(1, stop + 1))
+    for r in records[first - 1 :]:  # the skipped steps: non-finite norm, counted
+        assert not math.isfinite(r["grad_norm"]), r
+        assert r["skipped_steps"] == r["step"] - first + 1, r
+
+
+# One rank of a 2-rank gloo job in a fresh process. ``import torchtitan_ext`` applies
+# use_single_worker_gloo; then, for each faked torch change, the binding is put back as torch
+# left it, the change is faked and use_single_worker_gloo applied again. Each case creates a
+# new gloo group and all-reduces on it; prints its worker threads and warnings as JSON.
+_GLOO_RANK = r"""
+import json, warnings
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+
+gloo = torch._C._distributed_c10d.ProcessGroupGloo
+torch_init, torch_device = gloo.__init__, gloo.create_default_device
+torch_version = torch.__version__
+
+
+def changed_init(self, store, rank, size, *, timeout=timedelta(minutes=30)):
+    torch_init(self, store, rank, size, timeout)  # a binding taking the timeout by keyword only
+
+
+def moved(*args, **kwargs):  # a binding changed behind the checks: building options fails
+    raise AttributeError("create_default_device moved")
+
+
+results = {}
+for case in ("import", "version", "constructor", "options"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if case == "import":
+            import torchtitan_ext
+            from torchtitan_ext.distributed import exit_process, use_single_worker_gloo
+
+            dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+        else:
+            gloo.__init__ = torch_init
+            if case == "version":
+                torch.__version__ = "2.99.0+cpu"
+            elif case == "constructor":
+                gloo.__init__ = changed_init
+            use_single_worker_gloo()
+            if case == "options":
+                gloo.create_default_device = moved
+        group = dist.new_group([0, 1])
+        x = torch.full((2,), float(dist.get_rank() + 1))
+        dist.all_reduce(x, group=group)
+    torch.__version__, gloo.create_default_device = torch_version, torch_device
+    results[case] = {
+        "threads": group._get_backend(torch.device("cpu")).options._threads,
+        "sum": x.tolist(),
+        "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
+    }
+print(json.dumps(results))
+exit_process(0)
+"""
+
+
+def test_single_worker_gloo_only_where_checked_gloo_patch():
+    """``use_single_worker_gloo`` gives gloo groups one worker thread on the checked torch
+    series; on another series, with a changed constructor or with options that cannot be
+    built, gloo groups are still created (with torch's threads) and a warning says the fix is
+    off. 2 real processes create real gloo groups and all-reduce on each."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+    from torchtitan_ext.distributed import launch_env
+
+    env = {**launch_env(PYTHONPATH=str(ROOT)), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _GLOO_RANK],
+            cwd=ROOT,
+            env={**env, "RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    reasons = {
+        "version": "checked on torch 2.13.x, found 2.99.0+cpu",
+        "constructor": "ProcessGroupGloo's constructors are not",
+        "options": "single-worker options failed (AttributeError: create_default_device moved)",
+    }
+    for rank, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, (rank, out[-2000:], err[-2000:])
+        results = json.loads(out.strip().splitlines()[-1])
+        assert list(results) == ["import", *reasons], results
+        for case, r in results.items():
+            assert r["sum"] == [3.0, 3.0], (case, rank, r)  # the group works
+            if case == "import":  # the checked torch: one worker thread, no warning
+                assert (r["threads"], r["warnings"]) == (1, []), (case, rank, r)
+                continue
+            assert r["threads"] == 2, (case, rank, r)  # torch's default: the fix is off
+            assert r["warnings"], (case, rank, r)
+            assert all(reasons[case] in w for w in r["warnings"]), (case, rank, r)

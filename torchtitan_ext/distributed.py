@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -111,10 +112,20 @@ def init_distributed(backend: str, device: torch.device, timeout_s: int) -> None
     )
 
 
-def use_single_worker_gloo() -> None:
+SINGLE_WORKER_GLOO_TORCH = ("2.13",)
+"""torch release series ``use_single_worker_gloo`` was checked against (it relies on the
+private ``ProcessGroupGloo._Options`` fields and on how torch calls the constructor)."""
+
+_GLOO_OPTIONS_FIELDS = ("_devices", "_threads", "_timeout")
+_GLOO_CONSTRUCTORS = ("options: torch._C._distributed_c10d.ProcessGroupGloo._Options",
+                      "timeout: datetime.timedelta")  # fmt: skip
+
+
+def use_single_worker_gloo() -> bool:
     """Make every gloo backend created from now on run one worker thread instead of torch's
-    two. Idempotent; ``import torchtitan_ext`` calls it, so it is in effect before any group
-    this package (``init_distributed``) or a script using it creates.
+    two; returns whether that is in effect. Idempotent; ``import torchtitan_ext`` calls it, so
+    it is in effect before any group this package (``init_distributed``) or a script using it
+    creates.
 
     Why: torch's ``ProcessGroupGloo::runLoop`` (torch/csrc/distributed/c10d/ProcessGroupGloo.cpp,
     2.13 and later) records ``pgStatus_->lastCompletedWorkName``, a ``std::string``, after each
@@ -132,31 +143,91 @@ def use_single_worker_gloo() -> None:
     torch builds gloo backends with the ``(store, rank, size, timeout)`` constructor and ignores
     ``pg_options`` for gloo, so that form is redirected to the options form with ``threads = 1``
     and the same devices torch would choose (``GLOO_SOCKET_IFNAME``, else the default device);
-    the class stays ``ProcessGroupGloo`` for torch's ``isinstance`` checks. A no-op on a torch
-    built without gloo."""
-    gloo: Any = getattr(torch._C._distributed_c10d, "ProcessGroupGloo", None)
-    if gloo is None or getattr(gloo.__init__, "_single_worker", False):
-        return
-    torch_init = gloo.__init__
+    the class stays ``ProcessGroupGloo`` for torch's ``isinstance`` checks.
 
-    def single_worker_init(
-        self: Any, store: Any, rank: int, size: int, timeout: Any = timedelta(minutes=30)
-    ) -> None:
-        if isinstance(timeout, gloo._Options):  # the caller chose its options: keep them
-            torch_init(self, store, rank, size, timeout)
+    Fail safe, since this relies on torch's private binding: it patches only on a torch series
+    in ``SINGLE_WORKER_GLOO_TORCH`` whose binding still has both constructors and the
+    ``_Options`` fields it sets; otherwise it warns (``RuntimeWarning``: gloo groups keep
+    torch's worker threads) and returns False. A constructor call of another form (the caller's
+    own options, other arguments) goes to torch's constructor unchanged, and if building the
+    options fails, the group is built by torch's constructor too, with a warning. False, without
+    a warning, on a torch built without gloo."""
+    gloo: Any = getattr(torch._C._distributed_c10d, "ProcessGroupGloo", None)
+    if gloo is None:
+        return False
+    if getattr(gloo.__init__, "_single_worker", False):
+        return True
+    reason = _single_worker_gloo_unsupported(gloo)
+    if reason is not None:
+        warnings.warn(
+            f"gloo process groups keep torch's worker threads (torchtitan_ext's single-worker "
+            f"gloo fix is off: {reason}); context parallel on gloo may then corrupt the heap "
+            "(see torchtitan_ext.distributed.use_single_worker_gloo)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    torch_init = gloo.__init__
+    default_timeout = timedelta(minutes=30)  # the timeout constructor's default
+
+    def single_worker_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        # torch 2.13 calls (store, rank, size, timeout=timeout); any other form is torch's.
+        if len(args) not in (3, 4) or set(kwargs) - {"timeout"} or (len(args) == 4 and kwargs):
+            torch_init(self, *args, **kwargs)
             return
-        opts = gloo._Options()
-        ifnames = os.environ.get("GLOO_SOCKET_IFNAME", "")
-        if len(ifnames) > 1:  # torch's rule in its timeout constructor
-            opts._devices = [gloo.create_device(interface=name) for name in ifnames.split(",")]
-        else:
-            opts._devices = [gloo.create_default_device()]
-        opts._timeout = timeout
-        opts._threads = 1
+        store, rank, size = args[:3]
+        timeout = args[3] if len(args) == 4 else kwargs.get("timeout", default_timeout)
+        if not isinstance(timeout, timedelta):  # e.g. the caller's own options: keep them
+            torch_init(self, *args, **kwargs)
+            return
+        try:
+            opts = _single_worker_options(gloo, timeout)
+        except Exception as e:  # a changed binding: torch's constructor still builds the group
+            warnings.warn(
+                f"gloo process group built with torch's worker threads: single-worker options "
+                f"failed ({type(e).__name__}: {e})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            torch_init(self, *args, **kwargs)
+            return
         torch_init(self, store, rank, size, opts)
 
     single_worker_init._single_worker = True  # type: ignore[attr-defined]
     gloo.__init__ = single_worker_init
+    return True
+
+
+def _single_worker_gloo_unsupported(gloo: Any) -> str | None:
+    """Why ``use_single_worker_gloo`` cannot patch this torch's ``ProcessGroupGloo`` (None
+    when it can)."""
+    series = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    if series not in SINGLE_WORKER_GLOO_TORCH:
+        return (
+            f"checked on torch {', '.join(SINGLE_WORKER_GLOO_TORCH)}.x, found {torch.__version__}"
+        )
+    options = getattr(gloo, "_Options", None)
+    missing = [f for f in _GLOO_OPTIONS_FIELDS if options is None or not hasattr(options, f)]
+    if missing:
+        return f"ProcessGroupGloo._Options lacks {', '.join(missing)}"
+    doc = getattr(gloo.__init__, "__doc__", None) or ""
+    if not all(signature in doc for signature in _GLOO_CONSTRUCTORS):
+        return "ProcessGroupGloo's constructors are not (store, rank, size, options | timeout)"
+    return None
+
+
+def _single_worker_options(gloo: Any, timeout: timedelta) -> Any:
+    """``ProcessGroupGloo._Options`` with one worker thread, ``timeout`` and the devices torch's
+    timeout constructor picks (``GLOO_SOCKET_IFNAME``'s interfaces, else the default one)."""
+    opts = gloo._Options()
+    ifnames = os.environ.get("GLOO_SOCKET_IFNAME", "")
+    if len(ifnames) > 1:  # torch's rule in its timeout constructor
+        opts._devices = [gloo.create_device(interface=name) for name in ifnames.split(",")]
+    else:
+        opts._devices = [gloo.create_default_device()]
+    opts._timeout = timeout
+    opts._threads = 1
+    return opts
 
 
 def clear_dtensor_caches() -> None:

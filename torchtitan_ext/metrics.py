@@ -208,9 +208,11 @@ class MetricsLogger:
         """Open the outputs and start timing for a run that continues after ``step`` (0 for a
         fresh start); call once, after the checkpoint is loaded and before the first record.
 
-        Each step is recorded once: records of later steps (left by an earlier attempt that
-        crashed or diverged after the checkpoint this run resumed from) are moved from
-        ``metrics.jsonl`` to ``metrics_superseded.jsonl`` (appended, after a line
+        Each record is written once: records of later steps (left by an earlier attempt that
+        crashed or diverged after the checkpoint this run resumed from), and a curriculum
+        ``"start"`` boundary at ``step`` itself (a stage entered from that checkpoint, which
+        this run enters again and records anew), are moved from ``metrics.jsonl`` to
+        ``metrics_superseded.jsonl`` (appended, after a line
         ``{"superseded_at_resume_from": step}``; those of ``param_stats.jsonl`` to
         ``param_stats_superseded.jsonl``), and tensorboard hides its events from ``step + 1``
         on (``SummaryWriter(purge_step=...)``).
@@ -385,8 +387,9 @@ class MetricsLogger:
 
 
 def _supersede_after(path: str, step: int, superseded_path: str) -> None:
-    """Move the records of ``path`` (JSON lines) whose ``step`` is after ``step`` to
-    ``superseded_path``; the kept ones are rewritten atomically (temp file + rename)."""
+    """Move the records of ``path`` (JSON lines) that come after resuming from the checkpoint
+    of ``step`` (``_after_resume``) to ``superseded_path``; the kept ones are rewritten
+    atomically (temp file + rename)."""
     if not os.path.isfile(path):
         return
     with open(path) as f:
@@ -397,7 +400,7 @@ def _supersede_after(path: str, step: int, superseded_path: str) -> None:
     for line in lines:
         line = line if line.endswith("\n") else line + "\n"
         try:
-            drop = int(json.loads(line).get("step", 0)) > step
+            drop = _after_resume(json.loads(line), step)
         except (ValueError, AttributeError, TypeError):
             drop = True  # a torn last line of a crashed run
         (later if drop else keep).append(line)
@@ -414,6 +417,15 @@ def _supersede_after(path: str, step: int, superseded_path: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _after_resume(record: dict[str, Any], step: int) -> bool:
+    """Whether a record of ``metrics.jsonl`` or ``param_stats.jsonl`` comes after the
+    checkpoint of ``step`` was written: a later step's, or the ``"start"`` boundary of the
+    stage entered from that checkpoint (its ``"end"`` boundary, train and val records come
+    before the save)."""
+    at = int(record.get("step", 0))
+    return at > step or (at == step and record.get("event") == "start")
 
 
 class _Colors:

@@ -656,7 +656,11 @@ class Trainer:
             loss, grad_norm, updated = self.train_step(microbatches)
             if step == start + 1:
                 self._set_train_timeout()
-            self._guard_nonfinite(step, updated, float(grad_norm.item()))
+            diverged: TrainingDiverged | None = None
+            try:
+                self._guard_nonfinite(step, updated, float(grad_norm.item()))
+            except TrainingDiverged as e:
+                diverged = e  # raised once the step that stops the run is recorded
             self.train_state.step = step
             step_tokens = self.dataloader.global_batch_size * cfg.training.seq_len
             self.train_state.tokens_seen += step_tokens
@@ -667,7 +671,7 @@ class Trainer:
             )
             last = step == end
             # The first step of the run and of every (re)start: a stage's first loss shows.
-            if step == start + 1 or step % cfg.metrics.log_freq == 0 or last:
+            if step == start + 1 or step % cfg.metrics.log_freq == 0 or last or diverged:
                 records.append(
                     self.metrics.log(
                         step,
@@ -685,6 +689,8 @@ class Trainer:
                     )
                 )
                 tokens_since_log = 0
+            if diverged is not None:
+                raise diverged
             val_sec = 0.0
             if self.val_windows is not None and (step % cfg.validation.freq == 0 or last):
                 t_val = time.perf_counter()

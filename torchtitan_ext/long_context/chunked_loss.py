@@ -127,20 +127,39 @@ class _GradientInForward(torch.autograd.Function):
         w = weight.detach().requires_grad_()
         total: torch.Tensor | None = None
         grad_w: torch.Tensor | None = None
-        grad_h: list[torch.Tensor] = []
+        # d(loss)/d(hidden), written chunk by chunk into one (B x S, dim) buffer: holding the
+        # chunks and concatenating them would need the whole gradient twice at the end.
+        grad_h: torch.Tensor | None = None
+        d_h: torch.Tensor | None = None
         for start in range(0, h.shape[0], n):
             h_chunk = h[start : start + n].detach().requires_grad_()
             with torch.enable_grad():
                 part = loss._chunk_loss(h_chunk, w, y[start : start + n])
             d_h, d_w = torch.autograd.grad(part, (h_chunk, w))
-            grad_h.append(d_h)
+            d_local = _local_values(d_h)
+            if grad_h is None:
+                grad_h = d_local.new_empty((h.shape[0], *d_local.shape[1:]))
+            grad_h[start : start + n].copy_(d_local)
             grad_w = d_w.float() if grad_w is None else grad_w + d_w
             total = part.detach() if total is None else total + part.detach()
-        assert total is not None and grad_w is not None, "empty batch"
-        ctx.save_for_backward(torch.cat(grad_h).view_as(hidden), grad_w.to(weight.dtype))
+        assert total is not None and grad_w is not None and grad_h is not None, "empty batch"
+        if isinstance(d_h, DTensor):  # every chunk's gradient has the same placements
+            grad_h = DTensor.from_local(grad_h, d_h.device_mesh, d_h.placements, run_check=False)
+        ctx.save_for_backward(grad_h.view_as(hidden), grad_w.to(weight.dtype))
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out, grad_w * grad_out, None, None
+
+
+def _local_values(grad: torch.Tensor) -> torch.Tensor:
+    """A chunk's hidden-state gradient as a plain tensor: under TP its local values (the
+    chunk's rows in full: the hidden states are replicated over the tp mesh, and their
+    gradient is Replicate or a Partial sum over the vocab shards, never sharded)."""
+    if not isinstance(grad, DTensor):
+        return grad
+    if any(p.is_shard() for p in grad.placements):
+        raise AssertionError(f"sharded hidden-state gradient: {grad.placements}")
+    return grad.to_local()

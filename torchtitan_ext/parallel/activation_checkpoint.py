@@ -1,6 +1,7 @@
 """Activation checkpointing: TorchTitan 0.2.2's ``apply_ac`` with a CPU-aware op save list, and
 activation offload of the checkpointed block inputs to host memory (``OffloadedBlock``)."""
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Activati
 from torchtitan.distributed.activation_checkpoint import apply_ac as titan_apply_ac
 
 from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.long_context.tiled_mlp import TiledFeedForward
 from torchtitan_ext.rules import RecipeCheck, Rule
 
 # Ops whose outputs selective op-level AC saves instead of recomputing: matmuls and the
@@ -35,7 +37,14 @@ def apply_ac(model: nn.Module, ac_config: Any, compile_enabled: bool, dump_folde
             outputs of ``OP_SAC_SAVE_LIST``, recompute the rest).
         compile_enabled: whether blocks will be compiled (TorchTitan adapts its wrappers).
         dump_folder: job dump folder (TorchTitan writes memory-budget plots there).
+
+    With full AC of blocks whose feed-forward is tiled (``long_context.tiled_mlp``), the
+    checkpoint's early stop is on (``early_stop``; TorchTitan's default is off): the block's
+    recompute then ends at the feed-forward's saved input instead of running its tiles, which
+    recompute in their own backward, so the feed-forward runs twice per step, not three times.
     """
+    if ac_config.mode == "full" and any(isinstance(m, TiledFeedForward) for m in model.modules()):
+        ac_config = dataclasses.replace(ac_config, early_stop=True)
     titan_apply_ac(
         model,
         ac_config,
