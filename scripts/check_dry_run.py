@@ -2,7 +2,7 @@
 each rank sends per optimizer step (by kind: fsdp, dp_replicate, tp, cp, pp), counted from the
 collectives torch actually dispatches, and the activation bytes autograd saves for one
 microbatch, each next to ``torchtitan_ext.tools.dry_run``'s estimate for the same rank; and
-the peak of live tensor bytes during step 3 (``dry_run.measure_peak``: parameters, gradients,
+the peak of live tensor bytes during step 3 (``measure.measure_peak``: parameters, gradients,
 AdamW state and everything the step allocates) next to the memory estimate auto mesh plans
 with (``RankPlan.total_bytes``: the same plus the estimated activation peak).
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from torchtitan_ext.config.manager import load_config  # noqa: E402
 from torchtitan_ext.distributed import launch_env, run_and_exit, torchrun_command  # noqa: E402
-from torchtitan_ext.tools.dry_run import COMM_KINDS  # noqa: E402
+from torchtitan_ext.tools.comm_estimate import COMM_KINDS  # noqa: E402
 from torchtitan_ext.tools.parity import (  # noqa: E402
     base_args,
     first_error_line,
@@ -61,17 +61,15 @@ def _worker(payload: Path) -> int:
 
     from torchtitan_ext.distributed import RankInfo, init_distributed
     from torchtitan_ext.models import build_model_on_meta
-    from torchtitan_ext.tools.dry_run import (
+    from torchtitan_ext.tools.comm_estimate import cp_node_split
+    from torchtitan_ext.tools.dry_run import estimate
+    from torchtitan_ext.tools.measure import (
         CommCounter,
-        ModelDims,
-        cp_node_split,
-        estimate,
         group_labels,
-        local_numel_bytes,
         measure_peak,
         saved_activations,
-        work_of,
     )
+    from torchtitan_ext.tools.memory_estimate import ModelDims, local_numel_bytes, work_of
     from torchtitan_ext.trainer import Trainer, prepare, setup_logging
 
     job: dict[str, Any] = json.loads(payload.read_text())

@@ -11,8 +11,9 @@ recipe overrides (--section.key value), as for train.py. --nproc is accepted for
 
 Parameters, gradients and optimizer state come from the rank's actual DTensor shards;
 activations and the bytes sent per step by each kind of traffic are estimates (formulas and
-sources in ``tools.dry_run.activation_estimate`` and ``comm_estimate``; checked against
-real runs by ``scripts/check_dry_run.py``).
+sources in ``tools.memory_estimate.activation_estimate`` and
+``tools.comm_estimate.comm_estimate``; checked against real runs by
+``scripts/check_dry_run.py``).
 """
 
 import argparse

@@ -440,7 +440,7 @@ def dry_run_sweep(
 
 def plan_table(rows: list[PlanRow], budget_gib: float) -> str:
     """Markdown table of a dry-run sweep, best shape marked."""
-    from torchtitan_ext.tools.dry_run import COMM_KINDS
+    from torchtitan_ext.tools.comm_estimate import COMM_KINDS
 
     lines = [
         f"| shape | order | memory GiB/device | fits {budget_gib:g} GiB | comm GiB/step/rank "

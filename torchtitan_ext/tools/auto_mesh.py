@@ -14,9 +14,9 @@ GPU's memory less a headroom) are ranked by the estimated time per token, the st
     + communication: for each kind of traffic (FSDP, dp_replicate, TP, CP, PP) the busiest
       rank's bytes over the intra-node link (``auto_mesh_intra_node_gbps``), or over the
       inter-node link (``auto_mesh_inter_node_gbps``) when the kind's group spans nodes of
-      ``auto_mesh_ranks_per_node`` ranks (CP: its measured-model split, ``cp_node_split``),
-      plus its collective calls (``dry_run.collective_counts``) times
-      ``auto_mesh_collective_latency_us``,
+      ``auto_mesh_ranks_per_node`` ranks (CP: its measured-model split,
+      ``comm_estimate.cp_node_split``), plus its collective calls
+      (``comm_estimate.collective_counts``) times ``auto_mesh_collective_latency_us``,
 
 no overlap assumed (an upper bound; the ranking is what matters), over the tokens per step.
 Every candidate trains the same batch (``stage_batch``: the planner changes the mesh, never a
