@@ -175,6 +175,15 @@ def test_auto_mesh_weighs_traffic_that_crosses_nodes(tmp_path):
         assert e.comm_calls > 0
         assert e.comm_sec == pytest.approx(intra + e.inter_node_gib * gib / 1e9 + calls, rel=1e-6)
     assert slow[0].step_sec == min(e.step_sec for e in slow)
+    # The claim itself: the mesh chosen on one node would send across 2-rank nodes, and the
+    # planner that sees those nodes picks one that sends less across them (one that ignored
+    # the nodes would pick the same mesh, and fail here).
+    single_node_choice = next(e for e in slow if e.label == one[0].label)
+    assert single_node_choice.inter_node_gib > 0
+    assert slow[0].inter_node_gib < single_node_choice.inter_node_gib, (
+        slow[0].label,
+        single_node_choice.label,
+    )
 
 
 def _stage(seq_len: int, steps: int, cp: int, more: str = "") -> str:
