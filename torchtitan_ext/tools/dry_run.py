@@ -31,7 +31,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import set_default_dtype
 
 from torchtitan_ext.models import build_model_on_meta
-from torchtitan_ext.parallel import cp_patterns
+from torchtitan_ext.parallel import cp_comm, cp_patterns
 from torchtitan_ext.parallel.pipeline import pipeline_split, plan_pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
@@ -219,7 +219,7 @@ def cp_buffer_bytes(cfg: Any, dims: ParallelDims, m: ModelDims, w: Work) -> int:
       cp·2·kv·e (``allgather`` rotation; ``alltoall``: the block in hand and the next,
       2·2·kv·e), again in backward, where the fp32 dK/dV travel around the ring (held, sent and
       received: 3·2·kv·4) and dq accumulates in fp32 (q·4); forward merges in fp32 (q·4).
-    - ulysses over u ranks (``cp_patterns._ulysses_*``): K/V replicated to the query heads
+    - ulysses over u ranks (``cp_ulysses._ulysses_*``): K/V replicated to the query heads
       when u does not divide the kv heads (GQA: kv becomes q), and per all-to-all its send
       buffer, receive buffer and the rearranged copies, three of each exchanged tensor: in
       backward q, k, v, out, dout and the fp32 logsumexp in, dq, dk, dv out.
@@ -253,7 +253,7 @@ def cp_buffer_bytes(cfg: Any, dims: ParallelDims, m: ModelDims, w: Work) -> int:
     u = pattern.inner
     kv_heads = m.kv_dim // (m.dim // m.n_heads) // dims.tp
     if kv_heads % u != 0:
-        kv = q  # K/V replicated to the query heads (cp_patterns._replicate_kv)
+        kv = q  # K/V replicated to the query heads (cp_ulysses._replicate_kv)
     backward_in = (3 * q + 2 * kv) * e + lse
     backward_out = (q + 2 * kv) * e
     return 3 * (backward_in + backward_out) + ring(pattern.outer, kv)
@@ -287,7 +287,7 @@ def comm_estimate(
       plus the embedding's reduce-scatter and the output's all-gather (each with its backward);
       AC "full" repeats the forward ones.
     - CP (``cp_attention_transfers``): per block and microbatch, what the recipe's
-      ``context_parallel_pattern`` sends (``cp_patterns.attention_comm``; the ring: the rank's
+      ``context_parallel_pattern`` sends (``cp_comm.attention_comm``; the ring: the rank's
       K and V, 2·s·b·kv/tp elements, go to every other rank in forward and again in backward,
       and their fp32 gradient makes cp hops); AC "full" repeats the forward.
     - PP: per microbatch, each stage that is not the last sends its output (s·b·h/tp
@@ -385,14 +385,14 @@ def collective_counts(
 
 def cp_attention_transfers(
     cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, cp_index: int
-) -> tuple[list[cp_patterns.Transfer], list[cp_patterns.Transfer]]:
+) -> tuple[list[cp_comm.Transfer], list[cp_comm.Transfer]]:
     """One attention forward's and backward's CP traffic for the rank at ``cp_index``
-    (``cp_patterns.attention_comm`` with this recipe's pattern, sizes and dtype)."""
+    (``cp_comm.attention_comm`` with this recipe's pattern, sizes and dtype)."""
     p = cfg.parallelism
     pattern = cp_patterns.recipe_pattern(p, dims.cp)
     head_dim = m.dim // m.n_heads
     tokens = w.s * w.b
-    return cp_patterns.attention_comm(
+    return cp_comm.attention_comm(
         pattern, cp_index,
         q_elems=tokens * m.dim // dims.tp,
         kv_elems=tokens * m.kv_dim // dims.tp,
@@ -410,7 +410,7 @@ def cp_node_split(
 ) -> tuple[int, int]:  # fmt: skip
     """(intra-node, inter-node) bytes of the CP traffic per optimizer step (``comm_estimate``'s
     "cp") for the rank at ``cp_index`` of the cp group holding global ranks ``cp_ranks``, with
-    ``ranks_per_node`` consecutive global ranks per node (``cp_patterns.split_by_node``)."""
+    ``ranks_per_node`` consecutive global ranks per node (``cp_comm.split_by_node``)."""
     if dims.cp == 1:
         return 0, 0
     p = cfg.parallelism
@@ -418,7 +418,7 @@ def cp_node_split(
     fwd, bwd = cp_attention_transfers(cfg, dims, m, w, cp_index)
     full_ac = cfg.activation_checkpoint.mode == "full"
     transfers = fwd * (2 if full_ac else 1) + bwd
-    intra, inter = cp_patterns.split_by_node(transfers, pattern, cp_index, cp_ranks, ranks_per_node)
+    intra, inter = cp_comm.split_by_node(transfers, pattern, cp_index, cp_ranks, ranks_per_node)
     calls = n_layers_here * w.microbatches
     return calls * intra, calls * inter
 
@@ -655,7 +655,7 @@ class CommCounter(TorchDispatchMode):
         ranks_per_node: if > 0, also split the "cp" bytes by destination into ``cp_intra`` /
             ``cp_inter`` (node = global rank // ranks_per_node; an all-gather's bytes spread
             evenly over the group's other ranks, an all-to-all's go where its splits say),
-            as ``cp_patterns.split_by_node`` models them.
+            as ``cp_comm.split_by_node`` models them.
     """
 
     C10D_ORDER = ("fsdp", "dp_replicate", "pp", "tp", "cp")
