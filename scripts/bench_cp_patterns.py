@@ -5,7 +5,7 @@ ulysses, hybrid with Ulysses degree 2 [and 4], double ring with inner ring 2 [an
 parity recipe (``debugmodel_cpu_deep``, fp32) trains a few steps; per rank, the CP bytes sent
 in one step, counted from the collectives torch dispatches and split by destination node for
 ``--ranks-per-node`` consecutive ranks per node, against the dry run's estimate
-(``cp_patterns.attention_comm``), and the median step time. Exit status 1 if any estimate is
+(``cp_comm.attention_comm``), and the median step time. Exit status 1 if any estimate is
 off by more than 1%.
 
 Part 2 (modelled, no run): the 8B Llama 3 (dim 4096, 32 heads, 8 kv heads) at 128K, 512K and 1M
@@ -40,12 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from torchtitan_ext.parallel.cp_patterns import (  # noqa: E402
-    CPPattern,
-    attention_comm,
-    make_pattern,
-    split_by_node,
-)
+from torchtitan_ext.parallel.cp_comm import attention_comm, split_by_node  # noqa: E402
+from torchtitan_ext.parallel.cp_patterns import CPPattern, make_pattern  # noqa: E402
 from torchtitan_ext.tools.parity import parse_shape, pattern_options  # noqa: E402
 
 MEASURED = {cp: [f"cp{cp}+{o}" if o else f"cp{cp}" for o in pattern_options(cp)] for cp in (4, 8)}

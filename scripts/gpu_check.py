@@ -18,13 +18,14 @@ The checks (``CHECKS``; to add one, write a function ``(args) -> list[Row]`` and
   sequence length that is a multiple of 32 and one that is not (the efficient kernel pads its
   LSE to a multiple of 32; cuDNN returns (B, H, S, 1); flash (B, H, S)). Each LSE is compared
   with an fp32 reference, then passed through what the CP patterns do with it
-  (``torchtitan_ext.parallel.cp_patterns``): ``check_kernel_lse``, the Ulysses / hybrid
-  exchange of the LSE (``LseLayout``, ``_lse_to_seq`` and ``_lse_to_heads``, with u = 2 and 4
+  (``torchtitan_ext.parallel.cp_ulysses``): ``check_kernel_lse``, the Ulysses / hybrid
+  exchange of the LSE (``cp_lse.LseLayout``, ``_lse_to_seq`` and ``_lse_to_heads``, with u = 2 and 4
   ranks played by threads in memory, head-tail ordered), which must give the kernel's own
   tensor back bit for bit, padding included; the double ring's merge of two key blocks with
   torch's ``_SDPAMerger``
   (whole queries, and the second half of the queries as ``_double_ring_forward`` does for a
-  later group), and ``_halve`` of the LSE as ``_double_ring_backward`` does.
+  later group), and ``_halve`` of the LSE as ``_double_ring_backward`` does
+  (``cp_double_ring``).
 - ``long_context_memory``: ``docs/long_context.md``'s memory question on the 1.2B flavor
   (``train_configs/llama3_1b_long_context_1gpu.toml``, bf16, full AC, no compile): step
   memory at two lengths with the features off, with chunked loss + tiled MLP, and with
@@ -187,7 +188,7 @@ def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs) -> list[Row]:
     from torch.distributed.tensor.experimental._context_parallel._attention import _SDPAMerger
     from torch.nn.attention import sdpa_kernel
 
-    from torchtitan_ext.parallel import cp_patterns
+    from torchtitan_ext.parallel import cp_double_ring, cp_ulysses
 
     name, case, s, n = "lse_layouts", f"{kernel} S={t.s}", t.s, t.half
     try:
@@ -208,7 +209,7 @@ def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs) -> list[Row]:
     def ulysses_exchange(u: int) -> Row:
         check = f"{case}: check_kernel_lse, Ulysses u={u}"
         try:
-            err = cp_patterns.check_kernel_lse(
+            err = cp_ulysses.check_kernel_lse(
                 lambda q, k, v, is_causal: op(q, k, v, is_causal), t.q, t.k, t.v,
                 ulysses_degree=u, is_causal=True,
             )  # fmt: skip
@@ -237,7 +238,7 @@ def _kernel_rows(kernel: str, backend: Any, op: Any, t: _Inputs) -> list[Row]:
         return _flat(*merger.results(), s), _flat(want_out, want_lse, s)
 
     def halved() -> tuple[Any, Any]:
-        return _as_bhs(cp_patterns._halve(lse, 2, True), s - n), t.ref[1][:, :, n:]
+        return _as_bhs(cp_double_ring._halve(lse, 2, True), s - n), t.ref[1][:, :, n:]
 
     rows.append(_compare(name, f"{case}: out, LSE vs fp32", vs_reference, 2e-2))
     rows.append(_compare(name, f"{case}: sdpa_kernel = aten op", via_sdpa_kernel, 1e-3))
@@ -427,7 +428,7 @@ def check_tokens_per_s(a: argparse.Namespace) -> list[Row]:
 CHECKS: dict[str, Check] = {
     c.name: c
     for c in (
-        Check("lse_layouts", "flash / efficient / cuDNN LSE through cp_patterns' LSE handling",
+        Check("lse_layouts", "flash / efficient / cuDNN LSE through the CP patterns' LSE handling",
               0.5, check_lse_layouts),
         Check("long_context_memory", "docs/long_context.md's memory table, 1.2B flavor", 3.5,
               check_long_context_memory),

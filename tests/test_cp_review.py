@@ -368,16 +368,16 @@ def test_cp_compile_pattern_parity_and_executions(review):
 
 def test_cp_lse_layout_check_kernel_lse():
     """[lse_layout] The one-device check a GPU script runs on real kernels
-    (``cp_patterns.check_kernel_lse``), here on the CPU op and the emulated layouts: every
+    (``cp_ulysses.check_kernel_lse``), here on the CPU op and the emulated layouts: every
     layout goes through the Ulysses exchange code and back unchanged; an unknown layout is one
     clear error."""
-    from torchtitan_ext.parallel import cp_patterns
+    from torchtitan_ext.parallel import cp_ulysses
 
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 24, 8, generator=gen) for _ in range(3))
     for backend in _META_FWD:
         for u, causal in ((2, True), (4, True), (2, False)):
-            err = cp_patterns.check_kernel_lse(
+            err = cp_ulysses.check_kernel_lse(
                 _EmulatedKernel(backend).forward, q, k, v, ulysses_degree=u, is_causal=causal
             )
             assert err < 1e-5, (backend, u, causal, err)
@@ -386,4 +386,4 @@ def test_cp_lse_layout_check_kernel_lse():
         return query, torch.zeros(2, 4, 25)
 
     with pytest.raises(RuntimeError, match=r"unknown logsumexp layout \(2, 4, 25\) for 24"):
-        cp_patterns.check_kernel_lse(odd_kernel, q, k, v)
+        cp_ulysses.check_kernel_lse(odd_kernel, q, k, v)

@@ -21,7 +21,7 @@ GPU's memory less a headroom) are ranked by the estimated time per token, the st
 no overlap assumed (an upper bound; the ranking is what matters), over the tokens per step.
 Every candidate trains the same batch (``stage_batch``: the planner changes the mesh, never a
 hyperparameter), so this orders them as their step times do. Ties go to the smaller CP
-degree. The same model as ``cp_patterns.attention_comm``'s modelled table and
+degree. The same model as ``cp_comm.attention_comm``'s modelled table and
 ``ablate_mesh.py --dry-run``; its assumptions are the keys above.
 
 Deterministic and collective-free (the fake process group is this process's alone), so every

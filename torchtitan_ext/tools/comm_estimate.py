@@ -5,7 +5,7 @@ Volumes are counted as bandwidth-optimal ring algorithms move them (an all-gathe
 reduce-scatter of X bytes over n ranks sends (n-1)/n·X per rank, an all-reduce 2·(n-1)/n·X):
 FSDP2's all-gathers and reduce-scatters (torch's ``fully_shard``; ZeRO-3, Rajbhandari et al.
 2020), the HSDP all-reduce, TP with sequence parallel (Korthikanti et al. 2022, arXiv
-2205.05198), the recipe's CP pattern (``parallel.cp_patterns.attention_comm``, its
+2205.05198), the recipe's CP pattern (``parallel.cp_comm.attention_comm``, its
 ``split_by_node`` for the inter-node part) and the pipeline's point-to-point sends
 (``torch.distributed.pipelining`` schedules). ``collective_counts`` counts the calls the same
 way, for ``auto_mesh``'s per-call latency term.
@@ -18,7 +18,7 @@ from typing import Any
 
 from torchtitan.config import TORCH_DTYPE_MAP
 
-from torchtitan_ext.parallel import cp_patterns
+from torchtitan_ext.parallel import cp_comm, cp_patterns
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.tools.memory_estimate import ModelDims, Work
 
@@ -50,7 +50,7 @@ def comm_estimate(
       plus the embedding's reduce-scatter and the output's all-gather (each with its backward);
       AC "full" repeats the forward ones.
     - CP (``cp_attention_transfers``): per block and microbatch, what the recipe's
-      ``context_parallel_pattern`` sends (``cp_patterns.attention_comm``; the ring: the rank's
+      ``context_parallel_pattern`` sends (``cp_comm.attention_comm``; the ring: the rank's
       K and V, 2·s·b·kv/tp elements, go to every other rank in forward and again in backward,
       and their fp32 gradient makes cp hops); AC "full" repeats the forward.
     - PP: per microbatch, each stage that is not the last sends its output (s·b·h/tp
@@ -148,14 +148,14 @@ def collective_counts(
 
 def cp_attention_transfers(
     cfg: Any, dims: ParallelDims, m: ModelDims, w: Work, cp_index: int
-) -> tuple[list[cp_patterns.Transfer], list[cp_patterns.Transfer]]:
+) -> tuple[list[cp_comm.Transfer], list[cp_comm.Transfer]]:
     """One attention forward's and backward's CP traffic for the rank at ``cp_index``
-    (``cp_patterns.attention_comm`` with this recipe's pattern, sizes and dtype)."""
+    (``cp_comm.attention_comm`` with this recipe's pattern, sizes and dtype)."""
     p = cfg.parallelism
     pattern = cp_patterns.recipe_pattern(p, dims.cp)
     head_dim = m.dim // m.n_heads
     tokens = w.s * w.b
-    return cp_patterns.attention_comm(
+    return cp_comm.attention_comm(
         pattern, cp_index,
         q_elems=tokens * m.dim // dims.tp,
         kv_elems=tokens * m.kv_dim // dims.tp,
@@ -173,7 +173,7 @@ def cp_node_split(
 ) -> tuple[int, int]:  # fmt: skip
     """(intra-node, inter-node) bytes of the CP traffic per optimizer step (``comm_estimate``'s
     "cp") for the rank at ``cp_index`` of the cp group holding global ranks ``cp_ranks``, with
-    ``ranks_per_node`` consecutive global ranks per node (``cp_patterns.split_by_node``)."""
+    ``ranks_per_node`` consecutive global ranks per node (``cp_comm.split_by_node``)."""
     if dims.cp == 1:
         return 0, 0
     p = cfg.parallelism
@@ -181,6 +181,6 @@ def cp_node_split(
     fwd, bwd = cp_attention_transfers(cfg, dims, m, w, cp_index)
     full_ac = cfg.activation_checkpoint.mode == "full"
     transfers = fwd * (2 if full_ac else 1) + bwd
-    intra, inter = cp_patterns.split_by_node(transfers, pattern, cp_index, cp_ranks, ranks_per_node)
+    intra, inter = cp_comm.split_by_node(transfers, pattern, cp_index, cp_ranks, ranks_per_node)
     calls = n_layers_here * w.microbatches
     return calls * intra, calls * inter

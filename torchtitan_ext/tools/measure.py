@@ -67,7 +67,7 @@ class CommCounter(TorchDispatchMode):
         ranks_per_node: if > 0, also split the "cp" bytes by destination into ``cp_intra`` /
             ``cp_inter`` (node = global rank // ranks_per_node; an all-gather's bytes spread
             evenly over the group's other ranks, an all-to-all's go where its splits say),
-            as ``cp_patterns.split_by_node`` models them.
+            as ``cp_comm.split_by_node`` models them.
     """
 
     C10D_ORDER = ("fsdp", "dp_replicate", "pp", "tp", "cp")

@@ -207,7 +207,7 @@ def cp_buffer_bytes(cfg: Any, dims: ParallelDims, m: ModelDims, w: Work) -> int:
       cp·2·kv·e (``allgather`` rotation; ``alltoall``: the block in hand and the next,
       2·2·kv·e), again in backward, where the fp32 dK/dV travel around the ring (held, sent and
       received: 3·2·kv·4) and dq accumulates in fp32 (q·4); forward merges in fp32 (q·4).
-    - ulysses over u ranks (``cp_patterns._ulysses_*``): K/V replicated to the query heads
+    - ulysses over u ranks (``cp_ulysses._ulysses_*``): K/V replicated to the query heads
       when u does not divide the kv heads (GQA: kv becomes q), and per all-to-all its send
       buffer, receive buffer and the rearranged copies, three of each exchanged tensor: in
       backward q, k, v, out, dout and the fp32 logsumexp in, dq, dk, dv out.
@@ -241,7 +241,7 @@ def cp_buffer_bytes(cfg: Any, dims: ParallelDims, m: ModelDims, w: Work) -> int:
     u = pattern.inner
     kv_heads = m.kv_dim // (m.dim // m.n_heads) // dims.tp
     if kv_heads % u != 0:
-        kv = q  # K/V replicated to the query heads (cp_patterns._replicate_kv)
+        kv = q  # K/V replicated to the query heads (cp_ulysses._replicate_kv)
     backward_in = (3 * q + 2 * kv) * e + lse
     backward_out = (q + 2 * kv) * e
     return 3 * (backward_in + backward_out) + ring(pattern.outer, kv)
