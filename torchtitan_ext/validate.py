@@ -37,6 +37,7 @@ from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import (
     activation_checkpoint,
     context_parallel,
+    cp_patterns,
     cpu_ring_attention,
     pipeline,
 )
@@ -71,13 +72,6 @@ def _seq_lens(c: RecipeCheck) -> None:
     _check_seq_len(c.cfg, "training.seq_len", c.cfg.training.seq_len, tp, cp)
     if c.cfg.validation.enable:
         _check_seq_len(c.cfg, "validation.seq_len", c.cfg.validation.seq_len, tp, cp)
-
-
-def _cp_pattern(c: RecipeCheck) -> None:
-    from torchtitan_ext.parallel.cp_patterns import check_recipe_pattern
-
-    p = c.cfg.parallelism
-    check_recipe_pattern(c.cfg, c.model_args, p.tensor_parallel_degree, p.context_parallel_degree)
 
 
 def _validation_fraction(c: RecipeCheck) -> None:
@@ -231,13 +225,7 @@ RULES: tuple[Rule, ...] = (
         _seq_lens,
         _HERE,
     ),
-    Rule(
-        "recipe",
-        ("parallelism.context_parallel_pattern", "parallelism.context_parallel_*_degree"),
-        "a known CP pattern whose degrees divide cp and the heads per TP rank",
-        _cp_pattern,
-        "parallel.cp_patterns.check_recipe_pattern",
-    ),
+    *cp_patterns.RULES,
     *context_parallel.RULES,
     *long_context.RULES,
     *pipeline.RULES,

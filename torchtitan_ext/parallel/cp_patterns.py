@@ -57,6 +57,7 @@ from torchtitan_ext.parallel import cpu_ring_attention
 from torchtitan_ext.parallel.cp_double_ring import _double_ring_backward, _double_ring_forward
 from torchtitan_ext.parallel.cp_groups import CPPattern, _Bwd, _Groups
 from torchtitan_ext.parallel.cp_ulysses import _ulysses_backward, _ulysses_forward
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 PATTERNS = ("ring", "ulysses", "double_ring", "hybrid")
 """Values of ``parallelism.context_parallel_pattern``."""
@@ -316,3 +317,21 @@ def check_recipe_pattern(cfg: Any, model_args: Any, tp: int, cp: int) -> None:
             f"needs torch {', '.join(cpu_ring_attention.SUPPORTED_TORCH)}.x (it wraps torch's "
             f"private ring attention); found torch {__import__('torch').__version__}. Use 'ring'",
         )
+
+
+def _cp_pattern(c: RecipeCheck) -> None:
+    p = c.cfg.parallelism
+    check_recipe_pattern(c.cfg, c.model_args, p.tensor_parallel_degree, p.context_parallel_degree)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("parallelism.context_parallel_pattern", "parallelism.context_parallel_*_degree"),
+        "a known CP pattern whose degrees divide cp and the heads per TP rank",
+        _cp_pattern,
+        "parallel.cp_patterns",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""
