@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from torchtitan_ext.checkpoint import file_digest, verify_manifest, write_manifest
+from torchtitan_ext.checkpoint.storage import file_digest, verify_manifest, write_manifest
 from torchtitan_ext.distributed import init_distributed
 
 

@@ -35,7 +35,8 @@ class Box:
 
 
 def checkpointer(dump: str, numel: int = 8, **overrides: Any) -> Any:
-    from torchtitan_ext.checkpoint import STATE_KEYS, Checkpointer
+    from torchtitan_ext.checkpoint import Checkpointer
+    from torchtitan_ext.checkpoint.storage import STATE_KEYS
 
     c = {
         "enable": True, "folder": "checkpoint", "interval": 1, "keep_latest_k": 0,
@@ -97,7 +98,7 @@ def _publish_errors(rank: int, world: int, dump: str, out: str) -> None:
     import contextlib
     from unittest import mock
 
-    import torchtitan_ext.checkpoint as ckmod
+    import torchtitan_ext.checkpoint.checkpointer as ckmod
     from torchtitan_ext.checkpoint import CheckpointError
 
     short_timeout()
@@ -170,7 +171,8 @@ def small_tmpfs(tmp_path):
 
 
 def _disk_full(rank: int, world: int, dump: str, out: str) -> None:
-    from torchtitan_ext.checkpoint import CheckpointError, verify_manifest
+    from torchtitan_ext.checkpoint import CheckpointError
+    from torchtitan_ext.checkpoint.storage import verify_manifest
 
     short_timeout()
     numel = 2**18  # 1 MiB of float32

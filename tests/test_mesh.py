@@ -71,14 +71,14 @@ def _mesh_checks(rank: int, world_size: int) -> None:
 
 
 def _reshard_checks(rank: int, world_size: int) -> None:
-    """``checkpoint.reshard_like`` (a curriculum's in-memory re-mesh): a shard whose layout
+    """``checkpoint.reshard.reshard_like`` (a curriculum's in-memory re-mesh): a shard whose layout
     is unchanged (FSDP over dp_shard 2 x cp 2, then over dp_shard 4: the same 4 ranks in the
     same order) is shared; one whose layout changes (FSDP over 4 ranks to HSDP 2 x 2, and an
     unevenly sharded (5, 3) tensor to Shard(1) over 2 x 2) arrives with the same values."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    from torchtitan_ext.checkpoint import reshard_like
+    from torchtitan_ext.checkpoint.reshard import reshard_like
 
     torch.manual_seed(0)
     full = torch.randn(5, 3)
