@@ -490,8 +490,9 @@ rope_theta = 100000
 def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     """1 rank, 2 stages of 3 steps. A roll-back into stage 1 (load_step 4, with step-6 on
     disk) trains steps 5-6 again, exactly, and keep_latest_k keeps what it wrote;
-    exclude_from_loading applies to where a run starts, never to the hand-off between stages
-    (which once restarted the LR warmup and the data at stage 1)."""
+    exclude_from_loading and load_step apply to where a run starts, never to the hand-off
+    between stages (which once restarted the LR warmup and the data at stage 1), also when the
+    hand-off loads the boundary checkpoint from disk."""
     from tests.conftest import read_metrics, train_single
 
     path = recipe(tmp_path, TWO_STAGES)
@@ -517,9 +518,25 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
     ckpts = sorted(p.name for p in (rolled / "checkpoint").iterdir())
     assert ckpts == ["step-4", "step-6", "step-6.superseded"], ckpts
+    # Both hand-off checks in disk mode (switch_in_memory = false), where the hand-off loads the
+    # boundary checkpoint and so could wrongly apply them; an in-memory switch loads nothing.
     excluded = tmp_path / "excluded"
-    train_single(args(excluded, "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler"))
+    train_single(
+        args(
+            excluded,
+            "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler",
+            "--curriculum.no-switch-in-memory",
+        )
+    )  # fmt: skip
     assert losses(excluded) == losses(full)
+    # A roll-back into stage 0 (load_step 2): the hand-off at step 3 loads the boundary
+    # checkpoint just written, not load_step's.
+    rolled_disk = tmp_path / "rolled-disk"
+    shutil.copytree(full / "checkpoint" / "step-2", rolled_disk / "checkpoint" / "step-2")
+    train_single(
+        args(rolled_disk, "--checkpoint.load_step", "2", "--curriculum.no-switch-in-memory")
+    )
+    assert losses(rolled_disk) == {k: v for k, v in losses(full).items() if k > 2}
     # The same-mesh switch happened in memory; reloading the boundary checkpoint instead gives
     # the same run bit for bit.
     assert "stage 1 of 0..1: steps 4-6," in full_log

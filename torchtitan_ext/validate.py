@@ -32,6 +32,7 @@ every rule.
 from typing import TYPE_CHECKING, Any
 
 from torchtitan_ext import curriculum, distributed, long_context, parallel_dims
+from torchtitan_ext.checkpoint import storage as checkpoint_storage
 from torchtitan_ext.config.tables import UNSUPPORTED
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import (
@@ -101,17 +102,6 @@ def _curriculum(c: RecipeCheck) -> None:
     c.stages = plan_curriculum(c.cfg, c.world_size, c.mesh_planner)
     if c.stages:
         c.cfg = stage_config(c.cfg, c.stages[0])
-
-
-def _unverified(c: RecipeCheck) -> None:
-    """``checkpoint.allow_unverified`` only means something when manifests are checked."""
-    ckpt = c.cfg.checkpoint
-    if ckpt.allow_unverified and not ckpt.verify:
-        raise ConfigError(
-            "checkpoint.allow_unverified",
-            True,
-            "has no effect with checkpoint.verify = false (nothing is verified): drop one",
-        )
 
 
 def _vocab(c: RecipeCheck) -> None:
@@ -196,13 +186,7 @@ RULES: tuple[Rule, ...] = (
     # recipe, mesh, trainer, device and data, phase by phase in this order (run_phases); a
     # rule may use what an earlier one resolved (the model args, the mesh, the device).
     Rule("recipe", _POSITIVE_KEYS, "sizes, counts and rates in range", _positive, _HERE),
-    Rule(
-        "recipe",
-        ("checkpoint.allow_unverified", "checkpoint.verify"),
-        "allow_unverified only with verify (a checkpoint without a manifest otherwise fails)",
-        _unverified,
-        _HERE,
-    ),
+    *checkpoint_storage.RULES,
     *parallel_dims.RULES,  # recipe: degrees, dim order; mesh: the mesh
     Rule(
         "recipe",

@@ -29,6 +29,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from torchtitan_ext.checkpoint.rank0 import decided_by_rank0
+from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_KEYS = ("model", "optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -311,3 +313,27 @@ def find_unloadable_item(path: str) -> str | None:
             span = f"bytes {info.offset}-{info.offset + info.length}"
             return f"{info.relative_path} {span} ({index.fqn}): {_exception_line(e)}"
     return None
+
+
+def _unverified(c: RecipeCheck) -> None:
+    """``checkpoint.allow_unverified`` only means something when manifests are checked."""
+    ckpt = c.cfg.checkpoint
+    if ckpt.allow_unverified and not ckpt.verify:
+        raise ConfigError(
+            "checkpoint.allow_unverified",
+            True,
+            "has no effect with checkpoint.verify = false (nothing is verified): drop one",
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("checkpoint.allow_unverified", "checkpoint.verify"),
+        "allow_unverified only with verify (a checkpoint without a manifest otherwise fails)",
+        _unverified,
+        "checkpoint.storage",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""
