@@ -3,7 +3,8 @@ same global batch (fp32, real gloo ranks under torchrun). Step 1 within 1e-5 rel
 1-3 within 5e-4 (two optimizer updates in; scripts/parity_matrix.py runs 5 steps), for the loss
 and the gradient norm; the validation loss within 5e-4; every parameter's step-1 gradient
 element by element within 1e-5 of its largest element, and the step-1 gradient norm bitwise the
-same on all ranks.
+same on all ranks; every parameter after the last step within 1e-4 (its relative norm
+deviation), which also covers the V schedules that do not validate.
 
 The model is ``debugmodel_cpu_deep_gqa`` (grouped-query attention: 8 query heads, 2 kv heads).
 Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``): four
@@ -12,6 +13,7 @@ launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ra
 """
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -97,12 +99,19 @@ def test_fsdp_tp_runs_print_neither_silenced_warning(
 def test_parity_check_can_fail(tmp_path: Path) -> None:
     """The comparison flags losses that differ by more than the tolerance (and passes equal
     ones), a parameter's gradient that differs where the losses and norms do not (the
-    embedding's rows swapped), a grad norm that differs between ranks, missing gradients, and
-    a CP-pattern shape whose pattern never ran (torch's ring instead, numerically right too),
+    embedding's rows swapped), a grad norm that differs between ranks, missing gradients, a
+    parameter that ended elsewhere after the last step, and a CP-pattern shape whose pattern
+    never ran (torch's ring instead, numerically right too),
     so a PASS above means something."""
     import torch
 
-    from torchtitan_ext.tools.parity import GRADS_FILE, PATTERN_CALLS_FILE, Shape, compare
+    from torchtitan_ext.tools.parity import (
+        GRADS_FILE,
+        PARAMS_FILE,
+        PATTERN_CALLS_FILE,
+        Shape,
+        compare,
+    )
 
     emb = torch.arange(12.0).reshape(4, 3) / 10
     swapped = emb[[1, 0, 2, 3]]
@@ -126,6 +135,7 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
             grads = {"tok_embeddings.weight": emb_grad, "norm.weight": torch.ones(3)}
             torch.save({"grads": grads, "grad_norms": torch.tensor(norms)}, dump / GRADS_FILE)
         (dump / PATTERN_CALLS_FILE).write_text("{}")  # no pattern ran: right for the ring
+        torch.save({"tok_embeddings.weight": emb, "norm.weight": torch.ones(3)}, dump / PARAMS_FILE)
     res = compare(Shape({"tp": 2}), tmp_path / "other", tmp_path / "single")
     assert res.status == "FAIL" and res.loss_dev > 1e-3
     same = compare(Shape({"tp": 2}), tmp_path / "single", tmp_path / "single")
@@ -136,6 +146,16 @@ def test_parity_check_can_fail(tmp_path: Path) -> None:
     assert ranks.status == "FAIL" and "differs between ranks" in ranks.detail
     missing = compare(Shape({"tp": 2}), tmp_path / "nograds", tmp_path / "single")
     assert missing.status == "FAIL" and "no step-1 gradients" in missing.detail
+    # The same losses, norms and step-1 gradients, but one parameter ended elsewhere (a shard
+    # updated wrongly after step 1).
+    drifted = tmp_path / "drifted"
+    shutil.copytree(tmp_path / "single", drifted)
+    torch.save({"tok_embeddings.weight": emb, "norm.weight": torch.ones(3) * 1.01},
+               drifted / PARAMS_FILE)  # fmt: skip
+    drift = compare(Shape({"tp": 2}), drifted, tmp_path / "single")
+    assert drift.status == "FAIL" and drift.loss_dev == 0.0 and drift.grad_dev == 0.0
+    assert drift.param_dev == pytest.approx(0.01, rel=1e-3)
+    assert same.param_dev == 0.0
     ulysses = Shape({"cp": 2}, options=("ulysses",))
     fell_back = compare(ulysses, tmp_path / "single", tmp_path / "single")
     assert fell_back.status == "FAIL" and "ulysses never ran" in fell_back.detail

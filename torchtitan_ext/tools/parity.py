@@ -48,6 +48,11 @@ GRAD_RTOL = 1e-5
 """Step-1 gradients: per parameter, the largest element deviation over the largest element of
 the 1-rank gradient (``grad_deviation``)."""
 GRADS_FILE = "grads-step1.pt"
+PARAM_RTOL = 1e-4
+"""Parameters after the last step: per parameter, ||p - p_ref|| / ||p_ref|| (``param_deviation``).
+Every applied update is in them, so a shard updated wrongly shows here even where the losses,
+norms and step-1 gradients agree (and for the V schedules, which do not validate)."""
+PARAMS_FILE = "params-final.pt"
 PATTERN_CALLS_FILE = "cp-pattern-calls.json"
 """Per shape: the attention forwards and backwards each CP pattern ran, summed over the ranks
 (``cp_patterns.calls``): a pattern shape that fell back to torch's ring (which is numerically
@@ -273,6 +278,7 @@ def _worker(args: list[list[str]]) -> int:
             cp_patterns.calls.clear()
             trainer.train()
             record_pattern_calls(Path(p.cfg.job.dump_folder) / PATTERN_CALLS_FILE)
+            record_params(trainer, Path(p.cfg.job.dump_folder) / PARAMS_FILE)
             del trainer
             gc.collect()  # the trainer's reference cycles (stage closures) hold its model
             # Else the next shape's DTensors can run collectives on this shape's equal
@@ -324,6 +330,67 @@ def pattern_calls_problem(shape: Shape, dump: Path) -> str:
     return ""
 
 
+def _full_named(trainer: Any, tensor_of: Any) -> dict[str, Any]:
+    """``{canonical name: full tensor, fp32 on CPU}`` of ``tensor_of(param)`` for every
+    parameter of the model (None skipped). Collective: DTensors are gathered over their mesh,
+    and with PP the stages' dicts over pp."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from torchtitan_ext.models import canonical_name
+
+    out: dict[str, torch.Tensor] = {}
+    for part in trainer.model_parts:
+        for name, param in part.named_parameters():
+            t = tensor_of(param)
+            if t is None:
+                continue
+            full = t.full_tensor() if isinstance(t, DTensor) else t
+            out[canonical_name(name)] = full.detach().to("cpu", torch.float32).clone()
+    if trainer.dims.pp_enabled:  # each pp rank holds other stages' parameters
+        gathered: list[Any] = [None] * trainer.dims.pp
+        dist.all_gather_object(gathered, out, group=trainer.dims.get_mesh("pp").get_group())
+        out = {k: v for stage in gathered for k, v in stage.items()}
+    return out
+
+
+def record_params(trainer: Any, path: Path) -> None:
+    """Save every parameter after the last step (full, fp32) to ``path`` on rank 0
+    (collective)."""
+    import torch
+    import torch.distributed as dist
+
+    params = _full_named(trainer, lambda param: param)
+    if dist.get_rank() == 0:
+        torch.save(params, path)
+
+
+def param_deviation(dump: Path, ref_dump: Path) -> tuple[float, str]:
+    """The largest, over parameters, ||p - p_ref|| / ||p_ref|| of a run's parameters after
+    its last step (``PARAMS_FILE``) against the reference's.
+
+    Returns:
+        (deviation, "") or (nan, why not comparable: a file missing, other parameters).
+    """
+    import torch
+
+    got_path, ref_path = dump / PARAMS_FILE, ref_dump / PARAMS_FILE
+    if not ref_path.exists() or not got_path.exists():
+        missing = ref_path if not ref_path.exists() else got_path
+        return float("nan"), f"no final parameters ({missing.parent.name}/{missing.name})"
+    got, ref = torch.load(got_path, weights_only=True), torch.load(ref_path, weights_only=True)
+    if got.keys() != ref.keys():
+        diff = sorted(set(got) ^ set(ref))
+        return float("nan"), f"final parameters of other parameters: {diff[:4]}"
+    worst = 0.0
+    for name, r in ref.items():
+        if got[name].shape != r.shape:
+            return float("nan"), f"final {name}: {list(got[name].shape)} != {list(r.shape)}"
+        worst = max(worst, float((got[name] - r).norm() / max(float(r.norm()), 1e-12)))
+    return worst, ""
+
+
 def record_first_step_grads(trainer: Any, path: Path) -> None:
     """Make ``trainer``'s first ``train_step`` save, right after it, to ``path`` on rank 0:
     ``{"grads": {canonical name: full gradient, fp32}, "grad_norms": every rank's grad norm}``.
@@ -332,28 +399,13 @@ def record_first_step_grads(trainer: Any, path: Path) -> None:
     the stages' over pp, the norms over the world."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.tensor import DTensor
-
-    from torchtitan_ext.models import canonical_name
 
     step = trainer.train_step
 
     def first_step(microbatches: Any) -> Any:
         out = step(microbatches)
         del trainer.train_step  # the class's method again from step 2
-        grads: dict[str, torch.Tensor] = {}
-        for part in trainer.model_parts:
-            for name, param in part.named_parameters():
-                if param.grad is None:
-                    continue
-                g = param.grad
-                full = g.full_tensor() if isinstance(g, DTensor) else g
-                grads[canonical_name(name)] = full.detach().to("cpu", torch.float32).clone()
-        if trainer.dims.pp_enabled:  # each pp rank holds other stages' parameters
-            gathered: list[Any] = [None] * trainer.dims.pp
-            group = trainer.dims.get_mesh("pp").get_group()
-            dist.all_gather_object(gathered, grads, group=group)
-            grads = {k: v for stage_grads in gathered for k, v in stage_grads.items()}
+        grads = _full_named(trainer, lambda param: param.grad)
         norm = out[1].detach().reshape(1).to(torch.float32)
         norms = [torch.zeros_like(norm) for _ in range(dist.get_world_size())]
         dist.all_gather(norms, norm)
@@ -474,6 +526,8 @@ class Result:
         val_dev: relative deviation of the validation loss after the last step.
         grad_dev: step 1's gradients, the largest per-parameter deviation
             (``grad_deviation``).
+        param_dev: the parameters after the last step, the largest per-parameter relative
+            deviation (``param_deviation``).
     """
 
     shape: str
@@ -485,13 +539,15 @@ class Result:
     val_dev: float = float("nan")
     grad_dev: float = float("nan")
     detail: str = ""
+    param_dev: float = float("nan")
 
 
 def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     """Compare a shape's metrics with the reference's, step by step: training loss and grad
     norm (step 1 within ``STEP1_RTOL``, all within ``ALL_STEPS_RTOL``), the validation loss
     (within ``ALL_STEPS_RTOL``), every parameter's step-1 gradient (within ``GRAD_RTOL``,
-    ``grad_deviation``), and that the shape's CP pattern is what ran
+    ``grad_deviation``), the parameters after the last step (within ``PARAM_RTOL``,
+    ``param_deviation``), and that the shape's CP pattern is what ran
     (``pattern_calls_problem``)."""
     got, ref = read_metrics(dump), read_metrics(ref_dump)
     got_val, ref_val = read_metrics(dump, "val"), read_metrics(ref_dump, "val")
@@ -509,13 +565,17 @@ def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     step1 = max(loss[0], gn[0])
     grad, why = grad_deviation(dump, ref_dump)
     pattern_problem = pattern_calls_problem(shape, dump)
+    params, params_why = param_deviation(dump, ref_dump)
     ok = step1 <= STEP1_RTOL and max(loss + gn) <= ALL_STEPS_RTOL
     ok = ok and (not shape.validates or val <= ALL_STEPS_RTOL)
     ok = ok and grad <= GRAD_RTOL  # False for nan (not comparable: ``why``)
     ok = ok and not pattern_problem
-    why = "; ".join(w for w in (why, pattern_problem) if w)
+    ok = ok and params <= PARAM_RTOL  # False for nan
+    why = "; ".join(w for w in (why, pattern_problem, params_why) if w)
     status = "PASS" if ok else "FAIL"
-    return Result(shape.name, shape.nproc, status, step1, max(loss), max(gn), val, grad, why)
+    return Result(
+        shape.name, shape.nproc, status, step1, max(loss), max(gn), val, grad, why, params
+    )
 
 
 def run_matrix(
