@@ -1,0 +1,139 @@
+"""Before the first collective: the recipe parsed and checked (``validate.RULES``, every phase)
+and the data loaded (``prepare``), one curriculum stage's recipe (``prepare_stage``), and the
+ranks' logging. Everything here can fail on a bad recipe, so it runs on every rank before any
+collective: a bad recipe exits on every rank with one message instead of hanging.
+"""
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torchtitan.components.tokenizer import BaseTokenizer
+
+from torchtitan_ext.config.manager import load_config
+from torchtitan_ext.curriculum import MeshPlanner, Stage, stage_config
+from torchtitan_ext.data import (
+    build_tokenizer,
+    load_documents,
+    long_documents,
+    split_documents,
+    tokenize,
+    tokenize_with_offsets,
+)
+from torchtitan_ext.distributed import RankInfo, configure_cuda_allocator
+from torchtitan_ext.parallel_dims import ParallelDims
+from torchtitan_ext.validate import (
+    RecipeData,
+    check_data,
+    check_recipe,
+    resolve_model_args,
+    validate,
+)
+
+logger = logging.getLogger("torchtitan_ext")
+
+
+@dataclass
+class Prepared:
+    """Everything resolved before the first collective."""
+
+    cfg: Any
+    rank: RankInfo
+    dims: ParallelDims
+    device: torch.device
+    backend: str
+    tokenizer: BaseTokenizer
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    model_args: Any
+    stages: list[Stage] = dataclasses.field(default_factory=list)
+    """Curriculum stages ([] without a curriculum); ``cfg`` is then stage 0's recipe."""
+    train_doc_offsets: np.ndarray | None = None
+    """(n_docs + 1,) offsets of the documents in ``train_tokens`` (for stages' min_doc_tokens)."""
+
+
+def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = None) -> Prepared:
+    """Parse, check (``validate.RULES``, every phase) and load data: no collective,
+    identical on every rank. Unless ``training.device = "cpu"``, first sets the CUDA
+    allocator's settings (``configure_cuda_allocator``), before any rule can start CUDA.
+    ``mesh_planner`` chooses auto-meshed stages' meshes (the entry point hands in
+    ``tools.auto_mesh.choose_stage_mesh``: the runtime never imports the tools).
+
+    Raises:
+        ConfigError: any problem with the recipe, the environment or the data.
+    """
+    recipe = load_config(args)
+    if recipe.training.device != "cpu":
+        # Before any rule can start CUDA (auto mesh reads the GPU's memory): the caching
+        # allocator reads its settings once, when CUDA starts.
+        configure_cuda_allocator()
+    check = check_recipe(recipe, rank.world_size, rank.local_rank, mesh_planner)
+    cfg, dims, device = check.cfg, check.dims, check.device
+    assert dims is not None and device is not None
+    model_args = check.model_args  # the recipe phase's own copy of the flavor's args
+    model_args.update_from_config(cfg)
+    tokenizer = build_tokenizer(cfg)
+    docs = load_documents(cfg)
+    train_docs, val_docs = split_documents(
+        docs, cfg.data.validation_fraction, cfg.data.shuffle_seed
+    )
+    train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
+    val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
+    data = RecipeData(tokenizer, train_tokens, train_doc_offsets, val_tokens, len(val_docs))
+    check_data(check, data)
+    return Prepared(
+        cfg,
+        rank,
+        dims,
+        device,
+        check.backend,
+        tokenizer,
+        train_tokens,
+        val_tokens,
+        model_args,
+        check.stages,
+        train_doc_offsets,
+    )
+
+
+def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
+    """The Prepared of one curriculum stage: its recipe, mesh degrees and model args (RoPE
+    theta, max_seq_len); the tokenized data is shared. No collective.
+
+    Args:
+        handed_over: the stage starts from the boundary checkpoint the previous stage of this
+            run just wrote. It then loads the newest checkpoint and all of it: the recipe's
+            ``load_step``, ``exclude_from_loading`` and initial load apply to where the run
+            starts (its first stage), not to the hand-off between stages.
+    """
+    cfg = stage_config(p.cfg, stage)
+    if handed_over:
+        cfg.checkpoint = dataclasses.replace(
+            cfg.checkpoint, load_step=-1, exclude_from_loading=[], initial_load_path=""
+        )
+    elif stage.index > 0:
+        # A run resumed in a later stage: from its checkpoints, not a recipe's start point.
+        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, initial_load_path="")
+    dims = validate(cfg, p.rank.world_size)
+    assert dims is not None
+    model_args = resolve_model_args(cfg)
+    model_args.update_from_config(cfg)
+    tokens = p.train_tokens
+    if stage.min_doc_tokens and p.train_doc_offsets is not None:
+        tokens = long_documents(tokens, p.train_doc_offsets, stage.min_doc_tokens)
+    return dataclasses.replace(p, cfg=cfg, dims=dims, model_args=model_args, train_tokens=tokens)
+
+
+def setup_logging(rank: int) -> None:
+    """INFO on rank 0, WARNING elsewhere (TorchTitan logs through the root logger too)."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[rank{rank}] %(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+        force=True,
+    )
