@@ -148,6 +148,21 @@ def _add(total: torch.Tensor, part: torch.Tensor, seq_dim: int, half: int | None
     return _partial_update(total, part, seq_dim, 2, half, add=True)
 
 
+def _backward_inputs(
+    t: _Bwd, key: torch.Tensor, value: torch.Tensor, block: "_Block", seq_dim: int
+) -> tuple[torch.Tensor, ...]:
+    """What one block's backward sees: query, out, grad_out and logsumexp (their second halves
+    when ``block.q_half``), and the held key and value (their first halves when
+    ``block.kv_half``): ``(q, out, grad_out, lse, k, v)``."""
+    q, out, dout, lse = (
+        (_halve(x, seq_dim, True) for x in (t.query, t.out, t.grad_out, t.logsumexp))
+        if block.q_half
+        else (t.query, t.out, t.grad_out, t.logsumexp)
+    )
+    k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
+    return q, out, dout, lse, k, v
+
+
 def _ring_backward(
     group: dist.ProcessGroup, seq_dim: int, op: Any, t: _Bwd, is_causal: bool, balanced: bool,
     accum: torch.dtype, kwargs: dict[str, Any],
@@ -175,12 +190,7 @@ def _ring_backward(
             grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
         block = _outer_block(i, rank, size, is_causal, balanced)
         if not block.skip:
-            q, out, dout, lse = (
-                (_halve(x, seq_dim, True) for x in (t.query, t.out, t.grad_out, t.logsumexp))
-                if block.q_half
-                else (t.query, t.out, t.grad_out, t.logsumexp)
-            )
-            k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
+            q, out, dout, lse, k, v = _backward_inputs(t, key, value, block, seq_dim)
             dq, dk, dv, *rest = op(
                 query=q, key=k, value=v, out=out, logsumexp=lse.contiguous(),
                 is_causal=block.causal,
@@ -223,12 +233,7 @@ def _double_ring_backward(
             grad_k, grad_v = _split_kv(dkv_rotater.next_buffer(), grad_k, grad_v)
         block = _outer_block(o, g, n_groups, is_causal, balanced)
         if not block.skip:
-            q, out, dout, lse = (
-                (_halve(x, seq_dim, True) for x in (t.query, t.out, t.grad_out, t.logsumexp))
-                if block.q_half
-                else (t.query, t.out, t.grad_out, t.logsumexp)
-            )
-            k, v = (_halve(x, seq_dim, False) if block.kv_half else x for x in (key, value))
+            q, out, dout, lse, k, v = _backward_inputs(t, key, value, block, seq_dim)
             inner = _Bwd(dout, t.grad_out_name, q, k, v, out, lse.contiguous())
             dq, dk, dv, rest = _ring_backward(
                 entry.inner, seq_dim, op, inner, block.causal, balanced and o == 0, accum, kwargs
