@@ -356,7 +356,10 @@ def test_stages_switch_at_configured_steps(full_run):
     # from theta only (stages 0-1) to YaRN (stage 2).
     for boundary in (3, 6):
         before, after = steps[boundary]["loss"], steps[boundary + 1]["loss"]
-        assert abs(after - before) / before < 0.3, (boundary, before, after)
+        # Measured: 2.7% at step 3 -> 4 and 7.9% at 6 -> 7 (a new stage's windows and, at 7,
+        # YaRN). The bound is 1.5x the larger: a stage entered with the wrong RoPE or state
+        # jumps further (the runs are deterministic: fixed seeds, fp32, gloo).
+        assert abs(after - before) / before < 0.12, (boundary, before, after)
 
 
 def test_stage_numbering_is_zero_based_everywhere(full_run):
