@@ -298,7 +298,7 @@ def test_metrics_are_typed_and_grouped(full_run):
     kinds = [r["kind"] for r in lines]
     assert (kinds.count("train"), kinds.count("val"), kinds.count("curriculum")) == (9, 3, 4)
     train = read_metrics(dump)
-    for key, typ in {**TRAIN_RECORD_TYPES, "stage": int, "cp": int}.items():
+    for key, typ in {**TRAIN_RECORD_TYPES, "stage": int, "cp": int, "tp": int}.items():
         assert all(type(r[key]) is typ for r in train), key
     val = read_metrics(dump, "val")
     assert [r["step"] for r in val] == [3, 6, 9]
@@ -410,13 +410,15 @@ def test_state_survives_remesh(full_run):
     for step, pair in by_step.items():
         end, start = pair["end"], pair["start"]
         # Every gathered parameter after the re-mesh equals itself before it: per parameter
-        # fp64 sum and sum of squares (only the summation order differs between meshes).
+        # fp64 sum, sum of squares and position-weighted sum (the last changes when elements
+        # move; only the summation order differs between meshes).
         assert set(start["params"]) == set(end["params"])
         assert len(end["params"]) == 1 + 2 * 9 + 2  # embedding, 2 blocks, norm, output
-        for name, (total, squares) in end["params"].items():
-            got_total, got_squares = start["params"][name]
+        for name, (total, squares, weighted) in end["params"].items():
+            got_total, got_squares, got_weighted = start["params"][name]
             assert got_squares == pytest.approx(squares, rel=1e-12), (step, name)
             assert got_total == pytest.approx(total, rel=1e-9, abs=1e-9), (step, name)
+            assert got_weighted == pytest.approx(weighted, rel=1e-9, abs=1e-7), (step, name)
         assert start["switch_sec"] > 0
 
 
@@ -615,8 +617,14 @@ def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
     assert sorted(steps) == [1, 2, 3, 4, 5, 6]
     end, start = (b["params"] for b in boundaries)
     assert set(start) == set(end)
-    for name, (total, squares) in end.items():
-        assert start[name] == pytest.approx([total, squares], rel=1e-9, abs=1e-9), name
+    for name, stats in end.items():  # sum, sum of squares, position-weighted sum
+        assert start[name] == pytest.approx(stats, rel=1e-9, abs=1e-7), name
+    # The records of stage 1 train on the mesh the plan chose (its "chosen" line).
+    chosen = re.search(r"chosen\s+tp(\d+) cp(\d+)", log)
+    assert chosen is not None, log[-3000:]
+    tp, cp = int(chosen[1]), int(chosen[2])
+    assert {(r["tp"], r["cp"]) for r in steps.values() if r["stage"] == 1} == {(tp, cp)}
+    assert {(r["tp"], r["cp"]) for r in steps.values() if r["stage"] == 0} == {(1, 2)}
     assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == [
         "step-2",
         "step-3",

@@ -10,7 +10,8 @@ Every line of ``metrics.jsonl`` is one JSON object with a ``kind`` and an intege
 - ``"curriculum"``: a stage boundary: ``event`` (``"start"`` | ``"end"``), ``stage``,
   ``param_sum``, ``param_sq_sum`` (the parameters' fingerprint) and, at a start after a switch,
   ``switch_sec`` (seconds). The per-parameter fingerprint goes to ``param_stats.jsonl``, one
-  line per boundary (``step``, ``event``, ``stage``, ``params``: name -> [sum, sum of squares]).
+  line per boundary (``step``, ``event``, ``stage``, ``params``: name -> [sum, sum of squares,
+  position-weighted sum]).
 
 Tensorboard tags are grouped the same way: ``train/loss``, ``val/loss``, ``curriculum/stage``
 (``stage``, ``cp`` and ``tokens_per_step`` of the step records go to ``curriculum/`` too).
@@ -41,7 +42,7 @@ METRICS_FILE = "metrics.jsonl"
 PARAM_STATS_FILE = "param_stats.jsonl"
 Kind = Literal["train", "val", "curriculum"]
 # Keys of a "train" record that tensorboard shows under curriculum/ rather than train/.
-_CURRICULUM_KEYS = ("stage", "cp", "tokens_per_step")
+_CURRICULUM_KEYS = ("stage", "cp", "tp", "tokens_per_step")
 
 
 def read_metrics(dump_folder: str | Path, kind: Kind = "train") -> list[dict[str, Any]]:
@@ -57,7 +58,8 @@ def read_metrics(dump_folder: str | Path, kind: Kind = "train") -> list[dict[str
 def read_param_stats(dump_folder: str | Path) -> list[dict[str, Any]]:
     """The per-parameter fingerprints of ``<dump_folder>/param_stats.jsonl`` (one per
     curriculum boundary, in file order): ``step``, ``event``, ``stage`` and ``params`` (name ->
-    [sum, sum of squares], fp64). [] if the file is missing."""
+    [sum, sum of squares, position-weighted sum], fp64; ``Trainer.param_fingerprint``). [] if
+    the file is missing."""
     path = Path(dump_folder) / PARAM_STATS_FILE
     if not path.exists():
         return []
@@ -310,12 +312,12 @@ class MetricsLogger:
         step: int,
         event: Literal["start", "end"],
         stage: int,
-        param_stats: dict[str, tuple[float, float]],
+        param_stats: dict[str, tuple[float, float, float]],
         switch_sec: float | None = None,
     ) -> None:
         """Record a curriculum stage boundary: a ``"curriculum"`` record with the parameters'
-        total sum and sum of squares, and ``param_stats`` (name -> (sum, sum of squares)) as a
-        line of ``param_stats.jsonl``.
+        total sum and sum of squares, and ``param_stats`` (name -> (sum, sum of squares,
+        position-weighted sum)) as a line of ``param_stats.jsonl``.
 
         Args:
             step: the last step of the stage that ends, or the step a stage starts after.

@@ -104,20 +104,28 @@ class TrainerBase:
             logger.warning(message)
 
     @torch.no_grad()
-    def param_fingerprint(self) -> dict[str, tuple[float, float]]:
-        """Per parameter (canonical FQN), the (sum, sum of squares) of its full tensor in fp64:
-        the same numbers on every mesh that holds the same model (up to fp64 rounding of the
-        summation order). Gathers one parameter at a time; collective.
+    def param_fingerprint(self) -> dict[str, tuple[float, float, float]]:
+        """Per parameter (canonical FQN), the (sum, sum of squares, position-weighted sum) of
+        its full tensor in fp64: the same numbers on every mesh that holds the same model (up
+        to fp64 rounding of the summation order). The weighted sum, sum_i x_i (1 + i mod 251)
+        over the flattened tensor, changes when elements move (a re-mesh that puts a shard in
+        the wrong place); the first two do not. Gathers one parameter at a time; collective.
 
         Returns:
-            {fqn: (sum, sum of squares)} for every parameter of the whole model (all stages).
+            {fqn: (sum, sum of squares, weighted sum)} for every parameter of the whole model
+            (all stages).
         """
-        stats: dict[str, tuple[float, float]] = {}
+        stats: dict[str, tuple[float, float, float]] = {}
         for part in self.model_parts:
             for name, param in part.named_parameters():
                 full = param.full_tensor() if isinstance(param, DTensor) else param
-                full = full.detach().to(torch.float64)
-                stats[canonical_name(name)] = (float(full.sum()), float(full.square().sum()))
+                flat = full.detach().to(torch.float64).flatten()
+                weights = torch.arange(flat.numel(), dtype=torch.float64) % 251 + 1
+                stats[canonical_name(name)] = (
+                    float(flat.sum()),
+                    float(flat.square().sum()),
+                    float((flat * weights.to(flat.device)).sum()),
+                )
         if self.dims.pp_enabled:  # each pp rank holds other stages' parameters
             gathered: list[Any] = [None] * self.dims.pp
             dist.all_gather_object(gathered, stats, group=self.dims.get_mesh("pp").get_group())

@@ -223,6 +223,7 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
             extra = {
                 "stage": self.stage.index,
                 "cp": self.dims.cp,
+                "tp": self.dims.tp,
                 "tokens_per_step": self.stage.tokens_per_step,
             }
         for step in range(start + 1, end + 1):
