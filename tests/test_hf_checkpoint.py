@@ -152,6 +152,56 @@ def test_hf_logits_equal_transformers(hf_src):
     assert float((ours - theirs).abs().max() / theirs.abs().max()) < TOL
 
 
+def our_model(scaling: Any, seq_len: int) -> Any:
+    """TorchTitan's Llama in the tiny flavor with ``scaling``'s RoPE (``torchtitan_ext.rope``),
+    initialized on CPU (no mesh)."""
+    import copy
+
+    from torchtitan.models.llama3 import Transformer
+
+    from torchtitan_ext.models import CPU_FLAVORS
+    from torchtitan_ext.rope import apply_rope_scaling
+
+    args = copy.deepcopy(CPU_FLAVORS[TINY])
+    args.max_seq_len = seq_len
+    with torch.device("meta"):
+        model = Transformer(args)
+    apply_rope_scaling(model, scaling)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.init_weights(buffer_device=torch.device("cpu"))
+    return model
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["llama", "yarn", "none"],
+)
+def test_hf_export_config_keeps_rope(hf_src, tmp_path, kind):
+    """The config.json of an export (``hf_config``) makes transformers compute our model's
+    logits for each RoPE scaling (a short original context, so that the scaling acts within
+    64 positions): the weights of ``hf_src`` under our RoPE and under the written config."""
+    from torchtitan.components.checkpoint import ModelWrapper
+
+    from torchtitan_ext.checkpoint.hf import build_adapter, hf_config, load_hf
+    from torchtitan_ext.config import load_config
+    from torchtitan_ext.rope import RopeScaling
+
+    scaling = RopeScaling(kind=kind, factor=4.0, original_context=16)
+    model = our_model(scaling, 64)
+    cfg = load_config(["--model.flavor", TINY])
+    with pytest.warns(UserWarning, match="single process"):
+        load_hf(ModelWrapper(model), build_adapter(cfg, model.model_args), str(hf_src))
+    config = hf_config(model.model_args, scaling, "float32", 64)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(hf_src / "model.safetensors")
+    ref = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    inputs = torch.randint(0, 320, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(inputs), ref(inputs).logits
+    assert float((ours - theirs).abs().max() / theirs.abs().max()) < TOL
+
+
 def check_run(dump: Path, src: Path, global_batch: int) -> None:
     """A 1-step run from ``src``: step-1 loss equals transformers' on the same batch; the
     export equals the source and transformers loads it with the same loss; the manifest
@@ -250,7 +300,7 @@ def test_hf_curriculum_starts_from_hf(hf_src, tmp_path):
     export = tmp_path / "checkpoint" / "step-2"
     assert_export_equals_source(export, hf_src)
     config = json.loads((export / "config.json").read_text())
-    assert config["rope_theta"] == 1e6 and config["max_position_embeddings"] == 8192
+    assert config["rope_theta"] == 1e6 and config["max_position_embeddings"] == 65536
     assert config["rope_scaling"]["rope_type"] == "llama3"
     loaded = transformers.AutoConfig.from_pretrained(export)
     assert loaded.rope_parameters["rope_theta"] == 1e6

@@ -275,8 +275,13 @@ def hf_config(model_args: Any, scaling: RopeScaling, dtype: str, seq_len: int) -
         model_args: the TorchTitan ``TransformerModelArgs`` trained.
         scaling: the RoPE scaling trained with (``rope.rope_scaling_of``).
         dtype: the exported weights' dtype name (``checkpoint.export_dtype``).
-        seq_len: the context trained last (tokens): ``max_position_embeddings``.
+        seq_len: the context trained last (tokens): ``max_position_embeddings``, or with a
+            scaling at least the context it extends to (original context x factor; Hugging
+            Face's check wants it above the original context).
     """
+    context = seq_len
+    if scaling.kind != "none":
+        context = max(seq_len, int(scaling.original_context * scaling.factor))
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -292,7 +297,7 @@ def hf_config(model_args: Any, scaling: RopeScaling, dtype: str, seq_len: int) -
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": False,
-        "max_position_embeddings": max(seq_len, scaling.original_context),
+        "max_position_embeddings": context,
         "rope_theta": float(model_args.rope_theta),
         "rope_scaling": rope_scaling_dict(scaling),
         "torch_dtype": dtype,
