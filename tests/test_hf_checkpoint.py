@@ -220,7 +220,9 @@ def check_run(dump: Path, src: Path, global_batch: int) -> None:
 
 
 def test_hf_in_and_out_1rank(hf_src, tmp_path):
-    train_single(hf_args(tmp_path, hf_src, global_batch=2))
+    """1 rank, with background saves (the export is written before the state's save starts,
+    and published with it)."""
+    train_single([*hf_args(tmp_path, hf_src, global_batch=2), "--checkpoint.async_mode", "async"])
     check_run(tmp_path, hf_src, global_batch=2)
 
 
