@@ -381,3 +381,22 @@ def test_hf_options_and_mismatch_line(hf_src, tmp_path):
         f"model.flavor = 'debugmodel_cpu': dim 128, but {hf_src}/config.json has hidden_size "
         "64: the Hugging Face checkpoint is another model"
     )
+
+
+def test_hf_rope_difference_is_named():
+    """A recipe RoPE other than config.json's is one warning line naming both (TorchTitan's
+    default Llama 3.1 scaling on a checkpoint without scaling); none when they agree."""
+    from torchtitan_ext.checkpoint.hf import rope_difference
+    from torchtitan_ext.models import CPU_FLAVORS
+    from torchtitan_ext.rope import RopeScaling
+
+    args = CPU_FLAVORS[TINY]
+    config = hf_llama_config().to_dict()
+    assert rope_difference(config, args, RopeScaling()) is None
+    plain = hf_llama_config(rope_scaling=None).to_dict()
+    note = rope_difference(plain, args, RopeScaling())
+    assert note is not None and "\n" not in note
+    assert "rope scaling None -> {'rope_type': 'llama3', 'factor': 8.0" in note, note
+    assert rope_difference(plain, args, RopeScaling(kind="none")) is None
+    other_theta = hf_llama_config(rope_theta=10000.0).to_dict()
+    assert "rope_theta 10000 -> 500000" in str(rope_difference(other_theta, args, RopeScaling()))
