@@ -41,7 +41,8 @@ def checkpointer(dump: str, numel: int = 8, **overrides: Any) -> Any:
     c = {
         "enable": True, "folder": "checkpoint", "interval": 1, "keep_latest_k": 0,
         "load_step": -1, "exclude_from_loading": [], "initial_load_path": "",
-        "initial_load_model_only": False, "enable_first_step_checkpoint": False,
+        "initial_load_model_only": False, "initial_load_in_hf": False,
+        "last_save_in_hf": False, "enable_first_step_checkpoint": False,
         "load_only": False, "verify": True, "allow_unverified": False,
         "async_mode": "disabled", **overrides,
     }  # fmt: skip

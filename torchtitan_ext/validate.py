@@ -32,6 +32,7 @@ every rule.
 from typing import TYPE_CHECKING, Any
 
 from torchtitan_ext import curriculum, distributed, long_context, parallel_dims
+from torchtitan_ext.checkpoint import hf as checkpoint_hf
 from torchtitan_ext.checkpoint import storage as checkpoint_storage
 from torchtitan_ext.config.tables import UNSUPPORTED
 from torchtitan_ext.errors import ConfigError
@@ -229,6 +230,7 @@ RULES: tuple[Rule, ...] = (
         _trainer_support,
         _HERE,
     ),
+    *checkpoint_hf.RULES,  # trainer: reads the HF checkpoint's config.json
     *distributed.RULES,  # device: resolves the device the next rules read
     *activation_checkpoint.RULES,  # recipe: the AC mode; device: offload
     *cpu_ring_attention.RULES,

@@ -27,10 +27,15 @@ and hands the outcome (or its error) to every rank, so that stale views of a sha
 system cannot make ranks load different steps, and an error on rank 0 is one
 ``CheckpointError`` line on every rank (a full disk says so, with the bytes needed and free).
 
+Hugging Face checkpoints (``checkpoint.initial_load_in_hf``, ``last_save_in_hf``): module
+``hf``; the export lies in the last step's folder beside the full state, in its manifest.
+
 Modules, lowest first: ``rank0`` (``decided_by_rank0``, ``CheckpointError``), ``storage`` (the
 on-disk format: state keys, step listing, sizes, the manifest and its verification, load-error
-lines), ``checkpointer`` (``Checkpointer``: save, load, publish, purge, async) and ``reshard``
-(the in-memory counterpart of a save and a load into another mesh: ``transfer_state``).
+lines), ``hf`` (Hugging Face: config.json check and export, load and save through
+TorchTitan's state-dict adapter and DCP's HF storage), ``checkpointer`` (``Checkpointer``:
+save, load, publish, purge, async) and ``reshard`` (the in-memory counterpart of a save and a
+load into another mesh: ``transfer_state``).
 """
 
 from torchtitan_ext.checkpoint.checkpointer import Checkpointer

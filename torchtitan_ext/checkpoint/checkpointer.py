@@ -11,10 +11,12 @@ in the package docstring (``torchtitan_ext.checkpoint``).
 
 import errno
 import functools
+import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 import torch.distributed as dist
@@ -22,7 +24,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.stateful import Stateful
+from torchtitan.config import TORCH_DTYPE_MAP
 
+from torchtitan_ext.checkpoint import hf
 from torchtitan_ext.checkpoint.rank0 import CheckpointError, decided_by_rank0, one_line
 from torchtitan_ext.checkpoint.storage import (
     STATE_KEYS,
@@ -37,6 +41,7 @@ from torchtitan_ext.checkpoint.storage import (
     write_manifest_file,
 )
 from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rope import rope_scaling_of
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -75,6 +80,7 @@ class _PendingSave:
     tmp: str
     final: str
     step: int
+    hf_files: list[str] = field(default_factory=list)
 
 
 class Checkpointer:
@@ -84,12 +90,16 @@ class Checkpointer:
         cfg: the merged JobConfig (``checkpoint`` section, ``job.dump_folder``).
         states: the Stateful objects by key (``STATE_KEYS``).
         rank: this process's global rank.
+        model_args: the model's TorchTitan args (the Hugging Face state-dict adapter's; needed
+            with ``initial_load_in_hf`` or ``last_save_in_hf``).
 
     Honoured ``checkpoint`` keys: enable, folder, interval, keep_latest_k, load_step,
-    exclude_from_loading, initial_load_path, initial_load_model_only,
-    enable_first_step_checkpoint, load_only, verify, allow_unverified, async_mode ("disabled"
-    or "async"). Every save holds the full state (model, optimizer, LR scheduler, data loader,
-    train state), including the last one, so any checkpoint resumes.
+    exclude_from_loading, initial_load_path, initial_load_model_only, initial_load_in_hf,
+    last_save_in_hf, export_dtype (of the Hugging Face export), enable_first_step_checkpoint,
+    load_only, verify, allow_unverified, async_mode ("disabled" or "async"). Every save holds
+    the full state (model, optimizer, LR scheduler, data loader, train state), including the
+    last one, so any checkpoint resumes; with ``last_save_in_hf`` the last step's folder
+    holds a Hugging Face export of the model besides (``torchtitan_ext.checkpoint.hf``).
 
     Every decision about the folder (what it holds, whether a checkpoint verifies, which one
     to fall back to, renames) is rank 0's, handed to the other ranks (``decided_by_rank0``):
@@ -110,7 +120,9 @@ class Checkpointer:
     (``set_aside_suspect``).
     """
 
-    def __init__(self, cfg: Any, states: dict[str, Stateful], rank: int) -> None:
+    def __init__(
+        self, cfg: Any, states: dict[str, Stateful], rank: int, model_args: Any = None
+    ) -> None:
         c = cfg.checkpoint
         self.enabled: bool = c.enable
         self.folder = os.path.join(cfg.job.dump_folder, c.folder)
@@ -120,6 +132,9 @@ class Checkpointer:
         self.exclude: set[str] = set(c.exclude_from_loading)
         self.initial_load_path: str | None = c.initial_load_path
         self.initial_load_model_only: bool = c.initial_load_model_only
+        self.initial_load_in_hf: bool = c.initial_load_in_hf
+        self.last_save_in_hf: bool = c.last_save_in_hf
+        self.cfg, self.model_args = cfg, model_args
         self.first_step: bool = c.enable_first_step_checkpoint
         self.load_only: bool = c.load_only
         self.verify: bool = c.verify
@@ -200,6 +215,8 @@ class Checkpointer:
                 else ("checkpoint.folder", self.folder)
             )
             raise ConfigError(key, value, f"no checkpoint could be loaded ({reasons})")
+        if self.initial_load_in_hf:
+            return self._load_hf()
         if self.initial_load_path:
             keys = ["model"] if self.initial_load_model_only else list(STATE_KEYS)
             keys = [k for k in keys if k not in self.exclude]
@@ -211,22 +228,63 @@ class Checkpointer:
             return 0
         return None
 
+    def _load_hf(self) -> int:
+        """Load the model from the Hugging Face checkpoint of ``initial_load_path`` (else
+        ``model.hf_assets_path``), whose config.json the recipe rules checked; a manifest
+        there (one of our exports) is verified. Returns 0. Collective.
+
+        Raises:
+            ConfigError: naming the path's key: the files fail to load (DCP's reason).
+        """
+        key, folder = hf.hf_load_source(self.cfg)
+        adapter = hf.build_adapter(self.cfg, self.model_args)
+        problem = self._try_load(
+            folder,
+            ["model"],
+            allow_missing=True,
+            load=lambda: hf.load_hf(self.states["model"], adapter, folder),
+        )
+        if problem is not None:
+            raise ConfigError(key, folder, problem)
+        if self.rank == 0:
+            config = hf.read_hf_config(key, folder)
+            note = hf.rope_difference(config, self.model_args, rope_scaling_of(self.cfg))
+            if note is not None:
+                logger.warning(note)
+        logger.info(f"loaded the model from the Hugging Face checkpoint {folder}")
+        return 0
+
+    def update_model(self, cfg: Any, model_args: Any) -> None:
+        """The recipe and model args of a curriculum stage switched in memory (RoPE theta,
+        scaling and length change): what a Hugging Face export's config.json says."""
+        self.cfg, self.model_args = cfg, model_args
+
     def _warn(self, message: str) -> None:
         """A warning on rank 0 only (every rank reaches the same conclusion)."""
         if self.rank == 0:
             logger.warning(message)
 
-    def _try_load(self, path: str, keys: list[str], allow_missing: bool) -> str | None:
+    def _try_load(
+        self,
+        path: str,
+        keys: list[str],
+        allow_missing: bool,
+        load: Callable[[], None] | None = None,
+    ) -> str | None:
         """Verify (``checkpoint.verify``; a missing manifest fails unless ``allow_missing``)
-        and load ``keys`` from ``path``; None on success, else the one-line reason, the same
-        on every rank (rank 0's verdict on the manifest; DCP gathers load failures). A load
-        that fails while unpickling names the file, byte range and key. Collective."""
+        and load ``keys`` from ``path`` (or run ``load``: the Hugging Face reader); None on
+        success, else the one-line reason, the same on every rank (rank 0's verdict on the
+        manifest; DCP gathers load failures). A load that fails while unpickling names the
+        file, byte range and key. Collective."""
         if self.verify:
             problem = verify_manifest(path, self.rank, allow_missing)
             if problem is not None:
                 return problem
         try:
-            dcp.load({k: self.states[k] for k in keys}, checkpoint_id=path)
+            if load is not None:
+                load()
+            else:
+                dcp.load({k: self.states[k] for k in keys}, checkpoint_id=path)
         except ConfigError:
             raise  # the recipe cannot use this state (a Stateful said so): not corruption
         except (Exception, CheckpointException) as e:  # DCP raises the latter on every rank
@@ -330,6 +388,8 @@ class Checkpointer:
         """Write the full state as ``step-<step>`` atomically (with its manifest when
         ``checkpoint.verify``); collective on every rank. With ``async_mode = "async"`` the
         write goes on in the background and ``finish`` publishes it (a pending one first).
+        At the run's last step (``training.steps``) with ``last_save_in_hf`` the folder also
+        gets the Hugging Face export of the model (``_save_hf``, written before the state).
 
         Before writing, rank 0 checks the folder's free space against the checkpoint's size
         (the previous checkpoint's, else ``state_bytes``).
@@ -359,6 +419,9 @@ class Checkpointer:
                 raise CheckpointError(self._no_space(step, need, free))
 
         decided_by_rank0(prepare_on_rank0, f"checkpoint {final} could not be started")
+        hf_files: list[str] = []
+        if self.last_save_in_hf and step == self.cfg.training.steps:
+            hf_files = self._save_hf(step, tmp)
         try:
             if self.async_save:
                 if self._async_group is None:  # every rank saves at the same steps: collective
@@ -366,14 +429,43 @@ class Checkpointer:
                 future = dcp.async_save(
                     dict(self.states), checkpoint_id=tmp, process_group=self._async_group
                 )
-                self.pending = _PendingSave(future, tmp, final, step)
+                self.pending = _PendingSave(future, tmp, final, step, hf_files)
                 logger.info(f"saving checkpoint {final} in the background")
                 return final
             metadata = dcp.save(dict(self.states), checkpoint_id=tmp)
         except (Exception, CheckpointException) as e:  # DCP gathers failures to every rank
             self._write_failed(e, step, tmp)
-        self._publish(metadata, tmp, final)
+        self._publish(metadata, tmp, final, hf_files)
         return final
+
+    def _save_hf(self, step: int, tmp: str) -> list[str]:
+        """The Hugging Face export of the model into ``tmp`` (``hf.save_hf``, in
+        ``checkpoint.export_dtype``) and its config.json; rank 0 then removes DCP's
+        intermediate ``sharded/`` folder. Returns the exported file names (for the manifest).
+        Collective.
+
+        Raises:
+            CheckpointError: the write failed (one line on every rank; ``tmp`` removed).
+        """
+        dtype = self.cfg.checkpoint.export_dtype
+        adapter = hf.build_adapter(self.cfg, self.model_args)
+        try:
+            hf.save_hf(self.states["model"], adapter, tmp, TORCH_DTYPE_MAP[dtype])
+        except (Exception, CheckpointException) as e:
+            self._write_failed(e, step, tmp)
+        config = hf.hf_config(
+            self.model_args, rope_scaling_of(self.cfg), dtype, self.cfg.training.seq_len
+        )
+
+        def on_rank0() -> list[str]:
+            with open(os.path.join(tmp, hf.HF_CONFIG), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+            shutil.rmtree(os.path.join(tmp, hf.SHARDED_DIR), ignore_errors=True)
+            return hf.export_files(tmp)
+
+        files = decided_by_rank0(on_rank0, f"checkpoint {tmp}: writing the Hugging Face export")
+        logger.info(f"Hugging Face export of step {step}: {', '.join(files)}")
+        return files
 
     def _write_failed(self, err: BaseException, step: int, tmp: str) -> NoReturn:
         """A failed DCP write (raised on every rank): rank 0 removes the partial ``tmp`` and
@@ -415,18 +507,21 @@ class Checkpointer:
             metadata = pending.future.result()
         except (Exception, CheckpointException) as e:
             self._write_failed(e, pending.step, pending.tmp)
-        self._publish(metadata, pending.tmp, pending.final)
+        self._publish(metadata, pending.tmp, pending.final, pending.hf_files)
 
-    def _publish(self, metadata: Metadata, tmp: str, final: str) -> None:
-        """Manifest (``checkpoint.verify``), atomic rename of ``tmp`` to ``final``,
-        ``keep_latest_k``: the ranks hash, rank 0 writes and renames and hands the outcome to
-        every rank. Collective.
+    def _publish(
+        self, metadata: Metadata, tmp: str, final: str, extra_files: list[str] | None = None
+    ) -> None:
+        """Manifest (``checkpoint.verify``; of the DCP files and ``extra_files``, the
+        Hugging Face export), atomic rename of ``tmp`` to ``final``, ``keep_latest_k``: the
+        ranks hash, rank 0 writes and renames and hands the outcome to every rank.
+        Collective.
 
         Raises:
             CheckpointError: writing the manifest or renaming failed (on every rank).
         """
         dist.barrier()
-        digests = manifest_digests(tmp, metadata, self.rank) if self.verify else None
+        digests = manifest_digests(tmp, metadata, self.rank, extra_files) if self.verify else None
 
         def on_rank0() -> int:
             if digests is not None:

@@ -175,12 +175,16 @@ def _all_gather_dicts(local: dict[str, Any]) -> dict[str, Any]:
     return {k: v for d in gathered for k, v in d.items()}
 
 
-def manifest_digests(folder: str, metadata: Metadata, rank: int) -> dict[str, Any]:
-    """Hash the files of the DCP checkpoint in ``folder``, the ranks sharing the work:
-    {name: [size, xxh3-64]}, or {name: error string} for a file that cannot be read; the same
-    on every rank. Collective."""
+def manifest_digests(
+    folder: str, metadata: Metadata, rank: int, extra_files: list[str] | None = None
+) -> dict[str, Any]:
+    """Hash the files of the DCP checkpoint in ``folder`` and ``extra_files`` (names in
+    ``folder``, the same on every rank: a Hugging Face export beside it), the ranks sharing
+    the work: {name: [size, xxh3-64]}, or {name: error string} for a file that cannot be
+    read; the same on every rank. Collective."""
     files = sorted({info.relative_path for info in metadata.storage_data.values()})
     files.append(".metadata")
+    files += extra_files or []
     world = dist.get_world_size() if dist.is_initialized() else 1
     return _all_gather_dicts(_digest_share(folder, files, rank, world))
 

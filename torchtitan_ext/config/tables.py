@@ -54,8 +54,11 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
         "'disabled' or 'async' (the pinned-memory stager is not wired in)",
     ),
     ("checkpoint.create_seed_checkpoint", _enabled, "not needed: init is mesh-independent"),
-    ("checkpoint.initial_load_in_hf", _enabled, "HF-format checkpoints are not supported"),
-    ("checkpoint.last_save_in_hf", _enabled, "HF-format checkpoints are not supported"),
+    (
+        "checkpoint.initial_load_in_hf_quantized",
+        _enabled,
+        "quantized HF checkpoints are not supported (initial_load_in_hf loads unquantized ones)",
+    ),
     ("model.converters", _enabled, "float8/mx converters are not supported"),
     ("fault_tolerance.enable", _enabled, "not supported"),
     ("metrics.enable_wandb", _enabled, "use tensorboard"),

@@ -138,6 +138,7 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
                 "train_state": self.train_state,
             },
             rank=self.rank,
+            model_args=p.model_args,
         )
         self.metrics = MetricsLogger(
             dump_folder=cfg.job.dump_folder,

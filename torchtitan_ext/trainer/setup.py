@@ -113,11 +113,17 @@ def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
     cfg = stage_config(p.cfg, stage)
     if handed_over:
         cfg.checkpoint = dataclasses.replace(
-            cfg.checkpoint, load_step=-1, exclude_from_loading=[], initial_load_path=""
+            cfg.checkpoint,
+            load_step=-1,
+            exclude_from_loading=[],
+            initial_load_path="",
+            initial_load_in_hf=False,
         )
     elif stage.index > 0:
         # A run resumed in a later stage: from its checkpoints, not a recipe's start point.
-        cfg.checkpoint = dataclasses.replace(cfg.checkpoint, initial_load_path="")
+        cfg.checkpoint = dataclasses.replace(
+            cfg.checkpoint, initial_load_path="", initial_load_in_hf=False
+        )
     dims = validate(cfg, p.rank.world_size)
     assert dims is not None
     model_args = resolve_model_args(cfg)

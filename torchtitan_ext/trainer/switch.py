@@ -69,6 +69,7 @@ class SwitchMixin(TrainerBase):
         self.dataloader = self._build_dataloader(p, stage)
         self.dataloader.load_state_dict(position)
         self.checkpointer.states["dataloader"] = self.dataloader
+        self.checkpointer.update_model(cfg, p.model_args)
         self.val_windows = self._build_val_windows(p)
         self.metrics.flops_per_token = self.flops_per_token
         self.metrics.stage_last_step = stage.last_step
