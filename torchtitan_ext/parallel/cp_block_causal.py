@@ -38,10 +38,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import block_causal, cp_patterns
 from torchtitan_ext.parallel.cp_documents import DocumentMask
 from torchtitan_ext.parallel.cp_groups import CPPattern
 from torchtitan_ext.parallel.cp_ulysses import _heads_to_seq, _seq_to_heads
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 work_done: list[int] = [0]
 """(query, key) pairs x heads computed by this process's block-causal kernels (benchmarks)."""
@@ -99,6 +101,7 @@ class Plan:
     outer: _Link
     inner: _Link
     members: tuple[tuple[tuple[int, ...], ...], ...]
+    name: str = "ring"
 
 
 def make_plan(cp_mesh: DeviceMesh | None, pattern: CPPattern) -> Plan:
@@ -106,22 +109,22 @@ def make_plan(cp_mesh: DeviceMesh | None, pattern: CPPattern) -> Plan:
     ``cp_patterns.register`` made (call it first for patterns other than the ring)."""
     if cp_mesh is None or pattern.cp == 1:
         one = _Link(None, 1, 0)
-        return Plan(None, 1, one, one, (((0,),),))
+        return Plan(None, 1, one, one, (((0,),),), "ring")
     cp = pattern.cp
     groups = cp_patterns.process_groups(cp_mesh)
     if pattern.name == "ring" or not groups:
         link = _Link.of(cp_mesh.get_group())
-        return Plan(None, 1, _Link(None, 1, 0), link, (tuple((c,) for c in range(cp)),))
+        return Plan(None, 1, _Link(None, 1, 0), link, (tuple((c,) for c in range(cp)),), "ring")
     outer_group, inner_group = groups
     inner, outer = pattern.inner, pattern.outer
     if pattern.name == "double_ring":
         members: tuple[tuple[tuple[int, ...], ...], ...] = tuple(
             tuple((o * inner + i,) for i in range(inner)) for o in range(outer)
         )
-        return Plan(None, 1, _Link.of(outer_group), _Link.of(inner_group), members)
+        return Plan(None, 1, _Link.of(outer_group), _Link.of(inner_group), members, pattern.name)
     # ulysses (outer 1) and hybrid: the all-to-all over the inner group, the ring over the outer
     members = tuple((tuple(o * inner + i for i in range(inner)),) for o in range(outer))
-    return Plan(inner_group, inner, _Link.of(outer_group), _Link(None, 1, 0), members)
+    return Plan(inner_group, inner, _Link.of(outer_group), _Link(None, 1, 0), members, pattern.name)
 
 
 def _meta(mask: DocumentMask, ranks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,6 +248,7 @@ class _BlockCausal(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         mask = DocumentMask(positions, starts)
+        cp_patterns.calls[f"block_causal_{plan.name}"] += 1
         heads = q.shape[1]
         ke, ve = _expand_kv(k, heads, plan.u), _expand_kv(v, heads, plan.u)
         (qh,) = _to_heads(plan, [q])
@@ -260,6 +264,7 @@ class _BlockCausal(torch.autograd.Function):
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
         qh, kh, vh, out_h, lse, positions, starts = ctx.saved_tensors
         plan: Plan = ctx.plan
+        cp_patterns.calls[f"block_causal_{plan.name}_backward"] += 1
         (dout_h,) = _to_heads(plan, [dout.contiguous()])
         dq, dk, dv = _rings_backward(
             plan, dout_h, qh, kh, vh, out_h, lse, DocumentMask(positions, starts), ctx.scale
@@ -371,3 +376,90 @@ def apply_block_causal(model: nn.Module, cp_mesh: DeviceMesh | None, pattern: CP
         attention.register_module("inner_attention", BlockCausalAttention(inner, plan))
         attention.register_forward_pre_hook(_hand_over, with_kwargs=True)
         attention.register_forward_hook(_release, with_kwargs=True)
+
+
+def uses_block_causal(model_args: Any) -> bool:
+    """Whether the model runs ``block_causal_attention``: an SDPA flavor with
+    ``attn_mask_type = "block_causal"`` (flex and varlen flavors use TorchTitan's own masks)."""
+    return (
+        getattr(model_args, "attn_type", "sdpa") == "sdpa"
+        and getattr(model_args, "attn_mask_type", "causal") == "block_causal"
+    )
+
+
+def needs_block_causal(cfg: Any, model_args: Any) -> bool:
+    """Whether ``apply_block_causal`` must run on the model of ``cfg``: an SDPA flavor whose
+    recipe or any curriculum stage sets ``attn_mask_type = "block_causal"`` (a stage switch on
+    the same mesh keeps the model, so the attention is ready for every stage)."""
+    if model_args is None or getattr(model_args, "attn_type", "sdpa") != "sdpa":
+        return False
+    types = {getattr(model_args, "attn_mask_type", "causal"), cfg.model.attn_mask_type}
+    types |= {str(s.get("attn_mask_type", "")) for s in cfg.curriculum.stages}
+    return "block_causal" in types
+
+
+def _mask_type(c: RecipeCheck) -> None:
+    """varlen attention is block-causal only (TorchTitan's ``get_attention_masks``)."""
+    args = c.model_args
+    if getattr(args, "attn_type", "sdpa") == "varlen" and args.attn_mask_type != "block_causal":
+        raise ConfigError(
+            "model.attn_mask_type",
+            args.attn_mask_type,
+            f"flavor {c.cfg.model.flavor!r} has varlen attention, which is block_causal only",
+        )
+
+
+def _device(c: RecipeCheck) -> None:
+    """TorchTitan's flex and varlen attention cannot train on CPU."""
+    assert c.device is not None
+    attn_type = getattr(c.model_args, "attn_type", "sdpa")
+    if c.device.type == "cpu" and attn_type in ("flex", "varlen"):
+        why = {
+            "flex": "FlexAttention has no backward on CPU in torch",
+            "varlen": "varlen attention runs on CUDA only",
+        }[attn_type]
+        raise ConfigError(
+            "model.flavor",
+            c.cfg.model.flavor,
+            f"its attn_type is {attn_type!r}: {why}; on CPU use an SDPA flavor with "
+            "model.attn_mask_type = 'block_causal' (the same document mask)",
+        )
+
+
+def _eos(c: RecipeCheck) -> None:
+    """Documents end with the tokenizer's EOS: block_causal needs one."""
+    assert c.data is not None
+    mask_types = {s.attn_mask_type for s in c.stages} | {c.cfg.model.attn_mask_type}
+    if "block_causal" in mask_types and getattr(c.data.tokenizer, "eos_id", None) is None:
+        raise ConfigError(
+            "model.attn_mask_type",
+            "block_causal",
+            "documents end with the tokenizer's EOS token, and this tokenizer has none",
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("model.attn_mask_type",),
+        "causal or block_causal (varlen flavors: block_causal)",
+        _mask_type,
+        "parallel.cp_block_causal",
+    ),
+    Rule(
+        "device",
+        ("model.flavor",),
+        "flex and varlen attention flavors train on CUDA only",
+        _device,
+        "parallel.cp_block_causal",
+    ),
+    Rule(
+        "data",
+        ("model.attn_mask_type",),
+        "block_causal: the tokenizer has an EOS token",
+        _eos,
+        "parallel.cp_block_causal",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

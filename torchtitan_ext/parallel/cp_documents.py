@@ -38,6 +38,9 @@ from torch.distributed.tensor.experimental._context_parallel._load_balancer impo
     _PTRRLoadBalancer,
 )
 
+ATTN_MASK_TYPES = ("causal", "block_causal")
+"""Values of ``model.attn_mask_type`` ("" keeps the flavor's)."""
+
 BALANCERS = ("headtail", "per_document_headtail", "ptrr", None)
 """Values of ``parallelism.context_parallel_load_balancer`` with ``block_causal``."""
 
