@@ -142,3 +142,53 @@ def test_document_starts_follow_torchtitans_document_mask() -> None:
             theirs = mod(torch.tensor(b), torch.tensor(0), idx[:, None], idx[None, :])
             same_doc = starts[b][:, None] == starts[b][None, :]
             assert torch.equal(theirs, same_doc), kind
+
+
+def _tiny_model() -> torch.nn.Module:
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    import torchtitan_ext.models  # noqa: F401  (registers our flavors)
+    from torchtitan_ext.parallel.cp_block_causal import apply_block_causal
+    from torchtitan_ext.parallel.cp_groups import CPPattern
+
+    spec = get_train_spec("llama3")
+    torch.manual_seed(0)
+    model = spec.model_cls(spec.model_args["debugmodel_cpu_deep_gqa"])
+    with torch.no_grad():
+        model.init_weights()
+    apply_block_causal(model, None, CPPattern("ring", 1))
+    return model
+
+
+def test_packed_window_loss_is_the_sum_of_its_documents() -> None:
+    """The mask is applied: a packed window of three documents, run with its DocumentMask,
+    gives each token the loss it has when its document runs alone (RoPE positions from 0 at
+    each document, and also with the window's positions: attention sees relative positions
+    only); run causal, the later documents' losses differ."""
+    from torchtitan_ext.parallel.cp_documents import shard_documents
+
+    model = _tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, 200, (n,), generator=gen) for n in (20, 7, 37)]
+    for doc in docs:
+        doc[-1] = EOS
+    window = torch.cat(docs)[None]
+    labels = torch.roll(window, -1, dims=1)
+
+    def token_losses(inputs: torch.Tensor, targets: torch.Tensor, **kw: object) -> torch.Tensor:
+        logits = model(inputs, **kw)
+        return F.cross_entropy(logits[0].float(), targets[0], reduction="none")
+
+    with torch.no_grad():
+        alone = torch.cat(
+            [token_losses(d[None], labels[:, o : o + len(d)]) for d, o in zip(docs, (0, 20, 27))]
+        )
+        for restart in (True, False):
+            inputs, targets, positions, mask = shard_documents(
+                window, labels, EOS, 1, 0, None, restart_positions=restart
+            )
+            packed = token_losses(inputs, targets, positions=positions, attention_masks=mask)
+            torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        causal = token_losses(window, labels)
+    assert torch.allclose(causal[:20], alone[:20], rtol=1e-5, atol=1e-5)
+    assert (causal[20:] - alone[20:]).abs().max() > 1e-2
