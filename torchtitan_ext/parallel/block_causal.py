@@ -39,14 +39,21 @@ call and its mask)."""
 
 @dataclass(frozen=True)
 class Tile:
-    """Query rows ``[q0, q1)`` of batch row ``b`` and the key rows ``[k0, k1)`` they may see."""
+    """Query rows ``[q0, q1)`` of batch row ``b`` and the key rows ``[k0, k1)`` they may see,
+    and how the kernel runs them: ``"full"`` (every pair visible: no mask), ``"causal"``
+    (the same positions on both sides, one document: the kernel's own causal mask, which
+    skips the upper triangle) or ``"mask"`` (an explicit mask)."""
 
     b: int
     q0: int
     q1: int
     k0: int
     k1: int
-    full: bool  # every (query, key) pair of the tile is visible: no mask
+    mode: str
+
+    @property
+    def full(self) -> bool:
+        return self.mode == "full"
 
 
 def tiles(
@@ -79,13 +86,30 @@ def tiles(
             for s0, s1 in segs:
                 k0 = s0 + _bisect_left(kp, lo, s0, s1)
                 k1 = s0 + _bisect_right(kp, hi, s0, s1)
-                if k1 <= k0:
-                    continue
-                # Fully visible: every key is at or before the first row and at or after the
-                # last row's document start (starts ascend within a run of rows).
-                full = kp[k1 - 1] <= qp[q0] and kp[k0] >= qs[q1 - 1]
-                out.append(Tile(b, q0, q1, k0, k1, full))
+                if k1 > k0:
+                    out.extend(_calls(b, q0, q1, k0, k1, qp, qs, kp))
     return out
+
+
+def _calls(
+    b: int, q0: int, q1: int, k0: int, k1: int, qp: list[int], qs: list[int], kp: list[int]
+) -> list[Tile]:
+    """The kernel calls of one tile's rows over the key slice ``[k0, k1)`` (in ``tiles``)."""
+    # Fully visible: every key is at or before the first row and at or after the last row's
+    # document start (starts ascend within a run of rows).
+    if kp[k1 - 1] <= qp[q0] and kp[k0] >= qs[q1 - 1]:
+        return [Tile(b, q0, q1, k0, k1, "full")]
+    rows = q1 - q0
+    one_doc = qs[q0] == qs[q1 - 1]
+    keys_contiguous = kp[k1 - 1] - kp[k0] == k1 - k0 - 1
+    # The rows' own positions end the slice: the keys before them are visible, the last
+    # ``rows`` keys are the causal diagonal.
+    diagonal = kp[k1 - 1] == qp[q1 - 1] and k1 - k0 >= rows
+    if one_doc and keys_contiguous and diagonal:
+        kd = k1 - rows
+        before = [Tile(b, q0, q1, k0, kd, "full")] if kd > k0 else []
+        return [*before, Tile(b, q0, q1, kd, k1, "causal")]
+    return [Tile(b, q0, q1, k0, k1, "mask")]
 
 
 def _ascending_runs(xs: list[int]) -> list[tuple[int, int]]:
@@ -129,9 +153,9 @@ def _row_tiles(qp: list[int], qs: list[int], max_rows: int, min_rows: int) -> li
 def _mask(
     tile: Tile, q_pos: torch.Tensor, q_start: torch.Tensor, kv_pos: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(additive mask (1, 1, rows, keys) of 0 / -inf, or None when fully visible; bool (rows,)
-    of rows that see no key of the tile, or None when all see one)."""
-    if tile.full:
+    """(additive mask (1, 1, rows, keys) of 0 / -inf, or None for a full or causal tile; bool
+    (rows,) of rows that see no key of the tile, or None when all see one)."""
+    if tile.mode != "mask":
         return None, None
     qp = q_pos[tile.b, tile.q0 : tile.q1, None]
     qs = q_start[tile.b, tile.q0 : tile.q1, None]
@@ -148,17 +172,22 @@ def _gqa(kv: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _tile_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out (1, H, rows, D) in q's dtype, logsumexp (1, H, rows) fp32) of one tile."""
     if q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias, scale=scale
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale
         )
         return out, lse
     heads = q.shape[1]
     out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
-        q, _gqa(k, heads), _gqa(v, heads), _cuda_bias(bias, q, k), True, 0.0, False, scale=scale
+        q, _gqa(k, heads), _gqa(v, heads), _cuda_bias(bias, q, k), True, 0.0, causal, scale=scale
     )
     return out, lse[..., : q.shape[2]]
 
@@ -177,12 +206,13 @@ def _tile_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     bias: torch.Tensor | None,
+    causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one tile, against the attention's final ``out`` and ``lse``."""
     if q.device.type == "cpu":
         dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
         )
         return dq, dk, dv
     heads, kv_heads = q.shape[1], k.shape[1]
@@ -192,7 +222,7 @@ def _tile_backward(
     seed = torch.zeros((), dtype=torch.int64, device=q.device)
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
         dout, q, ke, ve, _cuda_bias(bias, q, k), out, lse_p, seed, seed, 0.0,
-        [True, True, True, False], False, scale=scale,
+        [True, True, True, False], causal, scale=scale,
     )  # fmt: skip
     if kv_heads != heads:
         b, _, s, d = dk.shape
@@ -241,18 +271,20 @@ def attend(
         scale: the softmax scale (1 / sqrt(D) by default in SDPA).
 
     Returns:
-        The (query, key) pairs computed (kernel tiles' areas x heads), the work done.
+        The (query, key) pairs the kernel calls cover (per head): the work done.
     """
     work = 0
     for t in tiles(q_pos, q_start, kv_pos):
         bias, empty = _mask(t, q_pos, q_start, kv_pos, q.dtype)
         b, rows, keys = slice(t.b, t.b + 1), slice(t.q0, t.q1), slice(t.k0, t.k1)
-        out, lse = _tile_forward(q[b, :, rows], k[b, :, keys], v[b, :, keys], bias, scale)
+        causal = t.mode == "causal"
+        out, lse = _tile_forward(q[b, :, rows], k[b, :, keys], v[b, :, keys], bias, causal, scale)
         lse = lse.float()
         if empty is not None:
             lse = lse.masked_fill(empty, float("-inf"))
         merge(acc_out[b, :, rows], acc_lse[b, :, rows], out, lse)
-        work += (t.q1 - t.q0) * (t.k1 - t.k0) * q.shape[1]
+        area = (t.q1 - t.q0) * (t.k1 - t.k0)
+        work += (area + (t.q1 - t.q0)) // 2 if causal else area
     return work
 
 
@@ -284,7 +316,7 @@ def attend_backward(
         b, rows, keys = slice(t.b, t.b + 1), slice(t.q0, t.q1), slice(t.k0, t.k1)
         g = _tile_backward(
             dout[b, :, rows], q[b, :, rows], k[b, :, keys], v[b, :, keys],
-            out[b, :, rows], lse[b, :, rows], bias, scale,
+            out[b, :, rows], lse[b, :, rows], bias, t.mode == "causal", scale,
         )  # fmt: skip
         dq[b, :, rows] += g[0]
         dk[b, :, keys] += g[1]

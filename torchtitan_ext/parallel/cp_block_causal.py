@@ -409,6 +409,19 @@ def _mask_type(c: RecipeCheck) -> None:
         )
 
 
+def _no_compile(c: RecipeCheck) -> None:
+    """TorchTitan compiles each block with fullgraph=True; the block-causal attention (its
+    tiling depends on the data, and the ring sends point to point) does not trace."""
+    compiled = c.cfg.compile.enable and "model" in c.cfg.compile.components
+    if compiled and needs_block_causal(c.cfg, c.model_args):
+        raise ConfigError(
+            "compile.enable",
+            True,
+            "not supported with model.attn_mask_type = 'block_causal' yet (TorchTitan compiles "
+            "each block whole, and the document-masked attention does not trace): turn it off",
+        )
+
+
 def _device(c: RecipeCheck) -> None:
     """TorchTitan's flex and varlen attention cannot train on CPU."""
     assert c.device is not None
@@ -444,6 +457,13 @@ RULES: tuple[Rule, ...] = (
         ("model.attn_mask_type",),
         "causal or block_causal (varlen flavors: block_causal)",
         _mask_type,
+        "parallel.cp_block_causal",
+    ),
+    Rule(
+        "recipe",
+        ("compile.enable",),
+        "off with block_causal",
+        _no_compile,
         "parallel.cp_block_causal",
     ),
     Rule(
