@@ -14,8 +14,9 @@ Load balancers (``parallelism.context_parallel_load_balancer``), all torch's own
 - ``None``: contiguous slices.
 - ``"per_document_headtail"``: torch's ``_PerDocumentHeadTailLoadBalancer`` (head-tail inside
   each document). torch needs every document's length to be a multiple of 2cp; here the
-  balancer runs on the document boundaries rounded to multiples of 2cp (the mask itself stays
-  exact: only which rank holds a token changes).
+  balancer runs on the document boundaries rounded to multiples of 2cp x
+  ``PER_DOCUMENT_GRANULE`` tokens (short documents travel with a neighbour; the mask itself
+  stays exact: only which rank holds a token changes).
 - ``"ptrr"``: torch's processing-time round-robin (``_PTRRLoadBalancer.ptrr_scheduling``) over
   equal blocks of the sequence, each weighted by the mask's work in it (the pairs its queries
   attend): balances the masked work, whatever the documents. torch's own PTRR balancer needs a
@@ -43,6 +44,11 @@ ATTN_MASK_TYPES = ("causal", "block_causal")
 
 BALANCERS = ("headtail", "per_document_headtail", "ptrr", None)
 """Values of ``parallelism.context_parallel_load_balancer`` with ``block_causal``."""
+
+PER_DOCUMENT_GRANULE = 1
+"""``per_document_headtail`` cuts documents into chunks of a multiple of this many tokens
+(rounding the boundaries it balances on; the mask stays exact): shorter chunks cost more
+kernel calls than the balance they buy."""
 
 PTRR_BLOCKS_PER_RANK = 16
 """Blocks each rank gets from ``ptrr`` at most (fewer when the sequence does not divide)."""
@@ -111,12 +117,26 @@ def layout(starts: torch.Tensor, cp: int, balancer: str | None) -> torch.Tensor:
 
 
 def _per_document(starts: torch.Tensor, cp: int) -> torch.Tensor:
-    """torch's per-document head-tail on one row, documents rounded to multiples of 2 cp."""
-    s, unit = starts.shape[0], 2 * cp
+    """torch's per-document head-tail on one row, documents rounded to multiples of 2 cp,
+    rank by rank.
+
+    torch 2.13's ``_PerDocumentHeadTailLoadBalancer._generate_indices`` lists each document's
+    chunks rank by rank inside the document (doc 0: rank 0's head and tail, rank 1's, ...;
+    then doc 1), while ``_context_parallel_shard`` gives rank r the r-th contiguous slice of the
+    rearranged sequence: rank 0 would get all of the first documents, not its head and tail of
+    each (e.g. documents [4, 8, 4] on 2 ranks: rank 0 gets positions 0 3 1 2 4 5 10 11, not
+    the documented 0 3 4 5 10 11 12 15). The chunks are regrouped here by rank, each rank's in
+    torch's order.
+    """
+    s = starts.shape[0]
+    unit = 2 * cp * max(1, min(PER_DOCUMENT_GRANULE, s // (2 * cp)))
     bounds = sorted({round(int(x) / unit) * unit for x in starts.unique().tolist()} | {s})
     lengths = [b - a for a, b in zip([0, *bounds], bounds, strict=False) if b > a]
     balancer: Any = _PerDocumentHeadTailLoadBalancer([lengths], cp, starts.device)
-    return balancer._generate_indices()[0]
+    idx = balancer._generate_indices()[0]
+    # Each document's segment of torch's list is its 2 cp chunks, two per rank, rank by rank.
+    rank = torch.cat([torch.arange(n, device=starts.device) // (n // cp) for n in lengths])
+    return idx[torch.sort(rank, stable=True).indices]
 
 
 def _ptrr(starts: torch.Tensor, cp: int) -> torch.Tensor:
