@@ -200,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             ok_time = ratio / ideal <= RATIO_TARGET
             ok_bal = balance["per_document_headtail"][0] <= BALANCE_TARGET
             failed |= not (ok_time and ok_bal)
+            per_doc, headtail, ptrr = (
+                balance[k][0] for k in ("per_document_headtail", "headtail", "ptrr")
+            )
             print(
                 f"{cp:3d}  {causal:8.3f}  {masked:8.3f}  {ratio:6.3f}  {ratio / ideal:6.2f}  "
-                f"{'PASS' if ok_time else 'FAIL':>6} | {'':12s}{balance['per_document_headtail'][0]:7.3f}  "
-                f"{balance['headtail'][0]:8.3f}  {balance['ptrr'][0]:5.3f}  "
-                f"{'PASS' if ok_bal else 'FAIL':>6}"
+                f"{'PASS' if ok_time else 'FAIL':>6} | {'':12s}{per_doc:7.3f}  "
+                f"{headtail:8.3f}  {ptrr:5.3f}  {'PASS' if ok_bal else 'FAIL':>6}"
             )
     print(f"\ntargets: masked / causal time <= {RATIO_TARGET} x ideal; per-document head-tail "
           f"work max/min <= {BALANCE_TARGET}")  # fmt: skip
