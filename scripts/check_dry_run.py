@@ -115,10 +115,10 @@ def _worker(payload: Path) -> int:
         saved = None
         if not dims.pp_enabled:
             inputs, labels = trainer.dataloader.next_step()[0]
-            inputs, labels, positions = trainer._shard_sequence(inputs, labels)
+            inputs, labels, extra = trainer._shard_sequence(inputs, labels)
             model = trainer.model_parts[0]
             with trainer._loss_parallel(), saved_activations() as total:
-                loss = trainer._scaled_loss(model(inputs, positions=positions), labels)
+                loss = trainer._scaled_loss(model(inputs, **extra), labels)
             saved = total[0]
             del loss
         numel, param_bytes = local_numel_bytes(trainer.model_parts)

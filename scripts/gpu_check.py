@@ -423,6 +423,70 @@ def check_tokens_per_s(a: argparse.Namespace) -> list[Row]:
     ]  # fmt: skip
 
 
+# ---- block_causal --------------------------------------------------------------------------
+
+
+def check_block_causal(a: argparse.Namespace) -> list[Row]:
+    """The block-causal kernel's CUDA path (the efficient kernel with an additive bias, and
+    its causal diagonal), forward and dq/dk/dv, bf16 GQA, against fp32 masked SDPA; then its
+    time against causal flash SDPA at the same length (the ratio docs/context_parallel.md's
+    bench prints for CPU)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from torchtitan_ext.parallel.cp_block_causal import block_causal_attention, make_plan
+    from torchtitan_ext.parallel.cp_documents import shard_documents
+    from torchtitan_ext.parallel.cp_groups import CPPattern
+
+    rows: list[Row] = []
+    gen = torch.Generator().manual_seed(0)
+    plan = make_plan(None, CPPattern("ring", 1))
+    for s, mean in ((4096, 512), (16384, 1024)):
+        tokens = torch.randint(2, 1000, (1, s), generator=gen)
+        tokens[torch.rand(1, s, generator=gen) < 1 / mean] = 1
+        _, _, _, mask = shard_documents(tokens, tokens, 1, 1, 0, None)
+        mask = type(mask)(*(t.cuda() for t in mask))
+        q, k, v = (torch.randn(1, h, s, 128, generator=gen).cuda().bfloat16() for h in (32, 8, 8))
+        dout = torch.randn(1, 32, s, 128, generator=gen).cuda().bfloat16()
+        pos = torch.arange(s, device="cuda")
+        starts = mask.starts[0, 0]
+        visible = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= starts[:, None])
+        rq, rk, rv = (t.float().requires_grad_() for t in (q, k, v))
+        ref = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=visible, enable_gqa=True)
+        ref.backward(dout.float())
+        lq, lk, lv = (t.clone().requires_grad_() for t in (q, k, v))
+        out = block_causal_attention(lq, lk, lv, mask, plan)
+        out.backward(dout)
+        for name, got, want in (("out", out, ref), ("dq", lq.grad, rq.grad),
+                                ("dk", lk.grad, rk.grad), ("dv", lv.grad, rv.grad)):  # fmt: skip
+            err = _err(got, want)
+            rows.append(Row("block_causal", f"S {s} mean doc {mean}: {name}",
+                            f"max abs err {err:.1e}", "ok" if err <= 5e-2 else "FAIL"))  # fmt: skip
+
+        def timed(fn: Callable[[], Any]) -> float:
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            return (time.perf_counter() - t0) / 3
+
+        def run_masked(q: Any = q, k: Any = k, v: Any = v, mask: Any = mask) -> Any:
+            return block_causal_attention(q, k, v, mask, plan)
+
+        def run_causal(q: Any = q, k: Any = k, v: Any = v) -> Any:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        masked, causal = timed(run_masked), timed(run_causal)
+        rows.append(Row("block_causal", f"S {s} mean doc {mean}: forward time",
+                        f"{masked / causal:.2f} x causal", "info",
+                        f"{masked * 1e3:.1f} ms vs {causal * 1e3:.1f} ms"))  # fmt: skip
+    return rows
+
+
 # ---- driver --------------------------------------------------------------------------------
 
 CHECKS: dict[str, Check] = {
@@ -434,6 +498,8 @@ CHECKS: dict[str, Check] = {
               check_long_context_memory),
         Check("tokens_per_s", "train.py vs TorchTitan's torchtitan.train, same recipe", 3.5,
               check_tokens_per_s),
+        Check("block_causal", "document-masked attention's CUDA kernel path vs masked SDPA",
+              0.5, check_block_causal),
     )
 }  # fmt: skip
 

@@ -141,9 +141,19 @@ IRD = ["--parallelism.context_parallel_inner_ring_degree"]
          "validation.seq_len", "2 x cp (2) = 4"),
         (["--parallelism.context_parallel_degree", "2",
           "--parallelism.context_parallel_load_balancer", "ptrr"], 4,
-         "parallelism.context_parallel_load_balancer", "'headtail', or None"),
+         "parallelism.context_parallel_load_balancer",
+         "with model.attn_mask_type = 'block_causal' also 'per_document_headtail', 'ptrr'"),
+        (["--parallelism.context_parallel_degree", "2",
+          "--parallelism.context_parallel_load_balancer", "per_documents", "--model.attn_mask_type",
+          "block_causal"], 4, "parallelism.context_parallel_load_balancer", "supported:"),
         (["--parallelism.context_parallel_degree", "2", "--model.flavor", "debugmodel_flex_attn"],
-         4, "model.flavor", "context parallel supports 'sdpa'"),
+         4, "model.flavor", "use an SDPA flavor with model.attn_mask_type = 'block_causal'"),
+        (["--model.attn_mask_type", "block_casual"], 4, "model.attn_mask_type",
+         "did you mean 'block_causal'?"),
+        (["--model.attn_mask_type", "block_causal", "--compile.enable"], 4, "compile.enable",
+         "not supported with model.attn_mask_type = 'block_causal' yet"),
+        (["--model.flavor", "debugmodel_varlen_attn", "--model.attn_mask_type", "causal"], 4,
+         "model.attn_mask_type", "varlen attention, which is block_causal only"),
         (["--parallelism.context_parallel_degree", "2",
           "--parallelism.context_parallel_load_balancer", "None", "--training.seq_len", "258",
           "--validation.no-enable"], 4, "parallelism", "multiply to 8"),
@@ -303,6 +313,10 @@ def test_missing_and_malformed_files(tmp_path):
           "--parallelism.data_parallel_shard_degree", "-1",
           "--activation_checkpoint.enable_cpu_offload", "--activation_checkpoint.mode", "full"],
          "activation_checkpoint.enable_cpu_offload"),
+        (["--world_size", "1", "--training.device", "cpu", "--model.flavor",
+          "debugmodel_flex_attn"], "FlexAttention has no backward on CPU"),
+        (["--world_size", "1", "--training.device", "cpu", "--model.flavor",
+          "debugmodel_varlen_attn"], "varlen attention runs on CUDA only"),
         (["--checkpoint.allow_unverified", "--checkpoint.no-verify"],
          "checkpoint.allow_unverified = True: has no effect with checkpoint.verify = false"),
     ],
@@ -535,3 +549,44 @@ def test_recipes_doc_flavor_table_matches_registry():
         "docs/recipes.md's flavor table is stale: replace it with the output of "
         'python -c "from torchtitan_ext.models import flavor_table; print(flavor_table())"'
     )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["--parallelism.context_parallel_load_balancer", "ptrr"],
+        ["--parallelism.context_parallel_load_balancer", "per_document_headtail"],
+        ["--parallelism.context_parallel_pattern", "ulysses"],
+    ],
+)
+def test_block_causal_is_accepted_with_every_pattern_and_balancer(overrides):
+    """block_causal with CP passes every check a recipe meets before its data (the numerics:
+    tests/test_block_causal.py)."""
+    from torchtitan_ext.validate import check_recipe
+
+    args = ["--job.config_file", DEBUG_CPU, "--model.attn_mask_type", "block_causal",
+            "--parallelism.context_parallel_degree", "2", "--training.device", "cpu"]  # fmt: skip
+    check = check_recipe(load_config(args + overrides), 4)
+    assert check.model_args.attn_mask_type == "block_causal"
+
+
+def test_block_causal_needs_a_tokenizer_with_eos():
+    """Documents end with the tokenizer's EOS: the data phase refuses a tokenizer without one,
+    in one error naming model.attn_mask_type."""
+    import numpy as np
+
+    from torchtitan_ext.rules import RecipeData
+    from torchtitan_ext.validate import check_recipe, run_phases
+
+    class NoEos:
+        eos_id = None
+
+    args = ["--job.config_file", DEBUG_CPU, "--model.attn_mask_type", "block_causal",
+            "--training.device", "cpu"]  # fmt: skip
+    check = check_recipe(load_config(args), 1)
+    empty = np.zeros(0, np.int32)
+    check.data = RecipeData(NoEos(), empty, np.zeros(1, np.int64), empty, 0)
+    with pytest.raises(ConfigError, match="this tokenizer has none") as err:
+        run_phases(check, "data")
+    assert err.value.key == "model.attn_mask_type"

@@ -1,6 +1,7 @@
 """The context-length curriculum: planning and its errors (in-process), and one real 4-rank
 run through three stages with two re-meshes (cp 1 -> 2 -> 4, the CP pattern ring -> ulysses ->
-double ring), resumed mid-stage and at a boundary."""
+double ring, causal then block-causal attention from stage 1 on), resumed mid-stage and at a
+boundary."""
 
 import json
 import re
@@ -34,6 +35,7 @@ context_parallel_degree = 2
 context_parallel_pattern = "ulysses"
 lr = 1e-3
 warmup_steps = 2
+attn_mask_type = "block_causal"
 
 [[curriculum.stages]]
 seq_len = 256
@@ -335,6 +337,11 @@ def test_stages_switch_context_parallel_pattern(full_run):
     # Both switches re-meshed in memory (their equality with the disk round trip:
     # test_state_survives_remesh and test_resume_equals_uninterrupted at the boundary).
     assert log.count("re-meshed in memory") == 2, log[-3000:]
+    # Stage 1 sets attn_mask_type = "block_causal" and stage 2 keeps it: their steps measure
+    # the cp ranks' masked work, stage 0's (causal, cp 1) do not.
+    steps, _ = records(dump)
+    masked = {k: "attn_work_max_over_min" in r for k, r in steps.items()}
+    assert masked == {k: k > 3 for k in steps}, masked
     # Settings a user could miss are said outright: the stages replace [training]'s length,
     # steps and batch; the AC in use (the recipe's "none" here; TorchTitan's default is
     # selective, which a recipe without the section gets).

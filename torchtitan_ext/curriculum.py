@@ -58,6 +58,8 @@ class Stage:
         rope: the stage's ``model.rope_*`` scaling keys (``rope.ROPE_KEYS``); a key the stage
             does not set keeps the previous stage's value (the first stage: the recipe's).
         tp: tensor-parallel degree (the recipe's, unless the stage is auto-meshed).
+        attn_mask_type: the stage's ``model.attn_mask_type`` ("" : the flavor's); a stage that
+            does not set it keeps the previous stage's.
         mesh_plan: for an auto-meshed stage, the planner's estimates of the meshes that
             passed validation (``auto_mesh.MeshEstimate``), best first: the stage runs the
             first; empty otherwise.
@@ -81,6 +83,7 @@ class Stage:
     cp_inner_ring_degree: int = 0
     rope: dict[str, Any] = dataclasses.field(default_factory=dict)
     tp: int = 1
+    attn_mask_type: str = ""
     mesh_plan: tuple[Any, ...] = ()
 
     @property
@@ -297,6 +300,9 @@ def _resolve_stage(
         cp_inner_ring_degree=degrees[1],
         rope=rope,
         tp=tp,
+        attn_mask_type=str(
+            raw.get("attn_mask_type", prev.attn_mask_type if prev else cfg.model.attn_mask_type)
+        ),
     )
 
 
@@ -343,7 +349,12 @@ def stage_config(cfg: Any, stage: Stage) -> Any:
         context_parallel_ulysses_degree=stage.cp_ulysses_degree,
         context_parallel_inner_ring_degree=stage.cp_inner_ring_degree,
     )
-    out.model = dataclasses.replace(out.model, rope_theta=stage.rope_theta, **stage.rope)
+    out.model = dataclasses.replace(
+        out.model,
+        rope_theta=stage.rope_theta,
+        attn_mask_type=stage.attn_mask_type,
+        **stage.rope,
+    )
     return out
 
 

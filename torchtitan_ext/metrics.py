@@ -372,6 +372,8 @@ class MetricsLogger:
         )
         if "mfu_pct" in r:
             line += f"{c.magenta}mfu: {r['mfu_pct']:.2f}%  "
+        if "attn_work_max_over_min" in r:
+            line += f"{c.reset}attn work max/min: {r['attn_work_max_over_min']:.2f}  "
         if stage_eta is not None:
             line += f"{c.reset}stage {self.stage_label} eta: {format_duration(stage_eta)}  "
         line += f"{c.reset}eta: {format_duration(eta)}"

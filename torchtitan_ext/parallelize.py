@@ -5,9 +5,10 @@ Order (TorchTitan 0.2.2 ``parallelize_llama``, plus the long-context memory feat
 chunked cross-entropy, the output projection is first deferred to the loss
 (``torchtitan_ext.long_context.chunked_loss``), and with tiled MLP the feed-forwards become
 tiled (``torchtitan_ext.long_context.tiled_mlp``), both before any parallelism sees them;
-tensor parallel next (it rewrites the
-parameters into DTensors over the tp mesh), then context parallel on the attention modules,
-then activation checkpointing (wraps the blocks, which TP and CP have already rewritten), then
+tensor parallel next (it rewrites the parameters into DTensors over the tp mesh), then context
+parallel on the attention modules, then, when any stage masks documents, the block-causal
+attention around them (``torchtitan_ext.parallel.cp_block_causal``), then activation
+checkpointing (wraps the blocks, which TP and CP have already rewritten), then
 ``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), then
 activation offload (around the compiled block, so the checkpoint's saved inputs go to host
 memory), and FSDP2 last (it shards whatever parameters the previous steps produced, composing
@@ -31,6 +32,7 @@ from torchtitan_ext.long_context.chunked_loss import defer_output_projection
 from torchtitan_ext.long_context.tiled_mlp import apply_tiled_mlp
 from torchtitan_ext.parallel.activation_checkpoint import apply_ac, apply_activation_offload
 from torchtitan_ext.parallel.context_parallel import apply_cp
+from torchtitan_ext.parallel.cp_block_causal import apply_block_causal, needs_block_causal
 from torchtitan_ext.parallel.cp_patterns import recipe_pattern
 from torchtitan_ext.parallel.fsdp import apply_fsdp
 from torchtitan_ext.parallel.tensor_parallel import apply_tp
@@ -73,6 +75,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
             p.context_parallel_load_balancer,
             recipe_pattern(p, dims.cp),
         )
+    if needs_block_causal(cfg, getattr(model, "model_args", None)):
+        # Attention takes a DocumentMask (after CP: the causal module it keeps is CP's).
+        cp_mesh = dims.get_mesh("cp") if dims.cp_enabled else None
+        apply_block_causal(model, cp_mesh, recipe_pattern(cfg.parallelism, dims.cp))
     if cfg.activation_checkpoint.mode != "none":
         apply_ac(model, cfg.activation_checkpoint, compile_model, cfg.job.dump_folder)
     if compile_model:

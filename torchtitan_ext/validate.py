@@ -39,10 +39,12 @@ from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import (
     activation_checkpoint,
     context_parallel,
+    cp_block_causal,
     cp_patterns,
     cpu_ring_attention,
     pipeline,
 )
+from torchtitan_ext.parallel.cp_documents import ATTN_MASK_TYPES
 from torchtitan_ext.parallel_dims import (
     ParallelDims,
     check_degrees,
@@ -234,6 +236,7 @@ RULES: tuple[Rule, ...] = (
     *distributed.RULES,  # device: resolves the device the next rules read
     *activation_checkpoint.RULES,  # recipe: the AC mode; device: offload
     *cpu_ring_attention.RULES,
+    *cp_block_causal.RULES,  # recipe: the mask type; device: flex / varlen; data: the EOS
     Rule(
         "data",
         ("model.flavor", "model.tokenizer"),
@@ -400,6 +403,17 @@ def resolve_model_args(cfg: Any) -> Any:
         raise ConfigError("model.rope_theta", cfg.model.rope_theta, "must be > 0 (0: the flavor's)")
     if cfg.model.rope_theta > 0:
         args.rope_theta = float(cfg.model.rope_theta)
+    mask_type = cfg.model.attn_mask_type
+    if mask_type:
+        if mask_type not in ATTN_MASK_TYPES:
+            close = difflib.get_close_matches(str(mask_type), ATTN_MASK_TYPES, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                "model.attn_mask_type",
+                mask_type,
+                f"must be one of {', '.join(ATTN_MASK_TYPES)}{hint}",
+            )
+        args.attn_mask_type = mask_type
     from torchtitan_ext.rope import check_rope_scaling, rope_scaling_of
 
     bad = check_rope_scaling(rope_scaling_of(cfg))

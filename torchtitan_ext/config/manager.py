@@ -438,6 +438,8 @@ _STAGE_KEY_HELP = {
     "recipe's); a stage that sets it also sets the degree its pattern needs "
     "(hybrid: context_parallel_ulysses_degree; double_ring: context_parallel_inner_ring_degree, "
     "unset: its default, see parallelism.context_parallel_inner_ring_degree).",
+    "attn_mask_type": 'This stage\'s model.attn_mask_type: "causal" or "block_causal" '
+    "(unset: the previous stage's; the first stage: the recipe's).",
     "auto_mesh": "true: the planner picks this stage's tp x cp x CP pattern (see "
     "curriculum.auto_mesh, whose value an unset key takes); the stage then sets none of "
     "context_parallel_degree and the pattern keys.",

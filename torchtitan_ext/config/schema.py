@@ -55,6 +55,19 @@ class Model:
     rope_yarn_attention_factor: float = 0.0
     """"yarn": scale of cos and sin (q.k scales by its square); 0: 0.1 ln(factor) + 1."""
 
+    attn_mask_type: str = ""
+    """Attention mask over the packed documents of a sequence: "causal" (every token sees
+    every earlier token of the sequence) or "block_causal" (a token sees only the earlier
+    tokens of its own document; documents end with the tokenizer's EOS, as TorchTitan's
+    get_document_mask_mod). "" keeps the flavor's (TorchTitan sets it only per flavor; its SDPA
+    flavors are causal). block_causal works with SDPA flavors under every
+    context_parallel_pattern and load balancer, and without CP. Curriculum stages may set
+    their own."""
+
+    document_positions: bool = False
+    """With block_causal: RoPE positions restart at 0 at each document start (default: they
+    run over the whole packed sequence, as in TorchTitan)."""
+
 
 @dataclass
 class Training:

@@ -26,13 +26,14 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import cp_patterns, cpu_ring_attention
+from torchtitan_ext.parallel.cp_documents import BALANCERS
 from torchtitan_ext.parallel.cp_patterns import CPPattern
 from torchtitan_ext.rules import RecipeCheck, Rule
 
 LOAD_BALANCERS = ("headtail", None)
-"""Values of ``parallelism.context_parallel_load_balancer`` supported with SDPA (None: no
+"""Values of ``parallelism.context_parallel_load_balancer`` with causal SDPA (None: no
 balancing; TOML cannot spell None, so from the CLI: ``--parallelism.context_parallel_load_balancer
-None``). TorchTitan's "ptrr" needs FlexAttention."""
+None``). With block_causal: ``cp_documents.BALANCERS``."""
 
 
 def apply_cp(
@@ -101,25 +102,32 @@ def shard_sequence(
 
 
 def check_recipe_cp(cfg: Any, model_args: Any) -> None:
-    """What context parallel can shard, for a recipe with cp > 1: SDPA attention, head-tail or
-    no load balancing (a rule of ``validate.RULES``).
+    """What context parallel can shard, for a recipe with cp > 1: SDPA attention (causal, or
+    block-causal through ``cp_block_causal``); head-tail or no load balancing, and with
+    block_causal also torch's per-document head-tail and PTRR (a rule of ``validate.RULES``).
 
     Raises:
         ConfigError: the flavor's attention or the load balancer, with what is supported.
     """
     attn_type = getattr(model_args, "attn_type", "sdpa")
+    mask_type = getattr(model_args, "attn_mask_type", "causal")
     if attn_type != "sdpa":
         raise ConfigError(
             "model.flavor",
             cfg.model.flavor,
-            f"its attn_type is {attn_type!r}; context parallel supports 'sdpa' attention",
+            f"its attn_type is {attn_type!r}; context parallel runs SDPA flavors: for "
+            "documents masked under CP use an SDPA flavor with model.attn_mask_type = "
+            "'block_causal' (every context_parallel_pattern)",
         )
     lb = cfg.parallelism.context_parallel_load_balancer
-    if lb not in LOAD_BALANCERS:
+    allowed: tuple[str | None, ...] = BALANCERS if mask_type == "block_causal" else LOAD_BALANCERS
+    if lb not in allowed:
+        masked = ", 'per_document_headtail', 'ptrr'"
         raise ConfigError(
             "parallelism.context_parallel_load_balancer",
             lb,
-            "supported with SDPA: 'headtail', or None (no load balancing)",
+            "supported: 'headtail', None (no load balancing), and with "
+            f"model.attn_mask_type = 'block_causal' also{masked[1:]}",
         )
 
 
@@ -132,7 +140,8 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "recipe",
         ("model.flavor", "parallelism.context_parallel_load_balancer"),
-        "with cp > 1: SDPA attention, head-tail or no load balancing",
+        "with cp > 1: SDPA attention; head-tail or no load balancing (block_causal: also "
+        "per-document head-tail, PTRR)",
         _cp_attention,
         "parallel.context_parallel",
     ),

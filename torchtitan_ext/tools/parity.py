@@ -76,7 +76,13 @@ OPTIONS: dict[str, list[str]] = {
     # Also "hybrid<u>" and "dring<n>" (option_args): hybrid with Ulysses degree u, double ring
     # with inner ring n.
     "ulysses": ["--parallelism.context_parallel_pattern", "ulysses"],
+    # Load balancers of block_causal (cp_documents): PTRR and per-document head-tail.
+    "ptrr": ["--parallelism.context_parallel_load_balancer", "ptrr"],
+    "pdht": ["--parallelism.context_parallel_load_balancer", "per_document_headtail"],
 }
+
+BLOCK_CAUSAL = ["--model.attn_mask_type", "block_causal"]
+"""``run_matrix``'s ``extra`` for a document-masked matrix (every shape and the reference)."""
 
 
 def option_args(option: str) -> list[str] | None:
@@ -313,15 +319,23 @@ def expected_pattern(shape: Shape) -> str:
     return "ring"
 
 
-def pattern_calls_problem(shape: Shape, dump: Path) -> str:
+def pattern_calls_problem(shape: Shape, dump: Path, masked: bool = False) -> str:
     """ "" if the shape's CP pattern really ran (forward and backward calls counted in
     ``PATTERN_CALLS_FILE``) and no other pattern did, else why not. A ring shape must count
-    none: the ring is torch's own code."""
+    none: the ring is torch's own code. ``masked`` (a block_causal matrix): the pattern's
+    block-causal attention must have run (``cp_block_causal`` counts "block_causal_<pattern>",
+    the ring too), and nothing else."""
     path = dump / PATTERN_CALLS_FILE
     if not path.exists():
         return f"no pattern call counts ({path.parent.name}/{path.name})"
     calls = json.loads(path.read_text())
     want = expected_pattern(shape) if shape.degrees.get("cp", 1) > 1 else "ring"
+    if masked:
+        want = f"block_causal_{want}"
+        others = {k: n for k, n in calls.items() if n and k.removesuffix("_backward") != want}
+        if others or not (calls.get(want) and calls.get(f"{want}_backward")):
+            return f"block-causal {want} did not run alone: calls {calls}"
+        return ""
     others = {k: n for k, n in calls.items() if n and k.removesuffix("_backward") != want}
     if others:
         return f"other CP patterns ran: {others}"
@@ -542,13 +556,13 @@ class Result:
     param_dev: float = float("nan")
 
 
-def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
+def compare(shape: Shape, dump: Path, ref_dump: Path, masked: bool = False) -> Result:
     """Compare a shape's metrics with the reference's, step by step: training loss and grad
     norm (step 1 within ``STEP1_RTOL``, all within ``ALL_STEPS_RTOL``), the validation loss
     (within ``ALL_STEPS_RTOL``), every parameter's step-1 gradient (within ``GRAD_RTOL``,
     ``grad_deviation``), the parameters after the last step (within ``PARAM_RTOL``,
     ``param_deviation``), and that the shape's CP pattern is what ran
-    (``pattern_calls_problem``)."""
+    (``pattern_calls_problem``; ``masked``: of a block_causal matrix)."""
     got, ref = read_metrics(dump), read_metrics(ref_dump)
     got_val, ref_val = read_metrics(dump, "val"), read_metrics(ref_dump, "val")
     if [r["step"] for r in got] != [r["step"] for r in ref] or not ref:
@@ -564,7 +578,7 @@ def compare(shape: Shape, dump: Path, ref_dump: Path) -> Result:
     )
     step1 = max(loss[0], gn[0])
     grad, why = grad_deviation(dump, ref_dump)
-    pattern_problem = pattern_calls_problem(shape, dump)
+    pattern_problem = pattern_calls_problem(shape, dump, masked)
     params, params_why = param_deviation(dump, ref_dump)
     ok = step1 <= STEP1_RTOL and max(loss + gn) <= ALL_STEPS_RTOL
     ok = ok and (not shape.validates or val <= ALL_STEPS_RTOL)
@@ -588,16 +602,19 @@ def run_matrix(
     seq_len: int = 128,
     timeout: float = 120,
     log: Any = None,
+    extra: list[str] | None = None,
 ) -> list[Result]:
     """Validate, run (grouped by rank count, one launch per group) and compare ``shapes``
     against the 1-rank run of the same recipe. A launch of n shapes may take
-    ``timeout * (n + 1)`` seconds.
+    ``timeout * (n + 1)`` seconds. ``extra``: recipe overrides of every run, the reference's
+    too (``BLOCK_CAUSAL``: a document-masked matrix).
 
     Returns:
         One Result per shape, in the given order.
     """
     out.mkdir(parents=True, exist_ok=True)
-    base = base_args(global_batch, steps, flavor, seq_len)
+    base = base_args(global_batch, steps, flavor, seq_len) + (extra or [])
+    masked = bool(extra) and "block_causal" in (extra or [])
     single = Shape({})
     results: dict[str, Result] = {}
     by_nproc: dict[int, list[Shape]] = {1: [single]}
@@ -635,7 +652,7 @@ def run_matrix(
     for s in shapes:
         if s.name in results:
             continue
-        res = compare(s, out / s.name, out / single.name)
+        res = compare(s, out / s.name, out / single.name, masked)
         if s.name in errors and res.status != "PASS":
             res = Result(s.name, s.nproc, "ERROR", detail=errors[s.name][-300:])
         results[s.name] = res

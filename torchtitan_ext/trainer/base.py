@@ -97,11 +97,38 @@ class TrainerBase:
     train_state: TrainState
     checkpointer: Checkpointer
     metrics: MetricsLogger
+    attn_mask_type: str
+    eos_id: int | None
+    tokenizer: Any
+    titan_masks: bool
+    attn_work: torch.Tensor
+
+    def _set_attention_masks(self, p: Prepared) -> None:
+        """What ``_shard_sequence`` builds for the attention of ``p``'s recipe (stage): the
+        mask type, the EOS that ends documents, whether TorchTitan's flex / varlen masks are
+        needed; and a zeroed per-cp-rank count of the block-causal work (``attn_work``)."""
+        args = p.model_args
+        self.attn_mask_type = getattr(args, "attn_mask_type", "causal")
+        self.tokenizer = p.tokenizer
+        self.eos_id = getattr(p.tokenizer, "eos_id", None)
+        self.titan_masks = getattr(args, "attn_type", "sdpa") in ("flex", "varlen")
+        cp = self.dims.cp if self.dims.cp_enabled else 1
+        self.attn_work = torch.zeros(cp, dtype=torch.int64)
 
     def _warn(self, message: str) -> None:
         """A warning on rank 0 only, for conclusions every rank reaches alike."""
         if self.rank == 0:
             logger.warning(message)
+
+    def _attn_work_record(self) -> dict[str, float]:
+        """``attn_work_max_over_min``: the block-causal attention work (query-key pairs under
+        the document mask) of the busiest cp rank over the idlest's, for this rank's
+        microbatches since the previous log (1.0: balanced; {} without block_causal); then a
+        new window."""
+        work, self.attn_work = self.attn_work, torch.zeros_like(self.attn_work)
+        if work.numel() < 2 or int(work.sum()) == 0:
+            return {}
+        return {"attn_work_max_over_min": float(work.max()) / max(float(work.min()), 1.0)}
 
     @torch.no_grad()
     def param_fingerprint(self) -> dict[str, tuple[float, float, float]]:

@@ -53,6 +53,7 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
         self.last_step_ended: float | None = None
         self.cfg, self.dims, self.device, self.rank = cfg, dims, device, p.rank.rank
         dims.build_mesh(device.type)
+        self._set_attention_masks(p)
         seed = cfg.debug.seed if cfg.debug.seed is not None else 0
         torch.manual_seed(seed)
         if cfg.debug.deterministic:
@@ -262,6 +263,7 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
                         extra={
                             "tokens_seen": int(self.train_state.tokens_seen),
                             "skipped_steps": int(self.skipped_steps),
+                            **self._attn_work_record(),
                             **extra,
                         },
                     )

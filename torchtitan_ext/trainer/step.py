@@ -16,6 +16,7 @@ from torchtitan.distributed.utils import clip_grad_norm_
 
 from torchtitan_ext.metrics import peak_memory_mib, reset_peak_memory
 from torchtitan_ext.parallel.context_parallel import shard_sequence
+from torchtitan_ext.parallel.cp_documents import shard_documents, work_per_rank
 from torchtitan_ext.trainer.base import TrainerBase, _local
 
 logger = logging.getLogger("torchtitan_ext")
@@ -69,15 +70,15 @@ class StepMixin(TrainerBase):
         self._loss_scale = 1.0 / global_tokens
         loss_acc = torch.zeros((), device=self.device)
         for inputs, labels in microbatches:
-            inputs, labels, positions = self._shard_sequence(inputs, labels)
+            inputs, labels, extra = self._shard_sequence(inputs, labels)
             if self.pipeline is not None:
                 # The schedule runs forward and backward of its pipeline microbatches; the
                 # last stage's losses (already scaled) come back in the list.
-                loss_acc += self._pipeline_step(inputs, labels, positions, train=True)
+                loss_acc += self._pipeline_step(inputs, labels, extra, train=True)
                 continue
             with self._loss_parallel():
                 with self.amp:
-                    pred = self.model_parts[0](inputs, positions=positions)
+                    pred = self.model_parts[0](inputs, **extra)
                     loss = self._scaled_loss(pred, labels)
                 del pred
                 loss.backward()
@@ -108,11 +109,12 @@ class StepMixin(TrainerBase):
         self,
         inputs: torch.Tensor,
         labels: torch.Tensor,
-        positions: torch.Tensor | None,
+        extra: dict[str, Any],
         train: bool,
     ) -> torch.Tensor:
         """One local batch through the pipeline schedule (forward + backward when ``train``,
-        forward only otherwise; torch splits it into ``n_microbatches``).
+        forward only otherwise; torch splits it, and the model's other inputs ``extra``
+        (``_shard_sequence``), into ``n_microbatches``).
 
         Returns:
             The sum of this rank's pipeline-microbatch losses (scaled by ``_loss_scale``) on
@@ -120,7 +122,7 @@ class StepMixin(TrainerBase):
         """
         assert self.pipeline is not None
         pl = self.pipeline
-        kwargs: dict[str, Any] = {} if positions is None else {"positions": positions}
+        kwargs = extra
         losses: list[torch.Tensor] | None = [] if pl.has_last_stage else None
         target = labels if pl.has_last_stage else None
         args = (inputs,) if pl.has_first_stage else ()
@@ -143,18 +145,42 @@ class StepMixin(TrainerBase):
 
     def _shard_sequence(
         self, inputs: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Move a microbatch to the device and, with CP, keep this rank's part of the sequence
-        (with the RoPE positions of the kept tokens; None without CP)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Move a microbatch to the device and, with CP, keep this rank's part of the sequence.
+
+        Returns:
+            (inputs, labels, the model's other inputs: ``positions``, the RoPE positions of
+            the kept tokens, with CP or block_causal; ``attention_masks``, the
+            ``cp_documents.DocumentMask`` with block_causal, or TorchTitan's masks for its flex
+            and varlen flavors).
+        """
         inputs, labels = inputs.to(self.device), labels.to(self.device)
-        if not self.dims.cp_enabled:
-            return inputs, labels, None
-        return shard_sequence(
+        cp = self.dims.cp if self.dims.cp_enabled else 1
+        if self.attn_mask_type == "block_causal" and self.eos_id is not None:
+            rank = self.dims.get_mesh("cp").get_local_rank() if cp > 1 else 0
+            inputs, labels, positions, mask = shard_documents(
+                inputs, labels, self.eos_id, cp, rank,
+                self.cfg.parallelism.context_parallel_load_balancer if cp > 1 else None,
+                self.cfg.model.document_positions,
+            )  # fmt: skip
+            self.attn_work += work_per_rank(mask)
+            return inputs, labels, {"positions": positions, "attention_masks": mask}
+        if self.titan_masks:
+            model: Any = self.model_parts[0]
+            return (
+                inputs,
+                labels,
+                {"attention_masks": model.get_attention_masks(inputs, self.tokenizer)},
+            )
+        if cp == 1:
+            return inputs, labels, {}
+        inputs, labels, positions = shard_sequence(
             self.dims.get_mesh("cp"),
             inputs,
             labels,
             self.cfg.parallelism.context_parallel_load_balancer,
         )
+        return inputs, labels, {"positions": positions}
 
     def _global_loss(self, local: torch.Tensor) -> float:
         """Sum the ranks' loss contributions over the loss mesh (pp x dp x cp; stages other

@@ -14,6 +14,7 @@ from torchtitan_ext.checkpoint import transfer_state
 from torchtitan_ext.curriculum import Stage, stage_lr_factor, stage_name
 from torchtitan_ext.models import build_model_on_meta
 from torchtitan_ext.parallel import cp_patterns
+from torchtitan_ext.parallel.cp_block_causal import apply_block_causal, needs_block_causal
 from torchtitan_ext.rope import apply_rope_scaling, rope_scaling_of
 from torchtitan_ext.trainer.base import TrainerBase
 from torchtitan_ext.trainer.setup import Prepared
@@ -46,6 +47,7 @@ class SwitchMixin(TrainerBase):
         loading the boundary checkpoint into a new Trainer (tested)."""
         cfg = p.cfg
         self.cfg, self.stage = cfg, stage
+        self._set_attention_masks(p)
         torch.manual_seed(cfg.debug.seed if cfg.debug.seed is not None else 0)
         scaling = rope_scaling_of(cfg)
         for part in self.model_parts:
@@ -61,10 +63,13 @@ class SwitchMixin(TrainerBase):
         spec = get_train_spec(cfg.model.name)
         meta = build_model_on_meta(spec.model_cls, p.model_args)
         _, self.flops_per_token = p.model_args.get_nparams_and_flops(meta, cfg.training.seq_len)
-        if self.dims.cp_enabled:
-            cp_patterns.register(
-                self.dims.get_mesh("cp"), cp_patterns.recipe_pattern(cfg.parallelism, self.dims.cp)
-            )
+        pattern = cp_patterns.recipe_pattern(cfg.parallelism, self.dims.cp)
+        cp_mesh = self.dims.get_mesh("cp") if self.dims.cp_enabled else None
+        if cp_mesh is not None:
+            cp_patterns.register(cp_mesh, pattern)
+        if needs_block_causal(cfg, p.model_args):
+            for part in self.model_parts:
+                apply_block_causal(part, cp_mesh, pattern)  # the stage's pattern
         position = self.dataloader.state_dict()
         self.dataloader = self._build_dataloader(p, stage)
         self.dataloader.load_state_dict(position)

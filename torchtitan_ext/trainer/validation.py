@@ -53,12 +53,12 @@ class ValidationMixin(StepMixin):
             if n_real < v.local_batch_size:
                 labels = labels.clone()  # a view sharing memory with inputs
                 labels[n_real:] = IGNORE_INDEX
-            inputs, labels, positions = self._shard_sequence(inputs, labels)
+            inputs, labels, extra = self._shard_sequence(inputs, labels)
             if self.pipeline is not None:
-                sums[0] += self._pipeline_step(inputs, labels, positions, train=False)
+                sums[0] += self._pipeline_step(inputs, labels, extra, train=False)
             else:
                 with self._loss_parallel(), self.amp:
-                    pred = self.model_parts[0](inputs, positions=positions)
+                    pred = self.model_parts[0](inputs, **extra)
                     sums[0] += self._scaled_loss(pred, labels).float()
             if computes_loss:
                 sums[1] += (labels != IGNORE_INDEX).sum()

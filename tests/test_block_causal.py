@@ -1,0 +1,194 @@
+"""Block-causal (document-masked) attention under every context-parallel pattern and load
+balancer, against single-device masked SDPA in fp32: forward output and q/k/v gradients.
+
+One launch of 8 gloo ranks covers cp 2, 4 and 8 (the mesh is dp x cp, 8 / cp replicas), each
+pattern with every document layout the issue names: documents crossing shard boundaries, one
+document spanning all ranks (a window with no EOS), many one-token documents, a document
+ending exactly on a shard boundary; fp32 and bf16; GQA; batch 2 with different documents per
+row; every load balancer.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import spawn
+
+EOS = 1
+PATTERNS = {
+    2: [("ring", 0), ("ulysses", 0)],
+    4: [("ring", 0), ("ulysses", 0), ("hybrid", 2), ("double_ring", 2)],
+    8: [
+        ("ring", 0),
+        ("ulysses", 0),
+        ("hybrid", 2),
+        ("hybrid", 4),
+        ("double_ring", 2),
+        ("double_ring", 4),
+    ],
+}
+BALANCERS = (None, "headtail", "per_document_headtail", "ptrr")
+DOCS = ("random", "no_eos", "one_token", "shard_boundary")
+
+
+def _tokens(kind: str, b: int, s: int, cp: int, gen: torch.Generator) -> torch.Tensor:
+    tokens = torch.randint(2, 50, (b, s), generator=gen)
+    if kind == "random":
+        tokens[torch.rand(b, s, generator=gen) < 0.08] = EOS
+    elif kind == "one_token":
+        tokens[:, : s // 2] = EOS  # half the window: one-token documents
+        tokens[1, s // 2 :: 3] = EOS
+    elif kind == "shard_boundary":
+        tokens[:, s // cp - 1] = EOS  # a document ends on the first shard's last token
+        tokens[:, s // 2 - 1] = EOS
+        tokens[1, 5] = EOS
+    return tokens
+
+
+def _reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, grad: torch.Tensor
+) -> list[torch.Tensor]:
+    s = q.shape[2]
+    pos = torch.arange(s)
+    visible = (pos[None, None, :] <= pos[None, :, None]) & (
+        pos[None, None, :] >= starts[:, :, None]
+    )
+    rq, rk, rv = (t.float().clone().requires_grad_() for t in (q, k, v))
+    out = F.scaled_dot_product_attention(rq, rk, rv, attn_mask=visible[:, None], enable_gqa=True)
+    out.backward(grad.float())
+    grads = [t.grad for t in (rq, rk, rv)]
+    assert all(g is not None for g in grads)
+    return [out.detach(), *(g for g in grads if g is not None)]
+
+
+def _take(x: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B, H, n, D): the positions ``mine`` (B, n) of each batch row."""
+    return torch.stack([x[b][:, mine[b]] for b in range(x.shape[0])])
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor, whole: torch.Tensor) -> float:
+    """Error of a shard relative to the norm of the whole tensor (a shard of one-token
+    documents has a gradient of q and k that is 0 up to rounding)."""
+    return float((got.float() - want.float()).norm() / whole.float().norm())
+
+
+def _check(rank: int, world_size: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from torchtitan_ext.parallel import cp_block_causal, cp_patterns
+    from torchtitan_ext.parallel.cp_documents import document_starts, layout
+
+    failures = []
+    case = 0
+    for cp in (2, 4, 8):
+        mesh = init_device_mesh("cpu", (world_size // cp, cp), mesh_dim_names=("dp", "cp"))
+        cp_mesh = mesh["cp"]
+        c = cp_mesh.get_local_rank()
+        for name, inner in PATTERNS[cp]:
+            pattern = cp_patterns.make_pattern(name, cp, inner, inner)
+            cp_patterns.register(cp_mesh, pattern)
+            plan = cp_block_causal.make_plan(cp_mesh, pattern)
+            # Every document layout once per pattern, the balancers rotating over them (the
+            # whole product: scripts/check_block_causal.py).
+            shift = len(PATTERNS[cp]) + inner
+            for i, docs in enumerate(DOCS):
+                balancer = BALANCERS[(i + shift) % len(BALANCERS)]
+                case += 1
+                dtype = torch.bfloat16 if case % 3 == 0 else torch.float32
+                gen = torch.Generator().manual_seed(case)
+                b, h, hk, d = 2, 8, 2, 8
+                s = 16 * cp
+                tokens = _tokens(docs, b, s, cp, gen)
+                q, k, v = (torch.randn(b, n, s, d, generator=gen).to(dtype) for n in (h, hk, hk))
+                grad = torch.randn(b, h, s, d, generator=gen).to(dtype)
+                starts = document_starts(tokens, EOS)
+                ref = _reference(q, k, v, starts, grad)
+                perm = layout(starts, cp, balancer)
+                n = s // cp
+                mine = perm[:, c * n : (c + 1) * n]
+                mask = cp_block_causal.DocumentMask(
+                    perm.reshape(b, cp, n), starts.gather(1, perm).reshape(b, cp, n)
+                )
+                lq, lk, lv = (_take(t, mine).detach().clone().requires_grad_() for t in (q, k, v))
+                out = cp_block_causal.block_causal_attention(lq, lk, lv, mask, plan)
+                out.backward(_take(grad, mine))
+                got = [out.detach(), *(t.grad for t in (lq, lk, lv) if t.grad is not None)]
+                assert len(got) == 4
+                want = [_take(t, mine) for t in ref]
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                errs = [_rel(g, w, r) for g, w, r in zip(got, want, ref, strict=True)]
+                if max(errs) > tol:
+                    failures.append(f"cp{cp} {name}{inner or ''} {docs} {balancer} {dtype}: {errs}")
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_block_causal_every_pattern_and_balancer_against_masked_sdpa() -> None:
+    spawn(_check, 8)
+
+
+def test_document_starts_follow_torchtitans_document_mask() -> None:
+    """``document_starts`` gives the mask of TorchTitan 0.2.2's ``get_document_mask_mod``
+    (the EOS closes its document) on every layout the numerics test uses."""
+    from torchtitan.models.attention import get_document_mask_mod
+
+    from torchtitan_ext.parallel.cp_documents import document_starts
+
+    gen = torch.Generator().manual_seed(0)
+    for kind in DOCS:
+        tokens = _tokens(kind, 2, 64, 4, gen)
+        starts = document_starts(tokens, EOS)
+        mod = get_document_mask_mod(tokens.clone(), EOS)
+        idx = torch.arange(64)
+        for b in range(2):
+            theirs = mod(torch.tensor(b), torch.tensor(0), idx[:, None], idx[None, :])
+            same_doc = starts[b][:, None] == starts[b][None, :]
+            assert torch.equal(theirs, same_doc), kind
+
+
+def _tiny_model() -> torch.nn.Module:
+    from torchtitan.protocols.train_spec import get_train_spec
+
+    import torchtitan_ext.models  # noqa: F401  (registers our flavors)
+    from torchtitan_ext.parallel.cp_block_causal import apply_block_causal
+    from torchtitan_ext.parallel.cp_groups import CPPattern
+
+    spec = get_train_spec("llama3")
+    torch.manual_seed(0)
+    model = spec.model_cls(spec.model_args["debugmodel_cpu_deep_gqa"])
+    with torch.no_grad():
+        model.init_weights()
+    apply_block_causal(model, None, CPPattern("ring", 1))
+    return model
+
+
+def test_packed_window_loss_is_the_sum_of_its_documents() -> None:
+    """The mask is applied: a packed window of three documents, run with its DocumentMask,
+    gives each token the loss it has when its document runs alone (RoPE positions from 0 at
+    each document, and also with the window's positions: attention sees relative positions
+    only); run causal, the later documents' losses differ."""
+    from torchtitan_ext.parallel.cp_documents import shard_documents
+
+    model = _tiny_model()
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(2, 200, (n,), generator=gen) for n in (20, 7, 37)]
+    for doc in docs:
+        doc[-1] = EOS
+    window = torch.cat(docs)[None]
+    labels = torch.roll(window, -1, dims=1)
+
+    def token_losses(inputs: torch.Tensor, targets: torch.Tensor, **kw: object) -> torch.Tensor:
+        logits = model(inputs, **kw)
+        return F.cross_entropy(logits[0].float(), targets[0], reduction="none")
+
+    with torch.no_grad():
+        alone = torch.cat(
+            [token_losses(d[None], labels[:, o : o + len(d)]) for d, o in zip(docs, (0, 20, 27))]
+        )
+        for restart in (True, False):
+            inputs, targets, positions, mask = shard_documents(
+                window, labels, EOS, 1, 0, None, restart_positions=restart
+            )
+            packed = token_losses(inputs, targets, positions=positions, attention_masks=mask)
+            torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        causal = token_losses(window, labels)
+    assert torch.allclose(causal[:20], alone[:20], rtol=1e-5, atol=1e-5)
+    assert (causal[20:] - alone[20:]).abs().max() > 1e-2

@@ -1,0 +1,323 @@
+"""Block-causal (document-masked) attention between any query rows and key rows of one packed
+sequence: the kernel every context-parallel pattern calls for a (query block, key block) pair.
+
+Packed documents: a sequence of ``S`` tokens holds several documents, each ended by the
+tokenizer's EOS (TorchTitan 0.2.2's ``get_document_mask_mod`` convention: a token belongs to the
+document its EOS closes; the last token closes one too). Query position ``i`` attends key
+position ``j`` iff ``start(i) <= j <= i``, ``start(i)`` being the first position of ``i``'s
+document: causal attention inside each document (Llama 3, arXiv 2407.21783, section 3.2;
+ProLong, arXiv 2410.02660). Only the query side's document start is needed, so a key block is
+described by its positions alone.
+
+A pair's work is cut into tiles (``tiles``): runs of query rows with consecutive positions,
+split at document starts (once a tile has ``min_rows`` rows) and every ``max_rows`` rows. A
+tile's rows need only the keys in ``[start of its first row, position of its last row]``; with
+key positions sorted, that is one slice of the key block (``torch.searchsorted``), often empty
+(no document in common, or all keys in the future): skipped, no kernel call. A tile whose slice
+is fully visible runs without a mask; the others run with the exact mask. So the work is the
+mask's own at tile granularity: per document, not per (query block, key block).
+
+Kernels (the fastest exact op torch has that returns the logsumexp and takes a mask):
+CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` with a float mask (supports GQA);
+CUDA: ``aten._scaled_dot_product_efficient_attention`` with an additive bias (K/V heads
+repeated for GQA). Results of several pairs merge by logsumexp (``merge``), as torch's
+``_SDPAMerger`` does, with rows a pair does not reach (logsumexp -inf) left as they were.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+aten = torch.ops.aten
+
+MAX_ROWS = 1024
+"""Query rows per kernel call at most (the mask of one call is ``MAX_ROWS`` x key-slice fp32)."""
+MIN_ROWS = 64
+"""A document start splits a tile only after this many rows (fewer, tiny documents share one
+call and its mask)."""
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Query rows ``[q0, q1)`` of batch row ``b`` and the key rows ``[k0, k1)`` they may see,
+    and how the kernel runs them: ``"full"`` (every pair visible: no mask), ``"causal"``
+    (the same positions on both sides, one document: the kernel's own causal mask, which
+    skips the upper triangle) or ``"mask"`` (an explicit mask)."""
+
+    b: int
+    q0: int
+    q1: int
+    k0: int
+    k1: int
+    mode: str
+
+    @property
+    def full(self) -> bool:
+        return self.mode == "full"
+
+
+def tiles(
+    q_pos: torch.Tensor,
+    q_start: torch.Tensor,
+    kv_pos: torch.Tensor,
+    max_rows: int = MAX_ROWS,
+    min_rows: int = MIN_ROWS,
+) -> list[Tile]:
+    """The kernel calls of a (query block, key block) pair, empty ones left out.
+
+    Args:
+        q_pos: (B, Sq) int64 global positions of the query rows (ascending within each run).
+        q_start: (B, Sq) int64 first position of each query row's document.
+        kv_pos: (B, Sk) int64 global positions of the key rows, ascending within each of
+            its runs of ascending positions (each is searched on its own).
+        max_rows, min_rows: tile sizes (module doc).
+
+    Returns:
+        The tiles, in row order; a tile with a key slice from each ascending run of
+        ``kv_pos`` it reaches.
+    """
+    out: list[Tile] = []
+    qp_all, qs_all, kp_all = q_pos.tolist(), q_start.tolist(), kv_pos.tolist()
+    for b in range(q_pos.shape[0]):
+        qp, qs, kp = qp_all[b], qs_all[b], kp_all[b]
+        segs = _ascending_runs(kp)
+        for q0, q1 in _row_tiles(qp, qs, max_rows, min_rows):
+            lo, hi = qs[q0], qp[q1 - 1]
+            for s0, s1 in segs:
+                k0 = s0 + _bisect_left(kp, lo, s0, s1)
+                k1 = s0 + _bisect_right(kp, hi, s0, s1)
+                if k1 > k0:
+                    out.extend(_calls(b, q0, q1, k0, k1, qp, qs, kp))
+    return out
+
+
+def _calls(
+    b: int, q0: int, q1: int, k0: int, k1: int, qp: list[int], qs: list[int], kp: list[int]
+) -> list[Tile]:
+    """The kernel calls of one tile's rows over the key slice ``[k0, k1)`` (in ``tiles``)."""
+    # Fully visible: every key is at or before the first row and at or after the last row's
+    # document start (starts ascend within a run of rows).
+    if kp[k1 - 1] <= qp[q0] and kp[k0] >= qs[q1 - 1]:
+        return [Tile(b, q0, q1, k0, k1, "full")]
+    rows = q1 - q0
+    one_doc = qs[q0] == qs[q1 - 1]
+    keys_contiguous = kp[k1 - 1] - kp[k0] == k1 - k0 - 1
+    # The rows' own positions end the slice: the keys before them are visible, the last
+    # ``rows`` keys are the causal diagonal.
+    diagonal = kp[k1 - 1] == qp[q1 - 1] and k1 - k0 >= rows
+    if one_doc and keys_contiguous and diagonal:
+        kd = k1 - rows
+        before = [Tile(b, q0, q1, k0, kd, "full")] if kd > k0 else []
+        return [*before, Tile(b, q0, q1, kd, k1, "causal")]
+    return [Tile(b, q0, q1, k0, k1, "mask")]
+
+
+def _ascending_runs(xs: list[int]) -> list[tuple[int, int]]:
+    runs, start = [], 0
+    for i in range(1, len(xs)):
+        if xs[i] < xs[i - 1]:
+            runs.append((start, i))
+            start = i
+    runs.append((start, len(xs)))
+    return runs
+
+
+def _bisect_left(xs: list[int], x: int, lo: int, hi: int) -> int:
+    import bisect
+
+    return bisect.bisect_left(xs, x, lo, hi) - lo
+
+
+def _bisect_right(xs: list[int], x: int, lo: int, hi: int) -> int:
+    import bisect
+
+    return bisect.bisect_right(xs, x, lo, hi) - lo
+
+
+def _row_tiles(qp: list[int], qs: list[int], max_rows: int, min_rows: int) -> list[tuple[int, int]]:
+    """Split query rows at position jumps, at document starts (after ``min_rows``) and every
+    ``max_rows``."""
+    bounds: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(qp)):
+        jump = qp[i] != qp[i - 1] + 1
+        doc = qs[i] != qs[i - 1] and i - start >= min_rows
+        if jump or doc or i - start >= max_rows:
+            bounds.append((start, i))
+            start = i
+    if qp:
+        bounds.append((start, len(qp)))
+    return bounds
+
+
+def _mask(
+    tile: Tile, q_pos: torch.Tensor, q_start: torch.Tensor, kv_pos: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(additive mask (1, 1, rows, keys) of 0 / -inf, or None for a full or causal tile; bool
+    (rows,) of rows that see no key of the tile, or None when all see one)."""
+    if tile.mode != "mask":
+        return None, None
+    qp = q_pos[tile.b, tile.q0 : tile.q1, None]
+    qs = q_start[tile.b, tile.q0 : tile.q1, None]
+    kp = kv_pos[tile.b, None, tile.k0 : tile.k1]
+    visible = (kp <= qp) & (kp >= qs)
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    bias.masked_fill_(~visible, float("-inf"))
+    empty = ~visible.any(dim=1)
+    return bias[None, None], (empty if bool(empty.any()) else None)
+
+
+def _gqa(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
+def _tile_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (1, H, rows, D) in q's dtype, logsumexp (1, H, rows) fp32) of one tile."""
+    if q.device.type == "cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale
+        )
+        return out, lse
+    heads = q.shape[1]
+    out, lse, _, _ = aten._scaled_dot_product_efficient_attention(
+        q, _gqa(k, heads), _gqa(v, heads), _cuda_bias(bias, q, k), True, 0.0, causal, scale=scale
+    )
+    return out, lse[..., : q.shape[2]]
+
+
+def _cuda_bias(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    return bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def _tile_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    bias: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of one tile, against the attention's final ``out`` and ``lse``."""
+    if q.device.type == "cpu":
+        dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
+        )
+        return dq, dk, dv
+    heads, kv_heads = q.shape[1], k.shape[1]
+    ke, ve = _gqa(k, heads), _gqa(v, heads)
+    pad = (-q.shape[2]) % 32  # the efficient kernel's logsumexp is padded to 32 rows
+    lse_p = torch.nn.functional.pad(lse, (0, pad), value=float("inf")) if pad else lse
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, ke, ve, _cuda_bias(bias, q, k), out, lse_p, seed, seed, 0.0,
+        [True, True, True, False], causal, scale=scale,
+    )  # fmt: skip
+    if kv_heads != heads:
+        b, _, s, d = dk.shape
+        dk = dk.reshape(b, kv_heads, heads // kv_heads, s, d).sum(2)
+        dv = dv.reshape(b, kv_heads, heads // kv_heads, s, d).sum(2)
+    return dq, dk, dv
+
+
+def merge(
+    acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Fold a partial result into the accumulators, in place (online softmax; rows whose
+    logsumexp is -inf on both sides stay as they are).
+
+    Args:
+        acc_out: (..., rows, D) fp32; acc_lse: (..., rows) fp32, -inf where nothing yet.
+        out: (..., rows, D); lse: (..., rows) fp32, -inf for rows the part does not reach.
+    """
+    new = torch.logaddexp(acc_lse, lse)
+    reached = torch.isfinite(new)
+    w_old = torch.where(reached, torch.exp(acc_lse - new), torch.zeros_like(new))
+    w_new = torch.where(reached, torch.exp(lse - new), torch.zeros_like(new))
+    acc_out.mul_(w_old.unsqueeze(-1)).add_(out.float() * w_new.unsqueeze(-1))
+    acc_lse.copy_(torch.where(reached, new, acc_lse))
+
+
+def attend(
+    acc_out: torch.Tensor,
+    acc_lse: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_start: torch.Tensor,
+    kv_pos: torch.Tensor,
+    scale: float,
+) -> int:
+    """Block-causal attention of the query rows over one key block, merged into the
+    accumulators.
+
+    Args:
+        acc_out: (B, H, Sq, D) fp32 accumulator; acc_lse: (B, H, Sq) fp32 (-inf: nothing yet).
+        q: (B, H, Sq, D); k, v: (B, H_kv, Sk, D), H a multiple of H_kv (GQA), any float dtype.
+        q_pos, q_start: (B, Sq) int64 positions and document starts of the query rows.
+        kv_pos: (B, Sk) int64 positions of the key rows (ascending runs).
+        scale: the softmax scale (1 / sqrt(D) by default in SDPA).
+
+    Returns:
+        The (query, key) pairs the kernel calls cover (per head): the work done.
+    """
+    work = 0
+    for t in tiles(q_pos, q_start, kv_pos):
+        bias, empty = _mask(t, q_pos, q_start, kv_pos, q.dtype)
+        b, rows, keys = slice(t.b, t.b + 1), slice(t.q0, t.q1), slice(t.k0, t.k1)
+        causal = t.mode == "causal"
+        out, lse = _tile_forward(q[b, :, rows], k[b, :, keys], v[b, :, keys], bias, causal, scale)
+        lse = lse.float()
+        if empty is not None:
+            lse = lse.masked_fill(empty, float("-inf"))
+        merge(acc_out[b, :, rows], acc_lse[b, :, rows], out, lse)
+        area = (t.q1 - t.q0) * (t.k1 - t.k0)
+        work += (area + (t.q1 - t.q0)) // 2 if causal else area
+    return work
+
+
+def attend_backward(
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_start: torch.Tensor,
+    kv_pos: torch.Tensor,
+    scale: float,
+) -> None:
+    """Gradients of ``attend`` for one key block, added in place.
+
+    Args:
+        dq: (B, H, Sq, D) fp32; dk, dv: (B, H_kv, Sk, D) fp32 accumulators.
+        dout: (B, H, Sq, D) gradient of the attention's final output ``out`` (same shape, q's
+            dtype); lse: (B, H, Sq) fp32 its final logsumexp (over every key block).
+        q, k, v, q_pos, q_start, kv_pos, scale: as ``attend``.
+    """
+    for t in tiles(q_pos, q_start, kv_pos):
+        bias, _ = _mask(t, q_pos, q_start, kv_pos, q.dtype)
+        b, rows, keys = slice(t.b, t.b + 1), slice(t.q0, t.q1), slice(t.k0, t.k1)
+        g = _tile_backward(
+            dout[b, :, rows], q[b, :, rows], k[b, :, keys], v[b, :, keys],
+            out[b, :, rows], lse[b, :, rows], bias, t.mode == "causal", scale,
+        )  # fmt: skip
+        dq[b, :, rows] += g[0]
+        dk[b, :, keys] += g[1]
+        dv[b, :, keys] += g[2]

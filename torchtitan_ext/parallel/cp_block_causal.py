@@ -1,0 +1,485 @@
+"""Block-causal (document-masked) attention under every context-parallel pattern, and without CP.
+
+torch's SDPA context parallel has no masks (its ring refuses ``attn_mask``), and TorchTitan 0.2.2
+masks documents only through FlexAttention, under CP as an all-gather of K/V. Here the patterns
+of ``cp_patterns`` run with the document mask, on the sequence shards the trainer deals out
+(``cp_documents``): the same schedules, with a kernel that knows which positions each block
+holds (``block_causal``):
+
+- ``ring``: K/V blocks rotate over the cp ranks (Ring Attention, arXiv 2310.01889); at step s
+  a rank holds the block of rank (r - s) mod cp.
+- ``double_ring`` (LoongTrain, arXiv 2406.18485): the ring nested in an outer ring that hands
+  each group's blocks to the next group once per inner cycle (overlapped with it).
+- ``ulysses`` (arXiv 2309.14509): all-to-all to (heads / cp, whole sequence), one local masked
+  attention, all-to-all back (``cp_ulysses``' exchange, in rank order).
+- ``hybrid`` (USP, arXiv 2405.07719): Ulysses over the inner group, the ring over the outer.
+
+One engine runs all four: a ring nested in a ring (``_rings_forward``), either possibly of one
+rank, after an optional all-to-all. A (query block, key block) pair with no document in common
+costs no kernel call (``block_causal.tiles``); the K/V block still travels, because a ring
+step's transfer is what carries it to the ranks after it (skipping sends would need a schedule
+per batch, and the transfer overlaps the next block's compute). The backward sends each
+block's dK/dV on with it and home after a full cycle, as torch's ring backward does.
+
+The mask reaches the attention as the model's ``attention_masks`` argument (a
+``cp_documents.DocumentMask``), which TorchTitan's Llama passes to every block, through
+activation checkpointing's recompute and pipeline parallel's microbatch split; a forward
+pre-hook on each ``attention`` module hands it to ``BlockCausalAttention`` (which replaces
+``attention.inner_attention``, keeping the causal module inside for batches without a mask)
+and gives TorchTitan's SDPA path the ``None`` it expects. The model's code is unchanged.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.parallel import block_causal, cp_patterns
+from torchtitan_ext.parallel.cp_documents import DocumentMask
+from torchtitan_ext.parallel.cp_groups import CPPattern
+from torchtitan_ext.parallel.cp_ulysses import _heads_to_seq, _seq_to_heads
+from torchtitan_ext.rules import RecipeCheck, Rule
+
+work_done: list[int] = [0]
+"""(query, key) pairs x heads computed by this process's block-causal kernels (benchmarks)."""
+
+
+@dataclass(frozen=True)
+class _Link:
+    """One level of the nested ring: a process group of ``size`` ranks (None: one rank), this
+    rank's ``index`` in it."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    index: int
+
+    @staticmethod
+    def of(group: dist.ProcessGroup | None) -> "_Link":
+        if group is None or group.size() == 1:
+            return _Link(None, 1, 0)
+        return _Link(group, group.size(), group.rank())
+
+
+class _Transfer:
+    """Send ``x`` to the next rank of ``link`` and receive the previous rank's (asynchronous)."""
+
+    def __init__(self, link: _Link, x: torch.Tensor, tag: int):
+        assert link.group is not None
+        self.recv = torch.empty_like(x)
+        nxt = dist.get_global_rank(link.group, (link.index + 1) % link.size)
+        prv = dist.get_global_rank(link.group, (link.index - 1) % link.size)
+        ops = [
+            dist.P2POp(dist.isend, x.contiguous(), nxt, link.group, tag),
+            dist.P2POp(dist.irecv, self.recv, prv, link.group, tag),
+        ]
+        self.works = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> torch.Tensor:
+        for w in self.works:
+            w.wait()
+        return self.recv
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one attention runs: the pattern and its links (built by ``BlockCausalAttention``).
+
+    Attributes:
+        ulysses: the all-to-all group (None: none) and its size.
+        outer, inner: the nested ring's levels (the plain ring: inner = the cp group).
+        members: cp ranks whose shards one ring member holds (its all-to-all group, in order),
+            indexed [outer index][inner index] -> list of cp ranks.
+    """
+
+    ulysses: Any
+    u: int
+    outer: _Link
+    inner: _Link
+    members: tuple[tuple[tuple[int, ...], ...], ...]
+    name: str = "ring"
+
+
+def make_plan(cp_mesh: DeviceMesh | None, pattern: CPPattern) -> Plan:
+    """The ``Plan`` of ``pattern`` on ``cp_mesh`` (None: no CP). Uses the process groups
+    ``cp_patterns.register`` made (call it first for patterns other than the ring)."""
+    if cp_mesh is None or pattern.cp == 1:
+        one = _Link(None, 1, 0)
+        return Plan(None, 1, one, one, (((0,),),), "ring")
+    cp = pattern.cp
+    groups = cp_patterns.process_groups(cp_mesh)
+    if pattern.name == "ring" or not groups:
+        link = _Link.of(cp_mesh.get_group())
+        return Plan(None, 1, _Link(None, 1, 0), link, (tuple((c,) for c in range(cp)),), "ring")
+    outer_group, inner_group = groups
+    inner, outer = pattern.inner, pattern.outer
+    if pattern.name == "double_ring":
+        members: tuple[tuple[tuple[int, ...], ...], ...] = tuple(
+            tuple((o * inner + i,) for i in range(inner)) for o in range(outer)
+        )
+        return Plan(None, 1, _Link.of(outer_group), _Link.of(inner_group), members, pattern.name)
+    # ulysses (outer 1) and hybrid: the all-to-all over the inner group, the ring over the outer
+    members = tuple((tuple(o * inner + i for i in range(inner)),) for o in range(outer))
+    return Plan(inner_group, inner, _Link.of(outer_group), _Link(None, 1, 0), members, pattern.name)
+
+
+def _meta(mask: DocumentMask, ranks: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, starts), each (B, len(ranks) x S / cp): the shards of ``ranks``, in order."""
+    idx = list(ranks)
+    b = mask.positions.shape[0]
+    return mask.positions[:, idx].reshape(b, -1), mask.starts[:, idx].reshape(b, -1)
+
+
+def _pack(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.cat([k.reshape(-1), v.reshape(-1)])
+
+
+def _unpack(kv: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    n = shape.numel()
+    return kv[:n].view(shape), kv[n:].view(shape)
+
+
+def _my_member(plan: Plan) -> tuple[int, ...]:
+    return plan.members[plan.outer.index][plan.inner.index]
+
+
+def _rings_forward(
+    plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nested ring's forward: (out (B, H, Sq, D) fp32, logsumexp (B, H, Sq) fp32)."""
+    outer, inner = plan.outer, plan.inner
+    q_pos, q_start = _meta(mask, _my_member(plan))
+    acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    held_outer = _pack(k, v)
+    for j in range(outer.size):
+        outer_next = _Transfer(outer, held_outer, 1) if j < outer.size - 1 else None
+        held = held_outer
+        for s in range(inner.size):
+            inner_next = _Transfer(inner, held, 2) if s < inner.size - 1 else None
+            src = plan.members[(outer.index - j) % outer.size][(inner.index - s) % inner.size]
+            kb, vb = _unpack(held, k.shape)
+            kv_pos, _ = _meta(mask, src)
+            work_done[0] += block_causal.attend(acc, lse, q, kb, vb, q_pos, q_start, kv_pos, scale)
+            if inner_next is not None:
+                held = inner_next.wait()
+        if outer_next is not None:
+            held_outer = outer_next.wait()
+    return acc, lse
+
+
+def _rings_backward(
+    plan: Plan,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: DocumentMask,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nested ring's backward: (dq, dk, dv) fp32 of this rank's q, k, v. Each block's dK/dV
+    travel with it and return to its owner after the full cycle."""
+    outer, inner = plan.outer, plan.inner
+    q_pos, q_start = _meta(mask, _my_member(plan))
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    held_outer = _pack(k, v)
+    grad_outer = torch.zeros(held_outer.shape, dtype=torch.float32, device=q.device)
+    for j in range(outer.size):
+        outer_next = _Transfer(outer, held_outer, 1) if j < outer.size - 1 else None
+        held, grad = held_outer, grad_outer
+        for s in range(inner.size):
+            inner_next = _Transfer(inner, held, 2) if s < inner.size - 1 else None
+            src = plan.members[(outer.index - j) % outer.size][(inner.index - s) % inner.size]
+            kb, vb = _unpack(held, k.shape)
+            dk, dv = _unpack(grad, k.shape)
+            kv_pos, _ = _meta(mask, src)
+            block_causal.attend_backward(
+                dq, dk, dv, dout, q, kb, vb, out, lse, q_pos, q_start, kv_pos, scale
+            )
+            if inner.size > 1:  # dK/dV go on with the block (home after a full inner cycle)
+                grad = _Transfer(inner, grad, 3).wait()
+            if inner_next is not None:
+                held = inner_next.wait()
+        grad_outer = _Transfer(outer, grad, 4).wait() if outer.size > 1 else grad
+        if outer_next is not None:
+            held_outer = outer_next.wait()
+    dk, dv = _unpack(grad_outer, k.shape)
+    return dq, dk, dv
+
+
+def _to_heads(plan: Plan, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return xs if plan.u == 1 else _seq_to_heads(xs, plan.ulysses, plan.u, False)
+
+
+def _to_seq(plan: Plan, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    return xs if plan.u == 1 else _heads_to_seq(xs, plan.ulysses, plan.u, False)
+
+
+def _expand_kv(kv: torch.Tensor, heads: int, u: int) -> torch.Tensor:
+    """GQA K/V whose head count the all-to-all cannot split: repeated to the query heads."""
+    if u == 1 or kv.shape[1] % u == 0:
+        return kv
+    return kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
+def _fold_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    b, h, s, d = grad.shape
+    return grad if h == kv_heads else grad.reshape(b, kv_heads, h // kv_heads, s, d).sum(2)
+
+
+class _BlockCausal(torch.autograd.Function):
+    """Block-causal attention of this rank's q, k, v shards under ``plan`` (module doc)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        starts: torch.Tensor,
+        plan: Plan,
+        scale: float,
+    ) -> torch.Tensor:
+        mask = DocumentMask(positions, starts)
+        cp_patterns.calls[f"block_causal_{plan.name}"] += 1
+        heads = q.shape[1]
+        ke, ve = _expand_kv(k, heads, plan.u), _expand_kv(v, heads, plan.u)
+        (qh,) = _to_heads(plan, [q])
+        kh, vh = _to_heads(plan, [ke, ve])
+        acc, lse = _rings_forward(plan, qh, kh, vh, mask, scale)
+        out_h = acc.to(q.dtype)
+        ctx.save_for_backward(qh, kh, vh, out_h, lse, positions, starts)
+        ctx.plan, ctx.scale, ctx.kv_heads = plan, scale, k.shape[1]
+        (out,) = _to_seq(plan, [out_h])
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
+        qh, kh, vh, out_h, lse, positions, starts = ctx.saved_tensors
+        plan: Plan = ctx.plan
+        cp_patterns.calls[f"block_causal_{plan.name}_backward"] += 1
+        (dout_h,) = _to_heads(plan, [dout.contiguous()])
+        dq, dk, dv = _rings_backward(
+            plan, dout_h, qh, kh, vh, out_h, lse, DocumentMask(positions, starts), ctx.scale
+        )
+        (dq,) = _to_seq(plan, [dq.to(qh.dtype)])
+        dk, dv = _to_seq(plan, [dk.to(kh.dtype), dv.to(vh.dtype)])
+        return (
+            dq,
+            _fold_kv_grad(dk, ctx.kv_heads),
+            _fold_kv_grad(dv, ctx.kv_heads),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def block_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: DocumentMask,
+    plan: Plan,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Document-masked causal attention of this rank's sequence shard.
+
+    Args:
+        q: (B, H, S / cp, D); k, v: (B, H_kv, S / cp, D), H a multiple of H_kv (GQA); the shard
+            ``cp_documents.shard_documents`` dealt this rank.
+        mask: the microbatch's ``DocumentMask`` (every cp rank's positions and starts).
+        plan: the pattern (``make_plan``).
+        scale: softmax scale (None: 1 / sqrt(D)).
+
+    Returns:
+        (B, H, S / cp, D) in q's dtype, differentiable in q, k, v.
+    """
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out: torch.Tensor = _BlockCausal.apply(q, k, v, mask.positions, mask.starts, plan, s)
+    return out
+
+
+class BlockCausalAttention(nn.Module):
+    """Replaces a TorchTitan ``attention.inner_attention``: with a ``DocumentMask`` handed over
+    by ``_hand_over`` it runs ``block_causal_attention``; without one, the causal module it
+    wraps (torch's context parallel, or plain SDPA)."""
+
+    def __init__(self, causal: nn.Module, plan: Plan):
+        super().__init__()
+        self.causal = causal
+        self.plan = plan
+        self.mask: DocumentMask | None = None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+        is_causal: bool = True,
+    ) -> torch.Tensor:
+        """(B, H, S, D) attention of (B, H, S, D) q and (B, H_kv, S, D) k, v."""
+        if self.mask is None:
+            out: torch.Tensor = self.causal(q, k, v, scale=scale, enable_gqa=enable_gqa)
+            return out
+        return block_causal_attention(q, k, v, self.mask, self.plan, scale)
+
+
+def _hand_over(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Forward pre-hook of ``attention``: (x, freqs_cis, attention_masks, positions) -> the
+    mask to ``inner_attention``, None to TorchTitan's SDPA path."""
+    inner = module.get_submodule("inner_attention")
+    assert isinstance(inner, BlockCausalAttention)
+    masks = args[2] if len(args) > 2 else kwargs.get("attention_masks")
+    inner.mask = masks if isinstance(masks, DocumentMask) else None
+    if len(args) > 2:
+        args = (*args[:2], None, *args[3:])
+    elif "attention_masks" in kwargs:
+        kwargs = {**kwargs, "attention_masks": None}
+    return args, kwargs
+
+
+def _release(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    inner = module.get_submodule("inner_attention")
+    assert isinstance(inner, BlockCausalAttention)
+    inner.mask = None
+
+
+def apply_block_causal(model: nn.Module, cp_mesh: DeviceMesh | None, pattern: CPPattern) -> None:
+    """Let every attention of the TorchTitan Llama-style ``model`` take a ``DocumentMask`` as
+    its ``attention_masks`` (module doc), in place; after ``apply_cp`` (which registers the
+    pattern's process groups) and before activation checkpointing.
+
+    Args:
+        model: a model (or pipeline stage) with ``layers[i].attention.inner_attention``.
+        cp_mesh: the 1-D cp mesh (None: no CP).
+        pattern: the cp group's pattern (``CPPattern("ring", 1)`` without CP).
+    """
+    plan = make_plan(cp_mesh, pattern)
+    layers: nn.Module = model.get_submodule("layers")
+    for block in layers.children():
+        attention = block.get_submodule("attention")
+        inner = attention.get_submodule("inner_attention")
+        if isinstance(inner, BlockCausalAttention):
+            inner.plan = plan
+            continue
+        attention.register_module("inner_attention", BlockCausalAttention(inner, plan))
+        attention.register_forward_pre_hook(_hand_over, with_kwargs=True)
+        attention.register_forward_hook(_release, with_kwargs=True)
+
+
+def uses_block_causal(model_args: Any) -> bool:
+    """Whether the model runs ``block_causal_attention``: an SDPA flavor with
+    ``attn_mask_type = "block_causal"`` (flex and varlen flavors use TorchTitan's own masks)."""
+    return (
+        getattr(model_args, "attn_type", "sdpa") == "sdpa"
+        and getattr(model_args, "attn_mask_type", "causal") == "block_causal"
+    )
+
+
+def needs_block_causal(cfg: Any, model_args: Any) -> bool:
+    """Whether ``apply_block_causal`` must run on the model of ``cfg``: an SDPA flavor whose
+    recipe or any curriculum stage sets ``attn_mask_type = "block_causal"`` (a stage switch on
+    the same mesh keeps the model, so the attention is ready for every stage)."""
+    if model_args is None or getattr(model_args, "attn_type", "sdpa") != "sdpa":
+        return False
+    types = {getattr(model_args, "attn_mask_type", "causal"), cfg.model.attn_mask_type}
+    types |= {str(s.get("attn_mask_type", "")) for s in cfg.curriculum.stages}
+    return "block_causal" in types
+
+
+def _mask_type(c: RecipeCheck) -> None:
+    """varlen attention is block-causal only (TorchTitan's ``get_attention_masks``)."""
+    args = c.model_args
+    if getattr(args, "attn_type", "sdpa") == "varlen" and args.attn_mask_type != "block_causal":
+        raise ConfigError(
+            "model.attn_mask_type",
+            args.attn_mask_type,
+            f"flavor {c.cfg.model.flavor!r} has varlen attention, which is block_causal only",
+        )
+
+
+def _no_compile(c: RecipeCheck) -> None:
+    """TorchTitan compiles each block with fullgraph=True; the block-causal attention (its
+    tiling depends on the data, and the ring sends point to point) does not trace."""
+    compiled = c.cfg.compile.enable and "model" in c.cfg.compile.components
+    if compiled and needs_block_causal(c.cfg, c.model_args):
+        raise ConfigError(
+            "compile.enable",
+            True,
+            "not supported with model.attn_mask_type = 'block_causal' yet (TorchTitan compiles "
+            "each block whole, and the document-masked attention does not trace): turn it off",
+        )
+
+
+def _device(c: RecipeCheck) -> None:
+    """TorchTitan's flex and varlen attention cannot train on CPU."""
+    assert c.device is not None
+    attn_type = getattr(c.model_args, "attn_type", "sdpa")
+    if c.device.type == "cpu" and attn_type in ("flex", "varlen"):
+        why = {
+            "flex": "FlexAttention has no backward on CPU in torch",
+            "varlen": "varlen attention runs on CUDA only",
+        }[attn_type]
+        raise ConfigError(
+            "model.flavor",
+            c.cfg.model.flavor,
+            f"its attn_type is {attn_type!r}: {why}; on CPU use an SDPA flavor with "
+            "model.attn_mask_type = 'block_causal' (the same document mask)",
+        )
+
+
+def _eos(c: RecipeCheck) -> None:
+    """Documents end with the tokenizer's EOS: block_causal needs one."""
+    assert c.data is not None
+    mask_types = {s.attn_mask_type for s in c.stages} | {c.cfg.model.attn_mask_type}
+    if "block_causal" in mask_types and getattr(c.data.tokenizer, "eos_id", None) is None:
+        raise ConfigError(
+            "model.attn_mask_type",
+            "block_causal",
+            "documents end with the tokenizer's EOS token, and this tokenizer has none",
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "recipe",
+        ("model.attn_mask_type",),
+        "causal or block_causal (varlen flavors: block_causal)",
+        _mask_type,
+        "parallel.cp_block_causal",
+    ),
+    Rule(
+        "recipe",
+        ("compile.enable",),
+        "off with block_causal",
+        _no_compile,
+        "parallel.cp_block_causal",
+    ),
+    Rule(
+        "device",
+        ("model.flavor",),
+        "flex and varlen attention flavors train on CUDA only",
+        _device,
+        "parallel.cp_block_causal",
+    ),
+    Rule(
+        "data",
+        ("model.attn_mask_type",),
+        "block_causal: the tokenizer has an EOS token",
+        _eos,
+        "parallel.cp_block_causal",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

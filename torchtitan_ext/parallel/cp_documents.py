@@ -1,0 +1,188 @@
+"""Packed documents under context parallel: where each document starts, how a sequence's tokens
+are dealt to the cp ranks (the load balancers), and the ``DocumentMask`` the attention reads.
+
+Documents are delimited by the tokenizer's EOS, as TorchTitan 0.2.2's ``get_document_mask_mod``
+does (``document_starts``). A sequence of ``S`` tokens is dealt to ``cp`` ranks by a permutation
+of its positions (``layout``), the same one for the inputs, the labels, the RoPE positions and
+the document starts, so the boundaries travel with the tokens; rank ``c`` keeps the ``c``-th of
+``cp`` equal slices of the permuted sequence, as torch's ``_context_parallel_shard`` does.
+
+Load balancers (``parallelism.context_parallel_load_balancer``), all torch's own orderings:
+
+- ``"headtail"``: torch's ``_HeadTailLoadBalancer`` (rank c: chunks c and 2cp-1-c of 2cp),
+  which balances a causal mask; blind to documents.
+- ``None``: contiguous slices.
+- ``"per_document_headtail"``: torch's ``_PerDocumentHeadTailLoadBalancer`` (head-tail inside
+  each document). torch needs every document's length to be a multiple of 2cp; here the
+  balancer runs on the document boundaries rounded to multiples of 2cp x
+  ``PER_DOCUMENT_GRANULE`` tokens (short documents travel with a neighbour; the mask itself
+  stays exact: only which rank holds a token changes).
+- ``"ptrr"``: torch's processing-time round-robin (``_PTRRLoadBalancer.ptrr_scheduling``) over
+  equal blocks of the sequence, each weighted by the mask's work in it (the pairs its queries
+  attend): balances the masked work, whatever the documents. torch's own PTRR balancer needs a
+  FlexAttention ``BlockMask``; only its scheduling is used here.
+
+The attention needs, for a (query block, key block) pair, the global positions of both and the
+document starts of the queries (``block_causal``); each rank keeps them for every cp rank
+(``DocumentMask``: 2 x B x S int64, 16 MiB for 1M tokens), so a key block that arrives by the
+ring is described without sending anything.
+"""
+
+from typing import Any, NamedTuple
+
+import torch
+from torch.distributed.tensor.experimental._attention import (
+    _HeadTailLoadBalancer,
+)
+from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
+    _PerDocumentHeadTailLoadBalancer,
+    _PTRRLoadBalancer,
+)
+
+ATTN_MASK_TYPES = ("causal", "block_causal")
+"""Values of ``model.attn_mask_type`` ("" keeps the flavor's)."""
+
+BALANCERS = ("headtail", "per_document_headtail", "ptrr", None)
+"""Values of ``parallelism.context_parallel_load_balancer`` with ``block_causal``."""
+
+PER_DOCUMENT_GRANULE = 1
+"""``per_document_headtail`` cuts documents into chunks of a multiple of this many tokens
+(rounding the boundaries it balances on; the mask stays exact): shorter chunks cost more
+kernel calls than the balance they buy."""
+
+PTRR_BLOCKS_PER_RANK = 16
+"""Blocks each rank gets from ``ptrr`` at most (fewer when the sequence does not divide)."""
+
+
+class DocumentMask(NamedTuple):
+    """The document layout of one microbatch over its cp ranks, passed to the model as
+    ``attention_masks`` (a NamedTuple of (B, ...) tensors: pipeline parallel splits it into
+    pipeline microbatches along dim 0, as it splits the inputs).
+
+    Attributes:
+        positions: (B, cp, S / cp) int64: the global positions held by each cp rank, in the
+            order that rank holds them (ascending within each rank).
+        starts: (B, cp, S / cp) int64: the first position of each of those tokens' document.
+    """
+
+    positions: torch.Tensor
+    starts: torch.Tensor
+
+
+def document_starts(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, S) int64: the first position of each token's document; a document ends with its
+    EOS token (``get_document_mask_mod``'s convention: the EOS belongs to the document it
+    closes).
+
+    Args:
+        inputs: (B, S) int64 token ids.
+        eos_id: the tokenizer's EOS id.
+    """
+    s = inputs.shape[1]
+    idx = torch.arange(s, device=inputs.device).expand(inputs.shape)
+    last_eos = torch.where(inputs == eos_id, idx, -1).cummax(dim=1).values
+    starts = torch.zeros_like(idx)
+    starts[:, 1:] = last_eos[:, :-1] + 1
+    return starts
+
+
+def _work(starts: torch.Tensor) -> torch.Tensor:
+    """(B, S) int64: keys each query attends (position - document start + 1)."""
+    return torch.arange(starts.shape[1], device=starts.device) - starts + 1
+
+
+def layout(starts: torch.Tensor, cp: int, balancer: str | None) -> torch.Tensor:
+    """(B, S) int64 permutation of the positions: rank c keeps slice c of ``cp``.
+
+    Args:
+        starts: (B, S) from ``document_starts``.
+        cp: the cp degree (S must be a multiple of 2 cp).
+        balancer: one of ``BALANCERS``.
+
+    Raises:
+        ValueError: an unknown balancer.
+    """
+    b, s = starts.shape
+    device = starts.device
+    if balancer is None or cp == 1:
+        return torch.arange(s, device=device).expand(b, s)
+    if balancer == "headtail":
+        idx: Any = _HeadTailLoadBalancer(s, cp, device)._generate_indices()
+        return idx.expand(b, s)
+    if balancer == "per_document_headtail":
+        return torch.stack([_per_document(row, cp) for row in starts])
+    if balancer == "ptrr":
+        return torch.stack([_ptrr(row, cp) for row in starts])
+    raise ValueError(f"unknown context-parallel load balancer {balancer!r}")
+
+
+def _per_document(starts: torch.Tensor, cp: int) -> torch.Tensor:
+    """torch's per-document head-tail on one row, documents rounded to multiples of 2 cp,
+    rank by rank.
+
+    torch 2.13's ``_PerDocumentHeadTailLoadBalancer._generate_indices`` lists each document's
+    chunks rank by rank inside the document (doc 0: rank 0's head and tail, rank 1's, ...;
+    then doc 1), while ``_context_parallel_shard`` gives rank r the r-th contiguous slice of the
+    rearranged sequence: rank 0 would get all of the first documents, not its head and tail of
+    each (e.g. documents [4, 8, 4] on 2 ranks: rank 0 gets positions 0 3 1 2 4 5 10 11, not
+    the documented 0 3 4 5 10 11 12 15). The chunks are regrouped here by rank, each rank's in
+    torch's order.
+    """
+    s = starts.shape[0]
+    unit = 2 * cp * max(1, min(PER_DOCUMENT_GRANULE, s // (2 * cp)))
+    bounds = sorted({round(int(x) / unit) * unit for x in starts.unique().tolist()} | {s})
+    lengths = [b - a for a, b in zip([0, *bounds], bounds, strict=False) if b > a]
+    balancer: Any = _PerDocumentHeadTailLoadBalancer([lengths], cp, starts.device)
+    idx = balancer._generate_indices()[0]
+    # Each document's segment of torch's list is its 2 cp chunks, two per rank, rank by rank.
+    rank = torch.cat([torch.arange(n, device=starts.device) // (n // cp) for n in lengths])
+    return idx[torch.sort(rank, stable=True).indices]
+
+
+def _ptrr(starts: torch.Tensor, cp: int) -> torch.Tensor:
+    """torch's PTRR scheduling of equal blocks of one row, weighted by their masked work."""
+    s = starts.shape[0]
+    per_rank = next(m for m in range(PTRR_BLOCKS_PER_RANK, 0, -1) if s % (cp * m) == 0)
+    blocks = cp * per_rank
+    work = _work(starts[None])[0].reshape(blocks, s // blocks).sum(dim=1)
+    groups = _PTRRLoadBalancer.ptrr_scheduling(work.double(), cp)  # (cp, per_rank), sorted
+    block_pos = torch.arange(s, device=starts.device).reshape(blocks, s // blocks)
+    return block_pos[groups.flatten()].flatten()
+
+
+def shard_documents(
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    eos_id: int,
+    cp: int,
+    rank: int,
+    balancer: str | None,
+    restart_positions: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DocumentMask]:
+    """This cp rank's part of a microbatch of packed documents.
+
+    Args:
+        inputs, labels: (B, S) int64, the same on every cp rank.
+        eos_id: the tokenizer's EOS id.
+        cp, rank: the cp degree and this rank's index in the cp group (cp 1: no CP).
+        balancer: one of ``BALANCERS``.
+        restart_positions: RoPE positions restart at 0 at each document start (the mask uses
+            the global positions either way).
+
+    Returns:
+        (inputs, labels, RoPE positions, each (B, S / cp); the ``DocumentMask``).
+    """
+    b, s = inputs.shape
+    starts = document_starts(inputs, eos_id)
+    perm = layout(starts, cp, balancer)
+    n = s // cp
+    mine = perm[:, rank * n : (rank + 1) * n]
+    mask = DocumentMask(perm.reshape(b, cp, n), starts.gather(1, perm).reshape(b, cp, n))
+    rope = mine - starts.gather(1, mine) if restart_positions else mine
+    return inputs.gather(1, mine), labels.gather(1, mine), rope.to(torch.int32), mask
+
+
+def work_per_rank(mask: DocumentMask) -> torch.Tensor:
+    """(cp,) int64: the (query, key) pairs each cp rank's queries attend under the mask,
+    summed over the batch (the masked attention work, per head)."""
+    return (mask.positions - mask.starts + 1).sum(dim=(0, 2))
