@@ -181,7 +181,10 @@ def test_packed_window_loss_is_the_sum_of_its_documents() -> None:
 
     with torch.no_grad():
         alone = torch.cat(
-            [token_losses(d[None], labels[:, o : o + len(d)]) for d, o in zip(docs, (0, 20, 27))]
+            [
+                token_losses(d[None], labels[:, o : o + len(d)])
+                for d, o in zip(docs, (0, 20, 27), strict=True)
+            ]
         )
         for restart in (True, False):
             inputs, targets, positions, mask = shard_documents(
