@@ -1,11 +1,12 @@
 """Block-causal (document-masked) attention under every context-parallel pattern and load
 balancer, against single-device masked SDPA in fp32: forward output and q/k/v gradients.
 
-One launch of 8 gloo ranks covers cp 2, 4 and 8 (the mesh is dp x cp, 8 / cp replicas), each
-pattern with every document layout the issue names: documents crossing shard boundaries, one
-document spanning all ranks (a window with no EOS), many one-token documents, a document
-ending exactly on a shard boundary; fp32 and bf16; GQA; batch 2 with different documents per
-row; every load balancer.
+One launch of 8 gloo ranks covers cp 2, 4 and 8 (the mesh is dp x cp, 8 / cp replicas), every
+pattern of each, and at each cp degree every document layout: documents crossing shard
+boundaries (random), one document spanning all ranks (a window with no EOS), many one-token
+documents, a document ending exactly on a shard boundary; every load balancer; fp32 and bf16;
+GQA; batch 2 with different documents per row. Each pattern runs two (layout, balancer) cases,
+rotating so that each cp degree sees every layout and every balancer.
 """
 
 import torch
@@ -87,11 +88,11 @@ def _check(rank: int, world_size: int) -> None:
             pattern = cp_patterns.make_pattern(name, cp, inner, inner)
             cp_patterns.register(cp_mesh, pattern)
             plan = cp_block_causal.make_plan(cp_mesh, pattern)
-            # Every document layout once per pattern, the balancers rotating over them (the
-            # whole product: scripts/check_block_causal.py).
-            shift = len(PATTERNS[cp]) + inner
-            for i, docs in enumerate(DOCS):
-                balancer = BALANCERS[(i + shift) % len(BALANCERS)]
+            # Two document layouts per pattern and two balancers, rotating so that each cp
+            # degree sees every layout and every balancer.
+            for _ in range(2):
+                docs = DOCS[case % len(DOCS)]
+                balancer = BALANCERS[(case // len(DOCS) + case) % len(BALANCERS)]
                 case += 1
                 dtype = torch.bfloat16 if case % 3 == 0 else torch.float32
                 gen = torch.Generator().manual_seed(case)
