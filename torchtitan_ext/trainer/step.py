@@ -144,7 +144,7 @@ class StepMixin(TrainerBase):
         return contextlib.nullcontext()
 
     def _shard_sequence(
-        self, inputs: torch.Tensor, labels: torch.Tensor
+        self, inputs: torch.Tensor, labels: torch.Tensor, training: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Move a microbatch to the device and, with CP, keep this rank's part of the sequence.
 
@@ -163,7 +163,8 @@ class StepMixin(TrainerBase):
                 self.cfg.parallelism.context_parallel_load_balancer if cp > 1 else None,
                 self.cfg.model.document_positions,
             )  # fmt: skip
-            self.attn_work += work_per_rank(mask)
+            if training:  # the log's masked work per cp rank: training microbatches only
+                self.attn_work += work_per_rank(mask)
             return inputs, labels, {"positions": positions, "attention_masks": mask}
         if self.titan_masks:
             model: Any = self.model_parts[0]

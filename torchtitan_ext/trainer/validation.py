@@ -53,7 +53,7 @@ class ValidationMixin(StepMixin):
             if n_real < v.local_batch_size:
                 labels = labels.clone()  # a view sharing memory with inputs
                 labels[n_real:] = IGNORE_INDEX
-            inputs, labels, extra = self._shard_sequence(inputs, labels)
+            inputs, labels, extra = self._shard_sequence(inputs, labels, training=False)
             if self.pipeline is not None:
                 sums[0] += self._pipeline_step(inputs, labels, extra, train=False)
             else:
