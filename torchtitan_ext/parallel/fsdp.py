@@ -173,7 +173,9 @@ def apply_fsdp(
     if any(isinstance(p, DTensor) for p in model.parameters()):  # TP: FSDP's mesh is 2-D
         quiet_proven_harmless_warnings()
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    offload: OffloadPolicy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # Pinned host memory (asynchronous copies) needs CUDA; a CPU mesh (tests) copies plainly.
+    pinned = dp_mesh.device_type == "cuda"
+    offload = CPUOffloadPolicy(pin_memory=pinned) if cpu_offload else OffloadPolicy()
     reshard = {
         "always": True,
         "never": False,
