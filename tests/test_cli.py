@@ -90,7 +90,8 @@ def test_config_help_lists_every_option_stage_key_and_unsupported_one(capsys):
     marked = {name for name, t in got.items() if UNSUPPORTED_MARK in t}
     assert marked == {f"--{key}" for key, _, _ in UNSUPPORTED}
     assert got["--model.converters"].startswith(
-        f"({UNSUPPORTED_MARK}: float8/mx converters are not supported)"
+        f"({UNSUPPORTED_MARK}: only float8 (TorchTitan's quantize.linear.float8); mx is not "
+        "supported)"
     )
     # Every per-stage key, described.
     stage_entries = entries(stages)
