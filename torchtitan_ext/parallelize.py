@@ -66,7 +66,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
             dims.get_mesh("tp"),
             loss_parallel=not cfg.parallelism.disable_loss_parallel,
             output_deferred=chunked_loss,
-            float8_tensorwise=float8_tensorwise_tp(cfg),
+            # Float8 all-gathers need NCCL (gloo has no float8 dtypes: emulated float8 on
+            # CPU all-gathers in high precision).
+            float8_tensorwise=float8_tensorwise_tp(cfg) and device.type == "cuda",
         )
     if dims.cp_enabled:
         p = cfg.parallelism
