@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from tests.conftest import ROOT, spawn, tiny_run_args, torchrun
+from tests.conftest import ROOT, read_metrics, spawn, tiny_run_args, torchrun
 from torchtitan_ext.config import ConfigError, load_config
 from torchtitan_ext.config.__main__ import main as config_main
 from torchtitan_ext.validate import check_recipe
@@ -70,6 +70,19 @@ def test_cpu_refusals_name_the_key(more, key, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_wandb_without_the_package_is_one_line(monkeypatch):
+    """metrics.enable_wandb where wandb cannot be imported: one error naming the key and the
+    package (device phase), not a traceback at the first logged step."""
+    import torchtitan_ext.metrics
+
+    cfg = load_config(["--job.config_file", DEBUG_CPU, "--metrics.enable_wandb"])
+    assert check_recipe(cfg, 4).notes == []  # installed here (a dev dependency)
+    monkeypatch.setattr(torchtitan_ext.metrics, "wandb_installed", lambda: False)
+    with pytest.raises(ConfigError, match=re.escape("needs the wandb package (pip install")) as e:
+        check_recipe(cfg, 4)
+    assert e.value.key == "metrics.enable_wandb"
+
+
 def test_memory_snapshot_on_cpu_is_one_note_not_a_refusal(capsys):
     args = ["--job.config_file", DEBUG_CPU, "--training.device", "cpu"]
     on = [*args, "--profiling.enable_memory_snapshot"]
@@ -88,12 +101,16 @@ def test_memory_snapshot_on_cpu_is_one_note_not_a_refusal(capsys):
     assert notes == [f"# note: {check.notes[0]}"]
 
 
-def test_profiled_float8_run_writes_one_trace_per_rank_per_profiled_step(tmp_path):
+def test_profiled_float8_run_writes_one_trace_per_rank_per_profiled_step(tmp_path, monkeypatch):
     """2 ranks (FSDP), 4 steps, a trace every 2 steps: iteration_2 and iteration_4 hold one
     Chrome trace per rank (TorchTitan's layout), each with the one step it recorded (torch's
     ``ProfilerStep#<n>``, n counted from 0), the rank's distributed info and float8's matmuls
     (emulated, with TorchTitan's 405B float8 settings: FSDP float8 all-gather, scales
-    precomputed after each update). Memory snapshots on CPU: one log line, no files."""
+    precomputed after each update). Memory snapshots on CPU: one log line, no files. The same
+    run logs to wandb (offline, one launch for both): rank 0's run file holds each step's
+    loss and grad norm as metrics.jsonl has them."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
     dump = tmp_path / "run"
     proc = torchrun(
         2,
@@ -107,6 +124,7 @@ def test_profiled_float8_run_writes_one_trace_per_rank_per_profiled_step(tmp_pat
             "--quantize.linear.float8.enable_fsdp_float8_all_gather",
             "--quantize.linear.float8.precompute_float8_dynamic_scale_for_fsdp",
             *("--quantize.linear.float8.filter_fqns", "output"),
+            "--metrics.enable_wandb",
         ],
     )
     log = proc.stdout + proc.stderr
@@ -129,6 +147,16 @@ def test_profiled_float8_run_writes_one_trace_per_rank_per_profiled_step(tmp_pat
             assert trace["distributedInfo"]["world_size"] == 2
             assert "matmul_with_hp_or_float8_args" in names  # torchao's float8 matmul
             assert any(n.startswith("aten::mm") for n in names)
+    # wandb: one offline run (rank 0) under <dump>/tb/wandb; its records are protobuf, whose
+    # history values are the JSON text of each number (wandb 0.31 has no Python reader).
+    (run_file,) = (dump / "tb" / "wandb").glob("offline-run-*/run-*.wandb")
+    data = run_file.read_bytes()
+    records = read_metrics(dump)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        for key in ("loss", "grad_norm"):
+            assert json.dumps(r[key]).encode() in data, (r["step"], key)
+    assert b"train/loss" in data and b"train/tokens_per_sec" in data
 
 
 def _offload_checks(rank: int, world_size: int) -> None:

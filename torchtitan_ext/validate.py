@@ -35,6 +35,7 @@ from torchtitan_ext import (
     curriculum,
     distributed,
     long_context,
+    metrics,
     parallel_dims,
     profiling,
 )
@@ -242,6 +243,7 @@ RULES: tuple[Rule, ...] = (
     *fsdp.RULES,  # device: CPU offload
     *converters.RULES,  # device: float8
     *profiling.RULES,  # recipe: the profiler's schedule; device: memory snapshots
+    *metrics.RULES,  # device: wandb installed
     Rule(
         "data",
         ("model.flavor", "model.tokenizer"),

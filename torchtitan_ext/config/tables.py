@@ -66,7 +66,6 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
         "only float8 (TorchTitan's quantize.linear.float8); mx is not supported",
     ),
     ("fault_tolerance.enable", _enabled, "not supported"),
-    ("metrics.enable_wandb", _enabled, "use tensorboard"),
     ("optimizer.early_step_in_backward", _enabled, "not supported"),
     ("comm.mode", lambda v: v != "default", "only 'default' is supported"),
     (

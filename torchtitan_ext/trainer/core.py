@@ -167,6 +167,7 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
             stage_label=stage_name(stage.index, n_stages) if stage else "",
             # Colors only on a terminal: piped logs stay free of escape codes.
             color=not cfg.metrics.disable_color_printing and sys.stdout.isatty(),
+            wandb_config=cfg if cfg.metrics.enable_wandb else None,
         )
         logger.info(
             f"global batch {self.dataloader.global_batch_size} x {t.seq_len} tokens "
