@@ -29,7 +29,6 @@ import logging
 from typing import Any
 
 import torch
-from torch import nn
 
 from torchtitan_ext.config.tables import FLOAT8_CONVERTERS
 from torchtitan_ext.errors import ConfigError
@@ -113,11 +112,6 @@ class _TitanDims:
     """What TorchTitan's float8 converter reads of its ``ParallelDims``."""
 
     dp_shard_enabled: bool
-
-
-def count_float8_linears(model: nn.Module) -> int:
-    """The number of torchao ``Float8Linear`` modules in ``model`` (0 without torchao loaded)."""
-    return sum(type(m).__name__ == "Float8Linear" for m in model.modules())
 
 
 def _float8_device(c: RecipeCheck) -> None:

@@ -37,8 +37,6 @@ logger = logging.getLogger("torchtitan_ext")
 
 TRACE_FILE = "rank{rank}_trace.json"
 """A trace's file name in its ``iteration_<step>`` folder (TorchTitan 0.2.2's)."""
-SNAPSHOT_FILE = "rank{rank}_memory_snapshot.pickle"
-"""A memory snapshot's file name in its ``iteration_<step>`` folder (TorchTitan 0.2.2's)."""
 
 
 def trace_path(dump_folder: str | Path, traces_folder: str, step: int, rank: int) -> Path:
