@@ -36,6 +36,14 @@ The checks (``CHECKS``; to add one, write a function ``(args) -> list[Row]`` and
   the flavor, the corpus and the byte tokenizer) on the same recipe: the 1.2B flavor, seq
   8192 x 2, selective op AC, eager, a few steps each; the median of the steps after the first
   two.
+- ``titan_options``: TorchTitan recipe options of issue 25 on the same recipe, each against
+  the run without it, tokens/s and peak memory: ``model.converters = ["float8"]`` (compiled,
+  against the compiled baseline; needs torchao: add its wheel to ``.gpu/whl``, e.g.
+  ``pip download --no-deps torchao -d .gpu/whl``, the cp310-abi3 wheel installs on 3.12),
+  ``training.enable_cpu_offload`` (FAIL unless its peak memory is below the baseline's) and
+  ``profiling.enable_memory_snapshot`` (FAIL unless the last step's
+  ``memory_snapshot/iteration_<steps>/rank0_memory_snapshot.pickle`` is a snapshot with
+  segments).
 """
 
 import argparse
@@ -319,24 +327,37 @@ def check_long_context_memory(a: argparse.Namespace) -> list[Row]:
 TPS_SHAPE = {"seq_len": 8192, "batch": 2}
 
 
-def _ours(a: argparse.Namespace, dump: Path) -> float:
-    from torchtitan_ext.distributed import launch_env, torchrun_command
-
+def ours_args(steps: int, dump: Path, extra: list[str] | None = None) -> list[str]:
+    """train.py's recipe arguments for ``TPS_SHAPE`` on the 1.2B flavor (selective op AC,
+    eager, the long-context features off), then ``extra``."""
     s = TPS_SHAPE
-    args = [
-        str(ROOT / "train.py"), "--job.config_file", str(RECIPE_1B),
+    return [
+        "--job.config_file", str(RECIPE_1B),
         "--job.dump_folder", str(dump), "--training.seq_len", str(s["seq_len"]),
         "--training.local_batch_size", str(s["batch"]),
-        "--training.global_batch_size", str(s["batch"]), "--training.steps", str(a.steps),
+        "--training.global_batch_size", str(s["batch"]), "--training.steps", str(steps),
         "--training.loss_chunk_tokens", "0", "--training.mlp_tile_tokens", "0",
         "--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option",
         "op", "--activation_checkpoint.no-enable-cpu-offload", "--compile.no-enable",
-        "--model.rope_theta", "0", "--metrics.no-enable-tensorboard",
+        "--model.rope_theta", "0", "--metrics.no-enable-tensorboard", *(extra or []),
     ]  # fmt: skip
-    _run(torchrun_command(1, args), launch_env(), "train.py")
+
+
+def _train_ours(args: list[str]) -> tuple[float, float]:
+    """Run train.py on one GPU: (median tokens/s of the steps after the first two, the
+    largest peak memory logged, MiB)."""
+    from torchtitan_ext.distributed import launch_env, torchrun_command
+
+    dump = Path(args[args.index("--job.dump_folder") + 1])
+    _run(torchrun_command(1, [str(ROOT / "train.py"), *args]), launch_env(), "train.py")
     records = [json.loads(x) for x in (dump / "metrics.jsonl").read_text().splitlines()]
-    tps = [r["tokens_per_sec"] for r in records if r.get("kind") == "train" and r["step"] > 2]
-    return statistics.median(tps)
+    train = [r for r in records if r.get("kind") == "train"]
+    tps = [r["tokens_per_sec"] for r in train if r["step"] > 2]
+    return statistics.median(tps), max(r["peak_mem_mib"] for r in train)
+
+
+def _ours(a: argparse.Namespace, dump: Path) -> float:
+    return _train_ours(ours_args(a.steps, dump))[0]
 
 
 def _titan_toml(a: argparse.Namespace, dump: Path) -> str:
@@ -487,6 +508,70 @@ def check_block_causal(a: argparse.Namespace) -> list[Row]:
     return rows
 
 
+# ---- titan_options -------------------------------------------------------------------------
+
+TITAN_OPTIONS: dict[str, list[str]] = {
+    "baseline (compiled)": ["--compile.enable"],
+    # TorchTitan's float8 recipe (llama3_405b.toml): tensorwise, the output layer kept in bf16;
+    # compiled, as TorchTitan runs float8.
+    "float8 (compiled)": ["--compile.enable", "--model.converters", "float8",
+                          "--quantize.linear.float8.filter_fqns", "output"],
+    "baseline": [],
+    "CPU offload": ["--training.enable_cpu_offload"],
+    "memory snapshot": ["--profiling.enable_memory_snapshot"],
+}  # fmt: skip
+"""issue 25's options on top of ``ours_args`` (the tokens_per_s recipe), each against the
+baseline above it: float8 against the compiled baseline, the others against the eager one."""
+
+
+def _snapshot_problem(dump: Path, step: int) -> str | None:
+    """Why the memory snapshot of ``step`` is missing or unreadable (None when it is a
+    torch.cuda.memory._snapshot() pickle with segments)."""
+    import pickle
+
+    path = dump / "memory_snapshot" / f"iteration_{step}" / "rank0_memory_snapshot.pickle"
+    if not path.is_file():
+        return f"no {path.relative_to(dump)}"
+    with path.open("rb") as f:
+        snapshot = pickle.load(f)
+    if not snapshot.get("segments"):
+        return f"{path.name} has no segments"
+    return None
+
+
+def check_titan_options(a: argparse.Namespace) -> list[Row]:
+    rows: list[Row] = []
+    got: dict[str, tuple[float, float]] = {}
+    base_of = {"float8 (compiled)": "baseline (compiled)"}
+    s = TPS_SHAPE
+    for name, extra in TITAN_OPTIONS.items():
+        case = f"1.2B seq {s['seq_len']} x {s['batch']}: {name}"
+        with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+            dump = Path(tmp) / "run"
+            snapshot = ["--profiling.profile_freq", str(a.steps)] if "snapshot" in name else []
+            try:
+                got[name] = _train_ours(ours_args(a.steps, dump, [*extra, *snapshot]))
+            except Exception as e:  # the row reports it; the other settings still run
+                rows.append(Row("titan_options", case, "error", "FAIL", _first_line(e)))
+                continue
+            problem = _snapshot_problem(dump, a.steps) if snapshot else None
+        tps, mib = got[name]
+        base = base_of.get(name, "baseline")
+        value = f"{tps:,.0f} tokens/s, peak {mib / 1024:.1f} GiB"
+        if name == base or base not in got:
+            rows.append(Row("titan_options", case, value, "info"))
+            continue
+        b_tps, b_mib = got[base]
+        note = f"vs {base}: tokens/s x {tps / b_tps:.2f}, peak memory x {mib / b_mib:.2f}"
+        ok = problem is None and (name != "CPU offload" or mib < b_mib)
+        if problem is not None:
+            note += f"; {problem}"
+        elif name == "CPU offload" and mib >= b_mib:
+            note += "; expected less peak memory than the baseline"
+        rows.append(Row("titan_options", case, value, "ok" if ok else "FAIL", note))
+    return rows
+
+
 # ---- driver --------------------------------------------------------------------------------
 
 CHECKS: dict[str, Check] = {
@@ -500,6 +585,8 @@ CHECKS: dict[str, Check] = {
               check_tokens_per_s),
         Check("block_causal", "document-masked attention's CUDA kernel path vs masked SDPA",
               0.5, check_block_causal),
+        Check("titan_options", "float8, FSDP CPU offload, a memory snapshot: tokens/s, peak",
+              4.0, check_titan_options),
     )
 }  # fmt: skip
 

@@ -90,7 +90,8 @@ def test_config_help_lists_every_option_stage_key_and_unsupported_one(capsys):
     marked = {name for name, t in got.items() if UNSUPPORTED_MARK in t}
     assert marked == {f"--{key}" for key, _, _ in UNSUPPORTED}
     assert got["--model.converters"].startswith(
-        f"({UNSUPPORTED_MARK}: float8/mx converters are not supported)"
+        f"({UNSUPPORTED_MARK}: only float8 (TorchTitan's quantize.linear.float8); mx is not "
+        "supported)"
     )
     # Every per-stage key, described.
     stage_entries = entries(stages)
@@ -239,3 +240,23 @@ def test_gpu_check_titan_recipe_loads_in_torchtitan(tmp_path):
         assert spec.build_tokenizer_fn(cfg).get_vocab_size() == 258
     finally:  # TorchTitan's own llama3 spec again for the rest of the session
         train_spec._extra_train_specs.pop("llama3", None)
+
+
+def test_gpu_check_titan_options_recipes_pass_the_checker(tmp_path):
+    """The titan_options check's runs (issue 25: float8, CPU offload, a memory snapshot, each
+    with its baseline) are recipes our checker accepts without a device (the recipe and trainer
+    phases): on a GPU only the device phase is left to pass."""
+    from torchtitan_ext.config import load_config
+    from torchtitan_ext.validate import check_recipe
+
+    gpu_check = _gpu_check()
+    settings = {name: load_config(gpu_check.ours_args(8, tmp_path, extra))
+                for name, extra in gpu_check.TITAN_OPTIONS.items()}  # fmt: skip
+    for name, cfg in settings.items():
+        assert check_recipe(cfg, None).model_args.dim == 2048, name
+    assert settings["float8 (compiled)"].model.converters == ["float8"]
+    assert settings["float8 (compiled)"].compile.enable
+    assert settings["CPU offload"].training.enable_cpu_offload
+    assert settings["memory snapshot"].profiling.enable_memory_snapshot
+    base = settings["baseline"]
+    assert not (base.model.converters or base.training.enable_cpu_offload or base.compile.enable)

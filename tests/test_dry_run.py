@@ -75,13 +75,20 @@ def test_dry_run_sweep_ranks_shapes_that_fit_by_communication(titan_recipes, tmp
         titan_recipes / "llama3_8b.toml", 64, tmp_path, steps=2,
         fixed={"pp": 1, "dp_replicate": 1}, max_degree={"tp": 2, "cp": 2}, training=False,
     )  # fmt: skip
-    # For training here, TorchTitan's 8B recipe is refused (its profiler is not implemented).
+    # For training here, TorchTitan's 8B recipe passes (its profiler runs); with FSDP's CPU
+    # offload, which this machine's device rule refuses on CPU, every shape is refused.
     trained, refused = enumerate_shapes(
         titan_recipes / "llama3_8b.toml", 64, tmp_path, steps=2,
         fixed={"pp": 1, "dp_replicate": 1}, max_degree={"tp": 2, "cp": 1},
     )  # fmt: skip
+    assert not refused and {s.name for s, _, _ in trained} == {"dp_shard64", "dp_shard32xtp2"}
+    trained, refused = enumerate_shapes(
+        titan_recipes / "llama3_8b.toml", 64, tmp_path, steps=2,
+        fixed={"pp": 1, "dp_replicate": 1}, max_degree={"tp": 2, "cp": 1},
+        extra=("--training.device", "cpu", "--training.enable_cpu_offload"),
+    )  # fmt: skip
     assert not trained and refused
-    assert all("profiling.enable_profiling" in why for _, _, why in refused)
+    assert all("training.enable_cpu_offload" in why for _, _, why in refused)
     assert {s.name for s, _, _ in valid} == {
         "dp_shard64", "dp_shard32xtp2", "dp_shard32xcp2", "dp_shard16xtp2xcp2",
     }  # fmt: skip

@@ -136,7 +136,7 @@ def test_hf_tokenizer_missing_is_a_config_error(tmp_path):
 @pytest.mark.parametrize(
     ("override", "key"),
     [
-        (["--model.converters", "float8"], "model.converters"),
+        (["--model.converters", "quantize.linear.mx"], "model.converters"),
         (["--checkpoint.async_mode", "async_with_pinned_mem"], "checkpoint.async_mode"),
         (
             ["--parallelism.pipeline_parallel_schedule_csv", "schedule.csv"],

@@ -1,4 +1,5 @@
-"""Training metrics: a console line, tensorboard scalars and ``metrics.jsonl`` per logged step.
+"""Training metrics: a console line, tensorboard scalars (and with ``metrics.enable_wandb``
+Weights & Biases) and ``metrics.jsonl`` per logged step.
 
 Every line of ``metrics.jsonl`` is one JSON object with a ``kind`` and an integer ``step``:
 
@@ -35,6 +36,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -187,6 +191,12 @@ class MetricsLogger:
         stage_last_step, stage_label: with a curriculum, the current stage's last step and
             label (``curriculum.stage_name``: "1 of 0..2", stages count from 0): the console
             line adds the stage and its ETA.
+        wandb_config: with ``metrics.enable_wandb``, the JobConfig: the records' numbers also
+            go to Weights & Biases, under the same ``<group>/<key>`` names as tensorboard,
+            through TorchTitan 0.2.2's ``WandBLogger`` (its ``WANDB_PROJECT``,
+            ``WANDB_RUN_NAME``, ... variables; files under ``<dump_folder>/<tb_folder>/wandb``;
+            ``WANDB_MODE=offline`` needs no network, ``wandb sync`` uploads later). With a
+            curriculum, one wandb run per stage (``WANDB_RUN_GROUP`` groups them). None: off.
     """
 
     dump_folder: str
@@ -199,7 +209,9 @@ class MetricsLogger:
     color: bool = True
     stage_last_step: int | None = None
     stage_label: str = ""
+    wandb_config: Any = None
     _writer: Any = field(default=None, repr=False)
+    _wandb: Any = field(default=None, repr=False)
     _jsonl: Any = field(default=None, repr=False)
     _param_stats: Any = field(default=None, repr=False)
     _last_time: float = field(default_factory=time.perf_counter, repr=False)
@@ -236,6 +248,12 @@ class MetricsLogger:
 
             self._writer = SummaryWriter(
                 os.path.join(self.dump_folder, self.tb_folder), purge_step=step + 1
+            )
+        if self.wandb_config is not None:
+            from torchtitan.components.metrics import WandBLogger
+
+            self._wandb = WandBLogger(
+                os.path.join(self.dump_folder, self.tb_folder), self.wandb_config
             )
 
     def log(
@@ -351,15 +369,20 @@ class MetricsLogger:
         assert self._jsonl is not None, "MetricsLogger.start() must run first"
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._writer is None:
+        if self._writer is None and self._wandb is None:
             return
         kind, step = record["kind"], record["step"]
-        for key, value in record.items():
-            if key in ("kind", "step") or not isinstance(value, (int, float)):
-                continue
-            group = "curriculum" if key in _CURRICULUM_KEYS else kind
-            self._writer.add_scalar(f"{group}/{key}", value, step)
-        self._writer.flush()
+        scalars = {
+            f"{'curriculum' if key in _CURRICULUM_KEYS else kind}/{key}": value
+            for key, value in record.items()
+            if key not in ("kind", "step") and isinstance(value, (int, float))
+        }
+        if self._writer is not None:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, step)
+            self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(scalars, step)
 
     def _console(self, r: dict[str, Any], eta: float, stage_eta: float | None = None) -> None:
         c = _Colors(self.color)
@@ -380,7 +403,7 @@ class MetricsLogger:
         logger.info(line)
 
     def close(self) -> None:
-        """Close the files and the tensorboard writer (idempotent)."""
+        """Close the files, the tensorboard writer and the wandb run (idempotent)."""
         for f in (self._jsonl, self._param_stats):
             if f is not None:
                 f.close()
@@ -388,6 +411,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
 
 
 def _supersede_after(path: str, step: int, superseded_path: str) -> None:
@@ -447,3 +473,33 @@ class _Colors:
             setattr(self, name, code if enabled else "")
 
     red = green = yellow = blue = magenta = cyan = reset = ""
+
+
+def wandb_installed() -> bool:
+    """Whether the ``wandb`` package can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+def _wandb(c: RecipeCheck) -> None:
+    if c.cfg.metrics.enable_wandb and not wandb_installed():
+        raise ConfigError(
+            "metrics.enable_wandb",
+            True,
+            "needs the wandb package (pip install wandb; WANDB_MODE=offline logs without an "
+            "account or network)",
+        )
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "device",
+        ("metrics.enable_wandb",),
+        "wandb logging needs the wandb package installed",
+        _wandb,
+        "metrics",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

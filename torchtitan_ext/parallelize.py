@@ -12,8 +12,10 @@ checkpointing (wraps the blocks, which TP and CP have already rewritten), then
 ``torch.compile`` per block (compiles the wrapped block, so AC is traced into the graph), then
 activation offload (around the compiled block, so the checkpoint's saved inputs go to host
 memory), and FSDP2 last (it shards whatever parameters the previous steps produced, composing
-its dp_shard x cp mesh with the tp mesh into 2-D DTensors). The model definition carries no
-parallel code.
+its dp_shard x cp mesh with the tp mesh into 2-D DTensors; with ``training.enable_cpu_offload``
+its shards live in host memory, on one rank too). The model definition carries no parallel
+code. Model converters (float8, ``torchtitan_ext.converters``) run before this function, on the
+whole model, as in TorchTitan's trainer; tensor parallel then uses torchao's float8 styles.
 
 With pipeline parallel, the model is first split into stages
 (``torchtitan_ext.parallel.pipeline.pipeline_split``) and this function runs on each stage
@@ -28,6 +30,7 @@ from torch import nn
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.models.llama3.infra.parallelize import apply_compile
 
+from torchtitan_ext.converters import float8_tensorwise_tp
 from torchtitan_ext.long_context.chunked_loss import defer_output_projection
 from torchtitan_ext.long_context.tiled_mlp import apply_tiled_mlp
 from torchtitan_ext.parallel.activation_checkpoint import apply_ac, apply_activation_offload
@@ -65,6 +68,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
             dims.get_mesh("tp"),
             loss_parallel=not cfg.parallelism.disable_loss_parallel,
             output_deferred=chunked_loss,
+            # Float8 all-gathers need NCCL (gloo has no float8 dtypes: emulated float8 on
+            # CPU all-gathers in high precision).
+            float8_tensorwise=float8_tensorwise_tp(cfg) and device.type == "cuda",
         )
     if dims.cp_enabled:
         p = cfg.parallelism
@@ -86,7 +92,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
     if cfg.activation_checkpoint.enable_cpu_offload:
         # Around the compiled checkpointed block: its inputs go to pinned host memory.
         apply_activation_offload(model, pin_memory=device.type == "cuda")
-    if dims.fsdp_enabled or dims.dp_replicate_enabled:
+    cpu_offload = cfg.training.enable_cpu_offload
+    # CPU offload needs FSDP's units, also on one rank (a 1-rank "fsdp" mesh).
+    if dims.fsdp_enabled or dims.dp_replicate_enabled or cpu_offload:
         mesh = dims.get_mesh("hsdp") if dims.dp_replicate_enabled else dims.get_mesh("fsdp")
         apply_fsdp(
             model,
@@ -96,6 +104,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Any, device: torch.de
             reshard_after_forward_policy=cfg.parallelism.fsdp_reshard_after_forward,
             pp_enabled=dims.pp_enabled,
             output_used_after_forward=chunked_loss,
+            cpu_offload=cpu_offload,
         )
     return model
 

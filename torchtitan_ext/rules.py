@@ -57,6 +57,8 @@ class RecipeCheck:
         data: the loaded data (set by the caller of the ``data`` phase).
         mesh_planner: chooses auto-meshed stages' meshes (``curriculum.MeshPlanner``; the
             entry points hand in ``tools.auto_mesh.choose_stage_mesh``), or None.
+        notes: one line each for settings this device leaves off without refusing the recipe
+            (e.g. memory snapshots on CPU); the checker prints them, training logs them.
     """
 
     cfg: Any
@@ -69,6 +71,7 @@ class RecipeCheck:
     backend: str = ""
     data: RecipeData | None = None
     mesh_planner: "MeshPlanner | None" = None
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -14,24 +14,31 @@ Phases (``PHASES``), each filling in part of ``RecipeCheck`` for the next:
 - ``recipe``: one config on its own (no world size): values, model, degrees, patterns;
 - ``mesh`` (world size known): the mesh (``ParallelDims``) and the batch it implies;
 - ``trainer``: the TorchTitan settings this trainer does not implement (``UNSUPPORTED``). Not
-  part of ``validate``, so the dry run and the planners still estimate TorchTitan's own recipes
-  (which turn on its profiler);
+  part of ``validate``, so the dry run and the planners still estimate any TorchTitan recipe;
 - ``device``: the training device and process-group backend of this rank, and what they and
   the installed torch allow;
 - ``data`` (training only): the tokenizer and the corpus against the model and the batches.
 
 Each feature declares its rules next to its code (a ``RULES`` tuple of ``rules.Rule`` in
-``parallel_dims``, ``curriculum``, ``distributed``, ``long_context`` and the ``parallel``
-modules); this module, above the features, assembles the one table from that explicit list
-(the order within a phase matters: a rule may read what an earlier one resolved) and holds the
-rules that judge the recipe as a whole (values in range, the model, the batch, the data). The
-features never import this module; ``python -m torchtitan_ext.config --list-rules`` shows
-every rule.
+``parallel_dims``, ``curriculum``, ``distributed``, ``long_context``, ``converters``,
+``profiling`` and the ``parallel`` modules); this module, above the features, assembles the
+one table from that explicit list (the order within a phase matters: a rule may read what an
+earlier one resolved) and holds the rules that judge the recipe as a whole (values in range,
+the model, the batch, the data). The features never import this module; ``python -m
+torchtitan_ext.config --list-rules`` shows every rule.
 """
 
 from typing import TYPE_CHECKING, Any
 
-from torchtitan_ext import curriculum, distributed, long_context, parallel_dims
+from torchtitan_ext import (
+    converters,
+    curriculum,
+    distributed,
+    long_context,
+    metrics,
+    parallel_dims,
+    profiling,
+)
 from torchtitan_ext.checkpoint import hf as checkpoint_hf
 from torchtitan_ext.checkpoint import storage as checkpoint_storage
 from torchtitan_ext.config.tables import UNSUPPORTED
@@ -42,6 +49,7 @@ from torchtitan_ext.parallel import (
     cp_block_causal,
     cp_patterns,
     cpu_ring_attention,
+    fsdp,
     pipeline,
 )
 from torchtitan_ext.parallel.cp_documents import ATTN_MASK_TYPES
@@ -237,6 +245,10 @@ RULES: tuple[Rule, ...] = (
     *activation_checkpoint.RULES,  # recipe: the AC mode; device: offload
     *cpu_ring_attention.RULES,
     *cp_block_causal.RULES,  # recipe: the mask type; device: flex / varlen; data: the EOS
+    *fsdp.RULES,  # device: CPU offload
+    *converters.RULES,  # device: float8
+    *profiling.RULES,  # recipe: the profiler's schedule; device: memory snapshots
+    *metrics.RULES,  # device: wandb installed
     Rule(
         "data",
         ("model.flavor", "model.tokenizer"),

@@ -11,7 +11,9 @@ Usage::
 world size it runs every check ``train.py`` runs before reading data
 (``validate.check_recipe``: each curriculum stage, whose plan it prints, the mesh, what the
 trainer supports, the device and torch); without one, the ``recipe`` and ``trainer`` phases.
-Exit status 0 and the resolved config as TOML on stdout; on a bad recipe, exit status 2 and one
+Exit status 0 and the resolved config as TOML on stdout (then, as TOML comments, the mesh, the
+plan and ``# note:`` lines for settings the device leaves off, e.g. memory snapshots on CPU);
+on a bad recipe, exit status 2 and one
 line on stderr naming the key and the value.
 """
 
@@ -82,7 +84,7 @@ def main(args: list[str]) -> int:
         # train.py's own checks (every phase of RULES but data; without a world size, those
         # that need none); the mesh shown is the first stage's.
         check = check_recipe(cfg, world_size, mesh_planner=choose_stage_mesh)
-        dims, stages = check.dims, check.stages
+        dims, stages, notes = check.dims, check.stages, check.notes
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -95,6 +97,8 @@ def main(args: list[str]) -> int:
         note = derived_batch_note(cfg, dims)
         if note is not None:
             print(f"# warning: {note}")
+    for note in notes:  # settings this device leaves off (the recipe still runs)
+        print(f"# note: {note}")
     if stages:
         print(
             "# curriculum:\n"

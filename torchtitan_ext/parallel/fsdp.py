@@ -21,8 +21,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 from torch.distributed.tensor import DTensor
+
+from torchtitan_ext.errors import ConfigError
+from torchtitan_ext.rules import RecipeCheck, Rule
 
 # FSDP2's warning (torch/distributed/fsdp/_fully_shard/_fsdp_state.py,
 # FSDPState._register_pre_backward_hook) when a wrapped module's output is a view, for the
@@ -138,6 +147,7 @@ def apply_fsdp(
     reshard_after_forward_policy: Literal["default", "always", "never"] = "default",
     pp_enabled: bool = False,
     output_used_after_forward: bool = False,
+    cpu_offload: bool = False,
 ) -> None:
     """Shard a TorchTitan Llama-style model (``tok_embeddings``, ``layers``, ``norm``,
     ``output``) with FSDP2, in place.
@@ -152,11 +162,20 @@ def apply_fsdp(
         output_used_after_forward: the loss applies ``output``'s weight after the forward
             (chunked cross-entropy): the [norm, output] unit is never resharded after forward,
             so the weight is gathered once per step, whatever the policy.
+        cpu_offload: ``training.enable_cpu_offload``: FSDP2's ``CPUOffloadPolicy`` (as
+            TorchTitan's ``apply_fsdp``): the sharded parameters, their gradients and the
+            optimizer state live in pinned host memory; each unit's parameters are copied to
+            the device for its all-gather and its reduced gradients copied back, and the
+            optimizer steps on the CPU. The model must be materialized on the CPU
+            (``init_weights_mesh_independent(..., device=cpu, buffer_device=<device>)``).
     """
     allow_non_ascending_flattening()
     if any(isinstance(p, DTensor) for p in model.parameters()):  # TP: FSDP's mesh is 2-D
         quiet_proven_harmless_warnings()
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Pinned host memory (asynchronous copies) needs CUDA; a CPU mesh (tests) copies plainly.
+    pinned = dp_mesh.device_type == "cuda"
+    offload = CPUOffloadPolicy(pin_memory=pinned) if cpu_offload else OffloadPolicy()
     reshard = {
         "always": True,
         "never": False,
@@ -166,11 +185,21 @@ def apply_fsdp(
     tok_embeddings = getattr(model, "tok_embeddings", None)
     if tok_embeddings is not None:
         fully_shard(
-            tok_embeddings, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard
+            tok_embeddings,
+            mesh=dp_mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard,
+            offload_policy=offload,
         )
     layers: nn.Module = model.get_submodule("layers")
     for block in layers.children():
-        fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
+        fully_shard(
+            block,
+            mesh=dp_mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard,
+            offload_policy=offload,
+        )
     norm, output = getattr(model, "norm", None), getattr(model, "output", None)
     if norm is not None and output is not None:
         # The last unit is needed again right after forward: keep it unless told "always".
@@ -181,8 +210,9 @@ def apply_fsdp(
             reshard_after_forward=(
                 reshard_after_forward_policy == "always" and not output_used_after_forward
             ),
+            offload_policy=offload,
         )
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
@@ -190,3 +220,39 @@ def apply_fsdp(
                 # Divide factor 1 means NCCL's PREMUL_SUM, which gloo lacks; plain SUM (with
                 # an exact post-multiply by 1) is the same reduction.
                 module.set_force_sum_reduction_for_comms(True)
+
+
+def check_cpu_offload(cfg: Any, device_type: str) -> None:
+    """``training.enable_cpu_offload`` needs a CUDA device: it moves parameters, gradients and
+    optimizer state from the GPU to host memory, where a CPU run keeps them anyway.
+    ``device_type``: the resolved training device ("cpu" or "cuda").
+
+    Raises:
+        ConfigError: naming the key, on a device other than CUDA.
+    """
+    if cfg.training.enable_cpu_offload and device_type != "cuda":
+        raise ConfigError(
+            "training.enable_cpu_offload",
+            True,
+            f"FSDP2's CPU offload moves parameters, gradients and optimizer state from a CUDA "
+            f"device to host memory; this run is on {device_type}, where they already are: "
+            f"remove it (--training.no-enable-cpu-offload)",
+        )
+
+
+def _cpu_offload(c: RecipeCheck) -> None:
+    assert c.device is not None
+    check_cpu_offload(c.cfg, c.device.type)
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "device",
+        ("training.enable_cpu_offload",),
+        "FSDP CPU offload needs CUDA",
+        _cpu_offload,
+        "parallel.fsdp",
+    ),
+)
+"""This module's recipe rules (``torchtitan_ext.rules``); ``validate.RULES`` lists them in
+its table, in phase order."""

@@ -9,6 +9,8 @@ the output projection column-parallel over the vocab with loss parallel (cross-e
 on vocab-sharded logits, ``loss_parallel()``) unless ``parallelism.disable_loss_parallel``.
 """
 
+from collections.abc import Callable
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
@@ -23,7 +25,11 @@ from torch.distributed.tensor.parallel import (
 
 
 def apply_tp(
-    model: nn.Module, tp_mesh: DeviceMesh, loss_parallel: bool, output_deferred: bool = False
+    model: nn.Module,
+    tp_mesh: DeviceMesh,
+    loss_parallel: bool,
+    output_deferred: bool = False,
+    float8_tensorwise: bool = False,
 ) -> None:
     """Shard ``model`` over ``tp_mesh`` in place.
 
@@ -38,7 +44,24 @@ def apply_tp(
 
     Requires n_heads and n_kv_heads divisible by tp and seq_len by tp (checked by the config).
     A pipeline stage (embedding, norm or output set to None) gets the plan of what it holds.
+
+    With ``float8_tensorwise`` (float8 converted blocks with tensorwise scaling:
+    ``converters.float8_tensorwise_tp``) the blocks' linears and their inputs use torchao's
+    ``Float8ColwiseParallel`` / ``Float8RowwiseParallel`` / ``PrepareFloat8ModuleInput``, which
+    all-gather activations in float8, as TorchTitan 0.2.2's ``apply_tp`` does.
     """
+    colwise: Callable[..., ParallelStyle] = ColwiseParallel
+    rowwise: Callable[..., ParallelStyle] = RowwiseParallel
+    prepare_input: Callable[..., ParallelStyle] = PrepareModuleInput
+    if float8_tensorwise:
+        from torchao.float8.float8_tensor_parallel import (
+            Float8ColwiseParallel,
+            Float8RowwiseParallel,
+            PrepareFloat8ModuleInput,
+        )
+
+        colwise, rowwise = Float8ColwiseParallel, Float8RowwiseParallel
+        prepare_input = PrepareFloat8ModuleInput
     outer_plan: dict[str, ParallelStyle] = {
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
@@ -60,20 +83,20 @@ def apply_tp(
             {
                 "attention_norm": SequenceParallel(),
                 # (x, freqs_cis, attention_masks, positions): only x is sharded.
-                "attention": PrepareModuleInput(
+                "attention": prepare_input(
                     input_layouts=(Shard(1), None, None, None),
                     desired_input_layouts=(Replicate(), None, None, None),
                 ),
-                "attention.wq": ColwiseParallel(),
-                "attention.wk": ColwiseParallel(),
-                "attention.wv": ColwiseParallel(),
-                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                "attention.wq": colwise(),
+                "attention.wk": colwise(),
+                "attention.wv": colwise(),
+                "attention.wo": rowwise(output_layouts=Shard(1)),
                 "ffn_norm": SequenceParallel(),
-                "feed_forward": PrepareModuleInput(
+                "feed_forward": prepare_input(
                     input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
                 ),
-                "feed_forward.w1": ColwiseParallel(),
-                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w1": colwise(),
+                "feed_forward.w2": rowwise(output_layouts=Shard(1)),
+                "feed_forward.w3": colwise(),
             },
         )

@@ -20,6 +20,7 @@ from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.utils import GarbageCollection, set_default_dtype
 
 from torchtitan_ext.checkpoint import Checkpointer, TrainState
+from torchtitan_ext.converters import build_converters
 from torchtitan_ext.curriculum import Stage, stage_name
 from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
 from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, reset_peak_memory
@@ -28,6 +29,7 @@ from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
 from torchtitan_ext.parallelize import parallelize
 from torchtitan_ext.preemption import STOP
+from torchtitan_ext.profiling import profile_steps
 from torchtitan_ext.rope import apply_rope_scaling, rope_scaling_of
 from torchtitan_ext.trainer.base import ResumeEarlierStage, TrainingDiverged
 from torchtitan_ext.trainer.guards import GuardMixin
@@ -64,6 +66,11 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
         with set_default_dtype(TORCH_DTYPE_MAP[cfg.training.dtype]):
             model = build_model_on_meta(spec.model_cls, p.model_args)
         apply_rope_scaling(model, rope_scaling_of(cfg))  # freqs_cis, filled by init_weights
+        # Model converters (float8) on the whole meta model, before any parallelism
+        # (TorchTitan's order); None without model.converters.
+        converters = build_converters(cfg, dims)
+        if converters is not None:
+            converters.convert(model)
         nparams, self.flops_per_token = p.model_args.get_nparams_and_flops(
             model, cfg.training.seq_len
         )
@@ -97,8 +104,11 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
         else:
             self.model_parts = [parallelize(model, dims, cfg, device)]
         del model
+        # With FSDP's CPU offload the sharded parameters live in host memory (FSDP2 requires
+        # them materialized there); the RoPE buffer stays on the device (TorchTitan's rule).
+        init_device = torch.device("cpu") if cfg.training.enable_cpu_offload else device
         for part in self.model_parts:
-            init_weights_mesh_independent(part, seed, device)
+            init_weights_mesh_independent(part, seed, init_device, buffer_device=device)
             part.train()
         heads = [m for part in self.model_parts if isinstance(m := part.output, nn.Linear)]
         if cfg.training.loss_chunk_tokens > 0 and heads:
@@ -111,6 +121,12 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
         self.amp = self._amp_context()
 
         self.optimizers = build_optimizers(self.model_parts, cfg.optimizer, dims)
+        if converters is not None:
+            # E.g. float8's scales for FSDP's float8 all-gather, after each update.
+            parts = self.model_parts
+            self.optimizers.register_step_post_hook(
+                lambda *args, **kwargs: converters.post_optimizer_hook(parts)
+            )
         self.lr_schedulers = build_lr_schedulers(
             self.optimizers, cfg.lr_scheduler, cfg.training.steps
         )
@@ -153,6 +169,7 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
             stage_label=stage_name(stage.index, n_stages) if stage else "",
             # Colors only on a terminal: piped logs stay free of escape codes.
             color=not cfg.metrics.disable_color_printing and sys.stdout.isatty(),
+            wandb_config=cfg if cfg.metrics.enable_wandb else None,
         )
         logger.info(
             f"global batch {self.dataloader.global_batch_size} x {t.seq_len} tokens "
@@ -228,67 +245,70 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
                 "tp": self.dims.tp,
                 "tokens_per_step": self.stage.tokens_per_step,
             }
-        for step in range(start + 1, end + 1):
-            gc_handler.run(step)
-            lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
-            microbatches = self.dataloader.next_step()
-            loss, grad_norm, updated = self.train_step(microbatches)
-            if step == start + 1:
-                self._set_train_timeout()
-            diverged: TrainingDiverged | None = None
-            try:
-                self._guard_nonfinite(step, updated, float(grad_norm.item()))
-            except TrainingDiverged as e:
-                diverged = e  # raised once the step that stops the run is recorded
-            self.train_state.step = step
-            step_tokens = self.dataloader.global_batch_size * cfg.training.seq_len
-            self.train_state.tokens_seen += step_tokens
-            # Tokens per device (TorchTitan's convention): each sample's tokens are shared by
-            # the pp x tp x cp ranks that compute on it.
-            tokens_since_log += (
-                sum(x.numel() for x, _ in microbatches) // self.dims.non_data_parallel_size
-            )
-            last = step == end
-            # The first step of the run and of every (re)start: a stage's first loss shows.
-            if step == start + 1 or step % cfg.metrics.log_freq == 0 or last or diverged:
-                records.append(
-                    self.metrics.log(
-                        step,
-                        self._global_loss(loss),
-                        float(grad_norm.item()),
-                        float(lr),
-                        tokens_since_log,
-                        cfg.training.seq_len,
-                        self._max_peak_memory(),
-                        extra={
-                            "tokens_seen": int(self.train_state.tokens_seen),
-                            "skipped_steps": int(self.skipped_steps),
-                            **self._attn_work_record(),
-                            **extra,
-                        },
-                    )
+        # Traces and memory snapshots ([profiling]) of the steps below, TorchTitan's files.
+        with profile_steps(cfg, self.device, self.rank, start) as profilers:
+            for step in range(start + 1, end + 1):
+                gc_handler.run(step)
+                lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+                microbatches = self.dataloader.next_step()
+                loss, grad_norm, updated = self.train_step(microbatches)
+                if step == start + 1:
+                    self._set_train_timeout()
+                diverged: TrainingDiverged | None = None
+                try:
+                    self._guard_nonfinite(step, updated, float(grad_norm.item()))
+                except TrainingDiverged as e:
+                    diverged = e  # raised once the step that stops the run is recorded
+                self.train_state.step = step
+                step_tokens = self.dataloader.global_batch_size * cfg.training.seq_len
+                self.train_state.tokens_seen += step_tokens
+                # Tokens per device (TorchTitan's convention): each sample's tokens are shared by
+                # the pp x tp x cp ranks that compute on it.
+                tokens_since_log += (
+                    sum(x.numel() for x, _ in microbatches) // self.dims.non_data_parallel_size
                 )
-                tokens_since_log = 0
-            if diverged is not None:
-                raise diverged
-            val_sec = 0.0
-            if self.val_windows is not None and (step % cfg.validation.freq == 0 or last):
-                t_val = time.perf_counter()
-                self.metrics.log_validation(step, self.validate())
-                val_sec = time.perf_counter() - t_val
-            if last and self.stage is not None and step < cfg.training.steps:
-                self.last_step_ended = time.perf_counter() - val_sec
-                self._log_boundary("end", step, None)
-            if self.checkpointer.should_save(step, last and self.save_at_end):
-                if self.nonfinite_streak and not last:
-                    # The weights are those before the streak, but possibly what caused it:
-                    # do not let keep_latest_k trade an older checkpoint for them.
-                    self._warn(f"step {step} was skipped: no checkpoint at this step")
-                else:
-                    self._check_state_finite(step)
-                    self.checkpointer.save(step)
-            if step < cfg.training.steps:  # after the run's last step: nothing left to stop
-                self._stop_if_requested(step)
+                last = step == end
+                # The first step of the run and of every (re)start: a stage's first loss shows.
+                if step == start + 1 or step % cfg.metrics.log_freq == 0 or last or diverged:
+                    records.append(
+                        self.metrics.log(
+                            step,
+                            self._global_loss(loss),
+                            float(grad_norm.item()),
+                            float(lr),
+                            tokens_since_log,
+                            cfg.training.seq_len,
+                            self._max_peak_memory(),
+                            extra={
+                                "tokens_seen": int(self.train_state.tokens_seen),
+                                "skipped_steps": int(self.skipped_steps),
+                                **self._attn_work_record(),
+                                **extra,
+                            },
+                        )
+                    )
+                    tokens_since_log = 0
+                if diverged is not None:
+                    raise diverged
+                val_sec = 0.0
+                if self.val_windows is not None and (step % cfg.validation.freq == 0 or last):
+                    t_val = time.perf_counter()
+                    self.metrics.log_validation(step, self.validate())
+                    val_sec = time.perf_counter() - t_val
+                if last and self.stage is not None and step < cfg.training.steps:
+                    self.last_step_ended = time.perf_counter() - val_sec
+                    self._log_boundary("end", step, None)
+                if self.checkpointer.should_save(step, last and self.save_at_end):
+                    if self.nonfinite_streak and not last:
+                        # The weights are those before the streak, but possibly what caused it:
+                        # do not let keep_latest_k trade an older checkpoint for them.
+                        self._warn(f"step {step} was skipped: no checkpoint at this step")
+                    else:
+                        self._check_state_finite(step)
+                        self.checkpointer.save(step)
+                profilers.step()  # a trace / memory snapshot when this step is due
+                if step < cfg.training.steps:  # after the run's last step: nothing left to stop
+                    self._stop_if_requested(step)
         if self.stage is None or end >= cfg.training.steps:
             self.checkpointer.finish()  # else the next stage finishes a background save
         self.metrics.close()

@@ -72,6 +72,8 @@ def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = 
         # allocator reads its settings once, when CUDA starts.
         configure_cuda_allocator()
     check = check_recipe(recipe, rank.world_size, rank.local_rank, mesh_planner)
+    for note in check.notes:  # settings this device leaves off: one line each, rank 0 logs
+        logger.info(note)
     cfg, dims, device = check.cfg, check.dims, check.device
     assert dims is not None and device is not None
     model_args = check.model_args  # the recipe phase's own copy of the flavor's args
