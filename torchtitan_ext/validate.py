@@ -50,9 +50,8 @@ from torchtitan_ext.parallel_dims import (
 from torchtitan_ext.rules import PHASES, Phase, RecipeCheck, RecipeData, Rule
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from torchtitan_ext.curriculum import MeshPlanner, Stage
+    from torchtitan_ext.data.stream import Tokens
 
 
 def _positive(c: RecipeCheck) -> None:
@@ -561,7 +560,7 @@ def unit_len(stages: "list[Stage]") -> int:
 
 
 def _check_fills_global_batch(
-    key: str, tokens: "np.ndarray", seq_len: int, global_batch: int, seed: int, unit: int = 0
+    key: str, tokens: "Tokens", seq_len: int, global_batch: int, seed: int, unit: int = 0
 ) -> None:
     """Raise unless the token stream holds at least one global batch of windows.
 

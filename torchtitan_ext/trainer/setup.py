@@ -17,12 +17,16 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan_ext.config.manager import load_config
 from torchtitan_ext.curriculum import MeshPlanner, Stage, stage_config
 from torchtitan_ext.data import (
+    Tokens,
     build_tokenizer,
+    is_prepared,
     load_documents,
     long_documents,
+    open_prepared,
     split_documents,
     tokenize,
     tokenize_with_offsets,
+    tokenizer_identity,
 )
 from torchtitan_ext.distributed import RankInfo, configure_cuda_allocator
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -47,8 +51,10 @@ class Prepared:
     device: torch.device
     backend: str
     tokenizer: BaseTokenizer
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
+    train_tokens: Tokens
+    """The training token stream: an int32 array, or a prepared corpus's memory-mapped
+    ``TokenStream``."""
+    val_tokens: Tokens
     model_args: Any
     stages: list[Stage] = dataclasses.field(default_factory=list)
     """Curriculum stages ([] without a curriculum); ``cfg`` is then stage 0's recipe."""
@@ -77,13 +83,7 @@ def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = 
     model_args = check.model_args  # the recipe phase's own copy of the flavor's args
     model_args.update_from_config(cfg)
     tokenizer = build_tokenizer(cfg)
-    docs = load_documents(cfg)
-    train_docs, val_docs = split_documents(
-        docs, cfg.data.validation_fraction, cfg.data.shuffle_seed
-    )
-    train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
-    val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
-    data = RecipeData(tokenizer, train_tokens, train_doc_offsets, val_tokens, len(val_docs))
+    data = _load_data(cfg, tokenizer)
     check_data(check, data)
     return Prepared(
         cfg,
@@ -92,12 +92,36 @@ def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = 
         device,
         check.backend,
         tokenizer,
-        train_tokens,
-        val_tokens,
+        data.train_tokens,
+        data.val_tokens,
         model_args,
         check.stages,
-        train_doc_offsets,
+        data.train_doc_offsets,
     )
+
+
+def _load_data(cfg: Any, tokenizer: BaseTokenizer) -> RecipeData:
+    """The recipe's training and validation token streams. A prepared corpus
+    (``training.dataset_path`` a folder from ``python -m torchtitan_ext.data.prepare``) is
+    memory-mapped and checked (``data.open_prepared``: manifest, tokenizer, sizes, and hashes
+    with ``data.verify_corpus``); anything else is read and tokenized here, on every rank.
+
+    Raises:
+        ConfigError: see ``data.load_documents`` and ``data.open_prepared``.
+    """
+    path = cfg.training.dataset_path
+    if path and is_prepared(path):
+        corpus = open_prepared(path, tokenizer_identity(cfg, tokenizer), cfg.data.verify_corpus)
+        train, offsets, val, n_val = corpus.split(cfg.data.validation_fraction)
+        val_tokens: Tokens = val if cfg.validation.enable else np.zeros(0, np.int32)
+        return RecipeData(tokenizer, train, offsets, val_tokens, n_val)
+    docs = load_documents(cfg)
+    train_docs, val_docs = split_documents(
+        docs, cfg.data.validation_fraction, cfg.data.shuffle_seed
+    )
+    train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
+    val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
+    return RecipeData(tokenizer, train_tokens, train_doc_offsets, val_tokens, len(val_docs))
 
 
 def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
