@@ -28,6 +28,7 @@ from torchtitan_ext.data import (
     tokenizer_identity,
 )
 from torchtitan_ext.data.prepare import main as prepare_main
+from torchtitan_ext.metrics import read_metrics as read_metrics_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "train_configs" / "debug_cpu.toml")
@@ -233,12 +234,48 @@ def test_damaged_or_mismatched_corpus_is_one_error_naming_the_file(corpus, tmp_p
         open_prepared(str(tmp_path), BYTE)
 
 
+def test_validation_dataset_path_replaces_the_held_out_fraction(corpus, tmp_path):
+    """``validation.dataset_path``: a prepared corpus (all of it, memory-mapped) or local files
+    (tokenized) is the validation split, and the training data keeps every document; a bad
+    path is an error keyed by it."""
+    from torchtitan_ext.trainer.setup import _load_data
+
+    out, docs = corpus
+    val_docs = _documents(20, seed=5)
+    val_file = _write_jsonl(tmp_path / "val" / "v.jsonl", val_docs)
+    _prepare(val_file, tmp_path / "val_prepared", "--num-proc", "1")
+    train_args = ["--job.config_file", RECIPE, "--training.dataset_path", str(out)]
+    expected = tokenize_with_offsets(val_docs, ByteTokenizer())[0]
+    for val_path in (val_file, tmp_path / "val_prepared"):
+        cfg = load_config([*train_args, "--validation.dataset_path", str(val_path)])
+        data = _load_data(cfg, ByteTokenizer())
+        assert data.val_documents == 20
+        np.testing.assert_array_equal(data.val_tokens[0 : len(expected) + 1], expected)
+        assert len(data.train_doc_offsets) == len(docs) + 1  # nothing held out
+    cfg = load_config([*train_args, "--validation.dataset_path", str(tmp_path / "nope")])
+    with pytest.raises(ConfigError, match=r"^validation\.dataset_path = .*nope'"):
+        _load_data(cfg, ByteTokenizer())
+    broken = tmp_path / "val_broken"
+    shutil.copytree(tmp_path / "val_prepared", broken)
+    (broken / "manifest.json").unlink()
+    cfg = load_config([*train_args, "--validation.dataset_path", str(broken)])
+    with pytest.raises(ConfigError, match=r"^validation\.dataset_path = .*an incomplete"):
+        _load_data(cfg, ByteTokenizer())
+
+
 def test_train_from_prepared_and_resume_into_another_mesh(corpus, tmp_path):
-    """2 ranks (FSDP) train 6 steps from a prepared corpus, checkpointing every 3; 1 rank
-    resumes at step 3 and its steps 4-6 match. A truncated shard then stops both ranks of a
-    run, each with the one config-error line, before any collective."""
-    out, _ = corpus
-    data = ["--training.dataset_path", str(out), "--data.validation_fraction", "0.05"]
+    """2 ranks (FSDP) train 6 steps from a prepared corpus, validating on another prepared
+    corpus, checkpointing every 3; 1 rank resumes at step 3 and its steps 4-6 (training and
+    validation loss) match. A truncated shard then stops both ranks of a run, each with the one
+    config-error line, before any collective."""
+    out, docs = corpus
+    val = _write_jsonl(tmp_path / "val.jsonl", docs[:40])
+    _prepare(val, tmp_path / "val", "--num-proc", "1")
+    data = [
+        *("--training.dataset_path", str(out), "--validation.dataset_path", str(tmp_path / "val")),
+        *("--validation.enable", "--validation.freq", "3", "--validation.seq_len", "64"),
+        *("--validation.steps", "2", "--validation.local_batch_size", "2"),
+    ]
     ckpt = ["--checkpoint.interval", "3", "--checkpoint.keep_latest_k", "3"]
     full = tmp_path / "full"
     args = [*tiny_run_args(full, 6, global_batch_size=4), *data, *ckpt]
@@ -251,6 +288,10 @@ def test_train_from_prepared_and_resume_into_another_mesh(corpus, tmp_path):
     assert sorted(b) == [4, 5, 6]
     for step in b:
         assert abs(b[step]["loss"] - a[step]["loss"]) <= 5e-4 * abs(a[step]["loss"]), step
+    val_a = {r["step"]: r["loss"] for r in read_metrics_of(full, "val")}
+    val_b = {r["step"]: r["loss"] for r in read_metrics_of(resumed, "val")}
+    assert sorted(val_a) == [3, 6] and sorted(val_b) == [6], (val_a, val_b)
+    assert abs(val_b[6] - val_a[6]) <= 5e-4 * val_a[6]
 
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)

@@ -66,12 +66,8 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     (
         "validation.dataset",
         lambda v: v != "c4_validation",  # TorchTitan's default, which every recipe carries
-        "validation uses the held-out data.validation_fraction of training.dataset",
-    ),
-    (
-        "validation.dataset_path",
-        _enabled,
-        "validation uses the held-out data.validation_fraction of training.dataset",
+        "validation uses validation.dataset_path (local files or a prepared corpus), or the "
+        "held-out data.validation_fraction of training.dataset",
     ),
 ]
 """TorchTitan settings this trainer does not implement (yet): ``(dotted key, is_bad(value),

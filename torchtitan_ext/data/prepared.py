@@ -111,11 +111,9 @@ class PreparedCorpus:
         return train, self.offsets[: n - n_val + 1], val, n_val
 
 
-def _fail(path: str, reason: str) -> ConfigError:
-    return ConfigError(_KEY, path, reason)
-
-
-def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> PreparedCorpus:
+def open_prepared(
+    path: str, identity: dict[str, Any], verify: bool = False, key: str = _KEY
+) -> PreparedCorpus:
     """Open and check a prepared corpus for a recipe whose tokenizer is ``identity``.
 
     Cheap checks always run (the manifest, each shard's and the index's size, the tokenizer);
@@ -126,9 +124,10 @@ def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> 
         path: the corpus folder.
         identity: ``tokenizer.tokenizer_identity`` of the recipe's tokenizer.
         verify: compare each shard's xxh3-64 with the manifest's.
+        key: the recipe key that names ``path`` (in the errors).
 
     Raises:
-        ConfigError: key ``training.dataset_path``, naming the file: no manifest (an
+        ConfigError: ``key`` (``training.dataset_path``), naming the file: no manifest (an
             incomplete corpus, or not a prepared one), a manifest of another format or
             version, another tokenizer or vocabulary than the recipe's, a missing shard or
             index, a shard or index whose size differs from the manifest's (truncated or
@@ -138,6 +137,7 @@ def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> 
     manifest_file = folder / MANIFEST
     if not manifest_file.exists():
         raise _fail(
+            key,
             path,
             f"{manifest_file.absolute()}: no such file: an incomplete prepared corpus (prepare "
             "was stopped or failed); run python -m torchtitan_ext.data.prepare again to resume",
@@ -146,9 +146,12 @@ def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> 
         manifest = json.loads(manifest_file.read_text())
         assert manifest["format"] == FORMAT
     except (ValueError, KeyError, TypeError, AssertionError):
-        raise _fail(path, f"{manifest_file.absolute()}: not a prepared-corpus manifest") from None
+        raise _fail(
+            key, path, f"{manifest_file.absolute()}: not a prepared-corpus manifest"
+        ) from None
     if manifest.get("version") != VERSION:
         raise _fail(
+            key,
             path,
             f"{manifest_file.absolute()}: format version {manifest.get('version')}, this "
             f"trainer reads {VERSION}; prepare the corpus again",
@@ -156,6 +159,7 @@ def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> 
     theirs = manifest["tokenizer"]
     if theirs != identity:
         raise _fail(
+            key,
             path,
             f"{manifest_file.absolute()}: prepared with tokenizer {_describe(theirs)}, but the "
             f"recipe's is {_describe(identity)} (model.tokenizer, model.hf_assets_path); "
@@ -165,9 +169,10 @@ def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> 
     shards = []
     for shard in manifest["shards"]:
         file = folder / shard["file"]
-        _check_size(path, file, shard["tokens"] * dtype.itemsize)
+        _check_size(key, path, file, shard["tokens"] * dtype.itemsize)
         if verify and file_hash(file) != shard["xxh3_64"]:
             raise _fail(
+                key,
                 path,
                 f"{file.absolute()}: its xxh3-64 differs from the manifest's (altered); "
                 "prepare the corpus again",
@@ -177,15 +182,16 @@ def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> 
     index = folder / DOCUMENTS
     n_docs = int(manifest["documents"])
     if not index.exists():
-        raise _fail(path, f"{index.absolute()}: no such file (the document index)")
+        raise _fail(key, path, f"{index.absolute()}: no such file (the document index)")
     try:
         offsets = np.load(index, mmap_mode="r")
     except (ValueError, OSError) as e:  # a truncated .npy cannot be mapped
         reason = f"{index.absolute()}: unreadable document index (truncated or altered): {e}"
-        raise _fail(path, reason) from None
+        raise _fail(key, path, reason) from None
     stream = TokenStream(shards)
     if offsets.shape != (n_docs + 1,) or int(offsets[-1]) != len(stream):
         raise _fail(
+            key,
             path,
             f"{index.absolute()}: {len(offsets) - 1} documents ending at token "
             f"{int(offsets[-1])}, the manifest says {n_docs} in {len(stream)} tokens",
@@ -193,14 +199,19 @@ def open_prepared(path: str, identity: dict[str, Any], verify: bool = False) -> 
     return PreparedCorpus(path, manifest, stream, offsets)
 
 
-def _check_size(path: str, file: Path, expected: int) -> None:
+def _fail(key: str, path: str, reason: str) -> ConfigError:
+    return ConfigError(key, path, reason)
+
+
+def _check_size(key: str, path: str, file: Path, expected: int) -> None:
     """Raise unless ``file`` exists with ``expected`` bytes."""
     try:
         size = file.stat().st_size
     except OSError as e:
-        raise _fail(path, f"{file.absolute()}: cannot be read: {e.strerror or e}") from None
+        raise _fail(key, path, f"{file.absolute()}: cannot be read: {e.strerror or e}") from None
     if size != expected:
         raise _fail(
+            key,
             path,
             f"{file.absolute()}: {size} bytes, the manifest says {expected} (truncated or "
             "altered); prepare the corpus again",

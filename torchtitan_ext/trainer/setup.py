@@ -28,7 +28,9 @@ from torchtitan_ext.data import (
     tokenize_with_offsets,
     tokenizer_identity,
 )
+from torchtitan_ext.data.corpus import local_documents
 from torchtitan_ext.distributed import RankInfo, configure_cuda_allocator
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.validate import (
     RecipeData,
@@ -101,27 +103,59 @@ def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = 
 
 
 def _load_data(cfg: Any, tokenizer: BaseTokenizer) -> RecipeData:
-    """The recipe's training and validation token streams. A prepared corpus
-    (``training.dataset_path`` a folder from ``python -m torchtitan_ext.data.prepare``) is
-    memory-mapped and checked (``data.open_prepared``: manifest, tokenizer, sizes, and hashes
-    with ``data.verify_corpus``); anything else is read and tokenized here, on every rank.
+    """The recipe's training and validation token streams. A prepared corpus (a folder from
+    ``python -m torchtitan_ext.data.prepare``) is memory-mapped and checked
+    (``data.open_prepared``: manifest, tokenizer, sizes, and hashes with
+    ``data.verify_corpus``); anything else is read and tokenized here, on every rank. The
+    validation split is the held-out ``data.validation_fraction`` of the training documents, or
+    all of ``validation.dataset_path`` when set (then nothing is held out).
 
     Raises:
-        ConfigError: see ``data.load_documents`` and ``data.open_prepared``.
+        ConfigError: see ``data.load_documents`` and ``data.open_prepared``; problems of
+            ``validation.dataset_path`` are keyed by it.
     """
-    path = cfg.training.dataset_path
+    path, val_path = cfg.training.dataset_path, cfg.validation.dataset_path
+    fraction = 0.0 if val_path else cfg.data.validation_fraction
+    identity = tokenizer_identity(cfg, tokenizer)
+    val: Tokens
+    train: Tokens
     if path and is_prepared(path):
-        corpus = open_prepared(path, tokenizer_identity(cfg, tokenizer), cfg.data.verify_corpus)
-        train, offsets, val, n_val = corpus.split(cfg.data.validation_fraction)
-        val_tokens: Tokens = val if cfg.validation.enable else np.zeros(0, np.int32)
-        return RecipeData(tokenizer, train, offsets, val_tokens, n_val)
-    docs = load_documents(cfg)
-    train_docs, val_docs = split_documents(
-        docs, cfg.data.validation_fraction, cfg.data.shuffle_seed
-    )
-    train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
-    val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
-    return RecipeData(tokenizer, train_tokens, train_doc_offsets, val_tokens, len(val_docs))
+        corpus = open_prepared(path, identity, cfg.data.verify_corpus)
+        train, offsets, val, n_val = corpus.split(fraction)
+    else:
+        docs = load_documents(cfg)
+        train_docs, val_docs = split_documents(docs, fraction, cfg.data.shuffle_seed)
+        train, offsets = tokenize_with_offsets(train_docs, tokenizer)
+        val, n_val = np.zeros(0, np.int32), len(val_docs)
+        if cfg.validation.enable:
+            val = tokenize(val_docs, tokenizer)
+    if not cfg.validation.enable:
+        val = np.zeros(0, np.int32)
+    elif val_path:
+        val, n_val = _validation_data(cfg, tokenizer, identity)
+    return RecipeData(tokenizer, train, offsets, val, n_val)
+
+
+def _validation_data(
+    cfg: Any, tokenizer: BaseTokenizer, identity: dict[str, Any]
+) -> tuple[Tokens, int]:
+    """The token stream and document count of ``validation.dataset_path``: a prepared corpus
+    (memory-mapped, all of it) or local files (tokenized).
+
+    Raises:
+        ConfigError: keyed ``validation.dataset_path``, naming the file.
+    """
+    key, path = "validation.dataset_path", cfg.validation.dataset_path
+    if is_prepared(path):
+        corpus = open_prepared(path, identity, cfg.data.verify_corpus, key=key)
+        return corpus.stream, corpus.num_documents
+    try:
+        docs = local_documents(path, cfg.data.text_field)
+    except ConfigError as e:
+        if e.key == "training.dataset_path":
+            raise ConfigError(key, path, e.reason) from None
+        raise
+    return tokenize(docs, tokenizer), len(docs)
 
 
 def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
