@@ -306,3 +306,112 @@ def test_train_from_prepared_and_resume_into_another_mesh(corpus, tmp_path):
     for printed in re.findall(r"\[rank\d\] config error: .*", workers):
         assert printed.split("] ", 1)[1].startswith(line), printed
         assert "(truncated or altered)" in printed
+
+
+def test_mixture_counts_match_weights_mesh_independent_and_resumable():
+    """Two sources (tokens < 100, tokens >= 100) at 0.7 / 0.3: over a stage of 120 steps of 8
+    units the tokens of each match the weights within 2%; dp 2 sees dp 1's batches; a loader
+    resumed from the state continues exactly; ``train=1`` is the plain stream."""
+    from torchtitan_ext.data.mixture import MixedWindows, parse_mixture
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 100, 40_000).astype(np.int32)
+    b = rng.integers(100, 200, 9_000).astype(np.int32)
+    mixture = parse_mixture("k", "train=7, other=3")
+    assert [w for _, w, _ in mixture] == [0.7, 0.3]
+
+    def loader(dp_rank: int, dp: int, accum: int) -> GlobalBatchLoader:
+        sources = [PackedWindows(s, 32, 5, unit_len=64) for s in (a, b)]
+        return GlobalBatchLoader(MixedWindows(sources, [0.7, 0.3], 5), 2, dp_rank, dp, accum)
+
+    one = loader(0, 1, 4)
+    steps = [np.concatenate([m[0].numpy() for m in one.next_step()]) for _ in range(120)]
+    tokens = np.concatenate(steps)
+    share = float((tokens < 100).mean())
+    assert abs(share - 0.7) <= 0.02 * 0.7, share  # b (9k tokens) repeats several times
+    two = [loader(r, 2, 2) for r in range(2)]
+    for k in range(5):
+        per_rank = [x.next_step() for x in two]
+        batch = [per_rank[r][m][0].numpy() for m in range(2) for r in range(2)]
+        np.testing.assert_array_equal(np.concatenate(batch), steps[k])
+    resumed = loader(0, 1, 4)
+    resumed.load_state_dict(two[0].state_dict())
+    np.testing.assert_array_equal(
+        np.concatenate([m[0].numpy() for m in resumed.next_step()]), steps[5]
+    )
+    plain = GlobalBatchLoader(PackedWindows(a, 32, 5, unit_len=64), 2, 0, 1, 4)
+    mixed = GlobalBatchLoader(
+        MixedWindows([PackedWindows(a, 32, 5, unit_len=64)], [1.0], 5), 2, 0, 1, 4
+    )
+    for _ in range(3):
+        for (x, _), (y, _) in zip(plain.next_step(), mixed.next_step(), strict=True):
+            assert bool((x == y).all())
+
+
+MIXTURE_STAGES = """
+[curriculum]
+tokens_per_step = 256
+
+[[curriculum.stages]]
+seq_len = 32
+steps = 2
+
+[[curriculum.stages]]
+seq_len = 64
+steps = 2
+mixture = "{mixture}"
+"""
+
+
+@pytest.mark.parametrize(
+    ("mixture", "says"),
+    [
+        ("train=0.5, {out}=-1", "weight -1 must be > 0"),
+        ("train=0.5, {out}=x", "weight 'x' is not a number"),
+        ("train", "expected SRC=WEIGHT"),
+        ("train=1, train=2", "train: named twice"),
+        ("train=1@-5", "min_doc_tokens '-5' is not an int >= 0"),
+    ],
+)
+def test_bad_mixture_weight_is_one_error_naming_the_stage_key(corpus, tmp_path, mixture, says):
+    from tests.test_curriculum import plan
+
+    out, _ = corpus
+    stages = MIXTURE_STAGES.format(mixture=mixture.format(out=out))
+    with pytest.raises(ConfigError, match=re.escape(says)) as err:
+        plan(tmp_path, stages, world_size=1)
+    assert err.value.key == "curriculum.stages[1].mixture"
+
+
+def test_mixture_naming_no_source_fails_before_training(corpus, tmp_path):
+    """The data phase (every rank, before any collective) opens every source."""
+    from tests.test_curriculum import recipe
+    from torchtitan_ext.distributed import RankInfo
+    from torchtitan_ext.trainer.setup import prepare
+
+    out, _ = corpus
+    for mixture, says in [
+        (f"train=1, {tmp_path / 'nope'}=1", "names no source"),
+        (f"train=1, {out}=1@100000", "less than one unit of 65"),
+    ]:
+        stages = MIXTURE_STAGES.format(mixture=mixture)
+        args = ["--job.config_file", str(recipe(tmp_path, stages)), "--validation.no-enable"]
+        with pytest.raises(ConfigError, match=re.escape(says)) as err:
+            prepare([*args, "--training.dataset_path", str(out)], RankInfo(0, 0, 1))
+        assert err.value.key == "curriculum.stages[1].mixture", err.value
+
+
+def test_curriculum_stage_trains_on_a_mixture(corpus, tmp_path):
+    """1 rank, 2 stages: the second draws 50/50 from the training split and a prepared corpus
+    of long documents; the plan table and the supply line name the mixture."""
+    from tests.test_curriculum import recipe
+
+    out, _ = corpus
+    stages = MIXTURE_STAGES.format(mixture=f"train=1, {out}=1@1000")
+    args = tiny_run_args(tmp_path / "run", 4)
+    args[args.index("--job.config_file") + 1] = str(recipe(tmp_path, stages))
+    args += ["--training.dataset_path", str(out)]
+    proc = torchrun(1, args)
+    assert "train 50%, out 50% (>= 1000)" in proc.stdout, proc.stdout[-3000:]
+    assert re.search(rf"stage 1 data mixture: train: 50%, [\d,]+ tokens, .*{out} ", proc.stdout)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]

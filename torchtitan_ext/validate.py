@@ -150,6 +150,35 @@ def _training_windows(c: RecipeCheck) -> None:
         _check_fills_global_batch(key, stream, s.seq_len, s.global_batch_size, seed, unit)
 
 
+def _mixtures(c: RecipeCheck) -> None:
+    """Every stage's mixture names sources that open (``train`` or a prepared corpus of this
+    tokenizer) and that hold one unit each (after their minimum document length)."""
+    from torchtitan_ext.data import PackedWindows, tokenizer_identity
+    from torchtitan_ext.data.mixture import open_sources
+
+    assert c.data is not None
+    unit = unit_len(c.stages)
+    for s in c.stages:
+        if not s.mixture:
+            continue
+        key = f"curriculum.stages[{s.index}].mixture"
+        identity = tokenizer_identity(c.cfg, c.data.tokenizer)
+        d = c.data
+        streams = open_sources(
+            key, s.mixture, d.train_tokens, d.train_doc_offsets, identity, c.cfg.data.verify_corpus
+        )
+        for (src, _, minimum), stream in zip(s.mixture, streams, strict=True):
+            try:
+                PackedWindows(stream, s.seq_len, 0, unit_len=unit)
+            except ConfigError:
+                raise ConfigError(
+                    key,
+                    src,
+                    f"holds {len(stream)} tokens in documents of >= {minimum} tokens, less "
+                    f"than one unit of {max(unit, s.seq_len) + 1}",
+                ) from None
+
+
 def _validation_windows(c: RecipeCheck) -> None:
     """The validation split holds one window of the run's and of every stage's length."""
     from torchtitan_ext.data import PackedWindows
@@ -250,6 +279,13 @@ RULES: tuple[Rule, ...] = (
         ("training.global_batch_size", "curriculum.stages[i].min_doc_tokens"),
         "the training data fills one global batch of the run and of every stage",
         _training_windows,
+        _HERE,
+    ),
+    Rule(
+        "data",
+        ("curriculum.stages[i].mixture",),
+        "every source of a stage's data mixture opens and holds one unit",
+        _mixtures,
         _HERE,
     ),
     Rule(

@@ -29,7 +29,7 @@ STAGE_FLOAT_KEYS = (
     "rope_yarn_beta_slow",
     "rope_yarn_attention_factor",
 )
-STAGE_STR_KEYS = ("context_parallel_pattern", "rope_scaling")
+STAGE_STR_KEYS = ("context_parallel_pattern", "rope_scaling", "mixture")
 STAGE_BOOL_KEYS = ("auto_mesh",)
 PATTERN_DEGREE_KEYS = ("context_parallel_ulysses_degree", "context_parallel_inner_ring_degree")
 MESH_KEYS = ("context_parallel_degree", "context_parallel_pattern", *PATTERN_DEGREE_KEYS)

@@ -15,7 +15,7 @@ when a checkpoint is loaded into a different mesh.
 
 import logging
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import numpy as np
 import torch
@@ -158,6 +158,18 @@ class PackedWindows:
         return stack_windows([self.window(start + j) for j in range(size)])
 
 
+class Windows(Protocol):
+    """What ``GlobalBatchLoader`` reads windows from: ``PackedWindows``, or
+    ``mixture.MixedWindows`` (several sources in fixed proportions)."""
+
+    seq_len: int
+    unit_len: int
+    per_unit: int
+    seed: int
+
+    def unit_window(self, global_unit: int, sub: int) -> np.ndarray: ...
+
+
 def stack_windows(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, labels) of equal-length windows (int32, or a prepared corpus's uint16/uint32),
     each (len(windows), seq_len) int64."""
@@ -176,7 +188,8 @@ class GlobalBatchLoader(Stateful):
     """Yields this rank's microbatches of each optimizer step (see the module docstring).
 
     Attributes:
-        windows: the packed training windows.
+        windows: the packed training windows (``PackedWindows``, or a curriculum stage's
+            ``MixedWindows``).
         local_batch_size: sequences per microbatch per dp rank (B).
         dp_rank, dp_degree: this rank's index in the batch mesh and its size.
         grad_accum_steps: microbatches per optimizer step per rank.
@@ -194,7 +207,7 @@ class GlobalBatchLoader(Stateful):
             the recipe's explicit global batch is used. Either way a warning says so.
     """
 
-    windows: PackedWindows
+    windows: Windows
     local_batch_size: int
     dp_rank: int
     dp_degree: int

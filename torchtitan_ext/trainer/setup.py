@@ -29,6 +29,7 @@ from torchtitan_ext.data import (
     tokenizer_identity,
 )
 from torchtitan_ext.data.corpus import local_documents
+from torchtitan_ext.data.mixture import open_sources
 from torchtitan_ext.distributed import RankInfo, configure_cuda_allocator
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -62,6 +63,9 @@ class Prepared:
     """Curriculum stages ([] without a curriculum); ``cfg`` is then stage 0's recipe."""
     train_doc_offsets: np.ndarray | None = None
     """(n_docs + 1,) offsets of the documents in ``train_tokens`` (for stages' min_doc_tokens)."""
+    mixture: list[Tokens] = dataclasses.field(default_factory=list)
+    """A stage with a data mixture: each source's token stream (``data.mixture.open_sources``),
+    in the order of ``Stage.mixture``; [] otherwise."""
 
 
 def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = None) -> Prepared:
@@ -181,9 +185,22 @@ def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
     model_args = resolve_model_args(cfg)
     model_args.update_from_config(cfg)
     tokens = p.train_tokens
-    if stage.min_doc_tokens and p.train_doc_offsets is not None:
+    mixture: list[Tokens] = []
+    if stage.mixture:
+        assert p.train_doc_offsets is not None
+        mixture = open_sources(
+            f"curriculum.stages[{stage.index}].mixture",
+            stage.mixture,
+            p.train_tokens,
+            p.train_doc_offsets,
+            tokenizer_identity(p.cfg, p.tokenizer),
+            p.cfg.data.verify_corpus,
+        )
+    elif stage.min_doc_tokens and p.train_doc_offsets is not None:
         tokens = long_documents(tokens, p.train_doc_offsets, stage.min_doc_tokens)
-    return dataclasses.replace(p, cfg=cfg, dims=dims, model_args=model_args, train_tokens=tokens)
+    return dataclasses.replace(
+        p, cfg=cfg, dims=dims, model_args=model_args, train_tokens=tokens, mixture=mixture
+    )
 
 
 def setup_logging(rank: int) -> None:
