@@ -40,6 +40,7 @@ from torchtitan_ext.data.corpus import (
     _LOCAL_BUILDERS,
     _check_file,
     _file_documents,
+    _first_line,
     _quiet_datasets,
 )
 from torchtitan_ext.data.prepared import (
@@ -262,7 +263,8 @@ class _Source:
                     self.spec, name=self.name, split=self.split, streaming=True
                 )
             except Exception as e:
-                raise ConfigError(_SOURCE_KEY, self.spec, f"datasets cannot load it: {e}") from None
+                reason = f"neither local files nor a dataset datasets can load: {_first_line(e)}"
+                raise ConfigError(_SOURCE_KEY, self.spec, reason) from None
             self.dataset = self.dataset.select_columns([self.text_field])
             return
         kwargs: dict[str, Any] = {"sample_by": "document"} if self.builder == "text" else {}
