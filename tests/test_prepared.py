@@ -199,7 +199,7 @@ def test_prepare_help_and_bad_sources(tmp_path, capsys):
     assert "--source" in capsys.readouterr().err
 
 
-def test_damaged_or_mismatched_corpus_is_one_error_naming_the_file(corpus, tmp_path):
+def test_damaged_or_mismatched_corpus_is_one_error_naming_the_file(corpus, tmp_path, capsys):
     src, _ = corpus
     out = tmp_path / "c"
     shutil.copytree(src, out)
@@ -218,6 +218,11 @@ def test_damaged_or_mismatched_corpus_is_one_error_naming_the_file(corpus, tmp_p
     open_prepared(str(out), BYTE)
     with pytest.raises(ConfigError, match=re.escape(f"{shard}: its xxh3-64 differs")):
         open_prepared(str(out), BYTE, verify=True)
+    verify = ["--out", str(out), "--verify", "--job.config_file", RECIPE]
+    assert prepare_main(verify) == 2
+    assert f"{shard}: its xxh3-64 differs" in capsys.readouterr().err
+    assert prepare_main(["--out", str(src), "--verify", "--job.config_file", RECIPE]) == 0
+    assert "intact: 300 documents" in capsys.readouterr().out
     # Truncated shard and document index; a missing shard.
     shard.write_bytes(bytes(data[:-2]))
     with pytest.raises(ConfigError, match=re.escape(f"{shard}: {len(data) - 2} bytes, the")):

@@ -87,9 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--source",
-        required=True,
-        help="a .jsonl/.json/.parquet/.txt file, a folder of them (searched recursively), a "
-        "quoted glob, or a Hugging Face hub dataset name (streamed; e.g. allenai/c4)",
+        help="(required unless --verify) a .jsonl/.json/.parquet/.txt file, a folder of them "
+        "(searched recursively), a quoted glob, or a Hugging Face hub dataset name (streamed; "
+        "e.g. allenai/c4)",
     )
     p.add_argument("--out", required=True, help="the prepared corpus folder (created)")
     p.add_argument(
@@ -152,6 +152,8 @@ def _main(args: argparse.Namespace, recipe_args: list[str]) -> int:
         m = corpus.manifest
         print(f"{out}: intact: {m['documents']} documents, {m['tokens']} tokens")
         return 0
+    if not args.source:
+        raise ConfigError("--source", None, "required (what to prepare)")
     if args.num_proc < 1:
         raise ConfigError("--num-proc", args.num_proc, "must be >= 1")
     text_field = args.text_field or cfg.data.text_field
