@@ -137,6 +137,8 @@ def _training_windows(c: RecipeCheck) -> None:
     )
     unit = unit_len(c.stages)
     for s in c.stages:
+        if s.mixture:
+            continue  # its sources: _mixtures
         stream = d.train_tokens
         if s.min_doc_tokens:
             stream = long_documents(d.train_tokens, d.train_doc_offsets, s.min_doc_tokens)
