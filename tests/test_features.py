@@ -143,7 +143,6 @@ def test_hf_tokenizer_missing_is_a_config_error(tmp_path):
             "parallelism.pipeline_parallel_schedule_csv",
         ),
         (["--validation.dataset", "wikitext"], "validation.dataset"),  # was silently ignored
-        (["--validation.dataset_path", "/data/val.jsonl"], "validation.dataset_path"),
     ],
 )
 def test_unsupported_titan_settings_are_rejected(override, key):

@@ -26,6 +26,7 @@ from torchtitan_ext.config.tables import (
     STAGE_KEYS,
     STAGE_STR_KEYS,
 )
+from torchtitan_ext.data.mixture import Mixture, describe_mixture, parse_mixture
 from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel_dims import seq_len_divisor
 from torchtitan_ext.rope import ROPE_KEYS
@@ -52,6 +53,8 @@ class Stage:
             schedule (the schedule's factor times min(1, k / warmup_steps) at the k-th step).
         min_doc_tokens: if > 0, the stage trains only on documents of at least this many
             tokens (long stages see long documents).
+        mixture: the stage's data mixture (``data.mixture.parse_mixture``): (source, weight,
+            min_doc_tokens) per source; () trains on the run's training data alone.
         cp_pattern, cp_ulysses_degree, cp_inner_ring_degree: the stage's
             ``parallelism.context_parallel_pattern`` and its degrees (a stage that sets the
             pattern gets degrees 0 unless it sets them too; otherwise the recipe's).
@@ -78,6 +81,7 @@ class Stage:
     lr: float | None = None
     warmup_steps: int = 0
     min_doc_tokens: int = 0
+    mixture: Mixture = ()
     cp_pattern: str = "ring"
     cp_ulysses_degree: int = 0
     cp_inner_ring_degree: int = 0
@@ -295,6 +299,9 @@ def _resolve_stage(
         lr=float(raw["lr"]) if "lr" in raw else None,
         warmup_steps=int(raw.get("warmup_steps", 0)),
         min_doc_tokens=int(raw.get("min_doc_tokens", 0)),
+        mixture=parse_mixture(f"{key}.mixture", raw["mixture"], int(raw.get("min_doc_tokens", 0)))
+        if "mixture" in raw
+        else (),
         cp_pattern=pattern,
         cp_ulysses_degree=degrees[0],
         cp_inner_ring_degree=degrees[1],
@@ -405,7 +412,7 @@ def format_plan(stages: list[Stage]) -> str:
     lines = [
         "stage  steps (global)    seq_len  rope_theta  rope scaling   tp   cp  cp pattern      "
         "dp_shard  batch  "
-        "tokens/step  peak lr  warmup  min doc tokens"
+        "tokens/step  peak lr  warmup  min doc tokens  data"
     ]
     for s in stages:
         lr = f"{s.lr:.2e}" if s.lr is not None else "recipe"
@@ -416,7 +423,8 @@ def format_plan(stages: list[Stage]) -> str:
             f"{_pattern_label(s) + (' (auto)' if s.mesh_plan else ''):14s}  "
             f"{s.dp_shard:8d}  "
             f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}  {lr:>7s}  "
-            f"{s.warmup_steps:6d}  {s.min_doc_tokens:14d}"
+            f"{s.warmup_steps:6d}  {s.min_doc_tokens:14d}  "
+            f"{describe_mixture(s.mixture) if s.mixture else 'train'}"
         )
     auto = format_mesh_plan(stages)
     return "\n".join(lines) + (f"\n{auto}" if auto else "")

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from torchtitan_ext.curriculum import MeshPlanner, Stage
+    from torchtitan_ext.data.stream import Tokens
     from torchtitan_ext.parallel_dims import ParallelDims
 
 Phase = Literal["curriculum", "recipe", "mesh", "trainer", "device", "data"]
@@ -28,17 +29,18 @@ class RecipeData:
 
     Attributes:
         tokenizer: the recipe's tokenizer (``data.build_tokenizer``).
-        train_tokens: (n,) int32 token stream of the training documents.
+        train_tokens: (n,) int32 token stream of the training documents (a
+            ``data.TokenStream`` of memory-mapped shards for a prepared corpus).
         train_doc_offsets: (n_docs + 1,) int64 offsets of the documents in ``train_tokens``.
         val_tokens: (m,) int32 token stream of the validation documents (empty when
-            validation is off).
+            validation is off; a ``data.TokenStream`` for a prepared corpus).
         val_documents: number of documents in the validation split.
     """
 
     tokenizer: Any
-    train_tokens: "np.ndarray"
+    train_tokens: "Tokens"
     train_doc_offsets: "np.ndarray"
-    val_tokens: "np.ndarray"
+    val_tokens: "Tokens"
     val_documents: int
 
 

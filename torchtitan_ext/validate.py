@@ -61,9 +61,8 @@ from torchtitan_ext.parallel_dims import (
 from torchtitan_ext.rules import PHASES, Phase, RecipeCheck, RecipeData, Rule
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from torchtitan_ext.curriculum import MeshPlanner, Stage
+    from torchtitan_ext.data.stream import Tokens
 
 
 def _positive(c: RecipeCheck) -> None:
@@ -149,6 +148,8 @@ def _training_windows(c: RecipeCheck) -> None:
     )
     unit = unit_len(c.stages)
     for s in c.stages:
+        if s.mixture:
+            continue  # its sources: _mixtures
         stream = d.train_tokens
         if s.min_doc_tokens:
             stream = long_documents(d.train_tokens, d.train_doc_offsets, s.min_doc_tokens)
@@ -160,6 +161,35 @@ def _training_windows(c: RecipeCheck) -> None:
             )
         key = f"curriculum.stages[{s.index}].global_batch_size"
         _check_fills_global_batch(key, stream, s.seq_len, s.global_batch_size, seed, unit)
+
+
+def _mixtures(c: RecipeCheck) -> None:
+    """Every stage's mixture names sources that open (``train`` or a prepared corpus of this
+    tokenizer) and that hold one unit each (after their minimum document length)."""
+    from torchtitan_ext.data import PackedWindows, tokenizer_identity
+    from torchtitan_ext.data.mixture import open_sources
+
+    assert c.data is not None
+    unit = unit_len(c.stages)
+    for s in c.stages:
+        if not s.mixture:
+            continue
+        key = f"curriculum.stages[{s.index}].mixture"
+        identity = tokenizer_identity(c.cfg, c.data.tokenizer)
+        d = c.data
+        streams = open_sources(
+            key, s.mixture, d.train_tokens, d.train_doc_offsets, identity, c.cfg.data.verify_corpus
+        )
+        for (src, _, minimum), stream in zip(s.mixture, streams, strict=True):
+            try:
+                PackedWindows(stream, s.seq_len, 0, unit_len=unit)
+            except ConfigError:
+                raise ConfigError(
+                    key,
+                    src,
+                    f"holds {len(stream)} tokens in documents of >= {minimum} tokens, less "
+                    f"than one unit of {max(unit, s.seq_len) + 1}",
+                ) from None
 
 
 def _validation_windows(c: RecipeCheck) -> None:
@@ -268,6 +298,13 @@ RULES: tuple[Rule, ...] = (
         ("training.global_batch_size", "curriculum.stages[i].min_doc_tokens"),
         "the training data fills one global batch of the run and of every stage",
         _training_windows,
+        _HERE,
+    ),
+    Rule(
+        "data",
+        ("curriculum.stages[i].mixture",),
+        "every source of a stage's data mixture opens and holds one unit",
+        _mixtures,
         _HERE,
     ),
     Rule(
@@ -589,7 +626,7 @@ def unit_len(stages: "list[Stage]") -> int:
 
 
 def _check_fills_global_batch(
-    key: str, tokens: "np.ndarray", seq_len: int, global_batch: int, seed: int, unit: int = 0
+    key: str, tokens: "Tokens", seq_len: int, global_batch: int, seed: int, unit: int = 0
 ) -> None:
     """Raise unless the token stream holds at least one global batch of windows.
 

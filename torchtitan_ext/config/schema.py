@@ -74,7 +74,9 @@ class Training:
     dataset: str = "python_stdlib"
     """Dataset name. "python_stdlib": the source files of the running interpreter's standard
     library (ships with every Python, needs no download). Any other name needs
-    training.dataset_path: a local .jsonl/.json/.parquet/.txt file or a folder of them."""
+    training.dataset_path: a local .jsonl/.json/.parquet/.txt file or a folder of them
+    (tokenized at start-up), or a prepared corpus folder (python -m
+    torchtitan_ext.data.prepare; memory-mapped, for corpora of any size)."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device type: "auto" picks cuda when a GPU is visible, else cpu."""
@@ -177,7 +179,13 @@ class Data:
 
     validation_fraction: float = 0.02
     """Fraction of documents held out as the validation split (the last documents after the
-    seeded shuffle)."""
+    seeded shuffle; of a prepared corpus, its last documents in prepared order)."""
+
+    verify_corpus: bool = False
+    """With a prepared corpus (training.dataset_path = a folder from python -m
+    torchtitan_ext.data.prepare): hash every shard at start-up and compare with the manifest
+    (reads the whole corpus on every rank). Off: only the cheap checks (manifest, tokenizer,
+    each file's size)."""
 
     shuffle_seed: int = 0
     """Seed of the document shuffle and of the per-epoch window order. Independent of the

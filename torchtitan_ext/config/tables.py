@@ -29,7 +29,7 @@ STAGE_FLOAT_KEYS = (
     "rope_yarn_beta_slow",
     "rope_yarn_attention_factor",
 )
-STAGE_STR_KEYS = ("context_parallel_pattern", "rope_scaling", "attn_mask_type")
+STAGE_STR_KEYS = ("context_parallel_pattern", "rope_scaling", "attn_mask_type", "mixture")
 STAGE_BOOL_KEYS = ("auto_mesh",)
 PATTERN_DEGREE_KEYS = ("context_parallel_ulysses_degree", "context_parallel_inner_ring_degree")
 MESH_KEYS = ("context_parallel_degree", "context_parallel_pattern", *PATTERN_DEGREE_KEYS)
@@ -74,12 +74,8 @@ UNSUPPORTED: list[tuple[str, Callable[[Any], bool], str]] = [
     (
         "validation.dataset",
         lambda v: v != "c4_validation",  # TorchTitan's default, which every recipe carries
-        "validation uses the held-out data.validation_fraction of training.dataset",
-    ),
-    (
-        "validation.dataset_path",
-        _enabled,
-        "validation uses the held-out data.validation_fraction of training.dataset",
+        "validation uses validation.dataset_path (local files or a prepared corpus), or the "
+        "held-out data.validation_fraction of training.dataset",
     ),
 ]
 """TorchTitan settings this trainer does not implement (yet): ``(dotted key, is_bad(value),

@@ -15,7 +15,7 @@ when a checkpoint is loaded into a different mesh.
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, overload
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.components.tokenizer import BaseTokenizer
 
+from torchtitan_ext.data.stream import Tokens, TokenStream
 from torchtitan_ext.data.tokenizer import encode_document
 from torchtitan_ext.errors import ConfigError
 
@@ -64,11 +65,18 @@ def tokenize_with_offsets(
     return np.concatenate(encoded), offsets
 
 
-def long_documents(tokens: np.ndarray, offsets: np.ndarray, min_tokens: int) -> np.ndarray:
+@overload
+def long_documents(tokens: np.ndarray, offsets: np.ndarray, min_tokens: int) -> np.ndarray: ...
+@overload
+def long_documents(tokens: TokenStream, offsets: np.ndarray, min_tokens: int) -> TokenStream: ...
+def long_documents(tokens: Tokens, offsets: np.ndarray, min_tokens: int) -> Tokens:
     """The token stream of the documents with at least ``min_tokens`` tokens (BOS and EOS
-    included), in their order: a (n,) int32 array."""
+    included), in their order: a (n,) int32 array, or for a ``TokenStream`` (a prepared
+    corpus) a ``TokenStream`` of those documents' ranges (nothing read or copied)."""
     lengths = np.diff(offsets)
     keep = np.flatnonzero(lengths >= min_tokens)
+    if isinstance(tokens, TokenStream):
+        return tokens.select_documents(offsets, keep)
     if len(keep) == 0:
         return np.zeros(0, dtype=np.int32)
     return np.concatenate([tokens[offsets[i] : offsets[i + 1]] for i in keep])
@@ -86,7 +94,8 @@ class PackedWindows:
     (``GlobalBatchLoader``, which also spreads each global batch over distinct units).
 
     Args:
-        tokens: (n_tokens,) int32 token stream.
+        tokens: (n_tokens,) int32 token stream, or a ``TokenStream`` of memory-mapped shards
+            (a prepared corpus; windows are then read from the shards when asked for).
         seq_len: tokens per training sequence.
         seed: seed of the unit order; epoch e uses ``default_rng((seed, e))``.
         shuffle: False visits units in stream order (validation).
@@ -100,7 +109,7 @@ class PackedWindows:
 
     def __init__(
         self,
-        tokens: np.ndarray,
+        tokens: Tokens,
         seq_len: int,
         seed: int,
         shuffle: bool = True,
@@ -149,8 +158,21 @@ class PackedWindows:
         return stack_windows([self.window(start + j) for j in range(size)])
 
 
+class Windows(Protocol):
+    """What ``GlobalBatchLoader`` reads windows from: ``PackedWindows``, or
+    ``mixture.MixedWindows`` (several sources in fixed proportions)."""
+
+    seq_len: int
+    unit_len: int
+    per_unit: int
+    seed: int
+
+    def unit_window(self, global_unit: int, sub: int) -> np.ndarray: ...
+
+
 def stack_windows(windows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, labels) of equal-length windows, each (len(windows), seq_len) int64."""
+    """(inputs, labels) of equal-length windows (int32, or a prepared corpus's uint16/uint32),
+    each (len(windows), seq_len) int64."""
     arr = torch.from_numpy(np.stack(windows).astype(np.int64))
     return arr[:, :-1], arr[:, 1:]
 
@@ -166,7 +188,8 @@ class GlobalBatchLoader(Stateful):
     """Yields this rank's microbatches of each optimizer step (see the module docstring).
 
     Attributes:
-        windows: the packed training windows.
+        windows: the packed training windows (``PackedWindows``, or a curriculum stage's
+            ``MixedWindows``).
         local_batch_size: sequences per microbatch per dp rank (B).
         dp_rank, dp_degree: this rank's index in the batch mesh and its size.
         grad_accum_steps: microbatches per optimizer step per rank.
@@ -184,7 +207,7 @@ class GlobalBatchLoader(Stateful):
             the recipe's explicit global batch is used. Either way a warning says so.
     """
 
-    windows: PackedWindows
+    windows: Windows
     local_batch_size: int
     dp_rank: int
     dp_degree: int

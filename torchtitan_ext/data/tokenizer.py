@@ -71,3 +71,24 @@ def encode_document(tokenizer: BaseTokenizer, text: str) -> np.ndarray:
     if isinstance(tokenizer, ByteTokenizer):
         return tokenizer.encode_array(text)
     return np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), dtype=np.int32)
+
+
+def tokenizer_identity(cfg: Any, tokenizer: BaseTokenizer) -> dict[str, Any]:
+    """What identifies the token ids ``tokenizer`` (``build_tokenizer(cfg)``) produces, as a
+    prepared corpus's manifest records it: kind ("byte" or "hf"), vocab size, BOS and EOS ids,
+    and for "hf" the xxh3-64 of ``tokenizer.json`` under ``model.hf_assets_path``.
+
+    Returns:
+        A JSON-serializable dict; two tokenizers with equal identities encode alike.
+    """
+    identity: dict[str, Any] = {
+        "kind": "byte" if isinstance(tokenizer, ByteTokenizer) else "hf",
+        "vocab_size": int(tokenizer.get_vocab_size()),
+        "bos_id": getattr(tokenizer, "bos_id", None),
+        "eos_id": getattr(tokenizer, "eos_id", None),
+    }
+    if identity["kind"] == "hf":
+        from torchtitan_ext.data.prepared import file_hash
+
+        identity["xxh3_64"] = file_hash(os.path.join(cfg.model.hf_assets_path, "tokenizer.json"))
+    return identity

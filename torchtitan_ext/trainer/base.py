@@ -19,6 +19,8 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan_ext.checkpoint import Checkpointer, TrainState
 from torchtitan_ext.curriculum import Stage
 from torchtitan_ext.data import GlobalBatchLoader, PackedWindows
+from torchtitan_ext.data.loader import Windows
+from torchtitan_ext.data.mixture import MixedWindows
 from torchtitan_ext.metrics import MetricsLogger
 from torchtitan_ext.models import canonical_name
 from torchtitan_ext.parallel.pipeline import Pipeline
@@ -170,10 +172,17 @@ class TrainerBase:
         """The training loader of ``p``'s recipe (a stage's: its seq_len, batch, documents),
         on this trainer's mesh."""
         t, dims = p.cfg.training, self.dims
+        seed, unit = p.cfg.data.shuffle_seed, unit_len(p.stages)
+        windows: Windows
+        if stage is not None and stage.mixture:
+            # Every source's windows on the run's grid of units, drawn in the stage's weights.
+            key = f"curriculum.stages[{stage.index}].mixture"
+            sources = [PackedWindows(s, t.seq_len, seed, unit_len=unit, key=key) for s in p.mixture]
+            windows = MixedWindows(sources, [w for _, w, _ in stage.mixture], seed)
+        else:
+            windows = PackedWindows(p.train_tokens, t.seq_len, seed, unit_len=unit)
         return GlobalBatchLoader(
-            PackedWindows(
-                p.train_tokens, t.seq_len, p.cfg.data.shuffle_seed, unit_len=unit_len(p.stages)
-            ),
+            windows,
             local_batch_size=t.local_batch_size,
             dp_rank=dims.dp_rank(),
             dp_degree=dims.dp,

@@ -17,14 +17,21 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan_ext.config.manager import load_config
 from torchtitan_ext.curriculum import MeshPlanner, Stage, stage_config
 from torchtitan_ext.data import (
+    Tokens,
     build_tokenizer,
+    is_prepared,
     load_documents,
     long_documents,
+    open_prepared,
     split_documents,
     tokenize,
     tokenize_with_offsets,
+    tokenizer_identity,
 )
+from torchtitan_ext.data.corpus import local_documents
+from torchtitan_ext.data.mixture import open_sources
 from torchtitan_ext.distributed import RankInfo, configure_cuda_allocator
+from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.validate import (
     RecipeData,
@@ -47,13 +54,18 @@ class Prepared:
     device: torch.device
     backend: str
     tokenizer: BaseTokenizer
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
+    train_tokens: Tokens
+    """The training token stream: an int32 array, or a prepared corpus's memory-mapped
+    ``TokenStream``."""
+    val_tokens: Tokens
     model_args: Any
     stages: list[Stage] = dataclasses.field(default_factory=list)
     """Curriculum stages ([] without a curriculum); ``cfg`` is then stage 0's recipe."""
     train_doc_offsets: np.ndarray | None = None
     """(n_docs + 1,) offsets of the documents in ``train_tokens`` (for stages' min_doc_tokens)."""
+    mixture: list[Tokens] = dataclasses.field(default_factory=list)
+    """A stage with a data mixture: each source's token stream (``data.mixture.open_sources``),
+    in the order of ``Stage.mixture``; [] otherwise."""
 
 
 def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = None) -> Prepared:
@@ -79,13 +91,7 @@ def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = 
     model_args = check.model_args  # the recipe phase's own copy of the flavor's args
     model_args.update_from_config(cfg)
     tokenizer = build_tokenizer(cfg)
-    docs = load_documents(cfg)
-    train_docs, val_docs = split_documents(
-        docs, cfg.data.validation_fraction, cfg.data.shuffle_seed
-    )
-    train_tokens, train_doc_offsets = tokenize_with_offsets(train_docs, tokenizer)
-    val_tokens = tokenize(val_docs, tokenizer) if cfg.validation.enable else np.zeros(0, np.int32)
-    data = RecipeData(tokenizer, train_tokens, train_doc_offsets, val_tokens, len(val_docs))
+    data = _load_data(cfg, tokenizer)
     check_data(check, data)
     return Prepared(
         cfg,
@@ -94,12 +100,68 @@ def prepare(args: list[str], rank: RankInfo, mesh_planner: MeshPlanner | None = 
         device,
         check.backend,
         tokenizer,
-        train_tokens,
-        val_tokens,
+        data.train_tokens,
+        data.val_tokens,
         model_args,
         check.stages,
-        train_doc_offsets,
+        data.train_doc_offsets,
     )
+
+
+def _load_data(cfg: Any, tokenizer: BaseTokenizer) -> RecipeData:
+    """The recipe's training and validation token streams. A prepared corpus (a folder from
+    ``python -m torchtitan_ext.data.prepare``) is memory-mapped and checked
+    (``data.open_prepared``: manifest, tokenizer, sizes, and hashes with
+    ``data.verify_corpus``); anything else is read and tokenized here, on every rank. The
+    validation split is the held-out ``data.validation_fraction`` of the training documents, or
+    all of ``validation.dataset_path`` when set (then nothing is held out).
+
+    Raises:
+        ConfigError: see ``data.load_documents`` and ``data.open_prepared``; problems of
+            ``validation.dataset_path`` are keyed by it.
+    """
+    path, val_path = cfg.training.dataset_path, cfg.validation.dataset_path
+    fraction = 0.0 if val_path else cfg.data.validation_fraction
+    identity = tokenizer_identity(cfg, tokenizer)
+    val: Tokens
+    train: Tokens
+    if path and is_prepared(path):
+        corpus = open_prepared(path, identity, cfg.data.verify_corpus)
+        train, offsets, val, n_val = corpus.split(fraction)
+    else:
+        docs = load_documents(cfg)
+        train_docs, val_docs = split_documents(docs, fraction, cfg.data.shuffle_seed)
+        train, offsets = tokenize_with_offsets(train_docs, tokenizer)
+        val, n_val = np.zeros(0, np.int32), len(val_docs)
+        if cfg.validation.enable:
+            val = tokenize(val_docs, tokenizer)
+    if not cfg.validation.enable:
+        val = np.zeros(0, np.int32)
+    elif val_path:
+        val, n_val = _validation_data(cfg, tokenizer, identity)
+    return RecipeData(tokenizer, train, offsets, val, n_val)
+
+
+def _validation_data(
+    cfg: Any, tokenizer: BaseTokenizer, identity: dict[str, Any]
+) -> tuple[Tokens, int]:
+    """The token stream and document count of ``validation.dataset_path``: a prepared corpus
+    (memory-mapped, all of it) or local files (tokenized).
+
+    Raises:
+        ConfigError: keyed ``validation.dataset_path``, naming the file.
+    """
+    key, path = "validation.dataset_path", cfg.validation.dataset_path
+    if is_prepared(path):
+        corpus = open_prepared(path, identity, cfg.data.verify_corpus, key=key)
+        return corpus.stream, corpus.num_documents
+    try:
+        docs = local_documents(path, cfg.data.text_field)
+    except ConfigError as e:
+        if e.key == "training.dataset_path":
+            raise ConfigError(key, path, e.reason) from None
+        raise
+    return tokenize(docs, tokenizer), len(docs)
 
 
 def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
@@ -131,9 +193,22 @@ def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
     model_args = resolve_model_args(cfg)
     model_args.update_from_config(cfg)
     tokens = p.train_tokens
-    if stage.min_doc_tokens and p.train_doc_offsets is not None:
+    mixture: list[Tokens] = []
+    if stage.mixture:
+        assert p.train_doc_offsets is not None
+        mixture = open_sources(
+            f"curriculum.stages[{stage.index}].mixture",
+            stage.mixture,
+            p.train_tokens,
+            p.train_doc_offsets,
+            tokenizer_identity(p.cfg, p.tokenizer),
+            p.cfg.data.verify_corpus,
+        )
+    elif stage.min_doc_tokens and p.train_doc_offsets is not None:
         tokens = long_documents(tokens, p.train_doc_offsets, stage.min_doc_tokens)
-    return dataclasses.replace(p, cfg=cfg, dims=dims, model_args=model_args, train_tokens=tokens)
+    return dataclasses.replace(
+        p, cfg=cfg, dims=dims, model_args=model_args, train_tokens=tokens, mixture=mixture
+    )
 
 
 def setup_logging(rank: int) -> None:

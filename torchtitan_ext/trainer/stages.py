@@ -9,9 +9,11 @@ import os
 
 from torchtitan_ext.checkpoint import agreed_steps
 from torchtitan_ext.curriculum import Stage, format_plan, rope_label, stage_name, stage_of_step
+from torchtitan_ext.data.mixture import format_supply
 from torchtitan_ext.trainer.base import ResumeEarlierStage
 from torchtitan_ext.trainer.core import Trainer
 from torchtitan_ext.trainer.setup import Prepared, prepare_stage
+from torchtitan_ext.validate import unit_len
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -64,6 +66,9 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
             f"{stage.rope_theta or 'flavor default'}, rope scaling {rope_label(stage.rope)}"
         )
         prepared = prepare_stage(p, stage, handed_over=i > 0)
+        if stage.mixture:
+            supply = format_supply(stage.mixture, prepared.mixture, unit_len(p.stages))
+            logger.info(f"stage {stage.index} data mixture: {supply}")
         mode = trainer.switch_mode(prepared) if trainer is not None else "disk"
         if trainer is not None and mode == "same mesh":
             trainer.switch_stage(prepared, stage)
