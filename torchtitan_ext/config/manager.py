@@ -438,6 +438,10 @@ _STAGE_KEY_HELP = {
     "recipe's); a stage that sets it also sets the degree its pattern needs "
     "(hybrid: context_parallel_ulysses_degree; double_ring: context_parallel_inner_ring_degree, "
     "unset: its default, see parallelism.context_parallel_inner_ring_degree).",
+    "mixture": 'This stage\'s data mixture, "SRC=WEIGHT[@MIN_DOC_TOKENS], ...": "train" (the '
+    "recipe's training data) or a prepared corpus folder per source, weights > 0, an optional "
+    "minimum document length per source (long-document upsampling); see docs/data.md (unset: "
+    "the recipe's data).",
     "attn_mask_type": 'This stage\'s model.attn_mask_type: "causal" or "block_causal" '
     "(unset: the previous stage's; the first stage: the recipe's).",
     "auto_mesh": "true: the planner picks this stage's tp x cp x CP pattern (see "
