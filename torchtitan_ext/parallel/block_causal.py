@@ -30,9 +30,9 @@ import torch
 
 aten = torch.ops.aten
 
-MAX_ROWS = 1024
+MAX_ROWS = 2048
 """Query rows per kernel call at most (the mask of one call is ``MAX_ROWS`` x key-slice fp32)."""
-MIN_ROWS = 64
+MIN_ROWS = 32
 """A document start splits a tile only after this many rows (fewer, tiny documents share one
 call and its mask)."""
 
