@@ -61,6 +61,9 @@ class Stage:
         mesh_plan: for an auto-meshed stage, the planner's estimates of the meshes that
             passed validation (``auto_mesh.MeshEstimate``), best first: the stage runs the
             first; empty otherwise.
+        batch_derived: the global batch is the recipe's ``training.global_batch_size = -1``
+            read on this stage's mesh (local batch x dp), not set by the stage or
+            ``curriculum.tokens_per_step`` (``validate.stage_batch_note``).
     """
 
     index: int
@@ -82,6 +85,7 @@ class Stage:
     rope: dict[str, Any] = dataclasses.field(default_factory=dict)
     tp: int = 1
     mesh_plan: tuple[Any, ...] = ()
+    batch_derived: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -255,8 +259,9 @@ def _resolve_stage(
         global_batch = cur.tokens_per_step // seq_len
     else:
         global_batch = int(raw.get("global_batch_size", cfg.training.global_batch_size))
-        if global_batch == -1:
-            global_batch = cfg.training.local_batch_size * dp
+    batch_derived = global_batch == -1
+    if batch_derived:
+        global_batch = cfg.training.local_batch_size * dp
     local = int(raw.get("local_batch_size", 0)) or max(
         1, min(cfg.training.local_batch_size, global_batch // dp)
     )
@@ -297,6 +302,7 @@ def _resolve_stage(
         cp_inner_ring_degree=degrees[1],
         rope=rope,
         tp=tp,
+        batch_derived=batch_derived,
     )
 
 

@@ -12,6 +12,7 @@ from torchtitan_ext.curriculum import Stage, format_plan, rope_label, stage_name
 from torchtitan_ext.trainer.base import ResumeEarlierStage
 from torchtitan_ext.trainer.core import Trainer
 from torchtitan_ext.trainer.setup import Prepared, prepare_stage
+from torchtitan_ext.validate import stage_batch_note
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -63,6 +64,9 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
             f"{stage.dp_shard}, global batch {stage.global_batch_size}, rope_theta "
             f"{stage.rope_theta or 'flavor default'}, rope scaling {rope_label(stage.rope)}"
         )
+        note = stage_batch_note(stage, p.cfg.parallelism.data_parallel_replicate_degree)
+        if note is not None and p.rank.rank == 0:
+            logger.warning(note)
         prepared = prepare_stage(p, stage, handed_over=i > 0)
         mode = trainer.switch_mode(prepared) if trainer is not None else "disk"
         if trainer is not None and mode == "same mesh":
