@@ -19,7 +19,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan_ext.checkpoint import Checkpointer, TrainState
 from torchtitan_ext.curriculum import Stage
 from torchtitan_ext.data import GlobalBatchLoader, PackedWindows
-from torchtitan_ext.metrics import MetricsLogger
+from torchtitan_ext.metrics import MetricsLogger, StepMemory
 from torchtitan_ext.models import canonical_name
 from torchtitan_ext.parallel.pipeline import Pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -97,6 +97,7 @@ class TrainerBase:
     train_state: TrainState
     checkpointer: Checkpointer
     metrics: MetricsLogger
+    memory: StepMemory
 
     def _warn(self, message: str) -> None:
         """A warning on rank 0 only, for conclusions every rank reaches alike."""
