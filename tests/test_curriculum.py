@@ -341,6 +341,16 @@ def test_stages_switch_context_parallel_pattern(full_run):
     not_used = "training.steps, batch sizes and validation seq_len and batch are not used"
     assert f"the recipe's training.seq_len, {not_used}" in log
     assert "activation checkpointing none" in log
+    # Each stage's trainer names its memory features; the records count the pattern's calls
+    # (a stage whose pattern fell back to torch's ring would count 0).
+    for pattern in ("context parallel off", "context parallel ulysses (2)",
+                    "context parallel double_ring (inner ring 2 x outer ring 2)"):  # fmt: skip
+        features = "activation checkpointing none, chunked loss off, tiled MLP off"
+        assert f"memory features: {features}, {pattern}, FSDP over 4 ranks" in log, log[:3000]
+    steps, _ = records(dump)
+    calls = {stage: [r["cp_pattern_calls"] for r in steps.values() if r["stage"] == stage]
+             for stage in (0, 1, 2)}  # fmt: skip
+    assert calls[0] == [0, 0, 0] and min(calls[1]) > 0 and min(calls[2]) > 0, calls
 
 
 def test_stages_switch_at_configured_steps(full_run):
@@ -701,3 +711,28 @@ def test_8b_1m_recipe_validates_for_its_cluster():
     assert [n for s, n in zip(stages, per_rank, strict=True) if s.cp > 1] == [16384] * 3
     for s in stages:
         assert validate(stage_config(cfg, s), 256) is not None
+
+
+@pytest.mark.parametrize(
+    ("stage2", "warned"),
+    [("", [1, 2]), ("global_batch_size = 4\n", [1])],
+    ids=["derived", "stage-2-batch-set"],
+)
+def test_stage_batch_shrunk_by_cp_is_reported(tmp_path, capsys, stage2, warned):
+    """A stage that derives its batch (global_batch_size = -1, no tokens_per_step) on a mesh
+    whose cp took ranks from dp gets the single-stage run's warning, naming the stage's key
+    and the cp 1 batch (16 on 4 ranks at local batch 4); not a stage that sets its batch, nor
+    the cp 1 stage. The trainer prints the same line at the stage's start
+    (test_remesh_that_moves_tensor_parallel_shards)."""
+    from torchtitan_ext.config.__main__ import main as config_main
+
+    stages = STAGES.replace("[curriculum]\ntokens_per_step = 1024\n", "") + stage2
+    args = ["--job.config_file", str(recipe(tmp_path, stages)), "--world_size", "4"]
+    assert config_main([*args, "--training.local_batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("# warning:")]
+    assert len(lines) == len(warned), out
+    for line, (index, batch) in zip(lines, [(i, {1: 8, 2: 4}[i]) for i in warned], strict=True):
+        key = f"curriculum.stages[{index}]"
+        assert line.startswith(f"# warning: {key}: training.global_batch_size = -1: "), line
+        assert f"= {batch} sequences;" in line and f"set {key}.global_batch_size = 16 " in line
