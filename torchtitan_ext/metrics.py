@@ -163,14 +163,15 @@ class PeakRSS:
 class StepMemory:
     """Two memory figures per logged window of steps, on CPU and CUDA:
 
-    - ``peak_mib()``'s window peak (the ``memory`` column): ``peak_memory_mib`` over the whole
-      window, steps and what runs between them (validation, checkpoints);
-    - ``step_mib``: the largest step peak above what the rank held just before that step (its
-      parameters and optimizer state, gradients freed: the trainer calls
-      ``optimizers.zero_grad()`` first). That is the step's activations plus its gradients (a
-      constant: the parameters' bytes) and the step's communication buffers, the figure that
-      long-context settings (chunked loss, tiled MLP, CP, activation checkpointing) change;
-      ``scripts/bench_long_context.py`` and ``docs/long_context.md`` report it.
+    - the window's peak (the ``memory`` column): ``peak_memory_mib`` over the whole window,
+      steps and what runs between them (validation, checkpoints);
+    - the step figure (the ``step memory`` column, ``step_mib``): the largest step peak above
+      what the rank held just before that step (its parameters and optimizer state, gradients
+      freed: the trainer calls ``optimizers.zero_grad()`` first). That is the step's
+      activations plus its gradients (a constant: the parameters' bytes) and the step's
+      communication buffers, the figure that long-context settings (chunked loss, tiled MLP,
+      CP, activation checkpointing) change; ``scripts/bench_long_context.py`` and
+      ``docs/long_context.md`` report it.
 
     On CUDA the step figure is the allocator's ``max_memory_allocated`` minus
     ``memory_allocated`` before the step (blocks the caching allocator keeps reserved do not
@@ -179,8 +180,11 @@ class StepMemory:
     ``/proc/self/clear_refs``) minus the resident set before the step, after glibc has handed
     its free heap pages back (``malloc_trim``), so memory freed by earlier steps and kept by the
     allocator is not counted as held; the trainer also calls ``release_freed_memory`` on CPU,
-    without which glibc's retention adds several hundred MiB of noise to the figure. Where the
-    high-water mark cannot be reset the step figure is not measured (``step_mib`` None).
+    without which glibc's retention adds several hundred MiB of noise to the figure (measured:
+    1048-1209 MiB instead of 544 for ``debugmodel_cpu_32k`` at 4096 tokens with both
+    long-context features). Where the high-water mark cannot be reset the step figure is not
+    measured (``step_mib`` None). Follows the CPU measurement of
+    ``scripts/bench_cp_memory.py`` (``PeakRSS``), per step of a running job.
 
     Use: ``start()`` once, then ``step_begins()`` / ``step_ends()`` around every step and
     ``window()`` at every log (it starts the next window).
@@ -194,7 +198,8 @@ class StepMemory:
         self._measurable = True
 
     def start(self) -> None:
-        """Start the first window (after set-up: its memory is not a step's)."""
+        """Start a window with no step measured (the first: after set-up, whose memory is not
+        a step's)."""
         reset_peak_memory(self.device)
         self._window_peak, self.step_mib = 0.0, None
 
