@@ -1,22 +1,24 @@
 """Long context per device: what chunked cross-entropy and the tiled MLP buy.
 
 For each feature setting (off; ``training.loss_chunk_tokens``; ``training.mlp_tile_tokens``;
-both) and each CP degree (1 rank, and cp 2 on 2 ranks), the script trains the real trainer
-(``torchtitan_ext.trainer.Trainer``: parallelize, the loss, the optimizer) on a model with a
-realistic vocabulary (``debugmodel_cpu_32k``: vocab 32768, dim 1024; fp32, batch 1, full
-activation checkpointing as long-context runs use) for two steps at two sequence lengths, and
-measures the second step:
+both) and each CP degree (1 rank, and cp 2 on 2 ranks), the script trains ``train.py``
+under torchrun on a model with a realistic vocabulary (``debugmodel_cpu_32k``: vocab 32768,
+dim 1024; fp32, batch 1, full activation checkpointing as long-context runs use) for two steps
+at two sequence lengths, and reads the second step's record of ``metrics.jsonl``:
 
-- step memory per rank: the step's peak minus what the rank held just before it (parameters
-  and optimizer state; gradients are freed first, as the step does), so activations plus the
-  gradients (a constant, 4 bytes per parameter); on CPU the kernel's resident-set high-water
-  mark (``torchtitan_ext.metrics.PeakRSS``), on CUDA the allocator's ``max_memory_allocated``;
+- step memory per rank: its ``step_mem_mib``, the log's ``step memory`` column
+  (``torchtitan_ext.metrics.StepMemory``): the step's peak minus what the rank held just before
+  it (parameters and optimizer state; gradients are freed first, as the step does), so
+  activations plus the gradients (a constant, 4 bytes per parameter), max over ranks; on CPU
+  from the kernel's resident-set high-water mark, on CUDA the allocator's
+  ``max_memory_allocated``. A user's run prints the same figure;
 - its per-token slope and intercept over the two lengths (activation memory is linear in the
   sequence), hence the longest sequence whose step memory fits ``--budget-mib`` per rank.
   Where the peak hardly grows ("flat": it is the parameter-side constant, FSDP-gathered
   weights and gradients, not activations) only a lower bound is known: budget x long length /
   peak, printed with ">=";
-- tokens/s of the step, relative to the setting with both features off.
+- tokens/s of the step (sequence tokens over the time between the two records), relative to
+  the setting with both features off.
 
 Targets (issue 11): the longest sequence with both features at least 4x the baseline's, and
 each feature's throughput at least 0.9x the baseline's.
@@ -28,8 +30,6 @@ About 10 minutes on the 2-core CPU machine. On a GPU the same command measures C
 """
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from torchtitan_ext.distributed import launch_env, torchrun_command
+from torchtitan_ext.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS: dict[str, list[str]] = {
@@ -48,65 +49,19 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
-def _worker(args: list[str], out: str) -> int:
-    """One rank: build the trainer for ``args``, run one step (lazy optimizer state), then
-    measure the second step's memory and time. Collective."""
-    import torch
-    import torch.distributed as dist
-
-    from torchtitan_ext.distributed import RankInfo, init_distributed
-    from torchtitan_ext.metrics import PeakRSS, rss_bytes
-    from torchtitan_ext.trainer import Trainer, prepare, setup_logging
-
-    rank = RankInfo.from_env()
-    setup_logging(rank.rank)
-    p = prepare(args, rank)
-    init_distributed(p.backend, p.device, 600)
-    trainer = Trainer(p)
-    trainer.train_step(trainer.dataloader.next_step())
-    batch = trainer.dataloader.next_step()
-    trainer.optimizers.zero_grad()  # what train_step does first: step 1's gradients go now
-    dist.barrier()
-    cuda = p.device.type == "cuda"
-    start = time.perf_counter()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        trainer.train_step(batch)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        before = rss_bytes()
-        with PeakRSS() as sampler:
-            trainer.train_step(batch)
-        peak = sampler.peak
-    seconds = time.perf_counter() - start
-    gathered: list[Any] = [None] * rank.world_size
-    dist.all_gather_object(gathered, {"step_bytes": peak - before, "seconds": seconds})
-    if rank.rank == 0:
-        Path(out).write_text(json.dumps(gathered))
-    dist.destroy_process_group()
-    return 0
-
-
 def measure(nproc: int, args: list[str]) -> dict[str, float]:
-    """Run ``_worker`` on ``nproc`` ranks; the worst rank's step MiB and seconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.json")
-        payload = os.path.join(tmp, "args.json")
-        Path(payload).write_text(json.dumps(args))
-        cmd = torchrun_command(nproc, [__file__, "--_worker", payload, "--_out", out])
-        # Freed tensors go back to the OS at once, so the resident set follows live memory.
-        env = launch_env(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not os.path.exists(out):
+    """Train 2 steps with ``train.py args`` on ``nproc`` ranks; step 2's ``step_mem_mib`` (the
+    log's ``step memory``, max over ranks) and seconds (``elapsed_sec`` from step 1's record)."""
+    with tempfile.TemporaryDirectory(prefix="bench_long_context-") as dump:
+        train = [str(ROOT / "train.py"), *args, "--job.dump_folder", dump,
+                 "--training.steps", "2", "--metrics.log_freq", "1"]  # fmt: skip
+        cmd = torchrun_command(nproc, train)
+        proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True)
+        records = read_metrics(dump)
+        if proc.returncode != 0 or len(records) != 2:
             sys.exit(f"run failed: {' '.join(cmd)}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-        ranks = json.loads(Path(out).read_text())
-    return {
-        "mib": max(r["step_bytes"] for r in ranks) / 2**20,
-        "seconds": max(r["seconds"] for r in ranks),
-    }
+    first, second = records
+    return {"mib": second["step_mem_mib"], "seconds": second["elapsed_sec"] - first["elapsed_sec"]}
 
 
 def recipe(
@@ -115,7 +70,6 @@ def recipe(
     tokens = {"CHUNK": str(chunk), "TILE": str(tile)}
     return [
         "--job.config_file", str(ROOT / "train_configs" / "debug_cpu.toml"),
-        "--job.dump_folder", tempfile.mkdtemp(prefix="bench_long_context-"),
         "--model.flavor", flavor,
         "--training.seq_len", str(seq_len),
         "--training.local_batch_size", "1",
@@ -143,14 +97,7 @@ def main() -> int:
                     help="step memory per rank for the longest-sequence column, MiB")  # fmt: skip
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
                     help="settings besides 'off' (the reference); default all")  # fmt: skip
-    ap.add_argument("--_worker", help=argparse.SUPPRESS)
-    ap.add_argument("--_out", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a._worker:
-        from torchtitan_ext.distributed import run_and_exit
-
-        worker_args = json.loads(Path(a._worker).read_text())
-        run_and_exit(lambda: _worker(worker_args, a._out))
 
     short, long = sorted(a.seq_lens)
     print(f"# bench_long_context: {a.flavor}, fp32, batch 1, full AC; chunk {a.chunk} tokens, "

@@ -348,6 +348,16 @@ def test_stages_switch_context_parallel_pattern(full_run):
     not_used = "training.steps, batch sizes and validation seq_len and batch are not used"
     assert f"the recipe's training.seq_len, {not_used}" in log
     assert "activation checkpointing none" in log
+    # Each stage's trainer names its memory features; the records count the pattern's calls
+    # (a stage whose pattern fell back to torch's ring would count 0).
+    for pattern in ("context parallel off", "context parallel ulysses (2)",
+                    "context parallel double_ring (inner ring 2 x outer ring 2)"):  # fmt: skip
+        features = "activation checkpointing none, chunked loss off, tiled MLP off"
+        assert f"memory features: {features}, {pattern}, FSDP over 4 ranks" in log, log[:3000]
+    steps, _ = records(dump)
+    calls = {stage: [r["cp_pattern_calls"] for r in steps.values() if r["stage"] == stage]
+             for stage in (0, 1, 2)}  # fmt: skip
+    assert calls[0] == [0, 0, 0] and min(calls[1]) > 0 and min(calls[2]) > 0, calls
 
 
 def test_stages_switch_at_configured_steps(full_run):
@@ -640,6 +650,57 @@ def test_auto_meshed_stage_trains_and_checkpoints(tmp_path):
     ]
 
 
+TP_STAGES = """
+[[curriculum.stages]]
+seq_len = 64
+steps = 2
+rope_theta = 10000
+context_parallel_degree = 1
+
+[[curriculum.stages]]
+seq_len = 128
+steps = 2
+context_parallel_degree = 2
+context_parallel_pattern = "ulysses"
+"""
+
+
+def test_remesh_that_moves_tensor_parallel_shards(tmp_path):
+    """4 ranks, tp 2 in both stages, cp innermost: stage 0 is dp_shard 2 x tp 2 (tp groups
+    {0, 1}, {2, 3}), stage 1 tp 2 x cp 2 with Ulysses (tp groups {0, 2}, {1, 3}). Every
+    parameter and optimizer state changes ranks, so the in-memory re-mesh gathers and
+    re-slices each one (``reshard_like``), and the per-parameter fingerprint (sum, squares,
+    position-weighted sum) after it equals the one before; a shard kept on the wrong rank
+    changes the weighted sum (shown by breaking ``_same_layout`` to ignore the rank grid).
+    Stage 1's records count Ulysses calls (0 would be torch's ring running instead), and its
+    global batch, derived (-1) as local 4 x dp 1, is said to be half the cp 1 reading."""
+    path = recipe(tmp_path, TP_STAGES)
+    dump = tmp_path / "run"
+    tp = ["--parallelism.tensor_parallel_degree", "2"]
+    log = torchrun(4, [*run_args(path, dump), *tp]).stdout
+    remesh = "dp_shard 2 x tp 2 x cp 1 -> pp 1 x dp_replicate 1 x dp_shard 1 x tp 2 x cp 2"
+    assert f"stage 1: re-meshed in memory (pp 1 x dp_replicate 1 x {remesh}" in log, log[-3000:]
+    steps, boundaries = records(dump)
+    assert {(r["stage"], r["tp"], r["cp"]) for r in steps.values()} == {(0, 2, 1), (1, 2, 2)}
+    end, start = (b["params"] for b in boundaries)
+    assert set(start) == set(end) and len(end) == 1 + 2 * 9 + 2
+    for name, (total, squares, weighted) in end.items():
+        got_total, got_squares, got_weighted = start[name]
+        assert got_squares == pytest.approx(squares, rel=1e-12), name
+        assert got_total == pytest.approx(total, rel=1e-9, abs=1e-9), name
+        assert got_weighted == pytest.approx(weighted, rel=1e-9, abs=1e-7), name
+    assert all(r["cp_pattern_calls"] == 0 for r in steps.values() if r["stage"] == 0)
+    assert all(r["cp_pattern_calls"] > 0 for r in steps.values() if r["stage"] == 1), steps
+    warning = (
+        "curriculum.stages[1]: training.global_batch_size = -1: global batch = local_batch_size"
+        " 4 x dp 1 = 4 sequences; context_parallel_degree 2 took its ranks from dp, which at "
+        "cp 1 gives 8. Losses compare only at equal batches: set "
+        "curriculum.stages[1].global_batch_size = 8 to train the cp 1 batch"
+    )
+    assert log.count(warning) == 1, log[-3000:]
+    assert "curriculum.stages[0]: training.global_batch_size" not in log
+
+
 def test_8b_1m_recipe_validates_for_its_cluster():
     from torchtitan_ext.curriculum import stage_config
     from torchtitan_ext.validate import validate
@@ -657,3 +718,28 @@ def test_8b_1m_recipe_validates_for_its_cluster():
     assert [n for s, n in zip(stages, per_rank, strict=True) if s.cp > 1] == [16384] * 3
     for s in stages:
         assert validate(stage_config(cfg, s), 256) is not None
+
+
+@pytest.mark.parametrize(
+    ("stage2", "warned"),
+    [("", [1, 2]), ("global_batch_size = 4\n", [1])],
+    ids=["derived", "stage-2-batch-set"],
+)
+def test_stage_batch_shrunk_by_cp_is_reported(tmp_path, capsys, stage2, warned):
+    """A stage that derives its batch (global_batch_size = -1, no tokens_per_step) on a mesh
+    whose cp took ranks from dp gets the single-stage run's warning, naming the stage's key
+    and the cp 1 batch (16 on 4 ranks at local batch 4); not a stage that sets its batch, nor
+    the cp 1 stage. The trainer prints the same line at the stage's start
+    (test_remesh_that_moves_tensor_parallel_shards)."""
+    from torchtitan_ext.config.__main__ import main as config_main
+
+    stages = STAGES.replace("[curriculum]\ntokens_per_step = 1024\n", "") + stage2
+    args = ["--job.config_file", str(recipe(tmp_path, stages)), "--world_size", "4"]
+    assert config_main([*args, "--training.local_batch_size", "4"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("# warning:")]
+    assert len(lines) == len(warned), out
+    for line, (index, batch) in zip(lines, [(i, {1: 8, 2: 4}[i]) for i in warned], strict=True):
+        key = f"curriculum.stages[{index}]"
+        assert line.startswith(f"# warning: {key}: training.global_batch_size = -1: "), line
+        assert f"= {batch} sequences;" in line and f"set {key}.global_batch_size = 16 " in line

@@ -23,7 +23,7 @@ INTERVAL = 5
 TRAIN_RECORD_TYPES = {
     "step": int, "seq_len": int, "tokens_seen": int, "skipped_steps": int,
     "loss": float, "grad_norm": float, "lr": float, "tokens_per_sec": float,
-    "tflops": float, "peak_mem_mib": float, "elapsed_sec": float,
+    "tflops": float, "peak_mem_mib": float, "step_mem_mib": float, "elapsed_sec": float,
 }  # fmt: skip
 
 
@@ -88,7 +88,8 @@ def test_metrics_jsonl_and_tensorboard(run_4rank):
     acc = EventAccumulator(str(run_4rank / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    expected = {"loss", "grad_norm", "lr", "tokens_per_sec", "peak_mem_mib", "seq_len"}
+    expected = {"loss", "grad_norm", "lr", "tokens_per_sec", "seq_len"}
+    expected |= {"peak_mem_mib", "step_mem_mib"}  # the console's memory and step memory
     assert {f"train/{k}" for k in expected} <= tags
     assert all(t.startswith("train/") for t in tags), tags
     tb_loss = {e.step: e.value for e in acc.Scalars("train/loss")}

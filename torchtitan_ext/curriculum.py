@@ -66,6 +66,9 @@ class Stage:
         mesh_plan: for an auto-meshed stage, the planner's estimates of the meshes that
             passed validation (``auto_mesh.MeshEstimate``), best first: the stage runs the
             first; empty otherwise.
+        batch_derived: the global batch is the recipe's ``training.global_batch_size = -1``
+            read on this stage's mesh (local batch x dp), not set by the stage or
+            ``curriculum.tokens_per_step`` (``validate.stage_batch_note``).
     """
 
     index: int
@@ -89,6 +92,7 @@ class Stage:
     tp: int = 1
     attn_mask_type: str = ""
     mesh_plan: tuple[Any, ...] = ()
+    batch_derived: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -262,8 +266,9 @@ def _resolve_stage(
         global_batch = cur.tokens_per_step // seq_len
     else:
         global_batch = int(raw.get("global_batch_size", cfg.training.global_batch_size))
-        if global_batch == -1:
-            global_batch = cfg.training.local_batch_size * dp
+    batch_derived = global_batch == -1
+    if batch_derived:
+        global_batch = cfg.training.local_batch_size * dp
     local = int(raw.get("local_batch_size", 0)) or max(
         1, min(cfg.training.local_batch_size, global_batch // dp)
     )
@@ -310,6 +315,7 @@ def _resolve_stage(
         attn_mask_type=str(
             raw.get("attn_mask_type", prev.attn_mask_type if prev else cfg.model.attn_mask_type)
         ),
+        batch_derived=batch_derived,
     )
 
 

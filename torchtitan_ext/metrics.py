@@ -5,8 +5,14 @@ Every line of ``metrics.jsonl`` is one JSON object with a ``kind`` and an intege
 
 - ``"train"``: one per logged optimizer step: ``loss`` (nats), ``grad_norm``, ``lr``,
   ``tokens_per_sec`` (per rank), ``tflops``, ``mfu_pct`` (GPU only), ``seq_len`` (tokens),
-  ``peak_mem_mib``, ``elapsed_sec``, ``tokens_seen`` (tokens, global), ``skipped_steps``; with a
-  curriculum also ``stage`` (0-based), ``cp`` and ``tokens_per_step``. Counts are ints.
+  ``peak_mem_mib`` (the console's ``memory``: the peak since the last log), ``step_mem_mib``
+  (the console's ``step memory``: the largest step's peak above what the rank held before it,
+  i.e. without parameters and optimizer state; ``StepMemory``; absent where it cannot be
+  measured), ``elapsed_sec``, ``tokens_seen`` (tokens, global), ``skipped_steps``; with a
+  curriculum also ``stage`` (0-based), ``cp``, ``tp``, ``tokens_per_step`` and
+  ``cp_pattern_calls`` (attention calls rank 0 ran through the stage's CP pattern since the
+  last record, forward and backward; 0 for torch's ring). Memory is MiB, the max over ranks.
+  Counts are ints.
 - ``"val"``: ``loss``, the validation loss (global mean over the validation batches).
 - ``"curriculum"``: a stage boundary: ``event`` (``"start"`` | ``"end"``), ``stage``,
   ``param_sum``, ``param_sq_sum`` (the parameters' fingerprint) and, at a start after a switch,
@@ -15,7 +21,8 @@ Every line of ``metrics.jsonl`` is one JSON object with a ``kind`` and an intege
   position-weighted sum]).
 
 Tensorboard tags are grouped the same way: ``train/loss``, ``val/loss``, ``curriculum/stage``
-(``stage``, ``cp`` and ``tokens_per_step`` of the step records go to ``curriculum/`` too).
+(``stage``, ``cp``, ``tp``, ``tokens_per_step`` and ``cp_pattern_calls`` of the step records go
+to ``curriculum/`` too).
 ``read_metrics`` reads one kind back.
 
 Throughput follows TorchTitan 0.2.2 (``torchtitan/components/metrics.py``): tokens/s is per
@@ -24,6 +31,8 @@ tokens/s x model FLOPs per token (``get_dense_model_nparams_and_flops``: 6N plus
 and MFU divides that by the device's peak bf16 FLOP/s (GPU only).
 """
 
+import ctypes
+import functools
 import json
 import logging
 import math
@@ -46,7 +55,7 @@ METRICS_FILE = "metrics.jsonl"
 PARAM_STATS_FILE = "param_stats.jsonl"
 Kind = Literal["train", "val", "curriculum"]
 # Keys of a "train" record that tensorboard shows under curriculum/ rather than train/.
-_CURRICULUM_KEYS = ("stage", "cp", "tp", "tokens_per_step")
+_CURRICULUM_KEYS = ("stage", "cp", "tp", "tokens_per_step", "cp_pattern_calls")
 
 
 def read_metrics(dump_folder: str | Path, kind: Kind = "train") -> list[dict[str, Any]]:
@@ -153,6 +162,121 @@ class PeakRSS:
             self._stop.set()
             self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+class StepMemory:
+    """Two memory figures per logged window of steps, on CPU and CUDA:
+
+    - the window's peak (the ``memory`` column): ``peak_memory_mib`` over the whole window,
+      steps and what runs between them (validation, checkpoints);
+    - the step figure (the ``step memory`` column, ``step_mib``): the largest step peak above
+      what the rank held just before that step (its parameters and optimizer state, gradients
+      freed: the trainer calls ``optimizers.zero_grad()`` first). That is the step's
+      activations plus its gradients (a constant: the parameters' bytes) and the step's
+      communication buffers, the figure that long-context settings (chunked loss, tiled MLP,
+      CP, activation checkpointing) change; ``scripts/bench_long_context.py`` and
+      ``docs/long_context.md`` report it.
+
+    On CUDA the step figure is the allocator's ``max_memory_allocated`` minus
+    ``memory_allocated`` before the step (blocks the caching allocator keeps reserved do not
+    count; the ``memory`` column, ``max_memory_reserved``, includes them). On CPU it is the
+    kernel's resident-set high-water mark (``VmHWM``, reset before the step through
+    ``/proc/self/clear_refs``) minus the resident set before the step, after glibc has handed
+    its free heap pages back (``malloc_trim``), so memory freed by earlier steps and kept by the
+    allocator is not counted as held; the trainer also calls ``release_freed_memory`` on CPU,
+    without which glibc's retention adds several hundred MiB of noise to the figure (measured:
+    1048-1209 MiB instead of 544 for ``debugmodel_cpu_32k`` at 4096 tokens with both
+    long-context features). Where the high-water mark cannot be reset the step figure is not
+    measured (``step_mib`` None). Follows the CPU measurement of
+    ``scripts/bench_cp_memory.py`` (``PeakRSS``), per step of a running job.
+
+    Use: ``start()`` once, then ``step_begins()`` / ``step_ends()`` around every step and
+    ``window()`` at every log (it starts the next window).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.step_mib: float | None = None
+        self._window_peak = 0.0
+        self._before = 0
+        self._measurable = True
+
+    def start(self) -> None:
+        """Start a window with no step measured (the first: after set-up, whose memory is not
+        a step's)."""
+        reset_peak_memory(self.device)
+        self._window_peak, self.step_mib = 0.0, None
+
+    def step_begins(self) -> None:
+        """Fold the window's peak so far, note what the rank holds, reset the peak."""
+        self._window_peak = max(self._window_peak, peak_memory_mib(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            return
+        _trim_heap()
+        self._measurable = _reset_high_water_mark()
+        self._before = rss_bytes() if self._measurable else 0
+
+    def step_ends(self) -> None:
+        """Take the step's peak above what the rank held before it into ``step_mib``."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self._measurable:
+            peak = max(_high_water_mark(), rss_bytes())
+        else:
+            return
+        mib = max(peak - self._before, 0) / 2**20
+        self.step_mib = mib if self.step_mib is None else max(self.step_mib, mib)
+
+    def window(self) -> tuple[float, float | None]:
+        """(window peak MiB, largest step figure MiB or None) since the last call; starts the
+        next window."""
+        peak = max(self._window_peak, peak_memory_mib(self.device))
+        step = self.step_mib
+        self.start()
+        return peak, step
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+RELEASE_THRESHOLD_BYTES = 65536
+
+
+def release_freed_memory() -> bool:
+    """Make glibc hand freed memory back to the kernel at once (``mallopt``: blocks over
+    ``RELEASE_THRESHOLD_BYTES`` get their own mapping, unmapped when freed, and the heap is
+    trimmed past that much free memory; what the ``MALLOC_MMAP_THRESHOLD_`` and
+    ``MALLOC_TRIM_THRESHOLD_`` environment variables do), so that a CPU process's resident set
+    follows its live tensors and ``StepMemory``'s CPU figure measures them rather than what the
+    allocator kept from earlier steps. Left alone where either variable is set. Returns whether
+    it was applied (False also without glibc)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, RELEASE_THRESHOLD_BYTES)
+        and mallopt(_M_TRIM_THRESHOLD, RELEASE_THRESHOLD_BYTES)
+    )
+
+
+def _trim_heap() -> None:
+    """Give glibc's free heap memory back to the kernel (``malloc_trim(0)``), so that the
+    resident set is what the process holds; nothing where libc has no ``malloc_trim``."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """libc's ``malloc_trim``, or None (not glibc)."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def device_peak_flops(device: torch.device) -> float | None:
@@ -277,7 +401,7 @@ class MetricsLogger:
             tokens_since_last: tokens this rank processed since the previous log.
             seq_len: training sequence length (tokens).
             peak_mem_mib: peak memory (max over ranks), MiB.
-            extra: more scalars to record (``stage``, ``cp`` and ``tokens_per_step`` show under
+            extra: more scalars to record (``_CURRICULUM_KEYS`` show under
                 ``curriculum/`` in tensorboard, the rest under ``train/``).
 
         Returns:
@@ -390,7 +514,8 @@ class MetricsLogger:
             f"{c.red}step: {r['step']:5d}  {c.green}loss: {r['loss']:8.4f}  "
             f"{c.reset}grad_norm: {r['grad_norm']:7.4f}  lr: {r['lr']:.2e}  "
             f"{c.yellow}memory: {r['peak_mem_mib']:8.1f}MiB  "
-            f"{c.blue}tps: {r['tokens_per_sec']:,.0f}  "
+            + (f"step memory: {r['step_mem_mib']:8.1f}MiB  " if "step_mem_mib" in r else "")
+            + f"{c.blue}tps: {r['tokens_per_sec']:,.0f}  "
             f"{c.cyan}tflops: {r['tflops']:.3f}  "
         )
         if "mfu_pct" in r:

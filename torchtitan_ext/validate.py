@@ -609,13 +609,36 @@ def derived_batch_note(cfg: Any, dims: ParallelDims) -> str | None:
     t = cfg.training
     if t.global_batch_size != -1 or dims.cp == 1:
         return None
-    derived = t.local_batch_size * dims.dp
-    without_cp = derived * dims.cp
+    return _batch_note(t.local_batch_size, dims.dp, dims.cp, "training.global_batch_size")
+
+
+def stage_batch_note(stage: "Stage", dp_replicate: int) -> str | None:
+    """``derived_batch_note`` for a curriculum stage: one that derives its global batch from
+    the recipe's ``training.global_batch_size = -1`` (``Stage.batch_derived``) on a mesh whose
+    cp took ranks from dp (``dp_replicate``: the recipe's degree). None otherwise, and for an
+    auto-meshed stage (its batch is taken on the recipe's mesh, whatever cp the planner picks).
+
+    Returns:
+        ``curriculum.stages[i]:`` and the line of ``derived_batch_note``, naming the stage's key
+        that keeps the cp 1 batch.
+    """
+    if not stage.batch_derived or stage.cp == 1 or stage.mesh_plan:
+        return None
+    key = f"curriculum.stages[{stage.index}]"
+    dp = stage.dp_shard * dp_replicate
+    local = stage.global_batch_size // dp  # the recipe's local batch: the batch is local x dp
+    return f"{key}: " + _batch_note(local, dp, stage.cp, f"{key}.global_batch_size")
+
+
+def _batch_note(local: int, dp: int, cp: int, key: str) -> str:
+    """The line of ``derived_batch_note``: global batch ``local`` x ``dp`` derived with cp
+    ``cp``; ``key`` sets the batch."""
+    derived, without_cp = local * dp, local * dp * cp
     return (
-        f"training.global_batch_size = -1: global batch = local_batch_size {t.local_batch_size}"
-        f" x dp {dims.dp} = {derived} sequences; context_parallel_degree {dims.cp} took its ranks"
-        f" from dp, which at cp 1 gives {without_cp}. Losses compare only at equal batches: set "
-        f"training.global_batch_size = {without_cp} to train the cp 1 batch"
+        f"training.global_batch_size = -1: global batch = local_batch_size {local} x dp {dp} = "
+        f"{derived} sequences; context_parallel_degree {cp} took its ranks from dp, which at "
+        f"cp 1 gives {without_cp}. Losses compare only at equal batches: set {key} = "
+        f"{without_cp} to train the cp 1 batch"
     )
 
 

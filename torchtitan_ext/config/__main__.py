@@ -36,6 +36,7 @@ from torchtitan_ext.validate import (
     derived_batch_note,
     format_rules,
     global_batch_size,
+    stage_batch_note,
 )
 
 PROG = "python -m torchtitan_ext.config"
@@ -104,6 +105,11 @@ def main(args: list[str]) -> int:
             "# curriculum:\n"
             + "\n".join(f"#   {line}" for line in format_plan(stages).splitlines())
         )
+        replicate = cfg.parallelism.data_parallel_replicate_degree
+        for stage in stages:
+            note = stage_batch_note(stage, replicate)
+            if note is not None:
+                print(f"# warning: {note}")
     return 0
 
 

@@ -21,7 +21,7 @@ from torchtitan_ext.curriculum import Stage
 from torchtitan_ext.data import GlobalBatchLoader, PackedWindows
 from torchtitan_ext.data.loader import Windows
 from torchtitan_ext.data.mixture import MixedWindows
-from torchtitan_ext.metrics import MetricsLogger
+from torchtitan_ext.metrics import MetricsLogger, StepMemory
 from torchtitan_ext.models import canonical_name
 from torchtitan_ext.parallel.pipeline import Pipeline
 from torchtitan_ext.parallel_dims import ParallelDims
@@ -99,6 +99,7 @@ class TrainerBase:
     train_state: TrainState
     checkpointer: Checkpointer
     metrics: MetricsLogger
+    memory: StepMemory
     attn_mask_type: str
     eos_id: int | None
     tokenizer: Any

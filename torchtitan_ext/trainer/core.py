@@ -4,12 +4,14 @@ switches it calls are its mixins (``step``, ``validation``, ``guards``, ``switch
 """
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchtitan.components.checkpoint import ModelWrapper
 from torchtitan.components.loss import build_cross_entropy_loss
@@ -23,10 +25,16 @@ from torchtitan_ext.checkpoint import Checkpointer, TrainState
 from torchtitan_ext.converters import build_converters
 from torchtitan_ext.curriculum import Stage, stage_name
 from torchtitan_ext.long_context.chunked_loss import ChunkedCrossEntropy
-from torchtitan_ext.metrics import MetricsLogger, device_peak_flops, reset_peak_memory
+from torchtitan_ext.metrics import (
+    MetricsLogger,
+    StepMemory,
+    device_peak_flops,
+    release_freed_memory,
+)
 from torchtitan_ext.models import build_model_on_meta, init_weights_mesh_independent
 from torchtitan_ext.parallel import cp_patterns
 from torchtitan_ext.parallel.pipeline import Pipeline, pipeline_split, plan_pipeline
+from torchtitan_ext.parallel_dims import ParallelDims
 from torchtitan_ext.parallelize import parallelize
 from torchtitan_ext.preemption import STOP
 from torchtitan_ext.profiling import profile_steps
@@ -82,6 +90,8 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
             + f", device {device}, backend {p.backend}, activation checkpointing "
             + _ac_label(cfg)
         )
+        released = device.type == "cpu" and release_freed_memory()
+        logger.info(f"memory features: {memory_features(cfg, dims, device, released)}")
         self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
             build_cross_entropy_loss(cfg)
         )
@@ -157,6 +167,8 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
             rank=self.rank,
             model_args=p.model_args,
         )
+        self.memory = StepMemory(device)
+        self._pattern_calls_logged = 0  # cp_patterns.calls of the stage's pattern at the last log
         self.metrics = MetricsLogger(
             dump_folder=cfg.job.dump_folder,
             enabled=self.rank == 0,
@@ -233,10 +245,11 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
             logger.info(f"nothing to do: checkpoint at step {start} >= {end}")
             return []
         logger.info(f"training from step {start + 1} to {end}")
-        reset_peak_memory(self.device)  # the first log's peak: this stage's steps, not setup
+        self.memory.start()  # the first log's peak: this stage's steps, not setup
         gc_handler = GarbageCollection(gc_freq=cfg.training.gc_freq, debug=cfg.training.gc_debug)
         records: list[dict[str, Any]] = []
         tokens_since_log = 0
+        self._pattern_calls_logged = self._pattern_calls()
         extra: dict[str, float | int] = {}
         if self.stage is not None:
             extra = {
@@ -251,7 +264,12 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
                 gc_handler.run(step)
                 lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
                 microbatches = self.dataloader.next_step()
+                # The step's memory is measured from what the rank holds without gradients
+                # (the step frees them first too): parameters and optimizer state.
+                self.optimizers.zero_grad()
+                self.memory.step_begins()
                 loss, grad_norm, updated = self.train_step(microbatches)
+                self.memory.step_ends()
                 if step == start + 1:
                     self._set_train_timeout()
                 diverged: TrainingDiverged | None = None
@@ -270,6 +288,10 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
                 last = step == end
                 # The first step of the run and of every (re)start: a stage's first loss shows.
                 if step == start + 1 or step % cfg.metrics.log_freq == 0 or last or diverged:
+                    peak_mib, step_mib = self._memory_window()
+                    step_mem = {} if step_mib is None else {"step_mem_mib": step_mib}
+                    if self.stage is not None:
+                        extra["cp_pattern_calls"] = self._pattern_calls_since_log()
                     records.append(
                         self.metrics.log(
                             step,
@@ -278,8 +300,9 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
                             float(lr),
                             tokens_since_log,
                             cfg.training.seq_len,
-                            self._max_peak_memory(),
+                            peak_mib,
                             extra={
+                                **step_mem,
                                 "tokens_seen": int(self.train_state.tokens_seen),
                                 "skipped_steps": int(self.skipped_steps),
                                 **self._attn_work_record(),
@@ -313,6 +336,60 @@ class Trainer(ValidationMixin, GuardMixin, SwitchMixin):
             self.checkpointer.finish()  # else the next stage finishes a background save
         self.metrics.close()
         return records
+
+    def _pattern_calls(self) -> int:
+        """Attention calls (forward and backward) this rank ran through the stage's CP pattern
+        (``cp_patterns.calls``), causal or block-causal (``cp_block_causal`` counts
+        "block_causal_<pattern>", the ring's too): 0 for torch's causal ring and without CP,
+        and 0 for a pattern that fell back to torch's ring (its group unregistered)."""
+        name = self.cfg.parallelism.context_parallel_pattern
+        names = (name, f"block_causal_{name}") if self.dims.cp_enabled else (name,)
+        return sum(cp_patterns.calls[n] + cp_patterns.calls[n + "_backward"] for n in names)
+
+    def _pattern_calls_since_log(self) -> int:
+        """``_pattern_calls`` since the previous log."""
+        total = self._pattern_calls()
+        since, self._pattern_calls_logged = total - self._pattern_calls_logged, total
+        return since
+
+    def _memory_window(self) -> tuple[float, float | None]:
+        """``StepMemory.window()``'s two figures (MiB), each the max over ranks (None: the
+        step figure could not be measured on some rank). Collective."""
+        peak, step = self.memory.window()
+        mem = torch.tensor([peak, -1.0 if step is None else step], device=self.device)
+        low = torch.tensor([-1.0 if step is None else step], device=self.device)
+        if self.dims.world_size > 1:
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        return float(mem[0]), (None if float(low[0]) < 0 else float(mem[1]))
+
+
+def memory_features(
+    cfg: Any, dims: ParallelDims, device: torch.device, released: bool = False
+) -> str:
+    """The settings that change what a step holds, in one line for the start of the log (what
+    a user compares runs by): activation checkpointing and its offload, the chunked loss, the
+    tiled MLP, context parallel and its pattern, FSDP, and the allocator: on CUDA its settings,
+    on CPU whether freed memory goes back to the kernel at once (``released``:
+    ``metrics.release_freed_memory`` applied)."""
+    t, ac = cfg.training, cfg.activation_checkpoint
+    offload = " + block inputs offloaded to CPU" if ac.enable_cpu_offload else ""
+    parts = [
+        f"activation checkpointing {ac.mode}{offload}",
+        f"chunked loss {t.loss_chunk_tokens} tokens" if t.loss_chunk_tokens else "chunked loss off",
+        f"tiled MLP {t.mlp_tile_tokens} tokens" if t.mlp_tile_tokens else "tiled MLP off",
+    ]
+    if dims.cp > 1:
+        pattern = cp_patterns.recipe_pattern(cfg.parallelism, dims.cp)
+        parts.append(f"context parallel {pattern}")
+    else:
+        parts.append("context parallel off")
+    parts.append(f"FSDP over {dims.dp_shard * dims.cp} ranks" if dims.fsdp_enabled else "no FSDP")
+    if device.type == "cuda":
+        parts.append(f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '')}")
+    elif released:
+        parts.append("freed CPU memory returned at once (glibc mallopt)")
+    return ", ".join(parts)
 
 
 def _ac_label(cfg: Any) -> str:

@@ -13,7 +13,7 @@ from torchtitan_ext.data.mixture import format_supply
 from torchtitan_ext.trainer.base import ResumeEarlierStage
 from torchtitan_ext.trainer.core import Trainer
 from torchtitan_ext.trainer.setup import Prepared, prepare_stage
-from torchtitan_ext.validate import unit_len
+from torchtitan_ext.validate import stage_batch_note, unit_len
 
 logger = logging.getLogger("torchtitan_ext")
 
@@ -65,6 +65,9 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
             f"{stage.dp_shard}, global batch {stage.global_batch_size}, rope_theta "
             f"{stage.rope_theta or 'flavor default'}, rope scaling {rope_label(stage.rope)}"
         )
+        note = stage_batch_note(stage, p.cfg.parallelism.data_parallel_replicate_degree)
+        if note is not None and p.rank.rank == 0:
+            logger.warning(note)
         prepared = prepare_stage(p, stage, handed_over=i > 0)
         if stage.mixture:
             supply = format_supply(stage.mixture, prepared.mixture, unit_len(p.stages))

@@ -14,7 +14,6 @@ from torchtitan.components.loss import IGNORE_INDEX
 from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed.utils import clip_grad_norm_
 
-from torchtitan_ext.metrics import peak_memory_mib, reset_peak_memory
 from torchtitan_ext.parallel.context_parallel import shard_sequence
 from torchtitan_ext.parallel.cp_documents import shard_documents, work_per_rank
 from torchtitan_ext.trainer.base import TrainerBase, _local
@@ -190,11 +189,3 @@ class StepMixin(TrainerBase):
             local = local.clone()
             dist.all_reduce(local, group=self.dims.get_mesh("loss").get_group())
         return float(local.item())
-
-    def _max_peak_memory(self) -> float:
-        """Peak memory (MiB, max over ranks) since the previous log, then a new window."""
-        mem = torch.tensor(peak_memory_mib(self.device), device=self.device)
-        if self.dims.world_size > 1:
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-        reset_peak_memory(self.device)
-        return float(mem.item())
