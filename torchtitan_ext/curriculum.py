@@ -417,7 +417,7 @@ def format_plan(stages: list[Stage]) -> str:
     and the next best meshes with their estimates: ``format_mesh_plan``)."""
     lines = [
         "stage  steps (global)    seq_len  rope_theta  rope scaling   tp   cp  cp pattern      "
-        "dp_shard  batch  "
+        "attention      dp_shard  batch  "
         "tokens/step  peak lr  warmup  min doc tokens  data"
     ]
     for s in stages:
@@ -427,7 +427,7 @@ def format_plan(stages: list[Stage]) -> str:
             f"{f'{s.rope_theta:.3g}' if s.rope_theta else 'flavor':>10s}  "
             f"{rope_label(s.rope):12s}  {s.tp:3d}  {s.cp:3d}  "
             f"{_pattern_label(s) + (' (auto)' if s.mesh_plan else ''):14s}  "
-            f"{s.dp_shard:8d}  "
+            f"{s.attn_mask_type or 'flavor':12s}  {s.dp_shard:8d}  "
             f"{s.global_batch_size:5d}  {s.tokens_per_step:11d}  {lr:>7s}  "
             f"{s.warmup_steps:6d}  {s.min_doc_tokens:14d}  "
             f"{describe_mixture(s.mixture) if s.mixture else 'train'}"
