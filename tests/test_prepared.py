@@ -418,5 +418,7 @@ def test_curriculum_stage_trains_on_a_mixture(corpus, tmp_path):
     args += ["--training.dataset_path", str(out)]
     proc = torchrun(1, args)
     assert "train 50%, out 50% (>= 1000)" in proc.stdout, proc.stdout[-3000:]
-    assert re.search(rf"stage 1 data mixture: train: 50%, [\d,]+ tokens, .*{out} ", proc.stdout)
+    supply = rf"stage 1 data mixture: train: 50%, [\d,]+ tokens, .*{out} .*repeats after"
+    # Under the plan table at the start, and again when the stage starts.
+    assert len(re.findall(supply, proc.stdout)) == 2, proc.stdout[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]

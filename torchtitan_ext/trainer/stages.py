@@ -9,7 +9,8 @@ import os
 
 from torchtitan_ext.checkpoint import agreed_steps
 from torchtitan_ext.curriculum import Stage, format_plan, rope_label, stage_name, stage_of_step
-from torchtitan_ext.data.mixture import format_supply
+from torchtitan_ext.data import tokenizer_identity
+from torchtitan_ext.data.mixture import format_supply, open_sources
 from torchtitan_ext.trainer.base import ResumeEarlierStage
 from torchtitan_ext.trainer.core import Trainer
 from torchtitan_ext.trainer.setup import Prepared, prepare_stage
@@ -32,6 +33,7 @@ def run(p: Prepared) -> None:
         "curriculum (its stages set seq_len, steps and batch: the recipe's training.seq_len, "
         "training.steps, batch sizes and validation seq_len and batch are not used):\n"
         + format_plan(p.stages)
+        + "".join(f"\n{line}" for line in _supply_lines(p))
     )
     ckpt = p.cfg.checkpoint
     folder = os.path.join(p.cfg.job.dump_folder, ckpt.folder)
@@ -96,3 +98,23 @@ def _run_stages(p: Prepared, stages: list[Stage]) -> None:
         )
         trainer.train(until=stage.last_step, switch_started=switch_started)
         switch_started = trainer.last_step_ended
+
+
+def _supply_lines(p: Prepared) -> list[str]:
+    """Under the plan table, per stage with a data mixture: each source's weight, its tokens
+    and how many tokens of the stage it supplies before it repeats (``format_supply``; the
+    sources memory-mapped, not hashed)."""
+    lines = []
+    for stage in p.stages:
+        if not stage.mixture or p.train_doc_offsets is None:
+            continue
+        streams = open_sources(
+            f"curriculum.stages[{stage.index}].mixture",
+            stage.mixture,
+            p.train_tokens,
+            p.train_doc_offsets,
+            tokenizer_identity(p.cfg, p.tokenizer),
+        )
+        supply = format_supply(stage.mixture, streams, unit_len(p.stages))
+        lines.append(f"stage {stage.index} data mixture: {supply}")
+    return lines
