@@ -422,3 +422,32 @@ def test_curriculum_stage_trains_on_a_mixture(corpus, tmp_path):
     # Under the plan table at the start, and again when the stage starts.
     assert len(re.findall(supply, proc.stdout)) == 2, proc.stdout[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_a_folder_of_parts_is_one_corpus(corpus, tmp_path):
+    """Prepared on a cluster: one ``prepare`` job per part of the source, each into its own
+    folder under one parent (docs/data.md). The parent opens as one corpus, the parts in name
+    order: the same tokens and document offsets as the corpus prepared in one job, and the
+    same global batches; a part left incomplete is one error naming its file."""
+    out, _ = corpus
+    src = out.parent / "src"
+    for k in range(3):
+        _prepare(src / f"part{k}.jsonl", tmp_path / "parts" / f"part-{k:05d}")
+    whole = open_prepared(str(out), BYTE)
+    parts = open_prepared(str(tmp_path / "parts"), BYTE)
+    assert parts.manifest["parts"] == ["part-00000", "part-00001", "part-00002"]
+    assert parts.manifest["documents"] == 300 and len(parts.stream) == len(whole.stream)
+    np.testing.assert_array_equal(parts.offsets, np.asarray(whole.offsets))
+    np.testing.assert_array_equal(
+        parts.stream[0 : len(parts.stream)], whole.stream[0 : len(whole.stream)]
+    )
+    for a, b in zip(
+        GlobalBatchLoader(PackedWindows(whole.stream, 64, seed=3), 2, 0, 1, 2).next_step(),
+        GlobalBatchLoader(PackedWindows(parts.stream, 64, seed=3), 2, 0, 1, 2).next_step(),
+        strict=True,
+    ):
+        assert all(bool((x == y).all()) for x, y in zip(a, b, strict=True))
+    (tmp_path / "parts" / "part-00001" / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match=r"part-00001/manifest.json: no such file") as err:
+        open_prepared(str(tmp_path / "parts"), BYTE)
+    assert err.value.key == "training.dataset_path"

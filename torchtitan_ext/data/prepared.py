@@ -53,12 +53,29 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def is_prepared(path: str) -> bool:
-    """Whether ``path`` is a prepared corpus folder, complete or not (it holds a manifest or the
-    plan ``prepare`` writes first)."""
+def _is_part(path: str) -> bool:
     return os.path.isdir(path) and (
         os.path.exists(os.path.join(path, MANIFEST)) or os.path.exists(os.path.join(path, PLAN))
     )
+
+
+def parts_of(path: str) -> list[str]:
+    """The prepared corpora a folder of parts holds (its subfolders that are prepared corpora,
+    complete or not, in name order), or [] when ``path`` is itself one or holds none.
+
+    A corpus prepared on a cluster is one ``prepare`` job per part of the source, each writing
+    its own folder under one parent (``docs/data.md``: a Slurm array, or any executor that runs
+    commands); training on the parent reads the parts as one corpus (``open_prepared``)."""
+    if not os.path.isdir(path) or _is_part(path):
+        return []
+    subs = sorted(os.path.join(path, d) for d in os.listdir(path))
+    return [d for d in subs if _is_part(d)]
+
+
+def is_prepared(path: str) -> bool:
+    """Whether ``path`` is a prepared corpus folder, complete or not (it holds a manifest or the
+    plan ``prepare`` writes first), or a folder of such parts (``parts_of``)."""
+    return _is_part(path) or bool(parts_of(path))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -126,6 +143,9 @@ def open_prepared(
         verify: compare each shard's xxh3-64 with the manifest's.
         key: the recipe key that names ``path`` (in the errors).
 
+    A folder of parts (``parts_of``: one ``prepare`` job's output each, e.g. prepared on a
+    cluster) opens as one corpus, the parts in name order.
+
     Raises:
         ConfigError: ``key`` (``training.dataset_path``), naming the file: no manifest (an
             incomplete corpus, or not a prepared one), a manifest of another format or
@@ -133,6 +153,9 @@ def open_prepared(
             index, a shard or index whose size differs from the manifest's (truncated or
             altered), a shard whose hash differs (``verify``).
     """
+    parts = parts_of(path)
+    if parts:
+        return _open_parts(path, parts, identity, verify, key)
     folder = Path(path)
     manifest_file = folder / MANIFEST
     if not manifest_file.exists():
@@ -197,6 +220,29 @@ def open_prepared(
             f"{int(offsets[-1])}, the manifest says {n_docs} in {len(stream)} tokens",
         )
     return PreparedCorpus(path, manifest, stream, offsets)
+
+
+def _open_parts(
+    path: str, parts: list[str], identity: dict[str, Any], verify: bool, key: str
+) -> PreparedCorpus:
+    """A folder of prepared parts as one corpus: the parts' shards and documents in the parts'
+    name order (each part checked as ``open_prepared`` checks a corpus, its errors naming it).
+    The document offsets are concatenated in memory (8 bytes per document)."""
+    opened = [open_prepared(p, identity, verify, key) for p in parts]
+    shards = [s for c in opened for s in c.stream.shards]
+    offsets = [np.zeros(1, np.int64)]
+    base = 0
+    for c in opened:
+        offsets.append(np.asarray(c.offsets[1:], np.int64) + base)
+        base += len(c.stream)
+    manifest = {
+        **{k: v for k, v in opened[0].manifest.items() if k not in ("shards", "sources")},
+        "documents": sum(int(c.manifest["documents"]) for c in opened),
+        "tokens": base,
+        "parts": [os.path.basename(p) for p in parts],
+        "shards": [s for c in opened for s in c.manifest["shards"]],
+    }
+    return PreparedCorpus(path, manifest, TokenStream(shards), np.concatenate(offsets))
 
 
 def _fail(key: str, path: str, reason: str) -> ConfigError:
