@@ -9,6 +9,9 @@ The recipe (--job.config_file) is required: without one the plan would be of Tor
 default model (llama3 debugmodel), not of anything meant to train. Options after these are
 recipe overrides (--section.key value), as for train.py. --nproc is accepted for --world_size.
 
+With model.attn_mask_type = "block_causal" and a prepared corpus, each stage also says how much
+of the causal attention work its documents keep (``tools.auto_mesh.masked_attention_fraction``).
+
 Parameters, gradients and optimizer state come from the rank's actual DTensor shards;
 activations and the bytes sent per step by each kind of traffic are estimates (formulas and
 sources in ``tools.memory_estimate.activation_estimate`` and
@@ -21,9 +24,31 @@ import sys
 
 from torchtitan_ext.config.manager import WORLD_SIZE_FLAGS, ConfigError, load_config
 from torchtitan_ext.curriculum import stage_config
-from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh, document_statistics
 from torchtitan_ext.tools.dry_run import format_table, plan_rank, stage_ranks
 from torchtitan_ext.validate import plan_curriculum, validate
+
+
+def document_mask_note(cfg: object) -> str:
+    """With block_causal: the share of the causal attention work the data's documents keep
+    (what the planner's compute estimate uses), and that the ring's bytes do not shrink."""
+    from torchtitan_ext.parallel.cp_block_causal import uses_block_causal
+    from torchtitan_ext.validate import resolve_model_args
+
+    args = resolve_model_args(cfg)
+    if not uses_block_causal(args):
+        return ""
+    fraction, docs = document_statistics(cfg, args)
+    sends = "the ring still sends every K/V block (the table's cp column)"
+    if not docs:
+        return (
+            "block_causal: attention counted as causal (an upper bound): the documents are "
+            f"known once training.dataset_path is a prepared corpus; {sends}"
+        )
+    return (
+        f"block_causal: attention work {fraction:.3f} of causal (the document lengths of "
+        f"{docs:,} documents of training.dataset_path, windows of seq_len); {sends}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             print(f"\n## {title}: mesh {dims.shape_str()}\n")
             print(format_table(plans, a.budget_gib))
+            note = document_mask_note(stage_cfg)
+            if note:
+                print(f"\n{note}")
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ GQA; batch 2 with different documents per row. Each pattern runs two (layout, ba
 rotating so that each cp degree sees every layout and every balancer.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -196,3 +197,57 @@ def test_packed_window_loss_is_the_sum_of_its_documents() -> None:
         causal = token_losses(window, labels)
     assert torch.allclose(causal[:20], alone[:20], rtol=1e-5, atol=1e-5)
     assert (causal[20:] - alone[20:]).abs().max() > 1e-2
+
+
+def test_masked_fraction_from_document_lengths() -> None:
+    """The share of causal pairs the mask keeps: 2 / (S + 1) for one-token documents, 1 for a
+    document longer than every window."""
+    import numpy as np
+
+    from torchtitan_ext.parallel.cp_documents import masked_fraction
+
+    assert masked_fraction(np.arange(0, 5001), 128) == pytest.approx(2 / 129)
+    assert masked_fraction(np.array([0, 5000]), 128) == 1.0
+
+
+def test_planner_and_dry_run_count_the_masked_attention_work(tmp_path, capsys) -> None:
+    """With block_causal on a prepared corpus of short documents, the planner's compute
+    estimate drops by the attention work the mask removes (measured from the corpus's
+    document index), and the dry run says how much, and that the ring's bytes stay."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from torchtitan_ext.config.manager import load_config
+    from torchtitan_ext.data.prepare import main as prepare_main
+    from torchtitan_ext.tools import auto_mesh
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = str(root / "train_configs" / "debug_cpu.toml")
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": "x" * (10 + i % 50)}) + "\n" for i in range(3000)))
+    assert prepare_main(["--source", str(src), "--out", str(tmp_path / "c"),
+                         "--job.config_file", recipe]) == 0  # fmt: skip
+    base = ["--job.config_file", recipe, "--training.dataset_path", str(tmp_path / "c"),
+            "--parallelism.data_parallel_shard_degree", "2",
+            "--training.global_batch_size", "8"]  # fmt: skip
+    est = {}
+    for mask in ("causal", "block_causal"):
+        cfg = load_config([*base, "--model.attn_mask_type", mask])
+        est[mask] = auto_mesh.estimate_mesh(cfg, 2, 1e9)
+    fraction = auto_mesh.masked_attention_fraction(cfg, _resolved(cfg))
+    assert 0 < fraction < 0.2  # documents of 10-60 bytes in windows of 256
+    assert est["block_causal"].compute_sec < est["causal"].compute_sec
+    assert est["block_causal"].comm_gib == est["causal"].comm_gib  # the ring's bytes stay
+    sys.path.insert(0, str(root / "scripts"))
+    from plan import main as plan_main
+
+    assert plan_main([*base, "--model.attn_mask_type", "block_causal", "--world_size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"block_causal: attention work {fraction:.3f} of causal" in out, out
+
+
+def _resolved(cfg: object) -> object:
+    from torchtitan_ext.validate import resolve_model_args
+
+    return resolve_model_args(cfg)

@@ -30,6 +30,7 @@ ring is described without sending anything.
 
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch.distributed.tensor.experimental._attention import (
     _HeadTailLoadBalancer,
@@ -186,3 +187,36 @@ def work_per_rank(mask: DocumentMask) -> torch.Tensor:
     """(cp,) int64: the (query, key) pairs each cp rank's queries attend under the mask,
     summed over the batch (the masked attention work, per head)."""
     return (mask.positions - mask.starts + 1).sum(dim=(0, 2))
+
+
+def masked_fraction(offsets: np.ndarray, seq_len: int, windows: int = 1024, seed: int = 0) -> float:
+    """The share of the causal mask's (query, key) pairs that block_causal keeps, for windows
+    of ``seq_len`` tokens of a stream of documents: sum over the document pieces of a window of
+    l (l + 1) / 2, over S (S + 1) / 2, averaged over ``windows`` windows at random starts (all
+    of them when the stream has fewer). What the attention's FLOPs shrink by (the dry run and
+    the planner's estimate; the ring's bytes do not shrink).
+
+    Args:
+        offsets: (n_docs + 1,) int64 document offsets of the token stream (ascending, from 0).
+        seq_len: tokens per window.
+        windows, seed: the sample.
+
+    Returns:
+        A fraction in (0, 1]; 1.0 for a stream shorter than one window.
+    """
+    total = int(offsets[-1])
+    if total <= seq_len:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    n = min(windows, total - seq_len)
+    starts = rng.choice(total - seq_len, size=n, replace=False)
+    causal = seq_len * (seq_len + 1) / 2
+    kept = 0.0
+    for a in starts.tolist():
+        b = a + seq_len
+        first = int(np.searchsorted(offsets, a, side="right"))
+        last = int(np.searchsorted(offsets, b, side="left"))
+        cuts = np.concatenate([[a], np.asarray(offsets[first:last], np.int64), [b]])
+        lengths = np.diff(cuts)
+        kept += float((lengths * (lengths + 1) / 2).sum())
+    return kept / (n * causal)

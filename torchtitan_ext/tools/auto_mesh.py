@@ -9,7 +9,9 @@ the real mesh, pipeline split and ``parallelize`` on meta tensors; per-device me
 sent per step by kind); those within the memory budget (``budget_gib``: a budget of 0 is the
 GPU's memory less a headroom) are ranked by the estimated time per token, the step time
 
-    compute: flops per token (TorchTitan's 6N + attention) x tokens per step
+    compute: flops per token (TorchTitan's 6N + attention; with block_causal the attention
+             term scaled by the share of it the documents of a prepared corpus keep,
+             ``masked_attention_fraction``) x tokens per step
              / (world size x ``auto_mesh_tflops``)
     + communication: for each kind of traffic (FSDP, dp_replicate, TP, CP, PP) the busiest
       rank's bytes over the intra-node link (``auto_mesh_intra_node_gbps``), or over the
@@ -159,6 +161,45 @@ _KIND_DIMS = {
 }
 
 
+def attention_flops_per_token(model_args: Any, seq_len: int) -> int:
+    """The attention term of TorchTitan's dense FLOPs per token (``get_dense_model_nparams_and
+    _flops``: 12 x layers x heads x head_dim x seq_len, the causal mask's pairs counted
+    whole, as TorchTitan counts them)."""
+    head_dim = model_args.dim // model_args.n_heads
+    return 12 * model_args.n_layers * model_args.n_heads * head_dim * seq_len
+
+
+_fractions: dict[tuple[str, int], tuple[float, int]] = {}
+
+
+def masked_attention_fraction(cfg: Any, model_args: Any) -> float:
+    """The share of the causal attention work that the recipe's document mask keeps, from the
+    document lengths of its data (``cp_documents.masked_fraction``): 1.0 without
+    block_causal, and 1.0 (an upper bound) when the data is not a prepared corpus, whose
+    document index is read without tokenizing anything (``training.dataset_path``).
+    ``document_statistics`` says which."""
+    return document_statistics(cfg, model_args)[0]
+
+
+def document_statistics(cfg: Any, model_args: Any) -> tuple[float, int]:
+    """(``masked_attention_fraction``, the number of documents it was measured on; 0: not
+    measured)."""
+    from torchtitan_ext.data import build_tokenizer, is_prepared, open_prepared, tokenizer_identity
+    from torchtitan_ext.parallel.cp_block_causal import uses_block_causal
+    from torchtitan_ext.parallel.cp_documents import masked_fraction
+
+    path = cfg.training.dataset_path
+    if not uses_block_causal(model_args) or not path or not is_prepared(path):
+        return 1.0, 0
+    key = (str(path), int(cfg.training.seq_len))
+    if key not in _fractions:
+        identity = tokenizer_identity(cfg, build_tokenizer(cfg))
+        corpus = open_prepared(path, identity)
+        offsets = np.asarray(corpus.offsets, np.int64)
+        _fractions[key] = (masked_fraction(offsets, cfg.training.seq_len), len(offsets) - 1)
+    return _fractions[key]
+
+
 def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
     """Plan one stage config (``cfg``: degrees set) with the dry run and estimate its step.
 
@@ -197,6 +238,9 @@ def estimate_mesh(cfg: Any, world_size: int, budget: float) -> MeshEstimate:
     model_args.update_from_config(cfg)
     meta = build_model_on_meta(get_train_spec(cfg.model.name).model_cls, model_args)
     _, flops_per_token = model_args.get_nparams_and_flops(meta, cfg.training.seq_len)
+    flops_per_token -= round(attention_flops_per_token(model_args, cfg.training.seq_len) * (
+        1 - masked_attention_fraction(cfg, model_args)
+    ))  # fmt: skip
     tokens = cfg.training.global_batch_size * cfg.training.seq_len
     compute_sec = flops_per_token * tokens / (world_size * float(cur.auto_mesh_tflops) * 1e12)
     p = cfg.parallelism
