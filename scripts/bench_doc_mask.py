@@ -9,10 +9,11 @@ sequence of S tokens:
    every key block of the ring, timed one rank after the other in this process (the ring's
    step takes as long as its slowest rank when its transfers overlap compute, which a 2-core
    machine cannot show with 8 processes), max over ranks. Block-causal: the kernels
-   ``cp_block_causal`` runs, on the per-document head-tail layout. Full causal: the calls
-   torch's causal ring makes on its head-tail layout (the diagonal block with the kernel's
-   causal mask, then half blocks). Printed next to the ideal ratio, the mask's FLOPs over the
-   causal mask's at 128 x 128 block granularity. Target: measured / ideal <= 1.3.
+   ``cp_block_causal`` runs, on the per-document head-tail layout (``--time-balancer``:
+   another). Full causal: the calls torch's causal ring makes on its head-tail layout (the
+   diagonal block with the kernel's causal mask, then half blocks). Printed next to the ideal
+   ratio, the mask's FLOPs over the causal mask's at 128 x 128 block granularity. Target:
+   measured / ideal <= 1.3.
 2. Work per cp rank (query-key pairs under the mask, ``cp_documents.work_per_rank``), max over
    min, with torch's per-document head-tail balancer (target <= 1.15), next to head-tail's and
    PTRR's.
@@ -158,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--cps", default="1,2,4,8")
+    ap.add_argument(
+        "--time-balancer", default="per_document_headtail",
+        choices=("per_document_headtail", "ptrr", "headtail"),
+        help="the layout the block-causal time is measured on (default: %(default)s)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # one core per emulated rank, as a rank would have
     s, cps = args.seq_len, [int(x) for x in args.cps.split(",")]
@@ -193,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 w = work_per_rank(mask).double()
                 balance[lb] = (float(w.max() / w.min()), mask)
-            mask = balance["per_document_headtail"][1]
+            mask = balance[args.time_balancer][1]
             masked = max(masked_rank_time(q, k, v, mask, c) for c in range(cp))
             causal = max(causal_rank_time(q, k, v, c, cp) for c in range(cp))
             ratio = masked / causal
