@@ -59,16 +59,22 @@ def _is_part(path: str) -> bool:
     )
 
 
+PART_PREFIX = "part-"
+"""Subfolders of a folder of parts are named ``part-*`` (e.g. ``part-00017``)."""
+
+
 def parts_of(path: str) -> list[str]:
-    """The prepared corpora a folder of parts holds (its subfolders that are prepared corpora,
-    complete or not, in name order), or [] when ``path`` is itself one or holds none.
+    """The prepared corpora a folder of parts holds (its ``part-*`` subfolders that are
+    prepared corpora, complete or not, in name order), or [] when ``path`` is itself one or
+    holds none (other subfolders are not parts: a folder that merely contains a corpus is not
+    read as one).
 
     A corpus prepared on a cluster is one ``prepare`` job per part of the source, each writing
     its own folder under one parent (``docs/data.md``: a Slurm array, or any executor that runs
     commands); training on the parent reads the parts as one corpus (``open_prepared``)."""
     if not os.path.isdir(path) or _is_part(path):
         return []
-    subs = sorted(os.path.join(path, d) for d in os.listdir(path))
+    subs = sorted(os.path.join(path, d) for d in os.listdir(path) if d.startswith(PART_PREFIX))
     return [d for d in subs if _is_part(d)]
 
 
