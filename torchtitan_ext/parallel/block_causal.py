@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from torchtitan_ext.parallel.cp_ulysses import _replicate_kv, _unreplicate_grad
+
 aten = torch.ops.aten
 
 MAX_ROWS = 2048
@@ -168,7 +170,8 @@ def _mask(
 
 
 def _gqa(kv: torch.Tensor, heads: int) -> torch.Tensor:
-    return kv if kv.shape[1] == heads else kv.repeat_interleave(heads // kv.shape[1], dim=1)
+    """K/V repeated to the query heads (the efficient kernel has no GQA)."""
+    return _replicate_kv(kv, heads, heads)
 
 
 def _tile_forward(
@@ -224,11 +227,7 @@ def _tile_backward(
         dout, q, ke, ve, _cuda_bias(bias, q, k), out, lse_p, seed, seed, 0.0,
         [True, True, True, False], causal, scale=scale,
     )  # fmt: skip
-    if kv_heads != heads:
-        b, _, s, d = dk.shape
-        dk = dk.reshape(b, kv_heads, heads // kv_heads, s, d).sum(2)
-        dv = dv.reshape(b, kv_heads, heads // kv_heads, s, d).sum(2)
-    return dq, dk, dv
+    return dq, _unreplicate_grad(dk, kv_heads), _unreplicate_grad(dv, kv_heads)
 
 
 def merge(

@@ -42,7 +42,12 @@ from torchtitan_ext.errors import ConfigError
 from torchtitan_ext.parallel import block_causal, cp_patterns
 from torchtitan_ext.parallel.cp_documents import DocumentMask
 from torchtitan_ext.parallel.cp_groups import CPPattern
-from torchtitan_ext.parallel.cp_ulysses import _heads_to_seq, _seq_to_heads
+from torchtitan_ext.parallel.cp_ulysses import (
+    _heads_to_seq,
+    _replicate_kv,
+    _seq_to_heads,
+    _unreplicate_grad,
+)
 from torchtitan_ext.rules import RecipeCheck, Rule
 
 work_done: list[int] = [0]
@@ -221,18 +226,6 @@ def _to_seq(plan: Plan, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return xs if plan.u == 1 else _heads_to_seq(xs, plan.ulysses, plan.u, False)
 
 
-def _expand_kv(kv: torch.Tensor, heads: int, u: int) -> torch.Tensor:
-    """GQA K/V whose head count the all-to-all cannot split: repeated to the query heads."""
-    if u == 1 or kv.shape[1] % u == 0:
-        return kv
-    return kv.repeat_interleave(heads // kv.shape[1], dim=1)
-
-
-def _fold_kv_grad(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    b, h, s, d = grad.shape
-    return grad if h == kv_heads else grad.reshape(b, kv_heads, h // kv_heads, s, d).sum(2)
-
-
 class _BlockCausal(torch.autograd.Function):
     """Block-causal attention of this rank's q, k, v shards under ``plan`` (module doc)."""
 
@@ -250,7 +243,7 @@ class _BlockCausal(torch.autograd.Function):
         mask = DocumentMask(positions, starts)
         cp_patterns.calls[f"block_causal_{plan.name}"] += 1
         heads = q.shape[1]
-        ke, ve = _expand_kv(k, heads, plan.u), _expand_kv(v, heads, plan.u)
+        ke, ve = _replicate_kv(k, heads, plan.u), _replicate_kv(v, heads, plan.u)
         (qh,) = _to_heads(plan, [q])
         kh, vh = _to_heads(plan, [ke, ve])
         acc, lse = _rings_forward(plan, qh, kh, vh, mask, scale)
@@ -273,8 +266,8 @@ class _BlockCausal(torch.autograd.Function):
         dk, dv = _to_seq(plan, [dk.to(kh.dtype), dv.to(vh.dtype)])
         return (
             dq,
-            _fold_kv_grad(dk, ctx.kv_heads),
-            _fold_kv_grad(dv, ctx.kv_heads),
+            _unreplicate_grad(dk, ctx.kv_heads),
+            _unreplicate_grad(dv, ctx.kv_heads),
             None,
             None,
             None,
