@@ -251,3 +251,65 @@ def _resolved(cfg: object) -> object:
     from torchtitan_ext.validate import resolve_model_args
 
     return resolve_model_args(cfg)
+
+
+@pytest.mark.parametrize("sizes", [(2048, 32, 64), (48, 8, 16)], ids=["default", "small_tiles"])
+def test_kernel_tiles_against_masked_sdpa(sizes: tuple[int, int, int]) -> None:
+    """The per-pair kernel alone (``block_causal.attend`` / ``attend_backward`` over every key
+    block of every cp rank), on shards long enough for its tiling choices to matter: documents
+    of mean 8 to 256 tokens, cp 1 to 8, every balancer, fp32, GQA, at the default tile sizes
+    and at small ones. Equal to masked SDPA (forward, dq/dk/dv); every call mode (full,
+    causal, mask) and the cutting of a key slice at its position jumps occur."""
+    import itertools
+
+    from torchtitan_ext.parallel import block_causal
+    from torchtitan_ext.parallel.cp_documents import document_starts, layout
+
+    s, h, hk, d, scale = 512, 4, 2, 16, 0.25
+    seen: set[str] = set()
+    case = 0
+    for mean in (8, 64, 256):
+        for cp in (1, 2, 4, 8):
+            case += 1
+            gen = torch.Generator().manual_seed(case)
+            tokens = torch.randint(2, 50, (2, s), generator=gen)
+            tokens[torch.rand(2, s, generator=gen) < 1 / mean] = EOS
+            q, k, v = (torch.randn(2, n, s, d, generator=gen) for n in (h, hk, hk))
+            grad = torch.randn(2, h, s, d, generator=gen)
+            starts = document_starts(tokens, EOS)
+            ref = _reference(q, k, v, starts, grad)
+            balancer = BALANCERS[case % len(BALANCERS)] if cp > 1 else None
+            perm = layout(starts, cp, balancer)
+            n = s // cp
+            pos, st = perm.reshape(2, cp, n), starts.gather(1, perm).reshape(2, cp, n)
+            out, dq = torch.zeros(2, h, s, d), torch.zeros(2, h, s, d)
+            dk, dv = torch.zeros(2, hk, s, d), torch.zeros(2, hk, s, d)
+            for c in range(cp):
+                mine = pos[:, c]
+                lq = _take(q, mine)
+                acc, lse = torch.zeros(lq.shape), torch.full(lq.shape[:-1], float("-inf"))
+                calls = [block_causal.tiles(mine, st[:, c], pos[:, j], *sizes) for j in range(cp)]
+                for j in range(cp):
+                    kj, ts = pos[:, j], calls[j]
+                    seen |= {t.mode for t in ts}
+                    seen |= {"cut" for a, b in itertools.pairwise(ts) if (a.b, a.q0) == (b.b, b.q0)
+                             and int(kj[b.b, b.k0]) != int(kj[a.b, a.k1 - 1]) + 1}  # fmt: skip
+                    block_causal.attend(acc, lse, lq, _take(k, kj), _take(v, kj),
+                                        mine, st[:, c], kj, scale, ts)  # fmt: skip
+                ldq = torch.zeros(lq.shape)
+                for j in range(cp):
+                    kj = pos[:, j]
+                    ldk, ldv = torch.zeros(2, hk, n, d), torch.zeros(2, hk, n, d)
+                    block_causal.attend_backward(
+                        ldq, ldk, ldv, _take(grad, mine), lq, _take(k, kj), _take(v, kj),
+                        acc, lse, mine, st[:, c], kj, scale, calls[j],
+                    )  # fmt: skip
+                    for b in range(2):
+                        dk[b][:, kj[b]] += ldk[b]
+                        dv[b][:, kj[b]] += ldv[b]
+                for b in range(2):
+                    out[b][:, mine[b]] = acc[b]
+                    dq[b][:, mine[b]] = ldq[b]
+            errs = [_rel(g, r, r) for g, r in zip((out, dq, dk, dv), ref, strict=True)]
+            assert max(errs) < 1e-5, (mean, cp, balancer, errs)
+    assert {"full", "causal", "mask", "cut"} <= seen, seen

@@ -24,6 +24,8 @@ repeated for GQA). Results of several pairs merge by logsumexp (``merge``), as t
 ``_SDPAMerger`` does, with rows a pair does not reach (logsumexp -inf) left as they were.
 """
 
+import bisect
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +37,12 @@ aten = torch.ops.aten
 MAX_ROWS = 2048
 """Query rows per kernel call at most (the mask of one call is ``MAX_ROWS`` x key-slice fp32)."""
 MIN_ROWS = 32
-"""A document start splits a tile only after this many rows (fewer, tiny documents share one
-call and its mask)."""
+"""A document start or a position jump splits a tile only after this many rows (fewer: tiny
+documents, or the small chunks a per-document layout deals, share one call and its mask)."""
+MIN_KEYS = 64
+"""A key slice with position jumps is cut into its runs of consecutive positions (each then
+runs unmasked or causal where it can) only when every run has this many keys; fewer: one
+masked call is cheaper than several small ones."""
 
 
 @dataclass(frozen=True)
@@ -64,37 +70,46 @@ def tiles(
     kv_pos: torch.Tensor,
     max_rows: int = MAX_ROWS,
     min_rows: int = MIN_ROWS,
+    min_keys: int = MIN_KEYS,
 ) -> list[Tile]:
     """The kernel calls of a (query block, key block) pair, empty ones left out.
 
     Args:
-        q_pos: (B, Sq) int64 global positions of the query rows (ascending within each run).
+        q_pos: (B, Sq) int64 global positions of the query rows (any order; each ascending
+            run is tiled on its own).
         q_start: (B, Sq) int64 first position of each query row's document.
         kv_pos: (B, Sk) int64 global positions of the key rows, ascending within each of
             its runs of ascending positions (each is searched on its own).
-        max_rows, min_rows: tile sizes (module doc).
+        max_rows, min_rows, min_keys: tile sizes (module doc).
 
     Returns:
         The tiles, in row order; a tile with a key slice from each ascending run of
         ``kv_pos`` it reaches.
     """
     out: list[Tile] = []
-    qp_all, qs_all, kp_all = q_pos.tolist(), q_start.tolist(), kv_pos.tolist()
     for b in range(q_pos.shape[0]):
-        qp, qs, kp = qp_all[b], qs_all[b], kp_all[b]
-        segs = _ascending_runs(kp)
-        for q0, q1 in _row_tiles(qp, qs, max_rows, min_rows):
+        qp, qs, kp = q_pos[b].tolist(), q_start[b].tolist(), kv_pos[b].tolist()
+        segs = _ascending_runs(kv_pos[b])
+        for q0, q1 in _row_tiles(q_pos[b], q_start[b], max_rows, min_rows):
             lo, hi = qs[q0], qp[q1 - 1]
             for s0, s1 in segs:
-                k0 = s0 + _bisect_left(kp, lo, s0, s1)
-                k1 = s0 + _bisect_right(kp, hi, s0, s1)
+                k0 = bisect.bisect_left(kp, lo, s0, s1)
+                k1 = bisect.bisect_right(kp, hi, s0, s1)
                 if k1 > k0:
-                    out.extend(_calls(b, q0, q1, k0, k1, qp, qs, kp))
+                    out.extend(_calls(b, q0, q1, k0, k1, qp, qs, kp, min_keys))
     return out
 
 
 def _calls(
-    b: int, q0: int, q1: int, k0: int, k1: int, qp: list[int], qs: list[int], kp: list[int]
+    b: int,
+    q0: int,
+    q1: int,
+    k0: int,
+    k1: int,
+    qp: list[int],
+    qs: list[int],
+    kp: list[int],
+    min_keys: int,
 ) -> list[Tile]:
     """The kernel calls of one tile's rows over the key slice ``[k0, k1)`` (in ``tiles``)."""
     # Fully visible: every key is at or before the first row and at or after the last row's
@@ -102,53 +117,50 @@ def _calls(
     if kp[k1 - 1] <= qp[q0] and kp[k0] >= qs[q1 - 1]:
         return [Tile(b, q0, q1, k0, k1, "full")]
     rows = q1 - q0
-    one_doc = qs[q0] == qs[q1 - 1]
-    keys_contiguous = kp[k1 - 1] - kp[k0] == k1 - k0 - 1
-    # The rows' own positions end the slice: the keys before them are visible, the last
-    # ``rows`` keys are the causal diagonal.
-    diagonal = kp[k1 - 1] == qp[q1 - 1] and k1 - k0 >= rows
-    if one_doc and keys_contiguous and diagonal:
-        kd = k1 - rows
-        before = [Tile(b, q0, q1, k0, kd, "full")] if kd > k0 else []
-        return [*before, Tile(b, q0, q1, kd, k1, "causal")]
+    if qs[q0] == qs[q1 - 1] and qp[q1 - 1] - qp[q0] == rows - 1:
+        # One document, consecutive positions: cut the keys at their position jumps (a
+        # per-document layout deals a document's chunks apart), if the runs are not tiny.
+        jumps = [i for i in range(k0 + 1, k1) if kp[i] != kp[i - 1] + 1]
+        cuts = [k0, *jumps, k1]
+        runs = list(itertools.pairwise(cuts))
+        if len(runs) > 1 and min(e - s for s, e in runs) >= min_keys:
+            return [t for s, e in runs for t in _calls(b, q0, q1, s, e, qp, qs, kp, min_keys)]
+        # The rows' own positions end a run of consecutive keys: the keys before them are
+        # visible, the last ``rows`` keys are the causal diagonal.
+        if len(runs) == 1 and kp[k1 - 1] == qp[q1 - 1] and k1 - k0 >= rows:
+            kd = k1 - rows
+            before = [Tile(b, q0, q1, k0, kd, "full")] if kd > k0 else []
+            return [*before, Tile(b, q0, q1, kd, k1, "causal")]
     return [Tile(b, q0, q1, k0, k1, "mask")]
 
 
-def _ascending_runs(xs: list[int]) -> list[tuple[int, int]]:
-    runs, start = [], 0
-    for i in range(1, len(xs)):
-        if xs[i] < xs[i - 1]:
-            runs.append((start, i))
-            start = i
-    runs.append((start, len(xs)))
-    return runs
+def _ascending_runs(x: torch.Tensor) -> list[tuple[int, int]]:
+    """``[start, end)`` of the ascending runs of ``x`` (1-D int64): split where it descends."""
+    cuts = (torch.nonzero(x[1:] < x[:-1]).flatten() + 1).tolist()
+    return list(itertools.pairwise([0, *cuts, x.numel()]))
 
 
-def _bisect_left(xs: list[int], x: int, lo: int, hi: int) -> int:
-    import bisect
-
-    return bisect.bisect_left(xs, x, lo, hi) - lo
-
-
-def _bisect_right(xs: list[int], x: int, lo: int, hi: int) -> int:
-    import bisect
-
-    return bisect.bisect_right(xs, x, lo, hi) - lo
-
-
-def _row_tiles(qp: list[int], qs: list[int], max_rows: int, min_rows: int) -> list[tuple[int, int]]:
-    """Split query rows at position jumps, at document starts (after ``min_rows``) and every
-    ``max_rows``."""
+def _row_tiles(
+    qp: torch.Tensor, qs: torch.Tensor, max_rows: int, min_rows: int
+) -> list[tuple[int, int]]:
+    """Split query rows (1-D int64 positions ``qp`` and document starts ``qs``) where the
+    positions descend (always), at position jumps and document starts (once the tile has
+    ``min_rows`` rows) and every ``max_rows``."""
+    n = qp.numel()
+    if n == 0:
+        return []
+    descend = set((torch.nonzero(qp[1:] < qp[:-1]).flatten() + 1).tolist())
+    soft = (qp[1:] != qp[:-1] + 1) | (qs[1:] != qs[:-1])
+    candidates = sorted(descend | set((torch.nonzero(soft).flatten() + 1).tolist()))
     bounds: list[tuple[int, int]] = []
     start = 0
-    for i in range(1, len(qp)):
-        jump = qp[i] != qp[i - 1] + 1
-        doc = qs[i] != qs[i - 1] and i - start >= min_rows
-        if jump or doc or i - start >= max_rows:
+    for i in [*candidates, n]:
+        while i - start > max_rows:
+            bounds.append((start, start + max_rows))
+            start += max_rows
+        if i == n or i in descend or i - start >= min_rows:
             bounds.append((start, i))
             start = i
-    if qp:
-        bounds.append((start, len(qp)))
     return bounds
 
 
@@ -156,7 +168,7 @@ def _mask(
     tile: Tile, q_pos: torch.Tensor, q_start: torch.Tensor, kv_pos: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(additive mask (1, 1, rows, keys) of 0 / -inf, or None for a full or causal tile; bool
-    (rows,) of rows that see no key of the tile, or None when all see one)."""
+    (rows,) true for rows that see no key of the tile, or None for a full or causal tile)."""
     if tile.mode != "mask":
         return None, None
     qp = q_pos[tile.b, tile.q0 : tile.q1, None]
@@ -165,8 +177,7 @@ def _mask(
     visible = (kp <= qp) & (kp >= qs)
     bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
     bias.masked_fill_(~visible, float("-inf"))
-    empty = ~visible.any(dim=1)
-    return bias[None, None], (empty if bool(empty.any()) else None)
+    return bias[None, None], ~visible.any(dim=1)
 
 
 def _gqa(kv: torch.Tensor, heads: int) -> torch.Tensor:
@@ -233,19 +244,19 @@ def _tile_backward(
 def merge(
     acc_out: torch.Tensor, acc_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> None:
-    """Fold a partial result into the accumulators, in place (online softmax; rows whose
-    logsumexp is -inf on both sides stay as they are).
+    """Fold a partial result into the accumulators, in place (online softmax, as torch's
+    ``_SDPAMerger``; rows whose logsumexp is -inf on both sides stay as they are).
+
+    The new result's weight is ``sigmoid(lse - acc_lse)`` = exp(lse) / (exp(acc_lse) +
+    exp(lse)), and the output moves toward it by that weight (``lerp``): five small ops.
 
     Args:
         acc_out: (..., rows, D) fp32; acc_lse: (..., rows) fp32, -inf where nothing yet.
         out: (..., rows, D); lse: (..., rows) fp32, -inf for rows the part does not reach.
     """
-    new = torch.logaddexp(acc_lse, lse)
-    reached = torch.isfinite(new)
-    w_old = torch.where(reached, torch.exp(acc_lse - new), torch.zeros_like(new))
-    w_new = torch.where(reached, torch.exp(lse - new), torch.zeros_like(new))
-    acc_out.mul_(w_old.unsqueeze(-1)).add_(out.float() * w_new.unsqueeze(-1))
-    acc_lse.copy_(torch.where(reached, new, acc_lse))
+    weight = torch.sigmoid(lse - acc_lse).nan_to_num_(0.0)  # nan: -inf on both sides
+    acc_out.lerp_(out.float(), weight.unsqueeze(-1))
+    torch.logaddexp(acc_lse, lse, out=acc_lse)
 
 
 def attend(
@@ -258,6 +269,7 @@ def attend(
     q_start: torch.Tensor,
     kv_pos: torch.Tensor,
     scale: float,
+    calls: list[Tile] | None = None,
 ) -> int:
     """Block-causal attention of the query rows over one key block, merged into the
     accumulators.
@@ -268,12 +280,14 @@ def attend(
         q_pos, q_start: (B, Sq) int64 positions and document starts of the query rows.
         kv_pos: (B, Sk) int64 positions of the key rows (ascending runs).
         scale: the softmax scale (1 / sqrt(D) by default in SDPA).
+        calls: ``tiles(q_pos, q_start, kv_pos)`` when the caller has them (the backward
+            reuses the forward's); computed here otherwise.
 
     Returns:
         The (query, key) pairs the kernel calls cover (per head): the work done.
     """
     work = 0
-    for t in tiles(q_pos, q_start, kv_pos):
+    for t in tiles(q_pos, q_start, kv_pos) if calls is None else calls:
         bias, empty = _mask(t, q_pos, q_start, kv_pos, q.dtype)
         b, rows, keys = slice(t.b, t.b + 1), slice(t.q0, t.q1), slice(t.k0, t.k1)
         causal = t.mode == "causal"
@@ -301,6 +315,7 @@ def attend_backward(
     q_start: torch.Tensor,
     kv_pos: torch.Tensor,
     scale: float,
+    calls: list[Tile] | None = None,
 ) -> None:
     """Gradients of ``attend`` for one key block, added in place.
 
@@ -308,9 +323,9 @@ def attend_backward(
         dq: (B, H, Sq, D) fp32; dk, dv: (B, H_kv, Sk, D) fp32 accumulators.
         dout: (B, H, Sq, D) gradient of the attention's final output ``out`` (same shape, q's
             dtype); lse: (B, H, Sq) fp32 its final logsumexp (over every key block).
-        q, k, v, q_pos, q_start, kv_pos, scale: as ``attend``.
+        q, k, v, q_pos, q_start, kv_pos, scale, calls: as ``attend``.
     """
-    for t in tiles(q_pos, q_start, kv_pos):
+    for t in tiles(q_pos, q_start, kv_pos) if calls is None else calls:
         bias, _ = _mask(t, q_pos, q_start, kv_pos, q.dtype)
         b, rows, keys = slice(t.b, t.b + 1), slice(t.q0, t.q1), slice(t.k0, t.k1)
         g = _tile_backward(

@@ -154,13 +154,15 @@ def _my_member(plan: Plan) -> tuple[int, ...]:
 
 def _rings_forward(
     plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nested ring's forward: (out (B, H, Sq, D) fp32, logsumexp (B, H, Sq) fp32)."""
+) -> tuple[torch.Tensor, torch.Tensor, list[list[block_causal.Tile]]]:
+    """The nested ring's forward: (out (B, H, Sq, D) fp32, logsumexp (B, H, Sq) fp32, the
+    kernel calls of each ring step, in order, for the backward)."""
     outer, inner = plan.outer, plan.inner
     q_pos, q_start = _meta(mask, _my_member(plan))
     acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     held_outer = _pack(k, v)
+    steps: list[list[block_causal.Tile]] = []
     for j in range(outer.size):
         outer_next = _Transfer(outer, held_outer, 1) if j < outer.size - 1 else None
         held = held_outer
@@ -169,12 +171,15 @@ def _rings_forward(
             src = plan.members[(outer.index - j) % outer.size][(inner.index - s) % inner.size]
             kb, vb = _unpack(held, k.shape)
             kv_pos, _ = _meta(mask, src)
-            work_done[0] += block_causal.attend(acc, lse, q, kb, vb, q_pos, q_start, kv_pos, scale)
+            steps.append(block_causal.tiles(q_pos, q_start, kv_pos))
+            work_done[0] += block_causal.attend(
+                acc, lse, q, kb, vb, q_pos, q_start, kv_pos, scale, steps[-1]
+            )
             if inner_next is not None:
                 held = inner_next.wait()
         if outer_next is not None:
             held_outer = outer_next.wait()
-    return acc, lse
+    return acc, lse, steps
 
 
 def _rings_backward(
@@ -187,9 +192,11 @@ def _rings_backward(
     lse: torch.Tensor,
     mask: DocumentMask,
     scale: float,
+    steps: list[list[block_causal.Tile]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The nested ring's backward: (dq, dk, dv) fp32 of this rank's q, k, v. Each block's dK/dV
-    travel with it and return to its owner after the full cycle."""
+    travel with it and return to its owner after the full cycle; ``steps`` are the forward's
+    kernel calls per ring step."""
     outer, inner = plan.outer, plan.inner
     q_pos, q_start = _meta(mask, _my_member(plan))
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -205,8 +212,9 @@ def _rings_backward(
             dk, dv = _unpack(grad, k.shape)
             kv_pos, _ = _meta(mask, src)
             block_causal.attend_backward(
-                dq, dk, dv, dout, q, kb, vb, out, lse, q_pos, q_start, kv_pos, scale
-            )
+                dq, dk, dv, dout, q, kb, vb, out, lse, q_pos, q_start, kv_pos, scale,
+                steps[j * inner.size + s],
+            )  # fmt: skip
             if inner.size > 1:  # dK/dV go on with the block (home after a full inner cycle)
                 grad = _Transfer(inner, grad, 3).wait()
             if inner_next is not None:
@@ -246,10 +254,10 @@ class _BlockCausal(torch.autograd.Function):
         ke, ve = _replicate_kv(k, heads, plan.u), _replicate_kv(v, heads, plan.u)
         (qh,) = _to_heads(plan, [q])
         kh, vh = _to_heads(plan, [ke, ve])
-        acc, lse = _rings_forward(plan, qh, kh, vh, mask, scale)
+        acc, lse, steps = _rings_forward(plan, qh, kh, vh, mask, scale)
         out_h = acc.to(q.dtype)
         ctx.save_for_backward(qh, kh, vh, out_h, lse, positions, starts)
-        ctx.plan, ctx.scale, ctx.kv_heads = plan, scale, k.shape[1]
+        ctx.plan, ctx.scale, ctx.kv_heads, ctx.steps = plan, scale, k.shape[1], steps
         (out,) = _to_seq(plan, [out_h])
         return out
 
@@ -260,8 +268,9 @@ class _BlockCausal(torch.autograd.Function):
         cp_patterns.calls[f"block_causal_{plan.name}_backward"] += 1
         (dout_h,) = _to_heads(plan, [dout.contiguous()])
         dq, dk, dv = _rings_backward(
-            plan, dout_h, qh, kh, vh, out_h, lse, DocumentMask(positions, starts), ctx.scale
-        )
+            plan, dout_h, qh, kh, vh, out_h, lse, DocumentMask(positions, starts), ctx.scale,
+            ctx.steps,
+        )  # fmt: skip
         (dq,) = _to_seq(plan, [dq.to(qh.dtype)])
         dk, dv = _to_seq(plan, [dk.to(kh.dtype), dv.to(vh.dtype)])
         return (
