@@ -103,18 +103,21 @@ def masked_rank_time(
     acc = torch.zeros(lq.shape)
     lse = torch.full(lq.shape[:-1], float("-inf"))
     blocks = [(k[:, :, mask.positions[0, j]], v[:, :, mask.positions[0, j]], j) for j in range(cp)]
+    calls: list[list[block_causal.Tile]] = []
 
-    def forward() -> None:
+    def forward() -> None:  # the tiles are planned once and reused, as cp_block_causal does
         for kb, vb, j in blocks:
-            block_causal.attend(acc, lse, lq, kb, vb, qp, qs, mask.positions[:, j], scale)
+            calls.append(block_causal.tiles(qp, qs, mask.positions[:, j]))
+            block_causal.attend(acc, lse, lq, kb, vb, qp, qs, mask.positions[:, j], scale, calls[j])
 
     def backward() -> None:
         dq = torch.zeros(lq.shape)
         for kb, vb, j in blocks:
             dk, dv = torch.zeros(kb.shape), torch.zeros(vb.shape)
             block_causal.attend_backward(
-                dq, dk, dv, dout, lq, kb, vb, acc, lse, qp, qs, mask.positions[:, j], scale
-            )
+                dq, dk, dv, dout, lq, kb, vb, acc, lse, qp, qs, mask.positions[:, j], scale,
+                calls[j],
+            )  # fmt: skip
 
     return _timed(forward) + _timed(backward)
 

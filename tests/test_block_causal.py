@@ -253,8 +253,8 @@ def _resolved(cfg: object) -> object:
     return resolve_model_args(cfg)
 
 
-@pytest.mark.parametrize("sizes", [(2048, 32, 64), (48, 8, 16)], ids=["default", "small_tiles"])
-def test_kernel_tiles_against_masked_sdpa(sizes: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize("tile", [(2048, 32, 64), (48, 8, 16)], ids=["default", "small_tiles"])
+def test_kernel_tiles_against_masked_sdpa(tile: tuple[int, int, int]) -> None:
     """The per-pair kernel alone (``block_causal.attend`` / ``attend_backward`` over every key
     block of every cp rank), on shards long enough for its tiling choices to matter: documents
     of mean 8 to 256 tokens, cp 1 to 8, every balancer, fp32, GQA, at the default tile sizes
@@ -265,6 +265,7 @@ def test_kernel_tiles_against_masked_sdpa(sizes: tuple[int, int, int]) -> None:
     from torchtitan_ext.parallel import block_causal
     from torchtitan_ext.parallel.cp_documents import document_starts, layout
 
+    sizes = dict(zip(("max_rows", "min_rows", "min_keys"), tile, strict=True))
     s, h, hk, d, scale = 512, 4, 2, 16, 0.25
     seen: set[str] = set()
     case = 0
@@ -288,14 +289,14 @@ def test_kernel_tiles_against_masked_sdpa(sizes: tuple[int, int, int]) -> None:
                 mine = pos[:, c]
                 lq = _take(q, mine)
                 acc, lse = torch.zeros(lq.shape), torch.full(lq.shape[:-1], float("-inf"))
-                calls = [block_causal.tiles(mine, st[:, c], pos[:, j], *sizes) for j in range(cp)]
+                calls = [block_causal.tiles(mine, st[:, c], pos[:, j], **sizes) for j in range(cp)]
                 for j in range(cp):
                     kj, ts = pos[:, j], calls[j]
                     seen |= {t.mode for t in ts}
                     seen |= {"cut" for a, b in itertools.pairwise(ts) if (a.b, a.q0) == (b.b, b.q0)
                              and int(kj[b.b, b.k0]) != int(kj[a.b, a.k1 - 1]) + 1}  # fmt: skip
                     block_causal.attend(acc, lse, lq, _take(k, kj), _take(v, kj),
-                                        mine, st[:, c], kj, scale, ts)  # fmt: skip
+                                        mine, st[:, c], kj, scale, calls[j])  # fmt: skip
                 ldq = torch.zeros(lq.shape)
                 for j in range(cp):
                     kj = pos[:, j]

@@ -9,13 +9,20 @@ document: causal attention inside each document (Llama 3, arXiv 2407.21783, sect
 ProLong, arXiv 2410.02660). Only the query side's document start is needed, so a key block is
 described by its positions alone.
 
-A pair's work is cut into tiles (``tiles``): runs of query rows with consecutive positions,
-split at document starts (once a tile has ``min_rows`` rows) and every ``max_rows`` rows. A
-tile's rows need only the keys in ``[start of its first row, position of its last row]``; with
-key positions sorted, that is one slice of the key block (``torch.searchsorted``), often empty
-(no document in common, or all keys in the future): skipped, no kernel call. A tile whose slice
-is fully visible runs without a mask; the others run with the exact mask. So the work is the
-mask's own at tile granularity: per document, not per (query block, key block).
+A pair's work is cut into tiles (``tiles``). Query rows are first cut into segments of
+consecutive positions in one document; neighbouring segments both shorter than ``min_rows``
+(tiny documents, or the small chunks a per-document layout deals) are joined into one tile,
+and a tile has at most ``max_rows`` rows. A tile's rows need only the keys in ``[start of its
+first row, position of its last row]``; with key positions sorted, that is one slice of the
+key block (a bisection), often empty (no document in common, or all keys in the future):
+skipped, no kernel call. A slice whose positions jump (a per-document layout holds a
+document's chunk ``i`` and chunk ``2cp - 1 - i``) is cut into its runs when each has at least
+``min_keys`` keys. Each call then runs unmasked where every key is visible, with the kernel's
+own causal mask (which skips the upper triangle) where its keys end on its rows' diagonal,
+and with the exact mask otherwise. So the work is the mask's own at tile granularity: per
+document, not per (query block, key block). Each tile costs a kernel call and a merge: at
+chunks of a few dozen tokens that fixed cost, not the FLOPs, sets the time (docs: PTRR keeps
+blocks of ``S / (16 cp)`` tokens together and is the faster balancer there).
 
 Kernels (the fastest exact op torch has that returns the logsumexp and takes a mask):
 CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` with a float mask (supports GQA);
@@ -143,25 +150,24 @@ def _ascending_runs(x: torch.Tensor) -> list[tuple[int, int]]:
 def _row_tiles(
     qp: torch.Tensor, qs: torch.Tensor, max_rows: int, min_rows: int
 ) -> list[tuple[int, int]]:
-    """Split query rows (1-D int64 positions ``qp`` and document starts ``qs``) where the
-    positions descend (always), at position jumps and document starts (once the tile has
-    ``min_rows`` rows) and every ``max_rows``."""
+    """Split query rows (1-D int64 positions ``qp`` and document starts ``qs``) into segments
+    of consecutive positions in one document, join neighbouring segments that are both
+    shorter than ``min_rows`` (tiny documents, a per-document layout's small chunks; never
+    where positions descend, and never a short segment onto a long one, which keeps its
+    unmasked or causal calls), and cut every ``max_rows``."""
     n = qp.numel()
     if n == 0:
         return []
     descend = set((torch.nonzero(qp[1:] < qp[:-1]).flatten() + 1).tolist())
     soft = (qp[1:] != qp[:-1] + 1) | (qs[1:] != qs[:-1])
-    candidates = sorted(descend | set((torch.nonzero(soft).flatten() + 1).tolist()))
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    for i in [*candidates, n]:
-        while i - start > max_rows:
-            bounds.append((start, start + max_rows))
-            start += max_rows
-        if i == n or i in descend or i - start >= min_rows:
-            bounds.append((start, i))
-            start = i
-    return bounds
+    cuts = sorted(descend | set((torch.nonzero(soft).flatten() + 1).tolist()))
+    joined: list[tuple[int, int]] = []
+    for a, e in itertools.pairwise([0, *cuts, n]):
+        if joined and a not in descend and max(joined[-1][1] - joined[-1][0], e - a) < min_rows:
+            joined[-1] = (joined[-1][0], e)
+        else:
+            joined.append((a, e))
+    return [(i, min(i + max_rows, e)) for a, e in joined for i in range(a, e, max_rows)]
 
 
 def _mask(
@@ -284,7 +290,7 @@ def attend(
             reuses the forward's); computed here otherwise.
 
     Returns:
-        The (query, key) pairs the kernel calls cover (per head): the work done.
+        The (query, key) pairs the kernel calls compute (per head): the work done.
     """
     work = 0
     for t in tiles(q_pos, q_start, kv_pos) if calls is None else calls:

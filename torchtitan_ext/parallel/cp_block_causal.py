@@ -50,9 +50,6 @@ from torchtitan_ext.parallel.cp_ulysses import (
 )
 from torchtitan_ext.rules import RecipeCheck, Rule
 
-work_done: list[int] = [0]
-"""(query, key) pairs x heads computed by this process's block-causal kernels (benchmarks)."""
-
 
 @dataclass(frozen=True)
 class _Link:
@@ -172,9 +169,7 @@ def _rings_forward(
             kb, vb = _unpack(held, k.shape)
             kv_pos, _ = _meta(mask, src)
             steps.append(block_causal.tiles(q_pos, q_start, kv_pos))
-            work_done[0] += block_causal.attend(
-                acc, lse, q, kb, vb, q_pos, q_start, kv_pos, scale, steps[-1]
-            )
+            block_causal.attend(acc, lse, q, kb, vb, q_pos, q_start, kv_pos, scale, steps[-1])
             if inner_next is not None:
                 held = inner_next.wait()
         if outer_next is not None:
