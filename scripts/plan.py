@@ -9,8 +9,9 @@ The recipe (--job.config_file) is required: without one the plan would be of Tor
 default model (llama3 debugmodel), not of anything meant to train. Options after these are
 recipe overrides (--section.key value), as for train.py. --nproc is accepted for --world_size.
 
-With model.attn_mask_type = "block_causal" and a prepared corpus, each stage also says how much
-of the causal attention work its documents keep (``tools.auto_mesh.masked_attention_fraction``).
+With model.attn_mask_type = "block_causal", each stage also says how much of the causal
+attention work the data's documents keep (``tools.auto_mesh.masked_attention_fraction``: a
+prepared corpus's document index, or a sample of other data's documents).
 
 Parameters, gradients and optimizer state come from the rank's actual DTensor shards;
 activations and the bytes sent per step by each kind of traffic are estimates (formulas and
@@ -38,16 +39,21 @@ def document_mask_note(cfg: object) -> str:
     args = resolve_model_args(cfg)
     if not uses_block_causal(args):
         return ""
-    fraction, docs = document_statistics(cfg, args)
+    fraction, measured, total = document_statistics(cfg, args)
     sends = "the ring still sends every K/V block (the table's cp column)"
-    if not docs:
+    if not measured:
         return (
-            "block_causal: attention counted as causal (an upper bound): the documents are "
-            f"known once training.dataset_path is a prepared corpus; {sends}"
+            "block_causal: attention counted as causal (an upper bound): the data's documents "
+            f"could not be read; {sends}"
         )
+    t = cfg.training  # type: ignore[attr-defined]
+    source = "training.dataset_path" if t.dataset_path else f"training.dataset {t.dataset!r}"
+    sample = f"{measured:,} documents" if measured == total else (
+        f"a sample of {measured:,} of its {total:,} documents"
+    )  # fmt: skip
     return (
         f"block_causal: attention work {fraction:.3f} of causal (the document lengths of "
-        f"{docs:,} documents of training.dataset_path, windows of seq_len); {sends}"
+        f"{source}, {sample}, windows of seq_len); {sends}"
     )
 
 

@@ -213,7 +213,8 @@ def test_masked_fraction_from_document_lengths() -> None:
 def test_planner_and_dry_run_count_the_masked_attention_work(tmp_path, capsys) -> None:
     """With block_causal on a prepared corpus of short documents, the planner's compute
     estimate drops by the attention work the mask removes (measured from the corpus's
-    document index), and the dry run says how much, and that the ring's bytes stay."""
+    document index), and the dry run says how much, and that the ring's bytes stay; data that
+    is not prepared is measured on a sample of its documents."""
     import json
     import sys
     from pathlib import Path
@@ -245,6 +246,22 @@ def test_planner_and_dry_run_count_the_masked_attention_work(tmp_path, capsys) -
     assert plan_main([*base, "--model.attn_mask_type", "block_causal", "--world_size", "2"]) == 0
     out = capsys.readouterr().out
     assert f"block_causal: attention work {fraction:.3f} of causal" in out, out
+    # The same documents as a local file, not prepared: measured on a sample of them (all
+    # 3,000 here, in another order), and the dry run names the source.
+    local = load_config([*base[:2], "--training.dataset_path", str(src),
+                         "--model.attn_mask_type", "block_causal"])  # fmt: skip
+    assert auto_mesh.masked_attention_fraction(local, _resolved(local)) == pytest.approx(
+        fraction, abs=0.01
+    )
+    # The embedded corpus (the recipe's default data): long source files, little masked.
+    embedded = load_config(["--job.config_file", recipe, "--model.attn_mask_type", "block_causal"])
+    stats = auto_mesh.document_statistics(embedded, _resolved(embedded))
+    assert 0.5 < stats[0] < 1 and 0 < stats[1] <= auto_mesh.SAMPLE_DOCUMENTS, stats
+    assert plan_main(["--job.config_file", recipe, "--model.attn_mask_type", "block_causal",
+                      "--world_size", "1"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    want = f"attention work {stats[0]:.3f} of causal (the document lengths of training.dataset "
+    assert want in out, out
 
 
 def _resolved(cfg: object) -> object:

@@ -169,34 +169,57 @@ def attention_flops_per_token(model_args: Any, seq_len: int) -> int:
     return 12 * model_args.n_layers * model_args.n_heads * head_dim * seq_len
 
 
-_fractions: dict[tuple[str, int], tuple[float, int]] = {}
+SAMPLE_DOCUMENTS = 4096
+"""Documents tokenized to measure the masked work of data that is not a prepared corpus (a
+seeded random sample: the dry run and the planner stay quick on any corpus)."""
+
+_fractions: dict[tuple[str, str, int], tuple[float, int, int]] = {}
 
 
 def masked_attention_fraction(cfg: Any, model_args: Any) -> float:
     """The share of the causal attention work that the recipe's document mask keeps, from the
     document lengths of its data (``cp_documents.masked_fraction``): 1.0 without
-    block_causal, and 1.0 (an upper bound) when the data is not a prepared corpus, whose
-    document index is read without tokenizing anything (``training.dataset_path``).
-    ``document_statistics`` says which."""
+    block_causal. A prepared corpus's document index is read without tokenizing anything;
+    other data (``training.dataset`` or local files) is measured on a sample of
+    ``SAMPLE_DOCUMENTS`` documents; data that cannot be read counts 1.0 (an upper bound; the
+    recipe check reports the data's problem). ``document_statistics`` says which."""
     return document_statistics(cfg, model_args)[0]
 
 
-def document_statistics(cfg: Any, model_args: Any) -> tuple[float, int]:
-    """(``masked_attention_fraction``, the number of documents it was measured on; 0: not
-    measured)."""
-    from torchtitan_ext.data import build_tokenizer, is_prepared, open_prepared, tokenizer_identity
+def document_statistics(cfg: Any, model_args: Any) -> tuple[float, int, int]:
+    """(``masked_attention_fraction``, the documents it was measured on, the documents of the
+    data; 0, 0: not measured)."""
+    from torchtitan_ext.data import (
+        build_tokenizer,
+        is_prepared,
+        load_documents,
+        open_prepared,
+        tokenize_with_offsets,
+        tokenizer_identity,
+    )
     from torchtitan_ext.parallel.cp_block_causal import uses_block_causal
     from torchtitan_ext.parallel.cp_documents import masked_fraction
 
-    path = cfg.training.dataset_path
-    if not uses_block_causal(model_args) or not path or not is_prepared(path):
-        return 1.0, 0
-    key = (str(path), int(cfg.training.seq_len))
-    if key not in _fractions:
-        identity = tokenizer_identity(cfg, build_tokenizer(cfg))
-        corpus = open_prepared(path, identity)
-        offsets = np.asarray(corpus.offsets, np.int64)
-        _fractions[key] = (masked_fraction(offsets, cfg.training.seq_len), len(offsets) - 1)
+    if not uses_block_causal(model_args):
+        return 1.0, 0, 0
+    path, seq_len = cfg.training.dataset_path, int(cfg.training.seq_len)
+    key = (str(path), str(cfg.training.dataset), seq_len)
+    if key in _fractions:
+        return _fractions[key]
+    tokenizer = build_tokenizer(cfg)
+    if path and is_prepared(path):
+        offsets = np.asarray(open_prepared(path, tokenizer_identity(cfg, tokenizer)).offsets)
+        total = len(offsets) - 1
+    else:
+        try:
+            docs = load_documents(cfg)
+        except ConfigError:
+            return 1.0, 0, 0
+        total = len(docs)
+        pick = np.random.default_rng(0).permutation(total)[:SAMPLE_DOCUMENTS]
+        offsets = tokenize_with_offsets([docs[i] for i in sorted(pick)], tokenizer)[1]
+    measured = len(offsets) - 1
+    _fractions[key] = (masked_fraction(np.asarray(offsets, np.int64), seq_len), measured, total)
     return _fractions[key]
 
 
