@@ -277,13 +277,22 @@ def test_kernel_tiles_against_masked_sdpa(tile: tuple[int, int, int]) -> None:
     of mean 8 to 256 tokens, cp 1 to 8, every balancer, fp32, GQA, at the default tile sizes
     and at small ones. Equal to masked SDPA (forward, dq/dk/dv); every call mode (full,
     causal, mask) and the cutting of a key slice at its position jumps occur."""
+    sizes = dict(zip(("max_rows", "min_rows", "min_keys"), tile, strict=True))
+    s, h, hk, d, scale = 512, 4, 2, 16, 0.25
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # thousands of tiny calls: one thread, as a cp rank has per core
+    try:
+        _kernel_cases(sizes, s, h, hk, d, scale)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _kernel_cases(sizes: dict[str, int], s: int, h: int, hk: int, d: int, scale: float) -> None:
     import itertools
 
     from torchtitan_ext.parallel import block_causal
     from torchtitan_ext.parallel.cp_documents import document_starts, layout
 
-    sizes = dict(zip(("max_rows", "min_rows", "min_keys"), tile, strict=True))
-    s, h, hk, d, scale = 512, 4, 2, 16, 0.25
     seen: set[str] = set()
     case = 0
     for mean in (8, 64, 256):
