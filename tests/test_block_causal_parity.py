@@ -1,11 +1,12 @@
 """Document-masked training parity: with ``model.attn_mask_type = "block_causal"`` every CP
 pattern, load balancer and composition with dp_shard, dp_replicate, tp and pp trains the same
 model as 1 rank with the same mask (fp32, real gloo ranks under torchrun), on a corpus of short
-documents so that every window holds several: the losses, grad
-norms, validation loss, every parameter's step-1 gradient and the parameters after the last
-step, with the tolerances of ``test_parity``; and the block-causal attention of the shape's
-pattern is what ran (``pattern_calls_problem``). One 1-rank reference, one 4-rank launch, one
-8-rank launch (``torchtitan_ext.tools.parity.run_matrix`` with ``BLOCK_CAUSAL``).
+documents so that every window holds several: the losses, grad norms, validation loss, every
+parameter's step-1 gradient and the parameters after the last step, with the tolerances of
+``test_parity``; and the block-causal attention of the shape's pattern is what ran
+(``pattern_calls_problem``). One 1-rank reference, one 4-rank launch, one 8-rank launch
+(``torchtitan_ext.tools.parity.run_matrix`` with ``BLOCK_CAUSAL``); the other patterns and
+HSDP run with ``pytest -m slow``.
 """
 
 import json
@@ -20,12 +21,17 @@ from torchtitan_ext.tools.parity import BLOCK_CAUSAL, Result, parse_shape, run_m
 SHAPES = [
     "cp4",  # the ring, head-tail (the recipe's balancer)
     "cp4+ulysses+pdht",  # per-document head-tail
-    "cp4+hybrid2+ptrr",  # PTRR
-    "cp4+dring2+nolb",  # no load balancing
-    "pp2xcp2+ptrr",  # the mask split into pipeline microbatches
-    "dp_replicate2xcp2+pdht",
+    "pp2xcp2+ptrr",  # PTRR; the mask split into pipeline microbatches
     "dp_shard2xtp2xcp2+ptrr",
 ]
+"""The default suite's shapes (one 4-rank and one 8-rank launch)."""
+
+EXTENDED_SHAPES = [
+    "cp4+hybrid2+ptrr",
+    "cp4+dring2+nolb",  # no load balancing
+    "dp_replicate2xcp2+pdht",
+]
+"""``pytest -m slow``: the other patterns and HSDP."""
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +51,31 @@ def short_documents(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def results(out: Path) -> dict[str, Result]:
-    shapes = [parse_shape(n) for n in SHAPES]
+def _run(shapes: list[str], out: Path) -> dict[str, Result]:
     data = ["--training.dataset_path", str(short_documents(out / "short_documents.jsonl"))]
     runs = run_matrix(
-        shapes, out, steps=3, flavor="debugmodel_cpu_deep_gqa", extra=BLOCK_CAUSAL + data
-    )
+        [parse_shape(n) for n in shapes], out, steps=3, flavor="debugmodel_cpu_deep_gqa",
+        extra=BLOCK_CAUSAL + data,
+    )  # fmt: skip
     return {r.shape: r for r in runs}
+
+
+@pytest.fixture(scope="module")
+def results(out: Path) -> dict[str, Result]:
+    return _run(SHAPES, out)
+
+
+@pytest.fixture(scope="module")
+def extended_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
+    return _run(EXTENDED_SHAPES, tmp_path_factory.mktemp("parity_block_causal_extended"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", EXTENDED_SHAPES)
+def test_block_causal_extended_mesh_matches_single_rank(
+    extended_results: dict[str, Result], shape: str
+) -> None:
+    assert extended_results[shape].status == "PASS", extended_results[shape]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -22,36 +22,44 @@ from torchtitan_ext.parallel.fsdp import GRAD_NORM_REDISTRIBUTE_WARNING
 from torchtitan_ext.tools.parity import GRAD_RTOL, STEP1_RTOL, Result, parse_shape, run_matrix
 
 SHAPES = [
-    # 2 ranks: each parallelism alone, and the pipeline schedules of each kind (GPipe and
-    # LoopedBFS, tp without loss parallel, and every 8-rank cp x tp shape run in
-    # scripts/parity_matrix.py).
+    # 2 ranks: each parallelism alone, and the long-context memory features: chunked
+    # cross-entropy (vocab-parallel under TP) and tiled MLP (one reduce-scatter of the tiles'
+    # partial sums under TP).
     "cp2",
     "tp2",
     "pp2",  # 1F1B
+    "tp2+chunkloss+tiledmlp",
+    # 4 ranks: pairs.
+    "dp_shard2xtp2",
+    "dp_replicate2xcp2",  # HSDP: replicas of FSDP over cp
+    "pp2xcp2+ulysses",  # PP, FSDP over cp, Ulysses
+    # 8 ranks: cp innermost with TP and FSDP, and hybrid CP with TP.
+    "dp_shard2xtp2xcp2",
+    "tp2xcp4+hybrid2",  # Ulysses over 2 of the 4 cp ranks (heads 8 / tp 2 / 2), ring over 2
+]
+"""The default suite's shapes: each parallelism, and cp with each of FSDP, HSDP, TP and PP."""
+
+EXTENDED_SHAPES = [
+    # The pipeline schedules of each kind (GPipe and LoopedBFS run in
+    # scripts/parity_matrix.py, with every 8-rank cp x tp shape).
     "pp2@InterleavedZeroBubble",
     "pp2@ZBVZeroBubble",
     "pp2@DualPipeV",
-    # The long-context memory features: chunked cross-entropy (vocab-parallel under TP) and
-    # tiled MLP (one reduce-scatter of the tiles' partial sums under TP).
-    "tp2+chunkloss+tiledmlp",
-    # 4 ranks: pairs.
     "dp_shard2xcp2+alltoall+nolb",
-    "dp_shard2xtp2",
     "pp2xdp_shard2@Interleaved1F1B",
     "dp_shard2xcp2+chunkloss+tiledmlp",  # FSDP gathers each weight once for all chunks
-    "dp_replicate2xcp2",  # HSDP: replicas of FSDP over cp
-    "pp2xcp2+ulysses",  # PP, FSDP over cp, Ulysses
-    # 8 ranks: the representative 3-D shapes. Plain pp2xtp2xcp2, tp2xcp4 and pp2xdp_shard2xtp2
-    # run in scripts/parity_matrix.py (the first two also in scripts/soak_native.py); pp x tp
-    # x cp is covered here with the long-context features on. With pp2xcp2+ulysses above,
-    # each context-parallel pattern runs with PP or TP and FSDP (over dp_shard x cp); the
-    # ring is every other cp shape.
-    "dp_shard2xtp2xcp2",  # cp innermost (the default order) ...
-    "dp_shard2xtp2xcp2+tpinner",  # ... and tp innermost (TorchTitan's order)
-    "tp2xcp4+hybrid2",  # Ulysses over 2 of the 4 cp ranks (heads 8 / tp 2 / 2), ring over 2
+    "dp_shard2xtp2xcp2+tpinner",  # tp innermost (TorchTitan's order)
     "pp2xcp4+dring2",  # inner rings of 2 inside an outer ring of 2
     "pp2xtp2xcp2+chunkloss+tiledmlp+fullac",  # last stage; TP, CP, FSDP over cp, full AC
 ]
+"""``pytest -m slow``: the rest of the matrix the suite used to run (and scripts/parity_matrix.py
+runs every factorization of 8 ranks)."""
+
+# 3 steps, not the matrix script's 5: the suite's time, with the updates of steps 1 and 2 still
+# compared after they are applied. The GQA twin of the matrix's flavor (8 query heads, 2 kv
+# heads): every shape also checks grouped-query attention, and tp2xcp4+hybrid2 the Ulysses K/V
+# replication (1 kv head per tp rank, Ulysses degree 2).
+FLAVOR = "debugmodel_cpu_deep_gqa"
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +70,20 @@ def parity_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def results(parity_out: Path) -> dict[str, Result]:
     shapes = [parse_shape(n) for n in SHAPES]
-    # 3 steps, not the matrix script's 5: the suite's time (19 shapes), with the updates of
-    # steps 1 and 2 still compared after they are applied. The GQA twin of the matrix's flavor
-    # (8 query heads, 2 kv heads): every shape also checks grouped-query attention, and
-    # tp2xcp4+hybrid2 the Ulysses K/V replication (1 kv head per tp rank, Ulysses degree 2).
-    flavor = "debugmodel_cpu_deep_gqa"
-    return {r.shape: r for r in run_matrix(shapes, parity_out, steps=3, flavor=flavor)}
+    return {r.shape: r for r in run_matrix(shapes, parity_out, steps=3, flavor=FLAVOR)}
+
+
+@pytest.fixture(scope="module")
+def extended_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Result]:
+    shapes = [parse_shape(n) for n in EXTENDED_SHAPES]
+    out = tmp_path_factory.mktemp("parity_extended")
+    return {r.shape: r for r in run_matrix(shapes, out, steps=3, flavor=FLAVOR)}
+
+
+def _check(r: Result) -> None:
+    assert r.status == "PASS", r
+    assert r.step1_dev <= STEP1_RTOL
+    assert r.grad_dev <= GRAD_RTOL
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -77,10 +93,13 @@ def test_mesh_matches_single_rank(results: dict[str, Result], shape: str) -> Non
     output a view (FSDP2's "returned a view tensor"), the embedding's gradient is still the
     1-rank one, like every parameter's; with the grad norm reduced by one all-reduce per mesh
     dim (DTensor's "2 sequential all_reduce"), it is still the 1-rank norm on every rank."""
-    r = results[shape]
-    assert r.status == "PASS", r
-    assert r.step1_dev <= STEP1_RTOL
-    assert r.grad_dev <= GRAD_RTOL
+    _check(results[shape])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", EXTENDED_SHAPES)
+def test_extended_mesh_matches_single_rank(extended_results: dict[str, Result], shape: str) -> None:
+    _check(extended_results[shape])
 
 
 def test_fsdp_tp_runs_print_neither_silenced_warning(
