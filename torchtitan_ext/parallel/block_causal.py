@@ -44,8 +44,9 @@ aten = torch.ops.aten
 MAX_ROWS = 2048
 """Query rows per kernel call at most (the mask of one call is ``MAX_ROWS`` x key-slice fp32)."""
 MIN_ROWS = 32
-"""A document start or a position jump splits a tile only after this many rows (fewer: tiny
-documents, or the small chunks a per-document layout deals, share one call and its mask)."""
+"""Neighbouring query segments (consecutive positions of one document) both shorter than this
+share one tile (tiny documents, or the small chunks a per-document layout deals: one call and
+its mask instead of several)."""
 MIN_KEYS = 64
 """A key slice with position jumps is cut into its runs of consecutive positions (each then
 runs unmasked or causal where it can) only when every run has this many keys; fewer: one
