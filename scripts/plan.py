@@ -39,7 +39,7 @@ def document_mask_note(cfg: object) -> str:
     args = resolve_model_args(cfg)
     if not uses_block_causal(args):
         return ""
-    fraction, measured, total = document_statistics(cfg, args)
+    fraction, measured, total, mean = document_statistics(cfg, args)
     sends = "the ring still sends every K/V block (the table's cp column)"
     if not measured:
         return (
@@ -51,10 +51,21 @@ def document_mask_note(cfg: object) -> str:
     sample = f"{measured:,} documents" if measured == total else (
         f"a sample of {measured:,} of its {total:,} documents"
     )  # fmt: skip
-    return (
+    note = (
         f"block_causal: attention work {fraction:.3f} of causal (the document lengths of "
         f"{source}, {sample}, windows of seq_len); {sends}"
     )
+    p = cfg.parallelism  # type: ignore[attr-defined]
+    cp = int(p.context_parallel_degree)
+    chunk = mean / (2 * cp)
+    if p.context_parallel_load_balancer == "per_document_headtail" and cp > 1 and chunk < 128:
+        note += (
+            f"\nper_document_headtail: documents of {mean:,.0f} tokens on average are cut into "
+            f"chunks of about {chunk:,.0f} tokens per cp rank, where each chunk's kernel call "
+            "costs more than its FLOPs; parallelism.context_parallel_load_balancer = 'ptrr' "
+            "is the faster balancer for them (docs/context_parallel.md)"
+        )
+    return note
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -246,6 +246,14 @@ def test_planner_and_dry_run_count_the_masked_attention_work(tmp_path, capsys) -
     assert plan_main([*base, "--model.attn_mask_type", "block_causal", "--world_size", "2"]) == 0
     out = capsys.readouterr().out
     assert f"block_causal: attention work {fraction:.3f} of causal" in out, out
+    assert "per_document_headtail: documents of" not in out  # the recipe's balancer: head-tail
+    # Documents of about 35 tokens at cp 2: chunks of about 9 tokens, PTRR is suggested.
+    pdht = ["--parallelism.context_parallel_load_balancer", "per_document_headtail"]
+    cp2 = ["--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
+           "1", "--model.attn_mask_type", "block_causal", "--world_size", "2"]  # fmt: skip
+    assert plan_main([*base, *cp2, *pdht]) == 0
+    out = capsys.readouterr().out
+    assert "context_parallel_load_balancer = 'ptrr' is the faster balancer" in out, out
     # The same documents as a local file, not prepared: measured on a sample of them (all
     # 3,000 here, in another order), and the dry run names the source.
     local = load_config([*base[:2], "--training.dataset_path", str(src),

@@ -173,7 +173,7 @@ SAMPLE_DOCUMENTS = 4096
 """Documents tokenized to measure the masked work of data that is not a prepared corpus (a
 seeded random sample: the dry run and the planner stay quick on any corpus)."""
 
-_fractions: dict[tuple[str, str, int], tuple[float, int, int]] = {}
+_fractions: dict[tuple[str, str, int], tuple[float, int, int, float]] = {}
 
 
 def masked_attention_fraction(cfg: Any, model_args: Any) -> float:
@@ -186,9 +186,10 @@ def masked_attention_fraction(cfg: Any, model_args: Any) -> float:
     return document_statistics(cfg, model_args)[0]
 
 
-def document_statistics(cfg: Any, model_args: Any) -> tuple[float, int, int]:
+def document_statistics(cfg: Any, model_args: Any) -> tuple[float, int, int, float]:
     """(``masked_attention_fraction``, the documents it was measured on, the documents of the
-    data; 0, 0: not measured)."""
+    data (0, 0: not measured), their mean length in tokens, each cut at ``training.seq_len``
+    as the windows cut them)."""
     from torchtitan_ext.data import (
         build_tokenizer,
         is_prepared,
@@ -201,7 +202,7 @@ def document_statistics(cfg: Any, model_args: Any) -> tuple[float, int, int]:
     from torchtitan_ext.parallel.cp_documents import masked_fraction
 
     if not uses_block_causal(model_args):
-        return 1.0, 0, 0
+        return 1.0, 0, 0, 0.0
     path, seq_len = cfg.training.dataset_path, int(cfg.training.seq_len)
     key = (str(path), str(cfg.training.dataset), seq_len)
     if key in _fractions:
@@ -214,12 +215,14 @@ def document_statistics(cfg: Any, model_args: Any) -> tuple[float, int, int]:
         try:
             docs = load_documents(cfg)
         except ConfigError:
-            return 1.0, 0, 0
+            return 1.0, 0, 0, 0.0
         total = len(docs)
         pick = np.random.default_rng(0).permutation(total)[:SAMPLE_DOCUMENTS]
         offsets = tokenize_with_offsets([docs[i] for i in sorted(pick)], tokenizer)[1]
-    measured = len(offsets) - 1
-    _fractions[key] = (masked_fraction(np.asarray(offsets, np.int64), seq_len), measured, total)
+    offsets = np.asarray(offsets, np.int64)
+    lengths = np.minimum(np.diff(offsets), seq_len)
+    mean = float(lengths.mean()) if len(lengths) else 0.0
+    _fractions[key] = (masked_fraction(offsets, seq_len), len(offsets) - 1, total, mean)
     return _fractions[key]
 
 
