@@ -153,8 +153,6 @@ IRD = ["--parallelism.context_parallel_inner_ring_degree"]
          4, "model.flavor", "use an SDPA flavor with model.attn_mask_type = 'block_causal'"),
         (["--model.attn_mask_type", "block_casual"], 4, "model.attn_mask_type",
          "did you mean 'block_causal'?"),
-        (["--model.attn_mask_type", "block_causal", "--compile.enable"], 4, "compile.enable",
-         "not supported with model.attn_mask_type = 'block_causal' yet"),
         (["--model.flavor", "debugmodel_varlen_attn", "--model.attn_mask_type", "causal"], 4,
          "model.attn_mask_type", "varlen attention, which is block_causal only"),
         (["--parallelism.context_parallel_degree", "2",

@@ -29,6 +29,7 @@ pre-hook on each ``attention`` module hands it to ``BlockCausalAttention`` (whic
 and gives TorchTitan's SDPA path the ``None`` it expects. The model's code is unchanged.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -104,11 +105,24 @@ class Plan:
     inner: _Link
     members: tuple[tuple[tuple[int, ...], ...], ...]
     name: str = "ring"
+    id: int = -1
+    """Its index in ``_PLANS``: how the compiled path's custom op (which takes no Python
+    objects) finds it."""
+
+
+_PLANS: list[Plan] = []
+"""Every ``Plan`` made in this process, by ``Plan.id``."""
 
 
 def make_plan(cp_mesh: DeviceMesh | None, pattern: CPPattern) -> Plan:
     """The ``Plan`` of ``pattern`` on ``cp_mesh`` (None: no CP). Uses the process groups
     ``cp_patterns.register`` made (call it first for patterns other than the ring)."""
+    plan = dataclasses.replace(_make_plan(cp_mesh, pattern), id=len(_PLANS))
+    _PLANS.append(plan)
+    return plan
+
+
+def _make_plan(cp_mesh: DeviceMesh | None, pattern: CPPattern) -> Plan:
     if cp_mesh is None or pattern.cp == 1:
         one = _Link(None, 1, 0)
         return Plan(None, 1, one, one, (((0,),),), "ring")
@@ -149,6 +163,12 @@ def _my_member(plan: Plan) -> tuple[int, ...]:
     return plan.members[plan.outer.index][plan.inner.index]
 
 
+def _source(plan: Plan, j: int, s: int) -> tuple[int, ...]:
+    """The cp ranks whose K/V shards this rank holds at outer step ``j``, inner step ``s``."""
+    outer, inner = plan.outer, plan.inner
+    return plan.members[(outer.index - j) % outer.size][(inner.index - s) % inner.size]
+
+
 def _rings_forward(
     plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, list[list[block_causal.Tile]]]:
@@ -165,7 +185,7 @@ def _rings_forward(
         held = held_outer
         for s in range(inner.size):
             inner_next = _Transfer(inner, held, 2) if s < inner.size - 1 else None
-            src = plan.members[(outer.index - j) % outer.size][(inner.index - s) % inner.size]
+            src = _source(plan, j, s)
             kb, vb = _unpack(held, k.shape)
             kv_pos, _ = _meta(mask, src)
             steps.append(block_causal.tiles(q_pos, q_start, kv_pos))
@@ -202,7 +222,7 @@ def _rings_backward(
         held, grad = held_outer, grad_outer
         for s in range(inner.size):
             inner_next = _Transfer(inner, held, 2) if s < inner.size - 1 else None
-            src = plan.members[(outer.index - j) % outer.size][(inner.index - s) % inner.size]
+            src = _source(plan, j, s)
             kb, vb = _unpack(held, k.shape)
             dk, dv = _unpack(grad, k.shape)
             kv_pos, _ = _meta(mask, src)
@@ -229,8 +249,41 @@ def _to_seq(plan: Plan, xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return xs if plan.u == 1 else _heads_to_seq(xs, plan.ulysses, plan.u, False)
 
 
+def _heads_of(
+    plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v shards -> the ring's (B, H / u, u x S, D) each, K/V replicated to the query
+    heads the all-to-all needs (GQA)."""
+    heads = q.shape[1]
+    ke, ve = _replicate_kv(k, heads, plan.u), _replicate_kv(v, heads, plan.u)
+    (qh,) = _to_heads(plan, [q])
+    kh, vh = _to_heads(plan, [ke, ve])
+    return qh, kh, vh
+
+
+def _backward(
+    plan: Plan,
+    dout: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    mask: DocumentMask,
+    scale: float,
+    steps: list[list[block_causal.Tile]],
+    kv_heads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of this rank's shards from ``dout`` (B, H, S / cp, D) and the forward's
+    ``saved`` (qh, kh, vh, out_h, lse)."""
+    qh, kh, vh, out_h, lse = saved
+    cp_patterns.calls[f"block_causal_{plan.name}_backward"] += 1
+    (dout_h,) = _to_heads(plan, [dout.contiguous()])
+    dq, dk, dv = _rings_backward(plan, dout_h, qh, kh, vh, out_h, lse, mask, scale, steps)
+    (dq,) = _to_seq(plan, [dq.to(qh.dtype)])
+    dk, dv = _to_seq(plan, [dk.to(kh.dtype), dv.to(vh.dtype)])
+    return dq, _unreplicate_grad(dk, kv_heads), _unreplicate_grad(dv, kv_heads)
+
+
 class _BlockCausal(torch.autograd.Function):
-    """Block-causal attention of this rank's q, k, v shards under ``plan`` (module doc)."""
+    """Block-causal attention of this rank's q, k, v shards under ``plan`` (module doc); the
+    eager path, which keeps the ring's layout and the tiles for the backward."""
 
     @staticmethod
     def forward(
@@ -245,10 +298,7 @@ class _BlockCausal(torch.autograd.Function):
     ) -> torch.Tensor:
         mask = DocumentMask(positions, starts)
         cp_patterns.calls[f"block_causal_{plan.name}"] += 1
-        heads = q.shape[1]
-        ke, ve = _replicate_kv(k, heads, plan.u), _replicate_kv(v, heads, plan.u)
-        (qh,) = _to_heads(plan, [q])
-        kh, vh = _to_heads(plan, [ke, ve])
+        qh, kh, vh = _heads_of(plan, q, k, v)
         acc, lse, steps = _rings_forward(plan, qh, kh, vh, mask, scale)
         out_h = acc.to(q.dtype)
         ctx.save_for_backward(qh, kh, vh, out_h, lse, positions, starts)
@@ -258,25 +308,124 @@ class _BlockCausal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Any, ...]:
-        qh, kh, vh, out_h, lse, positions, starts = ctx.saved_tensors
-        plan: Plan = ctx.plan
-        cp_patterns.calls[f"block_causal_{plan.name}_backward"] += 1
-        (dout_h,) = _to_heads(plan, [dout.contiguous()])
-        dq, dk, dv = _rings_backward(
-            plan, dout_h, qh, kh, vh, out_h, lse, DocumentMask(positions, starts), ctx.scale,
-            ctx.steps,
-        )  # fmt: skip
-        (dq,) = _to_seq(plan, [dq.to(qh.dtype)])
-        dk, dv = _to_seq(plan, [dk.to(kh.dtype), dv.to(vh.dtype)])
-        return (
-            dq,
-            _unreplicate_grad(dk, ctx.kv_heads),
-            _unreplicate_grad(dv, ctx.kv_heads),
-            None,
-            None,
-            None,
-            None,
+        *saved, positions, starts = ctx.saved_tensors
+        mask = DocumentMask(positions, starts)
+        dq, dk, dv = _backward(
+            ctx.plan, dout, tuple(saved), mask, ctx.scale, ctx.steps, ctx.kv_heads
         )
+        return dq, dk, dv, None, None, None, None
+
+
+# The compiled path. TorchTitan compiles each block whole (fullgraph=True); the attention's
+# tiling depends on the data and its ring sends point to point, so the compiler sees it as one
+# opaque op with its own backward (torch.library.custom_op). The backward op recomputes what
+# the eager path keeps (the all-to-all of q, k, v and out for Ulysses and hybrid, the tiles).
+
+
+@torch.library.custom_op("torchtitan_ext::block_causal_attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    starts: torch.Tensor,
+    plan_id: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out (B, H, S / cp, D) in q's dtype, contiguous; logsumexp (B, H / u, u x S / cp) fp32)."""
+    plan = _PLANS[plan_id]
+    cp_patterns.calls[f"block_causal_{plan.name}"] += 1
+    qh, kh, vh = _heads_of(plan, q, k, v)
+    acc, lse, _ = _rings_forward(plan, qh, kh, vh, DocumentMask(positions, starts), scale)
+    (out,) = _to_seq(plan, [acc.to(q.dtype)])
+    return out.contiguous(), lse
+
+
+@_attention_op.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    starts: torch.Tensor,
+    plan_id: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, s, _ = q.shape
+    u = _PLANS[plan_id].u
+    return q.new_empty(q.shape), q.new_empty((b, h // u, u * s), dtype=torch.float32)
+
+
+@torch.library.custom_op("torchtitan_ext::block_causal_attention_backward", mutates_args=())
+def _attention_backward_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    positions: torch.Tensor,
+    starts: torch.Tensor,
+    plan_id: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``_attention_op``, shaped and typed as q, k, v."""
+    plan = _PLANS[plan_id]
+    mask = DocumentMask(positions, starts)
+    qh, kh, vh = _heads_of(plan, q, k, v)
+    (out_h,) = _to_heads(plan, [out])
+    steps = _steps(plan, mask)
+    dq, dk, dv = _backward(plan, dout, (qh, kh, vh, out_h, lse), mask, scale, steps, k.shape[1])
+    # Contiguous, as the fake says; dK and dV may not stay views of one buffer (outputs of a
+    # custom op do not alias).
+    return (
+        dq.contiguous(),
+        dk.clone(memory_format=torch.contiguous_format),
+        dv.clone(memory_format=torch.contiguous_format),
+    )
+
+
+@_attention_backward_op.register_fake
+def _(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    positions: torch.Tensor,
+    starts: torch.Tensor,
+    plan_id: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, torch.Tensor]) -> None:
+    q, k, v, positions, starts, plan_id, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], positions, starts)
+    ctx.plan_id, ctx.scale = plan_id, scale
+
+
+def _op_backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> tuple[Any, ...]:
+    q, k, v, out, lse, positions, starts = ctx.saved_tensors
+    grads = _attention_backward_op(
+        dout.contiguous(), q, k, v, out, lse, positions, starts, ctx.plan_id, ctx.scale
+    )
+    return *grads, None, None, None, None
+
+
+_attention_op.register_autograd(_op_backward, setup_context=_save)
+
+
+def _steps(plan: Plan, mask: DocumentMask) -> list[list[block_causal.Tile]]:
+    """The kernel calls of each ring step, in ``_rings_forward``'s order."""
+    q_pos, q_start = _meta(mask, _my_member(plan))
+    return [
+        block_causal.tiles(q_pos, q_start, _meta(mask, _source(plan, j, s))[0])
+        for j in range(plan.outer.size)
+        for s in range(plan.inner.size)
+    ]
 
 
 def block_causal_attention(
@@ -300,6 +449,9 @@ def block_causal_attention(
         (B, H, S / cp, D) in q's dtype, differentiable in q, k, v.
     """
     s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if torch.compiler.is_compiling():
+        compiled, _ = _attention_op(q, k, v, mask.positions, mask.starts, plan.id, s)
+        return compiled
     out: torch.Tensor = _BlockCausal.apply(q, k, v, mask.positions, mask.starts, plan, s)
     return out
 
@@ -406,19 +558,6 @@ def _mask_type(c: RecipeCheck) -> None:
         )
 
 
-def _no_compile(c: RecipeCheck) -> None:
-    """TorchTitan compiles each block with fullgraph=True; the block-causal attention (its
-    tiling depends on the data, and the ring sends point to point) does not trace."""
-    compiled = c.cfg.compile.enable and "model" in c.cfg.compile.components
-    if compiled and needs_block_causal(c.cfg, c.model_args):
-        raise ConfigError(
-            "compile.enable",
-            True,
-            "not supported with model.attn_mask_type = 'block_causal' yet (TorchTitan compiles "
-            "each block whole, and the document-masked attention does not trace): turn it off",
-        )
-
-
 def _device(c: RecipeCheck) -> None:
     """TorchTitan's flex and varlen attention cannot train on CPU."""
     assert c.device is not None
@@ -454,13 +593,6 @@ RULES: tuple[Rule, ...] = (
         ("model.attn_mask_type",),
         "causal or block_causal (varlen flavors: block_causal)",
         _mask_type,
-        "parallel.cp_block_causal",
-    ),
-    Rule(
-        "recipe",
-        ("compile.enable",),
-        "off with block_causal",
-        _no_compile,
         "parallel.cp_block_causal",
     ),
     Rule(
