@@ -195,19 +195,25 @@ def prepare_stage(p: Prepared, stage: Stage, handed_over: bool) -> Prepared:
     tokens = p.train_tokens
     mixture: list[Tokens] = []
     if stage.mixture:
-        assert p.train_doc_offsets is not None
-        mixture = open_sources(
-            f"curriculum.stages[{stage.index}].mixture",
-            stage.mixture,
-            p.train_tokens,
-            p.train_doc_offsets,
-            tokenizer_identity(p.cfg, p.tokenizer),
-            p.cfg.data.verify_corpus,
-        )
+        mixture = stage_sources(p, stage, p.cfg.data.verify_corpus)
     elif stage.min_doc_tokens and p.train_doc_offsets is not None:
         tokens = long_documents(tokens, p.train_doc_offsets, stage.min_doc_tokens)
     return dataclasses.replace(
         p, cfg=cfg, dims=dims, model_args=model_args, train_tokens=tokens, mixture=mixture
+    )
+
+
+def stage_sources(p: Prepared, stage: Stage, verify: bool = False) -> list[Tokens]:
+    """The token streams of ``stage``'s data mixture (``data.mixture.open_sources``: memory-
+    mapped, each shard hashed when ``verify``), errors named by the stage's ``mixture`` key."""
+    assert stage.mixture and p.train_doc_offsets is not None
+    return open_sources(
+        f"curriculum.stages[{stage.index}].mixture",
+        stage.mixture,
+        p.train_tokens,
+        p.train_doc_offsets,
+        tokenizer_identity(p.cfg, p.tokenizer),
+        verify,
     )
 
 

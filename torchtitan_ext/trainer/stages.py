@@ -9,11 +9,10 @@ import os
 
 from torchtitan_ext.checkpoint import agreed_steps
 from torchtitan_ext.curriculum import Stage, format_plan, rope_label, stage_name, stage_of_step
-from torchtitan_ext.data import tokenizer_identity
-from torchtitan_ext.data.mixture import format_supply, open_sources
+from torchtitan_ext.data.mixture import format_supply
 from torchtitan_ext.trainer.base import ResumeEarlierStage
 from torchtitan_ext.trainer.core import Trainer
-from torchtitan_ext.trainer.setup import Prepared, prepare_stage
+from torchtitan_ext.trainer.setup import Prepared, prepare_stage, stage_sources
 from torchtitan_ext.validate import stage_batch_note, unit_len
 
 logger = logging.getLogger("torchtitan_ext")
@@ -108,13 +107,6 @@ def _supply_lines(p: Prepared) -> list[str]:
     for stage in p.stages:
         if not stage.mixture or p.train_doc_offsets is None:
             continue
-        streams = open_sources(
-            f"curriculum.stages[{stage.index}].mixture",
-            stage.mixture,
-            p.train_tokens,
-            p.train_doc_offsets,
-            tokenizer_identity(p.cfg, p.tokenizer),
-        )
-        supply = format_supply(stage.mixture, streams, unit_len(p.stages))
+        supply = format_supply(stage.mixture, stage_sources(p, stage), unit_len(p.stages))
         lines.append(f"stage {stage.index} data mixture: {supply}")
     return lines
