@@ -78,6 +78,38 @@ def _step_windows(loader_factory, dp: int, steps: int) -> list[list[tuple[int, .
     return out
 
 
+@pytest.mark.parametrize("adds_bos", [False, True], ids=["plain", "post_processor_bos"])
+def test_batched_hf_encoding_equals_encoding_one_by_one(tmp_path, monkeypatch, adds_bos):
+    """``encode_documents`` (batched ``encode_batch_fast``, several batches here) gives each
+    document exactly ``encode_document``'s ids, with BOS/EOS added as TorchTitan's wrapper adds
+    them: also for a tokenizer whose own post-processor puts BOS in front."""
+    from tokenizers import Tokenizer, processors
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from tests.test_features import _write_hf_tokenizer
+    from torchtitan_ext.data import tokenizer as tokenizer_module
+
+    _write_hf_tokenizer(tmp_path)
+    if adds_bos:
+        hf = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+        bos = "<|begin_of_text|>"
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, hf.token_to_id(bos))]
+        )
+        hf.save(str(tmp_path / "tokenizer.json"))
+    tok = HuggingFaceTokenizer(str(tmp_path))
+    assert tok.hf_adds_bos == adds_bos
+    docs = [*python_stdlib_documents()[:40], "", "naïve → ∑ 😀\n", " lead and trail "]
+    monkeypatch.setattr(tokenizer_module, "BATCH_CHARS", 200_000)  # several batches
+    assert len(list(tokenizer_module._char_batches(docs, 200_000))) > 3
+    got = tokenizer_module.encode_documents(tok, docs)
+    want = [tokenizer_module.encode_document(tok, d) for d in docs]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == np.int32 and np.array_equal(g, w)
+        assert g[0] == tok.bos_id and g[-1] == tok.eos_id and (g == tok.bos_id).sum() == 1
+
+
 def test_global_batch_does_not_depend_on_mesh(stdlib_tokens):
     windows = PackedWindows(stdlib_tokens, seq_len=32, seed=0)
     global_batch = 16

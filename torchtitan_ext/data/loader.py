@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torchtitan.components.tokenizer import BaseTokenizer
 
 from torchtitan_ext.data.stream import Tokens, TokenStream
-from torchtitan_ext.data.tokenizer import encode_document
+from torchtitan_ext.data.tokenizer import encode_documents
 from torchtitan_ext.errors import ConfigError
 
 logger = logging.getLogger("torchtitan_ext")
@@ -59,7 +59,7 @@ def tokenize_with_offsets(
     ``tokens[offsets[i]:offsets[i + 1]]``."""
     if not docs:
         return np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64)
-    encoded = [encode_document(tokenizer, d) for d in docs]
+    encoded = encode_documents(tokenizer, docs)
     offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(e) for e in encoded], out=offsets[1:])
     return np.concatenate(encoded), offsets

@@ -1,6 +1,7 @@
 """Tokenizers: a byte-level one that needs no files, and TorchTitan's Hugging Face wrapper."""
 
 import os
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,50 @@ def encode_document(tokenizer: BaseTokenizer, text: str) -> np.ndarray:
     if isinstance(tokenizer, ByteTokenizer):
         return tokenizer.encode_array(text)
     return np.asarray(tokenizer.encode(text, add_bos=True, add_eos=True), dtype=np.int32)
+
+
+BATCH_CHARS = 4_000_000
+"""Characters per batched Hugging Face encode call at most (``encode_documents``): bounds the
+transient memory of the batch's ``Encoding`` objects, about 100 bytes per token."""
+
+
+def encode_documents(tokenizer: BaseTokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """``encode_document`` of each text: the same ids, in order.
+
+    A Hugging Face tokenizer encodes the texts in batches of at most ``BATCH_CHARS``
+    characters through ``tokenizers``' ``encode_batch_fast``, which spreads the documents over
+    its thread pool (rayon; ``RAYON_NUM_THREADS`` caps it) and skips the character offsets
+    that ``encode`` computes: 1.9x ``encode`` one by one on 2 cores, more with more cores. BOS
+    and EOS are added as TorchTitan's ``HuggingFaceTokenizer.encode`` adds them (only where
+    the tokenizer's own post-processor does not).
+
+    Returns:
+        One (n_i,) int32 array per text: BOS + tokens + EOS.
+    """
+    if not isinstance(tokenizer, HuggingFaceTokenizer):
+        return [encode_document(tokenizer, t) for t in texts]
+    hf = tokenizer.tokenizer
+    encode = getattr(hf, "encode_batch_fast", hf.encode_batch)  # tokenizers < 0.21: no _fast
+    bos = [] if tokenizer.hf_adds_bos or tokenizer.bos_id is None else [tokenizer.bos_id]
+    eos = [] if tokenizer.hf_adds_eos or tokenizer.eos_id is None else [tokenizer.eos_id]
+    out: list[np.ndarray] = []
+    for batch in _char_batches(texts, BATCH_CHARS):
+        out.extend(np.asarray(bos + e.ids + eos, dtype=np.int32) for e in encode(batch))
+    return out
+
+
+def _char_batches(texts: Sequence[str], chars: int) -> Iterator[list[str]]:
+    """Consecutive runs of ``texts`` of at most ``chars`` characters (a longer text alone)."""
+    batch: list[str] = []
+    size = 0
+    for t in texts:
+        if batch and size + len(t) > chars:
+            yield batch
+            batch, size = [], 0
+        batch.append(t)
+        size += len(t)
+    if batch:
+        yield batch
 
 
 def tokenizer_identity(cfg: Any, tokenizer: BaseTokenizer) -> dict[str, Any]:
