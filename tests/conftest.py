@@ -1,6 +1,8 @@
 """Shared helpers: real multi-process launches (torchrun and torch.multiprocessing) over gloo."""
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -70,6 +72,69 @@ def tiny_run_args(
 def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """Run ``python train.py args`` (1 rank, no torchrun)."""
     return _run([sys.executable, str(ROOT / "train.py"), *args], timeout, check=True)
+
+
+# One process running train.py's ``main`` once per payload entry, in turn (1 rank each: a
+# fresh default process group on a fresh port per run, destroyed by ``main``). A line
+# ``RUN_MARK i exit CODE`` on stdout and stderr ends run i's output.
+RUN_MARK = "=== train_single_many run"
+_SEQUENTIAL_RUNS = r"""
+import gc, json, os, sys, traceback
+from torchtitan_ext.distributed import clear_dtensor_caches, exit_process
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.trainer import main
+
+for i, args in enumerate(json.loads(sys.stdin.read())):
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    try:
+        code = main(args, mesh_planner=choose_stage_mesh)  # as train.py calls it
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    gc.collect()  # the run's trainers and their process groups
+    clear_dtensor_caches()
+    for stream in (sys.stdout, sys.stderr):
+        stream.write(f"MARK {i} exit {code}\n")
+        stream.flush()
+exit_process(0)
+"""
+
+
+def train_single_many(
+    runs: list[list[str]], timeout: float = 600, check: bool = True
+) -> list[subprocess.CompletedProcess[str]]:
+    """``python train.py args`` for each ``args`` of ``runs``, in turn, inside one process:
+    the ~6 s of imports of a training process are paid once (each run still builds its
+    process group, model, data and checkpoints anew, as ``train.py`` does). Runs that need
+    another run's outputs go in a later call.
+
+    Returns:
+        One CompletedProcess per run: its exit status and its part of stdout / stderr. On
+        ``check``, a run that exited non-zero (or never finished) fails the test with its
+        output's tail.
+    """
+    script = _SEQUENTIAL_RUNS.replace("MARK", RUN_MARK)
+    cmd = [sys.executable, "-c", script]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout,
+        input=json.dumps(runs),
+    )  # fmt: skip
+    mark = re.compile(rf"^{re.escape(RUN_MARK)} (\d+) exit (-?\d+)\n", re.MULTILINE)
+    outs, errs = mark.split(proc.stdout), mark.split(proc.stderr)
+    results = []
+    for i, args in enumerate(runs):
+        if 3 * i + 2 >= len(outs) or 3 * i + 2 >= len(errs):
+            raise AssertionError(
+                f"run {i} ({args}) did not finish (process exit {proc.returncode}):\n"
+                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+            )
+        code = int(outs[3 * i + 2])
+        out, err = outs[3 * i], errs[3 * i]
+        if check and code != 0:
+            raise AssertionError(f"run {i} ({args}) failed ({code}):\n{out[-4000:]}\n{err[-4000:]}")
+        results.append(subprocess.CompletedProcess(["train.py", *args], code, out, err))
+    return results
 
 
 def read_metrics(dump_folder: Path) -> list[dict[str, Any]]:
