@@ -515,7 +515,7 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     exclude_from_loading and load_step apply to where a run starts, never to the hand-off
     between stages (which once restarted the LR warmup and the data at stage 1), also when the
     hand-off loads the boundary checkpoint from disk."""
-    from tests.conftest import read_metrics, train_single
+    from tests.conftest import read_metrics, train_single_many
 
     path = recipe(tmp_path, TWO_STAGES)
 
@@ -525,51 +525,39 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     def losses(dump: Path) -> dict[int, tuple[float, float]]:
         return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(dump)}
 
-    full = tmp_path / "full"
-    full_log = train_single(args(full)).stdout
-    assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
-    rolled = tmp_path / "rolled"
-    shutil.copytree(full / "checkpoint", rolled / "checkpoint")
-    # keep_latest_k 1 after the roll-back purges older checkpoints, never the one just written
-    # (the step-6 it replaces was set aside as step-6.superseded before training) nor the
-    # newest confirmed one (step-4: step 5's gradient norm was finite; step-6 has no next step).
-    proc = train_single(
-        args(rolled, "--checkpoint.load_step", "4", "--checkpoint.keep_latest_k", "1")
-    )
-    assert "nothing to do" not in proc.stdout
-    assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
-    ckpts = sorted(p.name for p in (rolled / "checkpoint").iterdir())
-    assert ckpts == ["step-4", "step-6", "step-6.superseded"], ckpts
-    # Both hand-off checks in disk mode (switch_in_memory = false), where the hand-off loads the
-    # boundary checkpoint and so could wrongly apply them; an in-memory switch loads nothing.
-    excluded = tmp_path / "excluded"
-    train_single(
-        args(
-            excluded,
-            "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler",
-            "--curriculum.no-switch-in-memory",
+    full, excluded, disk = tmp_path / "full", tmp_path / "excluded", tmp_path / "disk"
+    skipped, background = tmp_path / "no-boundary", tmp_path / "async"
+    rolled, rolled_disk = tmp_path / "rolled", tmp_path / "rolled-disk"
+    # The runs from scratch share one process (train_single_many), the roll-backs from the
+    # full run's checkpoints and the background run's resume a second one.
+    full_log, _, disk_log, _, log = (
+        proc.stdout
+        for proc in train_single_many(
+            [
+                args(full),
+                # Both hand-off checks in disk mode (switch_in_memory = false), where the
+                # hand-off loads the boundary checkpoint and so could wrongly apply them; an
+                # in-memory switch loads nothing.
+                args(
+                    excluded,
+                    "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler",
+                    "--curriculum.no-switch-in-memory",
+                ),
+                args(disk, "--curriculum.no-switch-in-memory"),
+                args(skipped, "--curriculum.no-boundary-checkpoint"),
+                args(background, "--checkpoint.async_mode", "async"),
+            ]
         )
     )  # fmt: skip
+    assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
     assert losses(excluded) == losses(full)
-    # A roll-back into stage 0 (load_step 2): the hand-off at step 3 loads the boundary
-    # checkpoint just written, not load_step's.
-    rolled_disk = tmp_path / "rolled-disk"
-    shutil.copytree(full / "checkpoint" / "step-2", rolled_disk / "checkpoint" / "step-2")
-    train_single(
-        args(rolled_disk, "--checkpoint.load_step", "2", "--curriculum.no-switch-in-memory")
-    )
-    assert losses(rolled_disk) == {k: v for k, v in losses(full).items() if k > 2}
     # The same-mesh switch happened in memory; reloading the boundary checkpoint instead gives
     # the same run bit for bit.
     assert "stage 1 of 0..1: steps 4-6," in full_log
     assert "stage 1: switched in memory" in full_log
-    disk = tmp_path / "disk"
-    disk_log = train_single(args(disk, "--curriculum.no-switch-in-memory")).stdout
     assert losses(disk) == losses(full)
     assert "switched in memory" not in disk_log
     # Without the boundary checkpoint only the interval ones (every 2 steps) are written.
-    skipped = tmp_path / "no-boundary"
-    train_single(args(skipped, "--curriculum.no-boundary-checkpoint"))
     assert losses(skipped) == losses(full)
     assert sorted(p.name for p in (skipped / "checkpoint").iterdir()) == [
         "step-2",
@@ -579,14 +567,31 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     assert (full / "checkpoint" / "step-3").is_dir()
     # Background saves (checkpoint.async_mode = "async"): the same run and the same (verified)
     # checkpoints, the boundary one published during stage 1; resuming from one is exact.
-    background = tmp_path / "async"
-    log = train_single(args(background, "--checkpoint.async_mode", "async")).stdout
     assert "in the background" in log
     assert losses(background) == losses(full)
     ckpts = sorted(p.name for p in (background / "checkpoint").iterdir())
     assert ckpts == ["step-2", "step-3", "step-4", "step-6"], ckpts
     shutil.rmtree(background / "checkpoint" / "step-6")
-    train_single(args(background, "--checkpoint.async_mode", "async"))
+    shutil.copytree(full / "checkpoint", rolled / "checkpoint")
+    shutil.copytree(full / "checkpoint" / "step-2", rolled_disk / "checkpoint" / "step-2")
+    proc, _, _ = train_single_many(
+        [
+            # keep_latest_k 1 after the roll-back purges older checkpoints, never the one just
+            # written (the step-6 it replaces was set aside as step-6.superseded before
+            # training) nor the newest confirmed one (step-4: step 5's gradient norm was
+            # finite; step-6 has no next step).
+            args(rolled, "--checkpoint.load_step", "4", "--checkpoint.keep_latest_k", "1"),
+            # A roll-back into stage 0 (load_step 2): the hand-off at step 3 loads the boundary
+            # checkpoint just written, not load_step's.
+            args(rolled_disk, "--checkpoint.load_step", "2", "--curriculum.no-switch-in-memory"),
+            args(background, "--checkpoint.async_mode", "async"),
+        ]
+    )
+    assert "nothing to do" not in proc.stdout
+    assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
+    ckpts = sorted(p.name for p in (rolled / "checkpoint").iterdir())
+    assert ckpts == ["step-4", "step-6", "step-6.superseded"], ckpts
+    assert losses(rolled_disk) == {k: v for k, v in losses(full).items() if k > 2}
     superseded = map(json.loads, (background / "metrics_superseded.jsonl").read_text().splitlines())
     # Steps 5 and 6 were retrained after the resume.
     assert [r["step"] for r in superseded if r.get("kind") == "train"] == [5, 6]
