@@ -8,12 +8,16 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch.multiprocessing as mp
 
 from torchtitan_ext.distributed import launch_env, torchrun_command
+
+if TYPE_CHECKING:
+    from tests.parity_launches import Matrix
+    from torchtitan_ext.tools.parity import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 TITAN_RECIPES = ROOT.parent / "shared" / "reference" / "torchtitan_v0.2.2_recipes"
@@ -193,3 +197,23 @@ def titan_recipes() -> Path:
             pytest.fail(f"CI: TorchTitan reference recipes not found at {TITAN_RECIPES}")
         pytest.skip(f"TorchTitan reference recipes not found at {TITAN_RECIPES}")
     return TITAN_RECIPES
+
+
+@pytest.fixture(scope="session")
+def parity_matrices(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> "dict[str, tuple[Matrix, dict[str, Result]]]":
+    """The default parity matrices of tests/test_parity.py ("causal") and
+    tests/test_block_causal_parity.py ("block_causal"), each with its Results by shape, run in
+    shared launches (``tests.parity_launches``: one per rank count for both)."""
+    from tests import test_block_causal_parity, test_parity
+    from tests.parity_launches import run_matrices
+
+    matrices = {
+        "causal": test_parity.matrix(tmp_path_factory.mktemp("parity")),
+        "block_causal": test_block_causal_parity.matrix(
+            tmp_path_factory.mktemp("parity_block_causal")
+        ),
+    }
+    results = run_matrices(matrices)
+    return {name: (m, results[name]) for name, m in matrices.items()}

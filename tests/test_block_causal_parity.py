@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics
+from tests.parity_launches import Matrix
 from torchtitan_ext.tools.parity import BLOCK_CAUSAL, Result, parse_shape, run_matrix
 
 SHAPES = [
@@ -34,9 +35,17 @@ EXTENDED_SHAPES = [
 """``pytest -m slow``: the other patterns and HSDP."""
 
 
+def matrix(out: Path) -> Matrix:
+    """The default suite's matrix, run in the launches it shares with tests/test_parity.py's
+    (``parity_matrices`` in conftest.py)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = ["--training.dataset_path", str(short_documents(out / "short_documents.jsonl"))]
+    return Matrix(SHAPES, out, FLAVOR, BLOCK_CAUSAL + data)
+
+
 @pytest.fixture(scope="module")
-def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("parity_block_causal")
+def out(parity_matrices: dict[str, tuple[Matrix, dict[str, Result]]]) -> Path:
+    return parity_matrices["block_causal"][0].out
 
 
 def short_documents(path: Path) -> Path:
@@ -51,18 +60,20 @@ def short_documents(path: Path) -> Path:
     return path
 
 
+FLAVOR = "debugmodel_cpu_deep_gqa"
+
+
 def _run(shapes: list[str], out: Path) -> dict[str, Result]:
     data = ["--training.dataset_path", str(short_documents(out / "short_documents.jsonl"))]
     runs = run_matrix(
-        [parse_shape(n) for n in shapes], out, steps=3, flavor="debugmodel_cpu_deep_gqa",
-        extra=BLOCK_CAUSAL + data,
-    )  # fmt: skip
+        [parse_shape(n) for n in shapes], out, steps=3, flavor=FLAVOR, extra=BLOCK_CAUSAL + data
+    )
     return {r.shape: r for r in runs}
 
 
 @pytest.fixture(scope="module")
-def results(out: Path) -> dict[str, Result]:
-    return _run(SHAPES, out)
+def results(parity_matrices: dict[str, tuple[Matrix, dict[str, Result]]]) -> dict[str, Result]:
+    return parity_matrices["block_causal"][1]
 
 
 @pytest.fixture(scope="module")
