@@ -81,7 +81,7 @@ def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedP
 # One process running train.py's ``main`` once per payload entry, in turn (1 rank each: a
 # fresh default process group on a fresh port per run, destroyed by ``main``). A line
 # ``RUN_MARK i exit CODE`` on stdout and stderr ends run i's output.
-RUN_MARK = "=== train_single_many run"
+RUN_MARK = "=== tests: end of run"
 _SEQUENTIAL_RUNS = r"""
 import gc, json, os, sys, traceback
 from torchtitan_ext.distributed import clear_dtensor_caches, exit_process
@@ -124,20 +124,113 @@ def train_single_many(
         cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout,
         input=json.dumps(runs),
     )  # fmt: skip
-    mark = re.compile(rf"^{re.escape(RUN_MARK)} (\d+) exit (-?\d+)\n", re.MULTILINE)
-    outs, errs = mark.split(proc.stdout), mark.split(proc.stderr)
+    return _split_runs(runs, proc, check, rank_zero=False)
+
+
+# Each rank of one torchrun launch runs train.py's ``main`` once per payload entry, in turn.
+# Every run gets a default process group of its own: rank 0 hosts a fresh TCPStore on a free
+# port, which it hands to the other ranks through torchrun's store (so no run rendezvouses on
+# a previous run's keys). After run i each rank writes ``RUN_MARK i rank R exit CODE`` on
+# stdout and stderr; rank 0 hands out run i + 1's port only after writing its line.
+_TORCHRUN_RUNS = r"""
+import gc, json, os, socket, sys, traceback
+from datetime import timedelta
+from torch.distributed import TCPStore
+from torchtitan_ext.distributed import clear_dtensor_caches, exit_process
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.trainer import main
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+rank = int(os.environ["RANK"])
+agent = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                 timeout=timedelta(seconds=600))
+os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # rank 0 hosts each run's store
+with open(sys.argv[1]) as f:
+    runs = json.load(f)
+for i, args in enumerate(runs):
+    key = f"tests/train_many/run{i}/port"
+    if rank == 0:
+        agent.set(key, str(free_port()))
+    os.environ["MASTER_PORT"] = agent.get(key).decode()
+    try:
+        code = main(args, mesh_planner=choose_stage_mesh)  # as train.py calls it
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    gc.collect()  # the run's trainers and their process groups
+    clear_dtensor_caches()
+    for stream in (sys.stdout, sys.stderr):
+        stream.write(f"MARK {i} rank {rank} exit {code}\n")
+        stream.flush()
+exit_process(0)
+"""
+
+
+def torchrun_many(
+    nproc: int, runs: list[list[str]], timeout: float = 600, check: bool = True
+) -> list[subprocess.CompletedProcess[str]]:
+    """``torchrun --nproc_per_node nproc train.py args`` for each ``args`` of ``runs``, in
+    turn, inside one torchrun launch: the ranks start once (8 ranks: ~25 s here), each run
+    still builds its own process group, model, data and checkpoints, as ``train.py`` does.
+    Runs that need another run's outputs go in a later call.
+
+    Returns:
+        One CompletedProcess per run: its exit status (the highest over the ranks) and its part
+        of the launch's stdout / stderr: every line rank 0 wrote for it, exactly (the other
+        ranks' last lines of a run can fall into the next run's part). On ``check``, a run that
+        exited non-zero (or never finished) fails the test with its output's tail.
+    """
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(runs, f)
+    script = _TORCHRUN_RUNS.replace("MARK", RUN_MARK)
+    cmd = torchrun_command(nproc, ["--no-python", sys.executable, "-c", script, f.name])
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=launch_env(PYTHONPATH=str(ROOT)), capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    return _split_runs(runs, proc, check, rank_zero=True)
+
+
+def _split_runs(
+    runs: list[list[str]], proc: subprocess.CompletedProcess[str], check: bool, rank_zero: bool
+) -> list[subprocess.CompletedProcess[str]]:
+    """Cut the output of a process that ran ``runs`` in turn at the run marks (of rank 0, with
+    ``rank_zero``); a run's status is the highest its ranks reported."""
+    rank = r" rank (\d+)" if rank_zero else r"()"
+    mark = re.compile(rf"^{re.escape(RUN_MARK)} (\d+){rank} exit (-?\d+)\n", re.MULTILINE)
+    codes: dict[int, int] = {}
+    for text in (proc.stdout, proc.stderr):
+        for m in mark.finditer(text):
+            codes[int(m[1])] = max(codes.get(int(m[1]), 0), int(m[3]))
+
+    def parts(text: str) -> list[str]:
+        ends = [m for m in mark.finditer(text) if m[2] in ("", "0")]
+        starts = [0, *(m.end() for m in ends)]
+        return [text[a : m.start()] for a, m in zip(starts, ends, strict=False)]
+
+    outs, errs = parts(proc.stdout), parts(proc.stderr)
     results = []
     for i, args in enumerate(runs):
-        if 3 * i + 2 >= len(outs) or 3 * i + 2 >= len(errs):
+        if i >= len(outs) or i >= len(errs):
             raise AssertionError(
                 f"run {i} ({args}) did not finish (process exit {proc.returncode}):\n"
                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
             )
-        code = int(outs[3 * i + 2])
-        out, err = outs[3 * i], errs[3 * i]
-        if check and code != 0:
-            raise AssertionError(f"run {i} ({args}) failed ({code}):\n{out[-4000:]}\n{err[-4000:]}")
-        results.append(subprocess.CompletedProcess(["train.py", *args], code, out, err))
+        if check and codes[i] != 0:
+            raise AssertionError(
+                f"run {i} ({args}) failed ({codes[i]}):\n{outs[i][-4000:]}\n{errs[i][-4000:]}"
+            )
+        results.append(subprocess.CompletedProcess(["train.py", *args], codes[i], outs[i], errs[i]))
     return results
 
 
