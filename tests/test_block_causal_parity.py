@@ -4,8 +4,9 @@ model as 1 rank with the same mask (fp32, real gloo ranks under torchrun), on a 
 documents so that every window holds several: the losses, grad norms, validation loss, every
 parameter's step-1 gradient and the parameters after the last step, with the tolerances of
 ``test_parity``; and the block-causal attention of the shape's pattern is what ran
-(``pattern_calls_problem``). One 1-rank reference, one 4-rank launch, one 8-rank launch
-(``torchtitan_ext.tools.parity.run_matrix`` with ``BLOCK_CAUSAL``); the other patterns and
+(``pattern_calls_problem``). One 1-rank reference, 4-rank and 8-rank shapes, each group run in
+the launch of tests/test_parity.py's shapes of the same rank count (``tests/parity_launches.py``,
+the worker of ``torchtitan_ext.tools.parity`` with ``BLOCK_CAUSAL``); the other patterns and
 HSDP run with ``pytest -m slow``.
 """
 
@@ -25,7 +26,7 @@ SHAPES = [
     "pp2xcp2+ptrr",  # PTRR; the mask split into pipeline microbatches
     "dp_shard2xtp2xcp2+ptrr",
 ]
-"""The default suite's shapes (one 4-rank and one 8-rank launch)."""
+"""The default suite's shapes (in the 4-rank and the 8-rank launch)."""
 
 EXTENDED_SHAPES = [
     "cp4+hybrid2+ptrr",

@@ -7,9 +7,10 @@ same on all ranks; every parameter after the last step within 1e-4 (its relative
 deviation), which also covers the V schedules that do not validate.
 
 The model is ``debugmodel_cpu_deep_gqa`` (grouped-query attention: 8 query heads, 2 kv heads).
-Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``): four
-launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ranks and a 16-rank
-4D shape) is ``scripts/parity_matrix.py``.
+Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``'s
+worker): four launches in all (1, 2, 4, 8 ranks), which tests/test_block_causal_parity.py's
+shapes share too (``tests/parity_launches.py``). The full matrix (every factorization of 8
+ranks and a 16-rank 4D shape) is ``scripts/parity_matrix.py``.
 """
 
 import re
