@@ -111,7 +111,8 @@ def train_single_many(
     """``python train.py args`` for each ``args`` of ``runs``, in turn, inside one process:
     the ~6 s of imports of a training process are paid once (each run still builds its
     process group, model, data and checkpoints anew, as ``train.py`` does). Runs that need
-    another run's outputs go in a later call.
+    another run's outputs go in a later call. Not for runs that receive stop signals
+    (``preemption.STOP`` is installed once per process).
 
     Returns:
         One CompletedProcess per run: its exit status and its part of stdout / stderr. On
@@ -177,7 +178,8 @@ def torchrun_many(
     """``torchrun --nproc_per_node nproc train.py args`` for each ``args`` of ``runs``, in
     turn, inside one torchrun launch: the ranks start once (8 ranks: ~25 s here), each run
     still builds its own process group, model, data and checkpoints, as ``train.py`` does.
-    Runs that need another run's outputs go in a later call.
+    Runs that need another run's outputs go in a later call. Not for runs that receive stop
+    signals (``preemption.STOP`` is installed once per process).
 
     Returns:
         One CompletedProcess per run: its exit status (the highest over the ranks) and its part
