@@ -168,6 +168,8 @@ for i, args in enumerate(runs):
     for stream in (sys.stdout, sys.stderr):
         stream.write(f"MARK {i} rank {rank} exit {code}\n")
         stream.flush()
+    if code != 0:
+        exit_process(code)  # torchrun stops the other ranks, which could wait on this one
 exit_process(0)
 """
 
@@ -184,8 +186,10 @@ def torchrun_many(
     Returns:
         One CompletedProcess per run: its exit status (the highest over the ranks) and its part
         of the launch's stdout / stderr: every line rank 0 wrote for it, exactly (the other
-        ranks' last lines of a run can fall into the next run's part). On ``check``, a run that
-        exited non-zero (or never finished) fails the test with its output's tail.
+        ranks' last lines of a run can fall into the next run's part). A run that exits
+        non-zero ends the launch: the runs after it did not run (status -1, the launch's
+        output tail). On ``check``, a run that exited non-zero (or never finished) fails the
+        test with its output's tail.
     """
     import tempfile
 
@@ -224,10 +228,12 @@ def _split_runs(
     results = []
     for i, args in enumerate(runs):
         if i >= len(outs) or i >= len(errs):
-            raise AssertionError(
-                f"run {i} ({args}) did not finish (process exit {proc.returncode}):\n"
-                f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-            )
+            why = f"run {i} ({args}) did not finish (process exit {proc.returncode})"
+            if check:
+                raise AssertionError(f"{why}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            out, err = f"{why}:\n{proc.stdout[-4000:]}", proc.stderr[-4000:]
+            results.append(subprocess.CompletedProcess(["train.py", *args], -1, out, err))
+            continue
         if check and codes[i] != 0:
             raise AssertionError(
                 f"run {i} ({args}) failed ({codes[i]}):\n{outs[i][-4000:]}\n{errs[i][-4000:]}"
