@@ -1,17 +1,23 @@
 """Shared helpers: real multi-process launches (torchrun and torch.multiprocessing) over gloo."""
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch.multiprocessing as mp
 
 from torchtitan_ext.distributed import launch_env, torchrun_command
+
+if TYPE_CHECKING:
+    from tests.parity_launches import Matrix
+    from torchtitan_ext.tools.parity import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 TITAN_RECIPES = ROOT.parent / "shared" / "reference" / "torchtitan_v0.2.2_recipes"
@@ -72,6 +78,170 @@ def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedP
     return _run([sys.executable, str(ROOT / "train.py"), *args], timeout, check=True)
 
 
+# One process running train.py's ``main`` once per payload entry, in turn (1 rank each: a
+# fresh default process group on a fresh port per run, destroyed by ``main``). A line
+# ``RUN_MARK i exit CODE`` on stdout and stderr ends run i's output.
+RUN_MARK = "=== tests: end of run"
+_SEQUENTIAL_RUNS = r"""
+import gc, json, os, sys, traceback
+from torchtitan_ext.distributed import clear_dtensor_caches, exit_process
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.trainer import main
+
+for i, args in enumerate(json.loads(sys.stdin.read())):
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        os.environ.pop(key, None)
+    try:
+        code = main(args, mesh_planner=choose_stage_mesh)  # as train.py calls it
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    gc.collect()  # the run's trainers and their process groups
+    clear_dtensor_caches()
+    for stream in (sys.stdout, sys.stderr):
+        stream.write(f"MARK {i} exit {code}\n")
+        stream.flush()
+exit_process(0)
+"""
+
+
+def train_single_many(
+    runs: list[list[str]], timeout: float = 600, check: bool = True
+) -> list[subprocess.CompletedProcess[str]]:
+    """``python train.py args`` for each ``args`` of ``runs``, in turn, inside one process:
+    the ~6 s of imports of a training process are paid once (each run still builds its
+    process group, model, data and checkpoints anew, as ``train.py`` does). Runs that need
+    another run's outputs go in a later call. Not for runs that receive stop signals
+    (``preemption.STOP`` is installed once per process).
+
+    Returns:
+        One CompletedProcess per run: its exit status and its part of stdout / stderr. On
+        ``check``, a run that exited non-zero (or never finished) fails the test with its
+        output's tail.
+    """
+    script = _SEQUENTIAL_RUNS.replace("MARK", RUN_MARK)
+    cmd = [sys.executable, "-c", script]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout,
+        input=json.dumps(runs),
+    )  # fmt: skip
+    return _split_runs(runs, proc, check, rank_zero=False)
+
+
+# Each rank of one torchrun launch runs train.py's ``main`` once per payload entry, in turn.
+# Every run gets a default process group of its own: rank 0 hosts a fresh TCPStore on a free
+# port, which it hands to the other ranks through torchrun's store (so no run rendezvouses on
+# a previous run's keys). After run i each rank writes ``RUN_MARK i rank R exit CODE`` on
+# stdout and stderr; rank 0 hands out run i + 1's port only after writing its line.
+_TORCHRUN_RUNS = r"""
+import gc, json, os, socket, sys, traceback
+from datetime import timedelta
+from torch.distributed import TCPStore
+from torchtitan_ext.distributed import clear_dtensor_caches, exit_process
+from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
+from torchtitan_ext.trainer import main
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+rank = int(os.environ["RANK"])
+agent = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                 timeout=timedelta(seconds=600))
+os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # rank 0 hosts each run's store
+with open(sys.argv[1]) as f:
+    runs = json.load(f)
+for i, args in enumerate(runs):
+    key = f"tests/train_many/run{i}/port"
+    if rank == 0:
+        agent.set(key, str(free_port()))
+    os.environ["MASTER_PORT"] = agent.get(key).decode()
+    try:
+        code = main(args, mesh_planner=choose_stage_mesh)  # as train.py calls it
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    gc.collect()  # the run's trainers and their process groups
+    clear_dtensor_caches()
+    for stream in (sys.stdout, sys.stderr):
+        stream.write(f"MARK {i} rank {rank} exit {code}\n")
+        stream.flush()
+    if code != 0:
+        exit_process(code)  # torchrun stops the other ranks, which could wait on this one
+exit_process(0)
+"""
+
+
+def torchrun_many(
+    nproc: int, runs: list[list[str]], timeout: float = 600, check: bool = True
+) -> list[subprocess.CompletedProcess[str]]:
+    """``torchrun --nproc_per_node nproc train.py args`` for each ``args`` of ``runs``, in
+    turn, inside one torchrun launch: the ranks start once (8 ranks: ~25 s here), each run
+    still builds its own process group, model, data and checkpoints, as ``train.py`` does.
+    Runs that need another run's outputs go in a later call. Not for runs that receive stop
+    signals (``preemption.STOP`` is installed once per process).
+
+    Returns:
+        One CompletedProcess per run: its exit status (the highest over the ranks) and its part
+        of the launch's stdout / stderr: every line rank 0 wrote for it, exactly (the other
+        ranks' last lines of a run can fall into the next run's part). A run that exits
+        non-zero ends the launch: the runs after it did not run (status -1, the launch's
+        output tail). On ``check``, a run that exited non-zero (or never finished) fails the
+        test with its output's tail.
+    """
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(runs, f)
+    script = _TORCHRUN_RUNS.replace("MARK", RUN_MARK)
+    cmd = torchrun_command(nproc, ["--no-python", sys.executable, "-c", script, f.name])
+    try:
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=launch_env(PYTHONPATH=str(ROOT)), capture_output=True,
+            text=True, timeout=timeout,
+        )  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    return _split_runs(runs, proc, check, rank_zero=True)
+
+
+def _split_runs(
+    runs: list[list[str]], proc: subprocess.CompletedProcess[str], check: bool, rank_zero: bool
+) -> list[subprocess.CompletedProcess[str]]:
+    """Cut the output of a process that ran ``runs`` in turn at the run marks (of rank 0, with
+    ``rank_zero``); a run's status is the highest its ranks reported."""
+    rank = r" rank (\d+)" if rank_zero else r"()"
+    mark = re.compile(rf"^{re.escape(RUN_MARK)} (\d+){rank} exit (-?\d+)\n", re.MULTILINE)
+    codes: dict[int, int] = {}
+    for text in (proc.stdout, proc.stderr):
+        for m in mark.finditer(text):
+            codes[int(m[1])] = max(codes.get(int(m[1]), 0), int(m[3]))
+
+    def parts(text: str) -> list[str]:
+        ends = [m for m in mark.finditer(text) if m[2] in ("", "0")]
+        starts = [0, *(m.end() for m in ends)]
+        return [text[a : m.start()] for a, m in zip(starts, ends, strict=False)]
+
+    outs, errs = parts(proc.stdout), parts(proc.stderr)
+    results = []
+    for i, args in enumerate(runs):
+        if i >= len(outs) or i >= len(errs):
+            why = f"run {i} ({args}) did not finish (process exit {proc.returncode})"
+            if check:
+                raise AssertionError(f"{why}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+            out, err = f"{why}:\n{proc.stdout[-4000:]}", proc.stderr[-4000:]
+            results.append(subprocess.CompletedProcess(["train.py", *args], -1, out, err))
+            continue
+        if check and codes[i] != 0:
+            raise AssertionError(
+                f"run {i} ({args}) failed ({codes[i]}):\n{outs[i][-4000:]}\n{errs[i][-4000:]}"
+            )
+        results.append(subprocess.CompletedProcess(["train.py", *args], codes[i], outs[i], errs[i]))
+    return results
+
+
 def read_metrics(dump_folder: Path) -> list[dict[str, Any]]:
     """Training records (``kind`` "train") of ``metrics.jsonl``, in file order; the file must
     exist."""
@@ -128,3 +298,23 @@ def titan_recipes() -> Path:
             pytest.fail(f"CI: TorchTitan reference recipes not found at {TITAN_RECIPES}")
         pytest.skip(f"TorchTitan reference recipes not found at {TITAN_RECIPES}")
     return TITAN_RECIPES
+
+
+@pytest.fixture(scope="session")
+def parity_matrices(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> "dict[str, tuple[Matrix, dict[str, Result]]]":
+    """The default parity matrices of tests/test_parity.py ("causal") and
+    tests/test_block_causal_parity.py ("block_causal"), each with its Results by shape, run in
+    shared launches (``tests.parity_launches``: one per rank count for both)."""
+    from tests import test_block_causal_parity, test_parity
+    from tests.parity_launches import run_matrices
+
+    matrices = {
+        "causal": test_parity.matrix(tmp_path_factory.mktemp("parity")),
+        "block_causal": test_block_causal_parity.matrix(
+            tmp_path_factory.mktemp("parity_block_causal")
+        ),
+    }
+    results = run_matrices(matrices)
+    return {name: (m, results[name]) for name, m in matrices.items()}

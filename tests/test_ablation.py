@@ -1,5 +1,6 @@
-"""Mesh-shape ablation: enumeration (in-process) and a tiny real sweep on 4 gloo ranks with its
-CSV / Markdown / plot outputs and resume."""
+"""Mesh-shape ablation: enumeration (in-process) and a tiny real sweep on 2 gloo ranks (3
+shapes: dp_shard, tp and cp; a 2-rank start costs half a 4-rank one here) with its CSV /
+Markdown / plot outputs and resume."""
 
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from torchtitan_ext.tools.ablation import (
 )
 
 DEBUG_CPU = ROOT / "train_configs" / "debug_cpu.toml"
-FIXED = {"pp": 1, "dp_replicate": 1, "tp": 1}  # leaves dp_shard x cp: 3 shapes of 4 ranks
+FIXED = {"pp": 1, "dp_replicate": 1}  # leaves dp_shard, tp or cp: 3 shapes of 2 ranks
+NPROC = 2
 
 
 def test_enumeration_covers_every_factorization(tmp_path):
@@ -105,14 +107,14 @@ def tiny_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ablation")
     recipe, out = tiny_recipe(tmp), tmp / "out"
     logs: list[str] = []
-    rows, invalid = sweep(recipe, 4, out, steps=3, warmup=1, fixed=FIXED, log=logs.append)
+    rows, invalid = sweep(recipe, NPROC, out, steps=3, warmup=1, fixed=FIXED, log=logs.append)
     write_report(rows, invalid, out)
     return recipe, out, rows, logs
 
 
 def test_sweep_writes_rows_table_and_plot(tiny_sweep):
     _, out, rows, _ = tiny_sweep
-    assert sorted(r.shape for r in rows) == ["cp4", "dp_shard2xcp2", "dp_shard4"]
+    assert sorted(r.shape for r in rows) == ["cp2", "dp_shard2", "tp2"]
     for r in rows:
         assert r.status == "ok", r
         assert r.tokens_per_sec > 0 and r.step_time_sec > 0 and r.peak_mem_mib > 0
@@ -125,14 +127,14 @@ def test_sweep_writes_rows_table_and_plot(tiny_sweep):
 
 def test_interrupted_sweep_resumes(tiny_sweep):
     recipe, out, rows, _ = tiny_sweep
-    write_csv(out / "ablation.csv", [r for r in rows if r.shape != "cp4"])  # "interrupted"
+    write_csv(out / "ablation.csv", [r for r in rows if r.shape != "cp2"])  # "interrupted"
     logs: list[str] = []
-    again, _ = sweep(recipe, 4, out, steps=3, warmup=1, fixed=FIXED, log=logs.append)
+    again, _ = sweep(recipe, NPROC, out, steps=3, warmup=1, fixed=FIXED, log=logs.append)
     assert "2 already in" in logs[0] and "1 to run" in logs[0]
-    assert sum(line.startswith("[") for line in logs) == 1  # only cp4 ran
+    assert sum(line.startswith("[") for line in logs) == 1  # only cp2 ran
     assert logs[-1].startswith("    ok: ") and "tokens/s/rank" in logs[-1]
     assert not any(line.rstrip().endswith(",") for line in logs), logs  # no dangling comma
-    assert sorted(r.shape for r in again) == ["cp4", "dp_shard2xcp2", "dp_shard4"]
+    assert sorted(r.shape for r in again) == ["cp2", "dp_shard2", "tp2"]
 
 
 def test_curriculum_recipe_is_refused_up_front(capsys):

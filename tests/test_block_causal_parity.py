@@ -4,8 +4,9 @@ model as 1 rank with the same mask (fp32, real gloo ranks under torchrun), on a 
 documents so that every window holds several: the losses, grad norms, validation loss, every
 parameter's step-1 gradient and the parameters after the last step, with the tolerances of
 ``test_parity``; and the block-causal attention of the shape's pattern is what ran
-(``pattern_calls_problem``). One 1-rank reference, one 4-rank launch, one 8-rank launch
-(``torchtitan_ext.tools.parity.run_matrix`` with ``BLOCK_CAUSAL``); the other patterns and
+(``pattern_calls_problem``). One 1-rank reference, 4-rank and 8-rank shapes, each group run in
+the launch of tests/test_parity.py's shapes of the same rank count (``tests/parity_launches.py``,
+the worker of ``torchtitan_ext.tools.parity`` with ``BLOCK_CAUSAL``); the other patterns and
 HSDP run with ``pytest -m slow``.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics
+from tests.parity_launches import Matrix
 from torchtitan_ext.tools.parity import BLOCK_CAUSAL, Result, parse_shape, run_matrix
 
 SHAPES = [
@@ -24,7 +26,7 @@ SHAPES = [
     "pp2xcp2+ptrr",  # PTRR; the mask split into pipeline microbatches
     "dp_shard2xtp2xcp2+ptrr",
 ]
-"""The default suite's shapes (one 4-rank and one 8-rank launch)."""
+"""The default suite's shapes (in the 4-rank and the 8-rank launch)."""
 
 EXTENDED_SHAPES = [
     "cp4+hybrid2+ptrr",
@@ -34,9 +36,17 @@ EXTENDED_SHAPES = [
 """``pytest -m slow``: the other patterns and HSDP."""
 
 
+def matrix(out: Path) -> Matrix:
+    """The default suite's matrix, run in the launches it shares with tests/test_parity.py's
+    (``parity_matrices`` in conftest.py)."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = ["--training.dataset_path", str(short_documents(out / "short_documents.jsonl"))]
+    return Matrix(SHAPES, out, FLAVOR, BLOCK_CAUSAL + data)
+
+
 @pytest.fixture(scope="module")
-def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("parity_block_causal")
+def out(parity_matrices: dict[str, tuple[Matrix, dict[str, Result]]]) -> Path:
+    return parity_matrices["block_causal"][0].out
 
 
 def short_documents(path: Path) -> Path:
@@ -51,18 +61,20 @@ def short_documents(path: Path) -> Path:
     return path
 
 
+FLAVOR = "debugmodel_cpu_deep_gqa"
+
+
 def _run(shapes: list[str], out: Path) -> dict[str, Result]:
     data = ["--training.dataset_path", str(short_documents(out / "short_documents.jsonl"))]
     runs = run_matrix(
-        [parse_shape(n) for n in shapes], out, steps=3, flavor="debugmodel_cpu_deep_gqa",
-        extra=BLOCK_CAUSAL + data,
-    )  # fmt: skip
+        [parse_shape(n) for n in shapes], out, steps=3, flavor=FLAVOR, extra=BLOCK_CAUSAL + data
+    )
     return {r.shape: r for r in runs}
 
 
 @pytest.fixture(scope="module")
-def results(out: Path) -> dict[str, Result]:
-    return _run(SHAPES, out)
+def results(parity_matrices: dict[str, tuple[Matrix, dict[str, Result]]]) -> dict[str, Result]:
+    return parity_matrices["block_causal"][1]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -66,13 +67,105 @@ def short_timeout() -> None:
     distributed_c10d._set_pg_timeout(timedelta(seconds=20), None)
 
 
-def _write(rank: int, world: int, dump: str) -> None:
-    save_steps(checkpointer(dump), [2, 4, 6])
+def mount_tmpfs(mnt: Path) -> str | None:
+    """Mount a 3 MiB tmpfs at ``mnt`` (root only); the reason when it cannot be, which fails
+    the caller in CI (CI runs as root: a skip there would hide the test)."""
+    mnt.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI: cannot mount a tmpfs: {proc.stderr.strip()}")
+        return proc.stderr.strip()
+    return None
 
 
-def _load_with_differing_views(rank: int, world: int, dumps: list[str], out: str) -> None:
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 3 MiB tmpfs (root only: skipped where mounting is not permitted, except in CI)."""
+    mnt = tmp_path / "tmpfs"
+    why = mount_tmpfs(mnt)
+    if why is not None:
+        pytest.skip(f"cannot mount a tmpfs here: {why}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+SCENARIOS = ("consensus", "publish", "disk-full")
+"""The 2-rank scenarios of ``two_rank_scenarios``, in the order they run."""
+
+
+def _scenarios(rank: int, world: int, root: str, tmpfs: str | None) -> None:
+    """Every 2-rank scenario in turn on one process group, each in its own folder under
+    ``root``; a scenario that raises writes its error to ``<folder>/failed.txt`` (rank 0's,
+    else rank 1's) and the next one still runs."""
+    import traceback
+
+    runs = {
+        "consensus": lambda d: _load_with_differing_views(
+            rank, world, str(d / "view0"), str(d / "view1"), str(d / "loaded.txt")
+        ),
+        "publish": lambda d: _publish_errors(rank, world, str(d / "run"), str(d / "errors.txt")),
+        "disk-full": lambda d: _disk_full(rank, world, str(tmpfs), str(d / "errors.txt")),
+    }
+    for name in SCENARIOS:
+        folder = Path(root) / name
+        if name == "disk-full" and tmpfs is None:
+            continue
+        try:
+            runs[name](folder)
+        except Exception:
+            failed = folder / "failed.txt"
+            if rank == 0 or not failed.exists():
+                failed.write_text(f"rank {rank}:\n{traceback.format_exc()}")
+        torch.distributed.barrier()
+
+
+@pytest.fixture(scope="module")
+def two_rank_scenarios(tmp_path_factory) -> Any:
+    """The 2-rank scenarios (``SCENARIOS``) in one launch of 2 ranks (``spawn``: starting the
+    ranks costs more than the scenarios). Returns the folder of each, the 3 MiB tmpfs of
+    "disk-full" (None where it cannot be mounted: ``no_tmpfs`` says why)."""
+    root = tmp_path_factory.mktemp("faults")
+    for name in SCENARIOS:
+        (root / name).mkdir()
+    mnt = root / "tmpfs"
+    no_tmpfs = mount_tmpfs(mnt)
+    tmpfs = None if no_tmpfs else mnt
+    try:
+        spawn(_scenarios, 2, str(root), None if tmpfs is None else str(tmpfs))
+        yield SimpleNamespace(root=root, tmpfs=tmpfs, no_tmpfs=no_tmpfs)
+    finally:
+        if tmpfs is not None:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def scenario_folder(scenarios: Any, name: str) -> Path:
+    """The folder of a scenario of ``two_rank_scenarios``, which must not have raised."""
+    folder = Path(scenarios.root) / name
+    failed = folder / "failed.txt"
+    assert not failed.exists(), failed.read_text()
+    return folder
+
+
+def _load_with_differing_views(rank: int, world: int, view0: str, view1: str, out: str) -> None:
+    """Both ranks write step-2, -4 and -6 to ``view0``; rank 0 then makes ``view1`` a stale
+    copy of it (still listing step-6, which goes from ``view0``, and without step-4's manifest)
+    and each rank loads from its own view."""
     short_timeout()
-    ck = checkpointer(dumps[rank])  # each rank its own view of "the" folder
+    save_steps(checkpointer(view0), [2, 4, 6])
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.copytree(view0, view1)
+        shutil.rmtree(Path(view0) / "checkpoint" / "step-6")
+        (Path(view1) / "checkpoint" / "step-4" / "manifest.json").unlink()
+    torch.distributed.barrier()
+    ck = checkpointer([view0, view1][rank])  # each rank its own view of "the" folder
     step = ck.maybe_load()
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, (step, ck.states["model"].n))
@@ -80,17 +173,12 @@ def _load_with_differing_views(rank: int, world: int, dumps: list[str], out: str
         Path(out).write_text(repr(gathered))
 
 
-def test_checkpoint_consensus_with_a_stale_view_on_one_rank(tmp_path):
+def test_checkpoint_consensus_with_a_stale_view_on_one_rank(two_rank_scenarios):
     """Rank 1's view of the folder is stale: it still lists step-6 (gone on rank 0's side)
     and cannot see step-4's manifest. Rank 0 decides: every rank loads step-4 (before, rank 1
     loaded step-6 while rank 0 loaded step-4, silently mixing the two states)."""
-    view0, view1 = tmp_path / "view0", tmp_path / "view1"
-    spawn(_write, 2, str(view0))
-    shutil.copytree(view0, view1)
-    shutil.rmtree(view0 / "checkpoint" / "step-6")
-    (view1 / "checkpoint" / "step-4" / "manifest.json").unlink()
-    out = tmp_path / "loaded.txt"
-    spawn(_load_with_differing_views, 2, [str(view0), str(view1)], str(out))
+    tmp_path = scenario_folder(two_rank_scenarios, "consensus")
+    view0, out = tmp_path / "view0", tmp_path / "loaded.txt"
     assert out.read_text() == repr([(4, 4), (4, 4)])
     assert sorted(os.listdir(view0 / "checkpoint")) == ["step-2", "step-4"]  # nothing set aside
 
@@ -135,12 +223,12 @@ def _publish_errors(rank: int, world: int, dump: str, out: str) -> None:
         Path(out).write_text(repr(gathered))
 
 
-def test_publish_error_on_rank0_is_every_ranks_error(tmp_path):
+def test_publish_error_on_rank0_is_every_ranks_error(two_rank_scenarios):
     """An OSError on rank 0 while writing the manifest, then while renaming: every rank raises
     the same CheckpointError line at once (before, rank 1 waited in a barrier until the
     timeout), the previous checkpoint is kept, and the next save works."""
+    tmp_path = scenario_folder(two_rank_scenarios, "publish")
     out = tmp_path / "errors.txt"
-    spawn(_publish_errors, 2, str(tmp_path / "run"), str(out))
     errors = eval(out.read_text())
     assert errors[0] == errors[1] and len(errors[0]) == 2, errors
     manifest_error, rename_error = errors[0]
@@ -149,26 +237,6 @@ def test_publish_error_on_rank0_is_every_ranks_error(tmp_path):
     assert "manifest.json" in manifest_error and "Input/output error" in manifest_error
     assert f"checkpoint {folder}/step-6 could not be published: OSError" in rename_error
     assert sorted(os.listdir(folder)) == ["step-2", "step-8"]  # the .tmp ones removed
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 3 MiB tmpfs (root only: skipped where mounting is not permitted, except in CI)."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        if os.environ.get("CI"):  # CI runs as root: a skip there would hide the test
-            pytest.fail(f"CI: cannot mount a tmpfs: {proc.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _disk_full(rank: int, world: int, dump: str, out: str) -> None:
@@ -204,14 +272,16 @@ def _disk_full(rank: int, world: int, dump: str, out: str) -> None:
         Path(out).write_text(repr(gathered))
 
 
-def test_full_disk_is_one_line_naming_the_folder(small_tmpfs, tmp_path):
+def test_full_disk_is_one_line_naming_the_folder(two_rank_scenarios):
     """A 3 MiB tmpfs holds two 1 MiB checkpoints: the third is refused by the free-space
     check (its size known from the previous one); with the size unknown the write itself
     fails, synchronous or in the background: each time one line, the same on every rank,
     saying "no space left on device" with the folder, bytes needed and free; step-2 stays
     intact and nothing partial is left."""
-    out = tmp_path / "errors.txt"
-    spawn(_disk_full, 2, str(small_tmpfs), str(out))
+    small_tmpfs = two_rank_scenarios.tmpfs
+    if small_tmpfs is None:
+        pytest.skip(f"cannot mount a tmpfs here: {two_rank_scenarios.no_tmpfs}")
+    out = scenario_folder(two_rank_scenarios, "disk-full") / "errors.txt"
     errors = eval(out.read_text())
     assert errors[0] == errors[1], errors
     *failures, step2_check = errors[0]
@@ -228,15 +298,53 @@ def test_full_disk_is_one_line_naming_the_folder(small_tmpfs, tmp_path):
     assert sorted(os.listdir(folder)) == ["step-1", "step-2"]
 
 
-def _manifest_and_pickle(rank: int, world: int, dump: str, out: str, phase: str) -> None:
+PHASE_MARK = "=== test_checkpoint_faults phase"
+
+
+def _manifest_and_pickle(rank: int, world: int, dump: str, out: str) -> None:
+    """Write step-2 and step-4; delete step-4's manifest and flip a bit of its ``model.w``
+    (``<out>.info`` gets the item's file, offset and length), load ("verify" phase, the result
+    in ``<out>.verify``, the checkpoint folder's listing in ``<out>.listing``); put step-4 back
+    with its pickle data damaged too and load with allow_unverified ("allow" phase, the result
+    in ``<out>.allow``). Each phase's output follows a ``PHASE_MARK`` line on stdout and
+    stderr."""
+    import struct
+
+    import torch.distributed.checkpoint as dcp
+
+    def phase(name: str) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            stream.write(f"{PHASE_MARK} {name}\n")
+            stream.flush()
+
     short_timeout()
-    if phase == "write":
-        save_steps(checkpointer(dump), [2, 4])
-        return
-    ck = checkpointer(dump, allow_unverified=phase == "allow")
+    save_steps(checkpointer(dump), [2, 4])
+    step4 = Path(dump) / "checkpoint" / "step-4"
+    (step4 / "manifest.json").unlink()
+    metadata = dcp.FileSystemReader(str(step4)).read_metadata()
+    info = next(s for i, s in metadata.storage_data.items() if i.fqn == "model.w")
+    Path(out + ".info").write_text(repr((info.relative_path, info.offset, info.length)))
+    with open(step4 / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        item = f.read(info.length)
+        values = item.find(struct.pack("<f", 4.0) * 8)  # model.w, filled with 4.0
+        f.seek(info.offset + values + 3)
+        f.write(bytes([item[values + 3] ^ 0x01]))  # 4.0 -> 16.0: a flipped exponent bit
+    phase("verify")
+    ck = checkpointer(dump)
     step = ck.maybe_load()
-    if rank == 0:
-        Path(out).write_text(repr((step, ck.states["model"].n)))
+    Path(out + ".verify").write_text(repr((step, ck.states["model"].n)))
+    Path(out + ".listing").write_text(repr(sorted(os.listdir(Path(dump) / "checkpoint"))))
+
+    os.rename(Path(dump) / "checkpoint" / "step-4.corrupt", step4)
+    with open(step4 / info.relative_path, "r+b") as f:
+        f.seek(info.offset + item.find(b"\x80\x02") + 2)  # after the pickle's PROTO opcode
+        f.write(b"\xff")  # its first opcode, damaged
+    phase("allow")
+    ck = checkpointer(dump, allow_unverified=True)
+    step = ck.maybe_load()
+    Path(out + ".allow").write_text(repr((step, ck.states["model"].n)))
+    phase("end")
 
 
 def test_missing_manifest_is_damage_unless_allowed(tmp_path, capfd):
@@ -245,40 +353,28 @@ def test_missing_manifest_is_damage_unless_allowed(tmp_path, capfd):
     missing manifest turned verification off and the damaged step-4 loaded). With
     checkpoint.allow_unverified and the tensor's pickle data damaged too, DCP's load fails
     and the reason names the file, byte range, key and cause (not torch's weights_only help
-    text)."""
-    import struct
-
-    import torch.distributed.checkpoint as dcp
-
-    dump, out = tmp_path / "run", tmp_path / "loaded.txt"
-    spawn(_manifest_and_pickle, 1, str(dump), str(out), "write")
+    text). 1 rank; the phases share one process (``_manifest_and_pickle``)."""
+    dump, out = tmp_path / "run", tmp_path / "loaded"
+    spawn(_manifest_and_pickle, 1, str(dump), str(out))
+    captured = capfd.readouterr()
+    logs: dict[str, str] = {}
+    for text in (captured.out, captured.err):
+        parts = text.split(PHASE_MARK + " ")
+        for part in parts[1:]:
+            name, _, rest = part.partition("\n")
+            logs[name] = logs.get(name, "") + rest
     step4 = dump / "checkpoint" / "step-4"
-    (step4 / "manifest.json").unlink()
-    metadata = dcp.FileSystemReader(str(step4)).read_metadata()
-    info = next(s for i, s in metadata.storage_data.items() if i.fqn == "model.w")
-    with open(step4 / info.relative_path, "r+b") as f:
-        f.seek(info.offset)
-        item = f.read(info.length)
-        values = item.find(struct.pack("<f", 4.0) * 8)  # model.w, filled with 4.0
-        f.seek(info.offset + values + 3)
-        f.write(bytes([item[values + 3] ^ 0x01]))  # 4.0 -> 16.0: a flipped exponent bit
-    capfd.readouterr()
-    spawn(_manifest_and_pickle, 1, str(dump), str(out), "verify")
-    assert out.read_text() == "(2, 2)"
-    logged = "".join(capfd.readouterr())
+    relative_path, offset, length = eval(Path(f"{out}.info").read_text())
+    assert Path(f"{out}.verify").read_text() == "(2, 2)"
+    logged = logs["verify"]
     assert f"checkpoint {step4} cannot be loaded: manifest.json is missing" in logged, logged
-    assert sorted(os.listdir(dump / "checkpoint")) == ["step-2", "step-4.corrupt"]
+    assert eval(Path(f"{out}.listing").read_text()) == ["step-2", "step-4.corrupt"]
 
-    os.rename(dump / "checkpoint" / "step-4.corrupt", step4)
-    with open(step4 / info.relative_path, "r+b") as f:
-        f.seek(info.offset + item.find(b"\x80\x02") + 2)  # after the pickle's PROTO opcode
-        f.write(b"\xff")  # its first opcode, damaged
-    spawn(_manifest_and_pickle, 1, str(dump), str(out), "allow")
-    assert out.read_text() == "(2, 2)"
-    logged = "".join(capfd.readouterr())
+    assert Path(f"{out}.allow").read_text() == "(2, 2)"
+    logged = logs["allow"]
     want = (
-        f"checkpoint {step4} cannot be loaded: {info.relative_path} bytes {info.offset}-"
-        f"{info.offset + info.length} (model.w): UnpicklingError: damaged pickle data "
+        f"checkpoint {step4} cannot be loaded: {relative_path} bytes {offset}-"
+        f"{offset + length} (model.w): UnpicklingError: damaged pickle data "
         "(Unsupported operand 255)"
     )
     assert want in logged, logged[-2000:]

@@ -6,12 +6,13 @@ boundary."""
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, torchrun
+from tests.conftest import ROOT, torchrun, torchrun_many
 from torchtitan_ext.config import ConfigError, load_config
 from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
 from torchtitan_ext.validate import plan_curriculum
@@ -274,16 +275,52 @@ def records(dump: Path) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]
     return steps, [{**b, "params": s["params"]} for b, s in zip(boundaries, stats, strict=True)]
 
 
+PP = ["--parallelism.pipeline_parallel_degree", "2",
+      "--parallelism.pipeline_parallel_schedule", "1F1B",
+      "--training.local_batch_size", "2",
+      "--parallelism.pipeline_parallel_microbatch_size", "1"]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory) -> tuple[Path, Path]:
+def four_rank_runs(tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess[str]]]:
+    """The module's 4-rank runs from scratch, by name, each with its dump folder and its part
+    of the output, in one launch (``torchrun_many``: the ranks start once, not four times):
+    "full", the 3-stage run (validation, 1 batch at each stage's end, and tensorboard on: the
+    metrics schema test); "pp-memory" and "pp-disk", the pipeline curriculum switching in
+    memory and from disk; "tp", the tensor-parallel re-mesh. Each test checks its own run's
+    exit status."""
     tmp = tmp_path_factory.mktemp("curriculum")
-    path = recipe(tmp)
-    dump = tmp / "run"
-    # Validation (1 batch at each stage's end) and tensorboard on: the metrics schema test.
-    more = ["--validation.enable", "--validation.steps", "1", "--validation.freq", "1000"]
-    proc = torchrun(4, [*run_args(path, dump), *more, "--metrics.enable-tensorboard"])
-    (tmp / "torchrun.log").write_text(proc.stdout + proc.stderr)
-    return path, dump
+    full, pp, tp = tmp / "full", tmp / "pp", tmp / "tp"
+    for folder in (full, pp, tp):
+        folder.mkdir()
+    val = ["--validation.enable", "--validation.steps", "1", "--validation.freq", "1000"]
+    pp_path = recipe(pp, PIPELINE_STAGES)
+    runs = {
+        "full": (full / "run", [*val, "--metrics.enable-tensorboard"], recipe(full)),
+        "pp-memory": (pp / "memory", PP, pp_path),
+        "pp-disk": (pp / "disk", [*PP, "--curriculum.no-switch-in-memory"], pp_path),
+        "tp": (tp / "run", ["--parallelism.tensor_parallel_degree", "2"], recipe(tp, TP_STAGES)),
+    }
+    procs = torchrun_many(
+        4, [[*run_args(path, dump), *more] for dump, more, path in runs.values()], check=False
+    )
+    return {name: (run[0], proc) for (name, run), proc in zip(runs.items(), procs, strict=True)}
+
+
+def run_of(
+    runs: dict[str, tuple[Path, subprocess.CompletedProcess[str]]], name: str
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A run of ``four_rank_runs``, which must have exited 0."""
+    dump, proc = runs[name]
+    assert proc.returncode == 0, (name, proc.stdout[-3000:], proc.stderr[-3000:])
+    return dump, proc
+
+
+@pytest.fixture(scope="module")
+def full_run(four_rank_runs) -> tuple[Path, Path]:
+    dump, proc = run_of(four_rank_runs, "full")
+    (dump.parent / "torchrun.log").write_text(proc.stdout + proc.stderr)
+    return dump.parent / "curriculum.toml", dump
 
 
 def test_metrics_are_typed_and_grouped(full_run):
@@ -439,23 +476,36 @@ def test_state_survives_remesh(full_run):
         assert start["switch_sec"] > 0
 
 
+@pytest.fixture(scope="module")
+def resumed_runs(full_run, tmp_path_factory) -> dict[int, Path]:
+    """Resumes of ``full_run`` from step 4 (mid-stage) and from step 3 (the boundary into stage
+    2), both in one launch (``torchrun_many``), as the run killed after step 9 left its folder:
+    its metrics files and its checkpoints up to the resume step."""
+    path, dump = full_run
+    tmp = tmp_path_factory.mktemp("resumed")
+    resumed = {step: tmp / f"from-{step}" for step in (4, 3)}
+    for resume_step, folder in resumed.items():
+        shutil.copytree(dump / "checkpoint", folder / "checkpoint")
+        for ckpt in (folder / "checkpoint").iterdir():
+            if int(ckpt.name.split("-")[1]) > resume_step:
+                shutil.rmtree(ckpt)
+        for name in ("metrics.jsonl", "param_stats.jsonl"):
+            shutil.copy(dump / name, folder / name)
+    procs = torchrun_many(4, [run_args(path, folder) for folder in resumed.values()])
+    assert all(proc.returncode == 0 for proc in procs)
+    return resumed
+
+
 @pytest.mark.parametrize("resume_step", [4, 3], ids=["mid-stage", "at-boundary"])
-def test_resume_equals_uninterrupted_metrics_once(full_run, tmp_path, resume_step):
+def test_resume_equals_uninterrupted_metrics_once(full_run, resumed_runs, resume_step):
     """Resuming from step 4 (mid-stage) or 3 (the boundary into stage 2) gives the losses of
     the run that never stopped, in the metrics files the interrupted run left: each step and
     boundary is recorded once (at the boundary, the start of stage 2 again, from the
     checkpoint it was entered from), the crashed attempt's later records superseded."""
     from torchtitan_ext.metrics import read_metrics
 
-    path, dump = full_run
-    resumed = tmp_path / "resumed"
-    shutil.copytree(dump / "checkpoint", resumed / "checkpoint")
-    for ckpt in (resumed / "checkpoint").iterdir():
-        if int(ckpt.name.split("-")[1]) > resume_step:
-            shutil.rmtree(ckpt)
-    for name in ("metrics.jsonl", "param_stats.jsonl"):  # as a run killed after step 9 left them
-        shutil.copy(dump / name, resumed / name)
-    torchrun(4, run_args(path, resumed))
+    _, dump = full_run
+    resumed = resumed_runs[resume_step]
     full, full_boundaries = records(dump)
     got, boundaries = records(resumed)
     assert [r["step"] for r in read_metrics(resumed)] == list(range(1, 10))
@@ -515,7 +565,7 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     exclude_from_loading and load_step apply to where a run starts, never to the hand-off
     between stages (which once restarted the LR warmup and the data at stage 1), also when the
     hand-off loads the boundary checkpoint from disk."""
-    from tests.conftest import read_metrics, train_single
+    from tests.conftest import read_metrics, train_single_many
 
     path = recipe(tmp_path, TWO_STAGES)
 
@@ -525,51 +575,39 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     def losses(dump: Path) -> dict[int, tuple[float, float]]:
         return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(dump)}
 
-    full = tmp_path / "full"
-    full_log = train_single(args(full)).stdout
-    assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
-    rolled = tmp_path / "rolled"
-    shutil.copytree(full / "checkpoint", rolled / "checkpoint")
-    # keep_latest_k 1 after the roll-back purges older checkpoints, never the one just written
-    # (the step-6 it replaces was set aside as step-6.superseded before training) nor the
-    # newest confirmed one (step-4: step 5's gradient norm was finite; step-6 has no next step).
-    proc = train_single(
-        args(rolled, "--checkpoint.load_step", "4", "--checkpoint.keep_latest_k", "1")
-    )
-    assert "nothing to do" not in proc.stdout
-    assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
-    ckpts = sorted(p.name for p in (rolled / "checkpoint").iterdir())
-    assert ckpts == ["step-4", "step-6", "step-6.superseded"], ckpts
-    # Both hand-off checks in disk mode (switch_in_memory = false), where the hand-off loads the
-    # boundary checkpoint and so could wrongly apply them; an in-memory switch loads nothing.
-    excluded = tmp_path / "excluded"
-    train_single(
-        args(
-            excluded,
-            "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler",
-            "--curriculum.no-switch-in-memory",
+    full, excluded, disk = tmp_path / "full", tmp_path / "excluded", tmp_path / "disk"
+    skipped, background = tmp_path / "no-boundary", tmp_path / "async"
+    rolled, rolled_disk = tmp_path / "rolled", tmp_path / "rolled-disk"
+    # The runs from scratch share one process (train_single_many), the roll-backs from the
+    # full run's checkpoints and the background run's resume a second one.
+    full_log, _, disk_log, _, log = (
+        proc.stdout
+        for proc in train_single_many(
+            [
+                args(full),
+                # Both hand-off checks in disk mode (switch_in_memory = false), where the
+                # hand-off loads the boundary checkpoint and so could wrongly apply them; an
+                # in-memory switch loads nothing.
+                args(
+                    excluded,
+                    "--checkpoint.exclude_from_loading", "dataloader,lr_scheduler",
+                    "--curriculum.no-switch-in-memory",
+                ),
+                args(disk, "--curriculum.no-switch-in-memory"),
+                args(skipped, "--curriculum.no-boundary-checkpoint"),
+                args(background, "--checkpoint.async_mode", "async"),
+            ]
         )
     )  # fmt: skip
+    assert sorted(losses(full)) == [1, 2, 3, 4, 5, 6]
     assert losses(excluded) == losses(full)
-    # A roll-back into stage 0 (load_step 2): the hand-off at step 3 loads the boundary
-    # checkpoint just written, not load_step's.
-    rolled_disk = tmp_path / "rolled-disk"
-    shutil.copytree(full / "checkpoint" / "step-2", rolled_disk / "checkpoint" / "step-2")
-    train_single(
-        args(rolled_disk, "--checkpoint.load_step", "2", "--curriculum.no-switch-in-memory")
-    )
-    assert losses(rolled_disk) == {k: v for k, v in losses(full).items() if k > 2}
     # The same-mesh switch happened in memory; reloading the boundary checkpoint instead gives
     # the same run bit for bit.
     assert "stage 1 of 0..1: steps 4-6," in full_log
     assert "stage 1: switched in memory" in full_log
-    disk = tmp_path / "disk"
-    disk_log = train_single(args(disk, "--curriculum.no-switch-in-memory")).stdout
     assert losses(disk) == losses(full)
     assert "switched in memory" not in disk_log
     # Without the boundary checkpoint only the interval ones (every 2 steps) are written.
-    skipped = tmp_path / "no-boundary"
-    train_single(args(skipped, "--curriculum.no-boundary-checkpoint"))
     assert losses(skipped) == losses(full)
     assert sorted(p.name for p in (skipped / "checkpoint").iterdir()) == [
         "step-2",
@@ -579,37 +617,50 @@ def test_load_step_and_exclusions_apply_where_the_run_starts(tmp_path):
     assert (full / "checkpoint" / "step-3").is_dir()
     # Background saves (checkpoint.async_mode = "async"): the same run and the same (verified)
     # checkpoints, the boundary one published during stage 1; resuming from one is exact.
-    background = tmp_path / "async"
-    log = train_single(args(background, "--checkpoint.async_mode", "async")).stdout
     assert "in the background" in log
     assert losses(background) == losses(full)
     ckpts = sorted(p.name for p in (background / "checkpoint").iterdir())
     assert ckpts == ["step-2", "step-3", "step-4", "step-6"], ckpts
     shutil.rmtree(background / "checkpoint" / "step-6")
-    train_single(args(background, "--checkpoint.async_mode", "async"))
+    shutil.copytree(full / "checkpoint", rolled / "checkpoint")
+    shutil.copytree(full / "checkpoint" / "step-2", rolled_disk / "checkpoint" / "step-2")
+    proc, _, _ = train_single_many(
+        [
+            # keep_latest_k 1 after the roll-back purges older checkpoints, never the one just
+            # written (the step-6 it replaces was set aside as step-6.superseded before
+            # training) nor the newest confirmed one (step-4: step 5's gradient norm was
+            # finite; step-6 has no next step).
+            args(rolled, "--checkpoint.load_step", "4", "--checkpoint.keep_latest_k", "1"),
+            # A roll-back into stage 0 (load_step 2): the hand-off at step 3 loads the boundary
+            # checkpoint just written, not load_step's.
+            args(rolled_disk, "--checkpoint.load_step", "2", "--curriculum.no-switch-in-memory"),
+            args(background, "--checkpoint.async_mode", "async"),
+        ]
+    )
+    assert "nothing to do" not in proc.stdout
+    assert losses(rolled) == {k: v for k, v in losses(full).items() if k > 4}
+    ckpts = sorted(p.name for p in (rolled / "checkpoint").iterdir())
+    assert ckpts == ["step-4", "step-6", "step-6.superseded"], ckpts
+    assert losses(rolled_disk) == {k: v for k, v in losses(full).items() if k > 2}
     superseded = map(json.loads, (background / "metrics_superseded.jsonl").read_text().splitlines())
     # Steps 5 and 6 were retrained after the resume.
     assert [r["step"] for r in superseded if r.get("kind") == "train"] == [5, 6]
     assert losses(background) == losses(full)
 
 
-def test_in_memory_remesh_with_pipeline_equals_reloading(tmp_path):
+PIPELINE_STAGES = TWO_STAGES.replace(
+    "rope_theta = 100000\n",
+    'rope_theta = 100000\ncontext_parallel_degree = 2\ncontext_parallel_pattern = "ulysses"\n',
+)
+
+
+def test_in_memory_remesh_with_pipeline_equals_reloading(four_rank_runs):
     """4 ranks, pp 2 (a 1F1B schedule per stage): dp_shard 2 x cp 1 (ring), then dp_shard 1 x
-    cp 2 with Ulysses. Taking the state over in memory trains exactly as reloading the
-    boundary checkpoint into the new stage's trainer."""
-    stages = TWO_STAGES.replace(
-        "rope_theta = 100000\n",
-        'rope_theta = 100000\ncontext_parallel_degree = 2\ncontext_parallel_pattern = "ulysses"\n',
-    )
-    path = recipe(tmp_path, stages)
-    pp = ["--parallelism.pipeline_parallel_degree", "2",
-          "--parallelism.pipeline_parallel_schedule", "1F1B",
-          "--training.local_batch_size", "2",
-          "--parallelism.pipeline_parallel_microbatch_size", "1"]  # fmt: skip
+    cp 2 with Ulysses (``PIPELINE_STAGES``). Taking the state over in memory trains exactly as
+    reloading the boundary checkpoint into the new stage's trainer."""
     runs = {}
-    for name, more in (("memory", []), ("disk", ["--curriculum.no-switch-in-memory"])):
-        dump = tmp_path / name
-        proc = torchrun(4, [*run_args(path, dump), *pp, *more])
+    for name in ("memory", "disk"):
+        dump, proc = run_of(four_rank_runs, f"pp-{name}")
         assert ("re-meshed in memory" in proc.stdout) == (name == "memory"), proc.stdout[-2000:]
         runs[name] = [(r["step"], r["loss"], r["grad_norm"]) for r in records(dump)[0].values()]
     assert [s for s, _, _ in runs["memory"]] == [1, 2, 3, 4, 5, 6]
@@ -665,7 +716,7 @@ context_parallel_pattern = "ulysses"
 """
 
 
-def test_remesh_that_moves_tensor_parallel_shards(tmp_path):
+def test_remesh_that_moves_tensor_parallel_shards(four_rank_runs):
     """4 ranks, tp 2 in both stages, cp innermost: stage 0 is dp_shard 2 x tp 2 (tp groups
     {0, 1}, {2, 3}), stage 1 tp 2 x cp 2 with Ulysses (tp groups {0, 2}, {1, 3}). Every
     parameter and optimizer state changes ranks, so the in-memory re-mesh gathers and
@@ -674,10 +725,8 @@ def test_remesh_that_moves_tensor_parallel_shards(tmp_path):
     changes the weighted sum (shown by breaking ``_same_layout`` to ignore the rank grid).
     Stage 1's records count Ulysses calls (0 would be torch's ring running instead), and its
     global batch, derived (-1) as local 4 x dp 1, is said to be half the cp 1 reading."""
-    path = recipe(tmp_path, TP_STAGES)
-    dump = tmp_path / "run"
-    tp = ["--parallelism.tensor_parallel_degree", "2"]
-    log = torchrun(4, [*run_args(path, dump), *tp]).stdout
+    dump, proc = run_of(four_rank_runs, "tp")
+    log = proc.stdout
     remesh = "dp_shard 2 x tp 2 x cp 1 -> pp 1 x dp_replicate 1 x dp_shard 1 x tp 2 x cp 2"
     assert f"stage 1: re-meshed in memory (pp 1 x dp_replicate 1 x {remesh}" in log, log[-3000:]
     steps, boundaries = records(dump)

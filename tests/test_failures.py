@@ -12,11 +12,19 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, free_port, read_metrics, tiny_run_args, torchrun
+from tests.conftest import (
+    ROOT,
+    free_port,
+    read_metrics,
+    tiny_run_args,
+    torchrun,
+    torchrun_many,
+)
 from torchtitan_ext.distributed import launch_env
 
 
@@ -35,20 +43,55 @@ def losses(dump: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(dump)}
 
 
-def test_divergence_keeps_the_newest_good_checkpoint(tmp_path):
+def corrupt_args(dump: Path) -> list[str]:
+    return [*ckpt_args(dump, 12, interval=2), "--metrics.enable_tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory) -> SimpleNamespace:
+    """The 2-rank runs of the divergence and corrupt-checkpoint tests, their launches shared:
+    the two reference runs in one (``torchrun_many``); the diverging run alone (a real
+    torchrun, whose failure is what the divergence test checks; the folder's checkpoints and
+    metrics as it left them are kept for the test); then the rerun after the divergence and
+    the resume past the corrupt checkpoints in one."""
+    tmp = tmp_path_factory.mktemp("failures")
+    ref, dump = tmp / "divergence-ref", tmp / "divergence"  # ref: the run that never diverges
+    corrupt_ref, corrupt_dump = tmp / "corrupt-ref", tmp / "corrupt"
+    torchrun_many(2, [ckpt_args(ref, 6, interval=3, keep=2), corrupt_args(corrupt_ref)])
+
+    shutil.copytree(ref / "checkpoint" / "step-3", dump / "checkpoint" / "step-3")
+    diverging = torchrun(
+        2, [*ckpt_args(dump, 12, interval=1, keep=1), "--optimizer.lr", "1e30"], check=False
+    )
+    diverged_checkpoints = steps_in(dump / "checkpoint")
+    diverged = read_metrics(dump)
+
+    shutil.copytree(corrupt_ref, corrupt_dump)
+    for step, (kind, _) in CORRUPTIONS.items():
+        corrupt(corrupt_dump / "checkpoint" / f"step-{step}", kind)
+    with open(corrupt_dump / "metrics.jsonl", "a") as f:
+        f.write('{"step": 13, "lo')  # torn by a kill
+    # The rerun at the recipe's LR, and the resume past the corrupt checkpoints.
+    rerun, resumed = torchrun_many(
+        2, [ckpt_args(dump, 6, interval=3, keep=1), corrupt_args(corrupt_dump)], check=False
+    )
+    return SimpleNamespace(
+        ref=ref, dump=dump, diverging=diverging, diverged_checkpoints=diverged_checkpoints,
+        diverged=diverged, rerun=rerun, corrupt_ref=corrupt_ref, corrupt_dump=corrupt_dump,
+        resumed=resumed,
+    )  # fmt: skip
+
+
+def test_divergence_keeps_the_newest_good_checkpoint(two_rank_runs):
     """lr 1e30 after a sane start, a checkpoint every step, keep_latest_k = 1: step 4 applies
     the LR (huge but finite weights, checkpointed) and step 5's gradient norm is NaN. The
     non-finite steps are skipped and the run stops with one line per rank naming step-3 as
     the newest good checkpoint: step-4, whose weights gave the NaN, is set aside as
     step-4.suspect (kept, never resumed from), and keep_latest_k did not delete step-3 for it
     (it waits for the next step's finite gradient norm). A rerun at the sane LR resumes from
-    step-3 to exactly the losses of a run that never diverged."""
-    dump, ref = tmp_path / "run", tmp_path / "ref"
-    torchrun(2, ckpt_args(ref, 6, interval=3, keep=2))  # the run that never diverges
-    shutil.copytree(ref / "checkpoint" / "step-3", dump / "checkpoint" / "step-3")
-    proc = torchrun(
-        2, [*ckpt_args(dump, 12, interval=1, keep=1), "--optimizer.lr", "1e30"], check=False
-    )
+    step-3 to exactly the losses of a run that never diverged (``two_rank_runs``)."""
+    runs = two_rank_runs
+    dump, ref, proc = runs.dump, runs.ref, runs.diverging
     assert proc.returncode != 0
     line = r"\[rank[01]\] error: training diverged: non-finite gradient norm at steps 5-8 "
     assert re.search(line, proc.stderr), proc.stderr[-2000:]
@@ -58,11 +101,12 @@ def test_divergence_keeps_the_newest_good_checkpoint(tmp_path):
     ), proc.stderr[-2000:]
     assert "optimizer update skipped" in proc.stdout
     assert f'File "{ROOT / "torchtitan_ext"}' not in proc.stdout + proc.stderr  # no traceback
-    assert steps_in(dump / "checkpoint") == ["step-3", "step-4.suspect"]
-    diverged = read_metrics(dump)
+    assert runs.diverged_checkpoints == ["step-3", "step-4.suspect"]
+    diverged = runs.diverged
     assert any(r["grad_norm"] != r["grad_norm"] for r in diverged)  # NaN logged, not hidden
 
-    torchrun(2, ckpt_args(dump, 6, interval=3, keep=1))  # the rerun at the recipe's LR
+    rerun = runs.rerun
+    assert rerun.returncode == 0, (rerun.stdout[-3000:], rerun.stderr[-3000:])
     got, want = losses(dump), losses(ref)
     assert sorted(got) == [4, 5, 6]  # each step once: the diverged ones were superseded
     for step in got:
@@ -146,24 +190,17 @@ def corrupt(step_dir: Path, kind: str) -> None:
         os.truncate(step_dir / ".metadata", 1000)
 
 
-def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(tmp_path):
+def test_corrupt_checkpoints_fall_back_to_the_previous_good_one(two_rank_runs):
     """Five checkpoints damaged five ways: the resume reports each in one line, loads step 2,
     sets the damaged ones aside, and trains steps 3-12 to the uninterrupted run's losses. The
     metrics of the crashed attempt after step 2 (and its torn last line) are superseded, so
-    metrics.jsonl and tensorboard show each step once."""
+    metrics.jsonl and tensorboard show each step once (``two_rank_runs``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ref, dump = tmp_path / "ref", tmp_path / "run"
-    args = [*ckpt_args(ref, 12, interval=2), "--metrics.enable_tensorboard"]
-    torchrun(2, args)
+    ref, dump, proc = two_rank_runs.corrupt_ref, two_rank_runs.corrupt_dump, two_rank_runs.resumed
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     manifest = json.loads((ref / "checkpoint" / "step-12" / "manifest.json").read_text())
     assert set(manifest["files"]) == {".metadata", "__0_0.distcp", "__1_0.distcp"}
-    shutil.copytree(ref, dump)
-    for step, (kind, _) in CORRUPTIONS.items():
-        corrupt(dump / "checkpoint" / f"step-{step}", kind)
-    with open(dump / "metrics.jsonl", "a") as f:
-        f.write('{"step": 13, "lo')  # torn by a kill
-    proc = torchrun(2, [*ckpt_args(dump, 12, interval=2), "--metrics.enable_tensorboard"])
     for step, (kind, message) in CORRUPTIONS.items():
         lines = [x for x in proc.stdout.splitlines() if f"step-{step} " in x and message in x]
         assert len(lines) == 1, (kind, proc.stdout[-3000:])

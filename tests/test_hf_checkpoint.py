@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.conftest import ROOT, read_metrics, tiny_run_args, torchrun, train_single
+from tests.conftest import ROOT, read_metrics, tiny_run_args, torchrun, train_single_many
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -219,11 +219,27 @@ def check_run(dump: Path, src: Path, global_batch: int) -> None:
     assert rel(hf_loss(export, inputs, labels), record["loss"]) < TOL
 
 
-def test_hf_in_and_out_1rank(hf_src, tmp_path):
+@pytest.fixture(scope="module")
+def single_runs(hf_src, tmp_path_factory) -> dict[str, Path]:
+    """The module's 1-rank runs from ``hf_src`` in one process (``train_single_many``), by
+    name with their dump folders: "one-rank" (background saves) and "curriculum"
+    (``CURRICULUM``)."""
+    tmp = tmp_path_factory.mktemp("hf_runs")
+    dumps = {"one-rank": tmp / "one-rank", "curriculum": tmp / "curriculum"}
+    recipe = tmp / "curriculum.toml"
+    base = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
+    recipe.write_text(base + CURRICULUM)
+    curriculum = hf_args(dumps["curriculum"], hf_src, global_batch=2)
+    curriculum[curriculum.index("--job.config_file") + 1] = str(recipe)
+    one_rank = hf_args(dumps["one-rank"], hf_src, global_batch=2)
+    train_single_many([[*one_rank, "--checkpoint.async_mode", "async"], curriculum])
+    return dumps
+
+
+def test_hf_in_and_out_1rank(hf_src, single_runs):
     """1 rank, with background saves (the export is written before the state's save starts,
     and published with it)."""
-    train_single([*hf_args(tmp_path, hf_src, global_batch=2), "--checkpoint.async_mode", "async"])
-    check_run(tmp_path, hf_src, global_batch=2)
+    check_run(single_runs["one-rank"], hf_src, global_batch=2)
 
 
 def test_hf_in_and_out_fsdp2_tp2(hf_src, tmp_path):
@@ -251,7 +267,7 @@ rope_theta = 1000000
 """
 
 
-def test_hf_curriculum_starts_from_hf(hf_src, tmp_path):
+def test_hf_curriculum_starts_from_hf(hf_src, single_runs):
     """A 2-stage curriculum from the HF checkpoint: stage 0 loads it (its step-1 loss is
     transformers'), stage 1 continues in memory with another RoPE theta, and the export
     at the end is the same weights with stage 1's theta and length in config.json."""
@@ -264,12 +280,7 @@ def test_hf_curriculum_starts_from_hf(hf_src, tmp_path):
         tokenize,
     )
 
-    recipe = tmp_path / "curriculum.toml"
-    base = (ROOT / "train_configs" / "debug_cpu.toml").read_text()
-    recipe.write_text(base + CURRICULUM)
-    args = hf_args(tmp_path, hf_src, global_batch=2)
-    args[args.index("--job.config_file") + 1] = str(recipe)
-    train_single(args)
+    tmp_path = single_runs["curriculum"]
     records = read_metrics(tmp_path)
     assert [(r["step"], r["stage"], r["seq_len"]) for r in records] == [(1, 0, 32), (2, 1, 64)]
 

@@ -7,9 +7,10 @@ same on all ranks; every parameter after the last step within 1e-4 (its relative
 deviation), which also covers the V schedules that do not validate.
 
 The model is ``debugmodel_cpu_deep_gqa`` (grouped-query attention: 8 query heads, 2 kv heads).
-Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``): four
-launches in all (1, 2, 4, 8 ranks). The full matrix (every factorization of 8 ranks and a 16-rank
-4D shape) is ``scripts/parity_matrix.py``.
+Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``'s
+worker): four launches in all (1, 2, 4, 8 ranks), which tests/test_block_causal_parity.py's
+shapes share too (``tests/parity_launches.py``). The full matrix (every factorization of 8
+ranks and a 16-rank 4D shape) is ``scripts/parity_matrix.py``.
 """
 
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.parity_launches import Matrix
 from torchtitan_ext.parallel.fsdp import GRAD_NORM_REDISTRIBUTE_WARNING
 from torchtitan_ext.tools.parity import GRAD_RTOL, STEP1_RTOL, Result, parse_shape, run_matrix
 
@@ -62,15 +64,20 @@ runs every factorization of 8 ranks)."""
 FLAVOR = "debugmodel_cpu_deep_gqa"
 
 
-@pytest.fixture(scope="module")
-def parity_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("parity")
+def matrix(out: Path) -> Matrix:
+    """The default suite's matrix, run in the launches it shares with
+    tests/test_block_causal_parity.py's (``parity_matrices`` in conftest.py)."""
+    return Matrix(SHAPES, out, FLAVOR, [])
 
 
 @pytest.fixture(scope="module")
-def results(parity_out: Path) -> dict[str, Result]:
-    shapes = [parse_shape(n) for n in SHAPES]
-    return {r.shape: r for r in run_matrix(shapes, parity_out, steps=3, flavor=FLAVOR)}
+def parity_out(parity_matrices: dict[str, tuple[Matrix, dict[str, Result]]]) -> Path:
+    return parity_matrices["causal"][0].out
+
+
+@pytest.fixture(scope="module")
+def results(parity_matrices: dict[str, tuple[Matrix, dict[str, Result]]]) -> dict[str, Result]:
+    return parity_matrices["causal"][1]
 
 
 @pytest.fixture(scope="module")

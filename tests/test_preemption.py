@@ -13,7 +13,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from tests.conftest import ROOT, read_metrics, tiny_run_args, torchrun
+from tests.conftest import ROOT, read_metrics, tiny_run_args, torchrun, torchrun_many
 from torchtitan_ext.distributed import launch_env, torchrun_command
 from torchtitan_ext.preemption import STOPPED_EXIT_CODE
 
@@ -91,9 +91,9 @@ def test_sigterm_to_torchrun_saves_the_step_and_resumes_exactly(tmp_path):
     assert sorted(p.name for p in (dump / "checkpoint").iterdir()) == [f"step-{n}"]
     assert sorted(losses(dump)) == list(range(1, n + 1))
 
-    resumed = torchrun(2, run_args(dump, n + 2))
+    # The rerun and the uninterrupted run share one launch (torchrun_many).
+    resumed, _ = torchrun_many(2, [run_args(dump, n + 2), run_args(ref, n + 2)])
     assert f"step-{n} (" in resumed.stdout  # "resumed from .../step-N (model, ...)"
-    torchrun(2, run_args(ref, n + 2))
     got, want = losses(dump), losses(ref)
     assert sorted(got) == list(range(1, n + 3))
     assert got == want

@@ -30,28 +30,46 @@ STEPS = 3
 GLOBAL_BATCH = 8
 
 
-@pytest.mark.parametrize("local_batch", [8, 2])  # one microbatch; 4 accumulated microbatches
-def test_trainer_matches_an_independent_loop(tmp_path: Path, local_batch: int) -> None:
-    """Losses of every step (bitwise with one microbatch per step, within 1e-6 relative with
-    accumulation), and every parameter's step-1 gradient (after clipping) within
-    ``GRAD_RTOL`` of its largest element, with grouped-query attention
-    (``debugmodel_cpu_deep_gqa``)."""
+LOCAL_BATCHES = (8, 2)  # one microbatch; 4 accumulated microbatches
+
+
+def trainer_args(out: Path, local_batch: int) -> list[str]:
     base = base_args(GLOBAL_BATCH, STEPS, "debugmodel_cpu_deep_gqa", seq_len=128)
-    single = Shape({})
-    args = [
-        *shape_run_args(single, base, tmp_path, GLOBAL_BATCH),
+    return [
+        *shape_run_args(Shape({}), base, out / f"local{local_batch}", GLOBAL_BATCH),
         "--training.local_batch_size", str(local_batch),
     ]  # fmt: skip
-    # The trainer (1 rank, plain python), with its step-1 gradients recorded as the parity
-    # matrix records them (its worker takes a JSON list of argument lists).
-    payload = tmp_path / "args.json"
-    payload.write_text(json.dumps([args]))
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trainer (1 rank, plain python) at each of ``LOCAL_BATCHES``, with its step-1
+    gradients recorded as the parity matrix records them: both runs in one process (the
+    parity worker takes a JSON list of argument lists). Returns their folder; each test checks
+    the process exited 0 (``<out>/worker.log`` otherwise)."""
+    out = tmp_path_factory.mktemp("reference_loop")
+    payload = out / "args.json"
+    payload.write_text(json.dumps([trainer_args(out, b) for b in LOCAL_BATCHES]))
     proc = subprocess.run(
         [sys.executable, "-m", "torchtitan_ext.tools.parity", "--worker", str(payload)],
         cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    dump = tmp_path / single.name
+    (out / "worker.log").write_text(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return out
+
+
+@pytest.mark.parametrize("local_batch", LOCAL_BATCHES)
+def test_trainer_matches_an_independent_loop(
+    trainer_runs: Path, tmp_path: Path, local_batch: int
+) -> None:
+    """Losses of every step (bitwise with one microbatch per step, within 1e-6 relative with
+    accumulation), and every parameter's step-1 gradient (after clipping) within
+    ``GRAD_RTOL`` of its largest element, with grouped-query attention
+    (``debugmodel_cpu_deep_gqa``)."""
+    log = (trainer_runs / "worker.log").read_text()
+    assert log.startswith("exit 0\n"), log[-6000:]
+    args = trainer_args(trainer_runs, local_batch)
+    dump = trainer_runs / f"local{local_batch}" / "single"
     trainer_losses = [float(r["loss"]) for r in sorted(read_metrics(dump), key=lambda r: r["step"])]
 
     ref = reference_loop(load_config(args), STEPS, record_step1_grads=True)

@@ -10,12 +10,13 @@ import json
 import math
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, read_metrics, tiny_run_args, torchrun
+from tests.conftest import ROOT, read_metrics, tiny_run_args, torchrun, torchrun_many
 
 STEPS = 20
 INTERVAL = 5
@@ -35,18 +36,60 @@ def base_args(dump: Path, steps: int = STEPS) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_1rank(tmp_path_factory) -> Path:
-    dump = tmp_path_factory.mktemp("r1")
-    # 1 rank: local batch 2 x 4 microbatches = the same global batch of 8 sequences.
-    torchrun(1, base_args(dump))
-    return dump
-
-
-@pytest.fixture(scope="module")
 def run_4rank(tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("r4")
     torchrun(4, base_args(dump))  # FSDP over dp_shard 4, local batch 2, 1 microbatch
     return dump
+
+
+Runs = dict[str, tuple[Path, subprocess.CompletedProcess[str]]]
+
+
+@pytest.fixture(scope="module")
+def four_rank_resumes(run_4rank, tmp_path_factory) -> Runs:
+    """Three resumes of a copy of ``run_4rank`` stopped after step 15 (``_resume_copy``), in
+    one 4-rank launch (``torchrun_many``): "same-mesh", "hsdp" (FSDP 4 -> HSDP 2 x 2) and
+    "pp" (FSDP 4 -> pp 2 x dp_shard 2)."""
+    tmp = tmp_path_factory.mktemp("resume4")
+    meshes = {"same-mesh": [], "hsdp": HSDP, "pp": PP2_DP2}
+    dumps = {name: _resume_copy(run_4rank, tmp / name) for name in meshes}
+    procs = torchrun_many(4, [base_args(dumps[n]) + m for n, m in meshes.items()], check=False)
+    return {name: (dumps[name], proc) for name, proc in zip(meshes, procs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def one_rank_runs(run_4rank, four_rank_resumes, tmp_path_factory) -> Runs:
+    """The module's 1-rank runs, in one launch (``torchrun_many``): "reference", the run of
+    ``base_args`` (local batch 2 x 4 microbatches = the same global batch of 8 sequences);
+    "one-rank", a resume of a copy of ``run_4rank`` stopped after step 15 (world size 4 -> 1,
+    no FSDP; global_batch_size = -1 would derive 2 x dp 1 sequences: the resume keeps the
+    checkpoint's 8, 4 microbatches, and says so); "from_pp" and "from_fsdp", steps 21-22 from
+    the step-20 checkpoint of the "pp" resume and of ``run_4rank``."""
+    tmp = tmp_path_factory.mktemp("r1")
+    dumps = {name: tmp / name for name in ("reference", "one-rank", "from_pp", "from_fsdp")}
+    _resume_copy(run_4rank, dumps["one-rank"])
+    for name, src in (("from_pp", four_rank_resumes["pp"][0]), ("from_fsdp", run_4rank)):
+        shutil.copytree(src / "checkpoint", dumps[name] / "checkpoint")
+    runs = {
+        "reference": base_args(dumps["reference"]),
+        "one-rank": [*base_args(dumps["one-rank"]), "--training.global_batch_size", "-1"],
+        "from_pp": base_args(dumps["from_pp"], steps=STEPS + 2),
+        "from_fsdp": base_args(dumps["from_fsdp"], steps=STEPS + 2),
+    }
+    procs = torchrun_many(1, list(runs.values()), check=False)
+    return {name: (dumps[name], proc) for name, proc in zip(runs, procs, strict=True)}
+
+
+def run_of(runs: Runs, name: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """A run of ``four_rank_resumes`` or ``one_rank_runs``, which must have exited 0."""
+    dump, proc = runs[name]
+    assert proc.returncode == 0, (name, proc.stdout[-3000:], proc.stderr[-3000:])
+    return dump, proc
+
+
+@pytest.fixture(scope="module")
+def run_1rank(one_rank_runs) -> Path:
+    return run_of(one_rank_runs, "reference")[0]
 
 
 def rel(a: float, b: float) -> float:
@@ -118,9 +161,8 @@ def _resume_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_resume_same_mesh_is_exact(run_4rank, tmp_path):
-    dump = _resume_copy(run_4rank, tmp_path / "resume")
-    proc = torchrun(4, base_args(dump))
+def test_resume_same_mesh_is_exact(run_4rank, four_rank_resumes):
+    dump, proc = run_of(four_rank_resumes, "same-mesh")
     assert "resumed from" in proc.stdout and "step-15" in proc.stdout
     full, resumed = by_step(read_metrics(run_4rank)), by_step(read_metrics(dump))
     assert sorted(resumed) == list(range(16, STEPS + 1))
@@ -131,19 +173,15 @@ def test_resume_same_mesh_is_exact(run_4rank, tmp_path):
     assert not (dump / "checkpoint" / "step-17.tmp").exists()
 
 
-@pytest.mark.parametrize(
-    ("nproc", "mesh"),
-    [
-        # World size 4 -> 1, no FSDP; global_batch_size = -1 would derive 2 x dp 1 sequences:
-        # the resume keeps the checkpoint's 8 (4 microbatches) and says so.
-        (1, ["--training.global_batch_size", "-1"]),
-        (4, ["--parallelism.data_parallel_replicate_degree", "2"]),  # FSDP 4 -> HSDP 2 x 2
-    ],
-)
-def test_resume_into_another_mesh(run_4rank, tmp_path, nproc, mesh):
-    dump = _resume_copy(run_4rank, tmp_path / "resume")
-    proc = torchrun(nproc, base_args(dump) + mesh)
-    if "-1" in mesh:
+HSDP = ["--parallelism.data_parallel_replicate_degree", "2"]
+
+
+@pytest.mark.parametrize("name", ["one-rank", "hsdp"])
+def test_resume_into_another_mesh(run_4rank, four_rank_resumes, one_rank_runs, name):
+    """World size 4 -> 1 (no FSDP, the checkpoint's global batch kept) and FSDP 4 -> HSDP 2 x
+    2 (``one_rank_runs``, ``four_rank_resumes``): the uninterrupted run's numbers."""
+    dump, proc = run_of({**four_rank_resumes, **one_rank_runs}, name)
+    if name == "one-rank":
         assert "kept the checkpoint's global batch of 8 sequences" in proc.stdout
         assert "4 microbatch(es) per step" in proc.stdout
     full, resumed = by_step(read_metrics(run_4rank)), by_step(read_metrics(dump))
@@ -161,24 +199,19 @@ PP2_DP2 = [
 ]
 
 
-def test_pipeline_checkpoint_round_trip(run_4rank, tmp_path):
+def test_pipeline_checkpoint_round_trip(run_4rank, four_rank_resumes, one_rank_runs):
     """FSDP 4 -> pp 2 x dp_shard 2 (1F1B, 2 stages of the 2-layer model) resumes at step 15 and
     matches the uninterrupted run; the step-20 checkpoint it writes from the pipeline mesh loads
     into 1 rank exactly like the FSDP one (steps 21-22 agree)."""
-    pp = _resume_copy(run_4rank, tmp_path / "pp")
-    torchrun(4, base_args(pp) + PP2_DP2)
+    pp, _ = run_of(four_rank_resumes, "pp")
     full, resumed = by_step(read_metrics(run_4rank)), by_step(read_metrics(pp))
     assert sorted(resumed) == list(range(16, STEPS + 1))
     for step, r in resumed.items():
         assert rel(r["loss"], full[step]["loss"]) < 5e-4, step
         assert rel(r["grad_norm"], full[step]["grad_norm"]) < 5e-4, step
     assert (pp / "checkpoint" / "step-20" / ".metadata").is_file()
-    after: dict[str, dict[int, dict[str, Any]]] = {}
-    for name, src in (("from_pp", pp), ("from_fsdp", run_4rank)):
-        dump = tmp_path / name
-        shutil.copytree(src / "checkpoint", dump / "checkpoint")
-        torchrun(1, base_args(dump, steps=STEPS + 2))
-        after[name] = by_step(read_metrics(dump))
+    after = {name: by_step(read_metrics(run_of(one_rank_runs, name)[0]))
+             for name in ("from_pp", "from_fsdp")}  # fmt: skip
     assert sorted(after["from_pp"]) == [21, 22]
     for step in (21, 22):
         for key in ("loss", "grad_norm"):
