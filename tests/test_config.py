@@ -447,6 +447,22 @@ def test_command_line_override_error_is_one_line_naming_the_key():
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["--training.seq_len", "64", "--training.seq_len", "abc"],
+        ["--training.seq_len=64", "--training.seq-len=abc"],
+        ["--training.seq_len", "abc", "--training.steps", "3"],
+    ],
+)  # fmt: skip
+def test_override_error_names_the_value_tyro_rejected(args):
+    """A key given twice on the command line (a script's default, then the user's own): the
+    error names the value that failed (tyro takes the last), not the first occurrence."""
+    with pytest.raises(ConfigError) as err:
+        load_config(args)
+    assert (err.value.key, err.value.value) == ("training.seq_len", "abc")
+
+
+@pytest.mark.parametrize(
     ("flags", "enable"),
     [
         (["--validation.enable", "false"], False),

@@ -230,13 +230,15 @@ def _tyro_cli_one_line(args: list[str], parse: Callable[[], Any]) -> Any:
         reason = " ".join(lines[:2]) or "invalid"
         flag = re.search(r"--([A-Za-z][\w.-]*)", reason)
         key = flag.group(1).replace("-", "_") if flag else "command line"
-        value: object = None
+        values: list[str | None] = []
         if flag is not None:
             for i, arg in enumerate(args):
                 name, eq, inline = arg.partition("=")
                 if name.lstrip("-").replace("-", "_") == key:
-                    value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-                    break
+                    values.append(inline if eq else (args[i + 1] if i + 1 < len(args) else None))
+        # A key given twice: tyro parses the last; name the value its reason quotes.
+        quoted = [v for v in values if v is not None and repr(v) in reason]
+        value = (quoted or values or [None])[-1]
         raise ConfigError(key, value, f"{reason} (command line)") from None
 
 
