@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch.multiprocessing as mp
 
+from tests.train_runs import RUN_MARK
 from torchtitan_ext.distributed import launch_env, torchrun_command
 
 if TYPE_CHECKING:
@@ -78,33 +79,6 @@ def train_single(args: list[str], timeout: float = 300) -> subprocess.CompletedP
     return _run([sys.executable, str(ROOT / "train.py"), *args], timeout, check=True)
 
 
-# One process running train.py's ``main`` once per payload entry, in turn (1 rank each: a
-# fresh default process group on a fresh port per run, destroyed by ``main``). A line
-# ``RUN_MARK i exit CODE`` on stdout and stderr ends run i's output.
-RUN_MARK = "=== tests: end of run"
-_SEQUENTIAL_RUNS = r"""
-import gc, json, os, sys, traceback
-from torchtitan_ext.distributed import clear_dtensor_caches, exit_process
-from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
-from torchtitan_ext.trainer import main
-
-for i, args in enumerate(json.loads(sys.stdin.read())):
-    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        os.environ.pop(key, None)
-    try:
-        code = main(args, mesh_planner=choose_stage_mesh)  # as train.py calls it
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    gc.collect()  # the run's trainers and their process groups
-    clear_dtensor_caches()
-    for stream in (sys.stdout, sys.stderr):
-        stream.write(f"MARK {i} exit {code}\n")
-        stream.flush()
-exit_process(0)
-"""
-
-
 def train_single_many(
     runs: list[list[str]], timeout: float = 600, check: bool = True
 ) -> list[subprocess.CompletedProcess[str]]:
@@ -119,59 +93,12 @@ def train_single_many(
         ``check``, a run that exited non-zero (or never finished) fails the test with its
         output's tail.
     """
-    script = _SEQUENTIAL_RUNS.replace("MARK", RUN_MARK)
-    cmd = [sys.executable, "-c", script]
+    cmd = [sys.executable, "-m", "tests.train_runs", "single"]
     proc = subprocess.run(
         cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout,
         input=json.dumps(runs),
     )  # fmt: skip
     return _split_runs(runs, proc, check, rank_zero=False)
-
-
-# Each rank of one torchrun launch runs train.py's ``main`` once per payload entry, in turn.
-# Every run gets a default process group of its own: rank 0 hosts a fresh TCPStore on a free
-# port, which it hands to the other ranks through torchrun's store (so no run rendezvouses on
-# a previous run's keys). After run i each rank writes ``RUN_MARK i rank R exit CODE`` on
-# stdout and stderr; rank 0 hands out run i + 1's port only after writing its line.
-_TORCHRUN_RUNS = r"""
-import gc, json, os, socket, sys, traceback
-from datetime import timedelta
-from torch.distributed import TCPStore
-from torchtitan_ext.distributed import clear_dtensor_caches, exit_process
-from torchtitan_ext.tools.auto_mesh import choose_stage_mesh
-from torchtitan_ext.trainer import main
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-rank = int(os.environ["RANK"])
-agent = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                 timeout=timedelta(seconds=600))
-os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "False"  # rank 0 hosts each run's store
-with open(sys.argv[1]) as f:
-    runs = json.load(f)
-for i, args in enumerate(runs):
-    key = f"tests/train_many/run{i}/port"
-    if rank == 0:
-        agent.set(key, str(free_port()))
-    os.environ["MASTER_PORT"] = agent.get(key).decode()
-    try:
-        code = main(args, mesh_planner=choose_stage_mesh)  # as train.py calls it
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    gc.collect()  # the run's trainers and their process groups
-    clear_dtensor_caches()
-    for stream in (sys.stdout, sys.stderr):
-        stream.write(f"MARK {i} rank {rank} exit {code}\n")
-        stream.flush()
-    if code != 0:
-        exit_process(code)  # torchrun stops the other ranks, which could wait on this one
-exit_process(0)
-"""
 
 
 def torchrun_many(
@@ -195,8 +122,8 @@ def torchrun_many(
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(runs, f)
-    script = _TORCHRUN_RUNS.replace("MARK", RUN_MARK)
-    cmd = torchrun_command(nproc, ["--no-python", sys.executable, "-c", script, f.name])
+    target = ["--no-python", sys.executable, "-m", "tests.train_runs", "torchrun", f.name]
+    cmd = torchrun_command(nproc, target)
     try:
         proc = subprocess.run(
             cmd, cwd=ROOT, env=launch_env(PYTHONPATH=str(ROOT)), capture_output=True,
