@@ -17,8 +17,7 @@ from tests.train_runs import RUN_MARK
 from torchtitan_ext.distributed import launch_env, torchrun_command
 
 if TYPE_CHECKING:
-    from tests.parity_launches import Matrix
-    from torchtitan_ext.tools.parity import Result
+    from torchtitan_ext.tools.parity import Matrix, Result
 
 ROOT = Path(__file__).resolve().parent.parent
 TITAN_RECIPES = ROOT.parent / "shared" / "reference" / "torchtitan_v0.2.2_recipes"
@@ -233,9 +232,9 @@ def parity_matrices(
 ) -> "dict[str, tuple[Matrix, dict[str, Result]]]":
     """The default parity matrices of tests/test_parity.py ("causal") and
     tests/test_block_causal_parity.py ("block_causal"), each with its Results by shape, run in
-    shared launches (``tests.parity_launches``: one per rank count for both)."""
+    shared launches (``tools.parity.run_matrices``: one per rank count for both)."""
     from tests import test_block_causal_parity, test_parity
-    from tests.parity_launches import run_matrices
+    from torchtitan_ext.tools.parity import run_matrices
 
     matrices = {
         "causal": test_parity.matrix(tmp_path_factory.mktemp("parity")),

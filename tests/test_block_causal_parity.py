@@ -5,7 +5,7 @@ documents so that every window holds several: the losses, grad norms, validation
 parameter's step-1 gradient and the parameters after the last step, with the tolerances of
 ``test_parity``; and the block-causal attention of the shape's pattern is what ran
 (``pattern_calls_problem``). One 1-rank reference, 4-rank and 8-rank shapes, each group run in
-the launch of tests/test_parity.py's shapes of the same rank count (``tests/parity_launches.py``,
+the launch of tests/test_parity.py's shapes of the same rank count (``tools.parity.run_matrices``,
 the worker of ``torchtitan_ext.tools.parity`` with ``BLOCK_CAUSAL``); the other patterns and
 HSDP run with ``pytest -m slow``.
 """
@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import read_metrics
-from tests.parity_launches import Matrix
-from torchtitan_ext.tools.parity import BLOCK_CAUSAL, Result, parse_shape, run_matrix
+from torchtitan_ext.tools.parity import BLOCK_CAUSAL, Matrix, Result, parse_shape, run_matrix
 
 SHAPES = [
     "cp4",  # the ring, head-tail (the recipe's balancer)
@@ -41,7 +40,7 @@ def matrix(out: Path) -> Matrix:
     (``parity_matrices`` in conftest.py)."""
     out.mkdir(parents=True, exist_ok=True)
     data = ["--training.dataset_path", str(short_documents(out / "short_documents.jsonl"))]
-    return Matrix(SHAPES, out, FLAVOR, BLOCK_CAUSAL + data)
+    return Matrix([parse_shape(n) for n in SHAPES], out, FLAVOR, BLOCK_CAUSAL + data, steps=3)
 
 
 @pytest.fixture(scope="module")

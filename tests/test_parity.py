@@ -9,7 +9,7 @@ deviation), which also covers the V schedules that do not validate.
 The model is ``debugmodel_cpu_deep_gqa`` (grouped-query attention: 8 query heads, 2 kv heads).
 Shapes with the same number of ranks share one launch (``torchtitan_ext.tools.parity``'s
 worker): four launches in all (1, 2, 4, 8 ranks), which tests/test_block_causal_parity.py's
-shapes share too (``tests/parity_launches.py``). The full matrix (every factorization of 8
+shapes share too (``tools.parity.run_matrices``). The full matrix (every factorization of 8
 ranks and a 16-rank 4D shape) is ``scripts/parity_matrix.py``.
 """
 
@@ -19,9 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.parity_launches import Matrix
 from torchtitan_ext.parallel.fsdp import GRAD_NORM_REDISTRIBUTE_WARNING
-from torchtitan_ext.tools.parity import GRAD_RTOL, STEP1_RTOL, Result, parse_shape, run_matrix
+from torchtitan_ext.tools.parity import (
+    GRAD_RTOL,
+    STEP1_RTOL,
+    Matrix,
+    Result,
+    parse_shape,
+    run_matrix,
+)
 
 SHAPES = [
     # 2 ranks: each parallelism alone, and the long-context memory features: chunked
@@ -67,7 +73,7 @@ FLAVOR = "debugmodel_cpu_deep_gqa"
 def matrix(out: Path) -> Matrix:
     """The default suite's matrix, run in the launches it shares with
     tests/test_block_causal_parity.py's (``parity_matrices`` in conftest.py)."""
-    return Matrix(SHAPES, out, FLAVOR, [])
+    return Matrix([parse_shape(n) for n in SHAPES], out, FLAVOR, steps=3)
 
 
 @pytest.fixture(scope="module")

@@ -464,20 +464,43 @@ def grad_deviation(dump: Path, ref_dump: Path) -> tuple[float, str]:
     return worst, ""
 
 
-def launch(
-    shapes: list[Shape], base: list[str], out: Path, global_batch: int, timeout: float
-) -> "subprocess.CompletedProcess[str]":
-    """Run ``shapes`` (all with the same number of ranks) in one launch: torchrun for > 1
-    rank, plain python for 1.
+@dataclass
+class Matrix:
+    """Mesh shapes compared against the 1-rank run of one recipe: the run arguments of
+    ``base_args(global_batch, steps, flavor, seq_len)`` plus ``extra`` (``BLOCK_CAUSAL``: a
+    document-masked matrix), every run's outputs under ``out/<shape>``."""
+
+    shapes: list[Shape]
+    out: Path
+    flavor: str = "debugmodel_cpu_deep"
+    extra: list[str] = field(default_factory=list)
+    steps: int = 5
+    global_batch: int = 8
+    seq_len: int = 128
+
+    def args(self, shape: Shape) -> list[str]:
+        """train.py's arguments for ``shape``."""
+        base = base_args(self.global_batch, self.steps, self.flavor, self.seq_len) + self.extra
+        return shape_run_args(shape, base, self.out, self.global_batch)
+
+    @property
+    def masked(self) -> bool:
+        return "block_causal" in self.extra
+
+
+def launch(runs: list[tuple[Matrix, Shape]], timeout: float) -> "subprocess.CompletedProcess[str]":
+    """Run the shapes of ``runs`` (all with the same number of ranks, of one or several
+    matrices) in one launch: torchrun for > 1 rank, plain python for 1.
 
     Returns:
         The CompletedProcess (its returncode is the launch's); its output is also written to
-        ``<out>/launch-<nproc>-<first shape>.log``.
+        ``launch-<nproc>-<first shape>.log`` in the folder of every matrix with a shape in it.
     """
-    nproc = shapes[0].nproc
-    assert all(s.nproc == nproc for s in shapes)
-    payload = out / f"launch-{nproc}-{shapes[0].name}.json"
-    payload.write_text(json.dumps([shape_run_args(s, base, out, global_batch) for s in shapes]))
+    nproc = runs[0][1].nproc
+    assert all(s.nproc == nproc for _, s in runs)
+    name = f"launch-{nproc}-{runs[0][1].name}"
+    payload = runs[0][0].out / f"{name}.json"
+    payload.write_text(json.dumps([m.args(s) for m, s in runs]))
     entry = ["-m", "torchtitan_ext.tools.parity", "--worker", str(payload)]
     if nproc == 1:
         cmd = [sys.executable, *entry]
@@ -486,7 +509,8 @@ def launch(
     proc = subprocess.run(
         cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout
     )
-    payload.with_suffix(".log").write_text(proc.stdout + proc.stderr)
+    for out in {m.out for m, _ in runs}:
+        (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     return proc
 
 
@@ -604,26 +628,41 @@ def run_matrix(
     log: Any = None,
     extra: list[str] | None = None,
 ) -> list[Result]:
-    """Validate, run (grouped by rank count, one launch per group) and compare ``shapes``
-    against the 1-rank run of the same recipe. A launch of n shapes may take
-    ``timeout * (n + 1)`` seconds. ``extra``: recipe overrides of every run, the reference's
-    too (``BLOCK_CAUSAL``: a document-masked matrix).
+    """``run_matrices`` of one ``Matrix`` of these fields.
 
     Returns:
         One Result per shape, in the given order.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    base = base_args(global_batch, steps, flavor, seq_len) + (extra or [])
-    masked = bool(extra) and "block_causal" in (extra or [])
+    m = Matrix(shapes, out, flavor, extra or [], steps, global_batch, seq_len)
+    results = run_matrices({"": m}, timeout=timeout, log=log)[""]
+    return [results[s.name] for s in shapes]
+
+
+def run_matrices(
+    matrices: dict[str, Matrix], *, timeout: float = 120, log: Any = None
+) -> dict[str, dict[str, Result]]:
+    """Validate, run and compare every matrix's shapes against its own 1-rank reference: the
+    shapes of all matrices with the same number of ranks share launches (starting the ranks
+    costs more than a shape), at most ``MAX_SHAPES_PER_LAUNCH`` per launch. A launch of n
+    shapes may take ``timeout * (n + 1)`` seconds.
+
+    Returns:
+        Per matrix name, its Results by shape name.
+
+    Raises:
+        RuntimeError: a matrix's 1-rank reference produced no metrics.
+    """
     single = Shape({})
-    results: dict[str, Result] = {}
-    by_nproc: dict[int, list[Shape]] = {1: [single]}
-    for s in shapes:
-        why = check_shape(s, shape_run_args(s, base, out, global_batch))
-        if why is not None:
-            results[s.name] = Result(s.name, s.nproc, "SKIP", detail=why)
-        elif s.nproc > 1:
-            by_nproc.setdefault(s.nproc, []).append(s)
+    results: dict[str, dict[str, Result]] = {name: {} for name in matrices}
+    by_nproc: dict[int, list[tuple[str, Shape]]] = {1: [(name, single) for name in matrices]}
+    for name, m in matrices.items():
+        m.out.mkdir(parents=True, exist_ok=True)
+        for s in m.shapes:
+            why = check_shape(s, m.args(s))
+            if why is not None:
+                results[name][s.name] = Result(s.name, s.nproc, "SKIP", detail=why)
+            elif s.nproc > 1:
+                by_nproc.setdefault(s.nproc, []).append((name, s))
     # Each mesh keeps ~15 process groups (gloo threads and buffers) alive until its launch
     # ends (torch caches groups by name, so they cannot be destroyed early): at most
     # MAX_SHAPES_PER_LAUNCH shapes share a launch.
@@ -632,31 +671,37 @@ def run_matrix(
         for _, group in sorted(by_nproc.items())
         for i in range(0, len(group), MAX_SHAPES_PER_LAUNCH)
     ]
-    errors: dict[str, str] = {}
+    errors: dict[tuple[str, str], str] = {}
     for group in launches:
-        nproc = group[0].nproc
+        runs = [(matrices[name], s) for name, s in group]
+        limit = timeout * (1 + len(group))
         if log:
-            log(f"launch: {nproc} rank(s), {len(group)} shape(s): {[s.name for s in group]}")
+            log(f"launch: {group[0][1].nproc} rank(s), {len(group)} shape(s): "
+                f"{[s.name for _, s in group]}")  # fmt: skip
         try:
-            proc = launch(group, base, out, global_batch, timeout * (1 + len(group)))
+            proc = launch(runs, limit)
         except subprocess.TimeoutExpired:
-            for s in group:
-                errors[s.name] = f"launch timed out after {timeout * (1 + len(group)):.0f}s"
+            for name, s in group:
+                errors[(name, s.name)] = f"launch timed out after {limit:.0f}s"
             continue
         if proc.returncode != 0:
             why = native_crash(proc) or first_error_line(proc)
-            for s in group:
-                errors[s.name] = f"launch exit {proc.returncode}: {why}"
-    if not read_metrics(out / single.name):
-        raise RuntimeError(f"the 1-rank reference produced no metrics: {errors.get('single')}")
-    for s in shapes:
-        if s.name in results:
-            continue
-        res = compare(s, out / s.name, out / single.name, masked)
-        if s.name in errors and res.status != "PASS":
-            res = Result(s.name, s.nproc, "ERROR", detail=errors[s.name][-300:])
-        results[s.name] = res
-    return [results[s.name] for s in shapes]
+            for name, s in group:
+                errors[(name, s.name)] = f"launch exit {proc.returncode}: {why}"
+    for name, m in matrices.items():
+        ref = m.out / single.name
+        if not read_metrics(ref):
+            why = errors.get((name, single.name))
+            label = f"{name}: " if name else ""
+            raise RuntimeError(f"{label}the 1-rank reference produced no metrics: {why}")
+        for s in m.shapes:
+            if s.name in results[name]:
+                continue
+            res = compare(s, m.out / s.name, ref, m.masked)
+            if (name, s.name) in errors and res.status != "PASS":
+                res = Result(s.name, s.nproc, "ERROR", detail=errors[(name, s.name)][-300:])
+            results[name][s.name] = res
+    return results
 
 
 def format_table(results: list[Result]) -> str:
