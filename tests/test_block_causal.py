@@ -5,8 +5,8 @@ One launch of 8 gloo ranks covers cp 2, 4 and 8 (the mesh is dp x cp, 8 / cp rep
 pattern of each, and at each cp degree every document layout: documents crossing shard
 boundaries (random), one document spanning all ranks (a window with no EOS), many one-token
 documents, a document ending exactly on a shard boundary; every load balancer; fp32 and bf16;
-GQA; batch 2 with different documents per row. Each pattern runs two (layout, balancer) cases,
-rotating so that each cp degree sees every layout and every balancer.
+GQA; batch 2 with different documents per row. Each pattern runs two (layout, balancer) cases
+(three at cp 2), rotating so that each cp degree sees every layout and every balancer.
 """
 
 import pytest
@@ -28,7 +28,7 @@ PATTERNS = {
         ("double_ring", 4),
     ],
 }
-BALANCERS = (None, "headtail", "per_document_headtail", "ptrr")
+BALANCERS = (None, "headtail", "per_document_headtail", "ptrr", "per_document_lpt")
 DOCS = ("random", "no_eos", "one_token", "shard_boundary")
 
 
@@ -36,6 +36,8 @@ def _tokens(kind: str, b: int, s: int, cp: int, gen: torch.Generator) -> torch.T
     tokens = torch.randint(2, 50, (b, s), generator=gen)
     if kind == "random":
         tokens[torch.rand(b, s, generator=gen) < 0.08] = EOS
+    elif kind.startswith("mean"):  # documents of geometric lengths of that mean
+        tokens[torch.rand(b, s, generator=gen) < 1 / int(kind[4:])] = EOS
     elif kind == "one_token":
         tokens[:, : s // 2] = EOS  # half the window: one-token documents
         tokens[1, s // 2 :: 3] = EOS
@@ -80,6 +82,7 @@ def _check(rank: int, world_size: int) -> None:
     from torchtitan_ext.parallel.cp_documents import document_starts, layout
 
     failures = []
+    seen: set[tuple[int, str, str | None]] = set()
     case = 0
     for cp in (2, 4, 8):
         mesh = init_device_mesh("cpu", (world_size // cp, cp), mesh_dim_names=("dp", "cp"))
@@ -89,11 +92,13 @@ def _check(rank: int, world_size: int) -> None:
             pattern = cp_patterns.make_pattern(name, cp, inner, inner)
             cp_patterns.register(cp_mesh, pattern)
             plan = cp_block_causal.make_plan(cp_mesh, pattern)
-            # Two document layouts per pattern and two balancers, rotating so that each cp
-            # degree sees every layout and every balancer.
-            for _ in range(2):
+            # Two document layouts per pattern (three at cp 2, which has two patterns), and as
+            # many balancers, rotating so that each cp degree sees every layout and every
+            # balancer (4 layouts and 5 balancers: coprime, so all 20 pairs over all cases).
+            for _ in range(3 if len(PATTERNS[cp]) < 3 else 2):
                 docs = DOCS[case % len(DOCS)]
-                balancer = BALANCERS[(case // len(DOCS) + case) % len(BALANCERS)]
+                balancer = BALANCERS[case % len(BALANCERS)]
+                seen.add((cp, docs, balancer))
                 case += 1
                 dtype = torch.bfloat16 if case % 3 == 0 else torch.float32
                 gen = torch.Generator().manual_seed(case)
@@ -121,10 +126,53 @@ def _check(rank: int, world_size: int) -> None:
                 if max(errs) > tol:
                     failures.append(f"cp{cp} {name}{inner or ''} {docs} {balancer} {dtype}: {errs}")
     assert not failures, "\n".join(failures[:20])
+    for cp in (2, 4, 8):
+        assert {b for c, _, b in seen if c == cp} == set(BALANCERS), (cp, seen)
+        assert {d for c, d, _ in seen if c == cp} == set(DOCS), (cp, seen)
 
 
 def test_block_causal_every_pattern_and_balancer_against_masked_sdpa() -> None:
     spawn(_check, 8)
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_document_balancers_even_the_masked_work(cp: int) -> None:
+    """Every balancer deals each cp rank S / cp distinct positions, ascending; the per-document
+    LPT balancer keeps the busiest rank's masked work within 1.05 of the idlest's (its aim:
+    1.02) on every document layout, where torch's head-tail leaves one rank up to 15x another;
+    and on documents of mean S/8 to S/128 it needs at most 0.6x the kernel calls of torch's
+    per-document head-tail (short documents stay whole instead of being cut into 2 cp
+    chunks), the calls that set its time at short documents (docs/context_parallel.md)."""
+    from torchtitan_ext.parallel import block_causal
+    from torchtitan_ext.parallel.cp_documents import DocumentMask, document_starts, layout
+    from torchtitan_ext.parallel.cp_documents import work_per_rank as work
+
+    s, n = 4096, 4096 // cp
+    spreads: dict[tuple[str, str], float] = {}
+    for kind in ("mean512", "mean128", "mean32", "no_eos", "one_token", "shard_boundary"):
+        starts = document_starts(_tokens(kind, 2, s, cp, torch.Generator().manual_seed(cp)), EOS)
+        calls = {}
+        for lb in ("headtail", "per_document_headtail", "ptrr", "per_document_lpt"):
+            perm = layout(starts, cp, lb)
+            assert torch.equal(perm.sort(dim=1).values, torch.arange(s).expand(2, s)), (kind, lb)
+            mask = DocumentMask(perm.reshape(2, cp, n), starts.gather(1, perm).reshape(2, cp, n))
+            assert bool((mask.positions.diff(dim=2) > 0).all()), (kind, lb)
+            w = work(mask).double()
+            assert int(w.sum()) == int((torch.arange(s) - starts + 1).sum())
+            spreads[kind, lb] = float(w.max() / w.min())
+            calls[lb] = sum(
+                len(
+                    block_causal.tiles(
+                        mask.positions[:, c], mask.starts[:, c], mask.positions[:, j]
+                    )
+                )
+                for c in range(cp)
+                for j in range(cp)
+            )
+        assert spreads[kind, "per_document_lpt"] <= 1.05, (kind, spreads)
+        if kind.startswith("mean"):
+            assert calls["per_document_lpt"] <= 0.6 * calls["per_document_headtail"], (kind, calls)
+    assert max(v for (_, lb), v in spreads.items() if lb == "headtail") > 1.3 * cp, spreads
 
 
 def test_document_starts_follow_torchtitans_document_mask() -> None:
@@ -247,13 +295,14 @@ def test_planner_and_dry_run_count_the_masked_attention_work(tmp_path, capsys) -
     out = capsys.readouterr().out
     assert f"block_causal: attention work {fraction:.3f} of causal" in out, out
     assert "per_document_headtail: documents of" not in out  # the recipe's balancer: head-tail
-    # Documents of about 35 tokens at cp 2: chunks of about 9 tokens, PTRR is suggested.
+    # Documents of about 35 tokens at cp 2: chunks of about 9 tokens, per-document LPT is
+    # suggested.
     pdht = ["--parallelism.context_parallel_load_balancer", "per_document_headtail"]
     cp2 = ["--parallelism.context_parallel_degree", "2", "--parallelism.data_parallel_shard_degree",
            "1", "--model.attn_mask_type", "block_causal", "--world_size", "2"]  # fmt: skip
     assert plan_main([*base, *cp2, *pdht]) == 0
     out = capsys.readouterr().out
-    assert "context_parallel_load_balancer = 'ptrr' is the faster balancer" in out, out
+    assert "context_parallel_load_balancer = 'per_document_lpt' (short documents" in out, out
     # The same documents as a local file, not prepared: measured on a sample of them (all
     # 3,000 here, in another order), and the dry run names the source.
     local = load_config([*base[:2], "--training.dataset_path", str(src),
@@ -302,6 +351,7 @@ def _kernel_cases(sizes: dict[str, int], s: int, h: int, hk: int, d: int, scale:
     from torchtitan_ext.parallel.cp_documents import document_starts, layout
 
     seen: set[str] = set()
+    balancers: set[str | None] = set()
     case = 0
     for mean in (8, 64, 256):
         for cp in (1, 2, 4, 8):
@@ -313,7 +363,10 @@ def _kernel_cases(sizes: dict[str, int], s: int, h: int, hk: int, d: int, scale:
             grad = torch.randn(2, h, s, d, generator=gen)
             starts = document_starts(tokens, EOS)
             ref = _reference(q, k, v, starts, grad)
-            balancer = BALANCERS[case % len(BALANCERS)] if cp > 1 else None
+            # Every balancer in turn; per-document head-tail at mean 256, cp 2 (a key slice
+            # with a jump between runs long enough to cut).
+            balancer = BALANCERS[(2 * case + 2) % len(BALANCERS)] if cp > 1 else None
+            balancers.add(balancer)
             perm = layout(starts, cp, balancer)
             n = s // cp
             pos, st = perm.reshape(2, cp, n), starts.gather(1, perm).reshape(2, cp, n)
@@ -348,6 +401,7 @@ def _kernel_cases(sizes: dict[str, int], s: int, h: int, hk: int, d: int, scale:
             errs = [_rel(g, r, r) for g, r in zip((out, dq, dk, dv), ref, strict=True)]
             assert max(errs) < 1e-5, (mean, cp, balancer, errs)
     assert {"full", "causal", "mask", "cut"} <= seen, seen
+    assert balancers == set(BALANCERS), balancers
 
 
 def _compiled_check(rank: int, world_size: int) -> None:

@@ -145,7 +145,8 @@ IRD = ["--parallelism.context_parallel_inner_ring_degree"]
         (["--parallelism.context_parallel_degree", "2",
           "--parallelism.context_parallel_load_balancer", "ptrr"], 4,
          "parallelism.context_parallel_load_balancer",
-         "with model.attn_mask_type = 'block_causal' also 'per_document_headtail', 'ptrr'"),
+         "with model.attn_mask_type = 'block_causal' also 'per_document_headtail', "
+         "'per_document_lpt', 'ptrr'"),
         (["--parallelism.context_parallel_degree", "2",
           "--parallelism.context_parallel_load_balancer", "per_documents", "--model.attn_mask_type",
           "block_causal"], 4, "parallelism.context_parallel_load_balancer", "supported:"),

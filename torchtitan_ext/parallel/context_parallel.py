@@ -122,7 +122,7 @@ def check_recipe_cp(cfg: Any, model_args: Any) -> None:
     lb = cfg.parallelism.context_parallel_load_balancer
     allowed: tuple[str | None, ...] = BALANCERS if mask_type == "block_causal" else LOAD_BALANCERS
     if lb not in allowed:
-        masked = ", 'per_document_headtail', 'ptrr'"
+        masked = ", 'per_document_headtail', 'per_document_lpt', 'ptrr'"
         raise ConfigError(
             "parallelism.context_parallel_load_balancer",
             lb,
@@ -141,7 +141,7 @@ RULES: tuple[Rule, ...] = (
         "recipe",
         ("model.flavor", "parallelism.context_parallel_load_balancer"),
         "with cp > 1: SDPA attention; head-tail or no load balancing (block_causal: also "
-        "per-document head-tail, PTRR)",
+        "per-document head-tail, per-document LPT, PTRR)",
         _cp_attention,
         "parallel.context_parallel",
     ),

@@ -7,7 +7,8 @@ of its positions (``layout``), the same one for the inputs, the labels, the RoPE
 the document starts, so the boundaries travel with the tokens; rank ``c`` keeps the ``c``-th of
 ``cp`` equal slices of the permuted sequence, as torch's ``_context_parallel_shard`` does.
 
-Load balancers (``parallelism.context_parallel_load_balancer``), all torch's own orderings:
+Load balancers (``parallelism.context_parallel_load_balancer``), torch's own orderings and one
+of ours:
 
 - ``"headtail"``: torch's ``_HeadTailLoadBalancer`` (rank c: chunks c and 2cp-1-c of 2cp),
   which balances a causal mask; blind to documents.
@@ -21,6 +22,14 @@ Load balancers (``parallelism.context_parallel_load_balancer``), all torch's own
   equal blocks of the sequence, each weighted by the mask's work in it (the pairs its queries
   attend): balances the masked work, whatever the documents. torch's own PTRR balancer needs a
   FlexAttention ``BlockMask``; only its scheduling is used here.
+- ``"per_document_lpt"`` (ours): head-tail inside a document only over as many ranks as its
+  work needs, short documents whole on one rank, dealt longest first to the least-loaded ranks
+  (LPT, longest processing time first: Graham 1969), then equal token counts swapped between
+  the busiest and the idlest rank until the work is even. It balances the work as
+  ``per_document_headtail`` does with a few long pieces per rank instead of 2 cp short chunks
+  of every document (``_per_document_lpt``), so with short documents it makes far fewer and
+  larger kernel calls (docs/context_parallel.md: the time it buys). It is no torch ordering:
+  the permutation travels as every other does.
 
 The attention needs, for a (query block, key block) pair, the global positions of both and the
 document starts of the queries (``block_causal``); each rank keeps them for every cp rank
@@ -28,6 +37,7 @@ document starts of the queries (``block_causal``); each rank keeps them for ever
 ring is described without sending anything.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,7 +53,7 @@ from torch.distributed.tensor.experimental._context_parallel._load_balancer impo
 ATTN_MASK_TYPES = ("causal", "block_causal")
 """Values of ``model.attn_mask_type`` ("" keeps the flavor's)."""
 
-BALANCERS = ("headtail", "per_document_headtail", "ptrr", None)
+BALANCERS = ("headtail", "per_document_headtail", "per_document_lpt", "ptrr", None)
 """Values of ``parallelism.context_parallel_load_balancer`` with ``block_causal``."""
 
 PER_DOCUMENT_GRANULE = 1
@@ -114,6 +124,8 @@ def layout(starts: torch.Tensor, cp: int, balancer: str | None) -> torch.Tensor:
         return torch.stack([_per_document(row, cp) for row in starts])
     if balancer == "ptrr":
         return torch.stack([_ptrr(row, cp) for row in starts])
+    if balancer == "per_document_lpt":
+        return torch.stack([_per_document_lpt(row, cp) for row in starts])
     raise ValueError(f"unknown context-parallel load balancer {balancer!r}")
 
 
@@ -149,6 +161,147 @@ def _ptrr(starts: torch.Tensor, cp: int) -> torch.Tensor:
     groups = _PTRRLoadBalancer.ptrr_scheduling(work.double(), cp)  # (cp, per_rank), sorted
     block_pos = torch.arange(s, device=starts.device).reshape(blocks, s // blocks)
     return block_pos[groups.flatten()].flatten()
+
+
+LPT_SHARE = 0.5
+"""``per_document_lpt`` spreads a document over the fewest ranks that keep each rank's part of
+its work within this fraction of a rank's even share of the sequence's work (first try; halved
+while the work does not even out within ``LPT_BALANCE``). Measured (scripts/bench_doc_mask.py,
+16K and 32K tokens, cp 4 and 8, documents of mean S/32): 0.5 was as fast as or faster than
+2, 1, 0.25 and 0.125."""
+
+LPT_BALANCE = 1.02
+"""``per_document_lpt``'s aim for the work's max/min over the cp ranks."""
+
+LPT_CANDIDATES = 128
+"""Pieces a side ``per_document_lpt`` weighs per swap when it evens the work out."""
+
+
+def _tri(a: int, b: int) -> int:
+    """Sum of (i + 1) for i in [a, b): the keys the queries at document offsets [a, b) attend."""
+    return (b * (b + 1) - a * (a + 1)) // 2
+
+
+Piece = tuple[int, int, int]
+"""(first position of the document, first offset in it, end offset): a run of one document's
+consecutive tokens that one rank holds."""
+
+
+def _lpt_pieces(
+    docs: list[tuple[int, int]], cp: int, n: int, share: float
+) -> tuple[list[list[Piece]], list[int]]:
+    """The pieces of each rank and its work for one ``share`` (``_per_document_lpt``)."""
+    pieces: list[list[Piece]] = [[] for _ in range(cp)]
+    work = [0] * cp
+    room = [n] * cp
+    even = sum(_tri(0, length) for _, length in docs) / cp
+
+    def put(r: int, a: int, o0: int, o1: int) -> None:
+        pieces[r].append((a, o0, o1))
+        work[r] += _tri(o0, o1)
+        room[r] -= o1 - o0
+
+    for a, length in sorted(docs, key=lambda d: (-d[1], d[0])):
+        k = min(cp, max(1, math.ceil(_tri(0, length) / (share * even))), length // 2 or 1)
+        cut = [length * i // (2 * k) for i in range(2 * k + 1)]
+        need = max(cut[i + 1] - cut[i] + cut[2 * k - i] - cut[2 * k - 1 - i] for i in range(k))
+        fit = [r for r in sorted(range(cp), key=lambda r: (work[r], r)) if room[r] >= need][:k]
+        if len(fit) == k:
+            for j, r in enumerate(fit):
+                for i in (j, 2 * k - 1 - j):
+                    put(r, a, cut[i], cut[i + 1])
+            continue
+        done = 0  # no room for it whole: cut in order into the least-loaded ranks with room
+        while done < length:
+            r = min((r for r in range(cp) if room[r] > 0), key=lambda r: (work[r], r))
+            take = min(room[r], length - done)
+            put(r, a, done, done + take)
+            done += take
+    _even_out(pieces, work)
+    return pieces, work
+
+
+def _even_out(pieces: list[list[Piece]], work: list[int], rounds: int = 64) -> None:
+    """Swaps equal token counts between the most and the least loaded ranks until their work
+    is within ``LPT_BALANCE``: the end of a piece of the loaded rank (late in its document: much
+    work per token) for the start of a piece of the other (less work per token), the pair and
+    the count chosen to move half the difference (among ``LPT_CANDIDATES`` pieces a side).
+    Token counts per rank are kept."""
+    cp = len(work)
+    for _ in range(rounds):
+        h = max(range(cp), key=lambda r: (work[r], -r))
+        lo = min(range(cp), key=lambda r: (work[r], r))
+        gap = work[h] - work[lo]
+        if work[h] <= LPT_BALANCE * work[lo]:
+            return
+        xs = _spread_pick(sorted(range(len(pieces[h])), key=lambda i: pieces[h][i][2]))
+        ys = _spread_pick(sorted(range(len(pieces[lo])), key=lambda j: pieces[lo][j][1]))
+        px, py = np.array([pieces[h][i] for i in xs]), np.array([pieces[lo][j] for j in ys])
+        e = px[:, 2, None] - py[None, :, 1]  # moving t tokens moves t (e - t) pairs to lo
+        root = np.sqrt(np.maximum(e * e - 2.0 * gap, 0.0))
+        t = np.floor((e - root) / 2)
+        cap = np.minimum((px[:, 2] - px[:, 1])[:, None], (py[:, 2] - py[:, 1])[None, :])
+        t = np.clip(t, 1, cap).astype(np.int64)
+        moved = t * (e - t)
+        score = np.where((moved > 0) & (moved < gap), np.abs(moved - gap / 2), np.inf)
+        i, j = np.unravel_index(int(np.argmin(score)), score.shape)
+        if not np.isfinite(score[i, j]):
+            return
+        size, xi, yj = int(t[i, j]), xs[i], ys[j]
+        (ax, ox, ex), (ay, oy, ey) = pieces[h][xi], pieces[lo][yj]
+        pieces[h][xi], pieces[lo][yj] = (ax, ox, ex - size), (ay, oy + size, ey)
+        pieces[h].append((ay, oy, oy + size))
+        pieces[lo].append((ax, ex - size, ex))
+        pieces[h] = [p for p in pieces[h] if p[2] > p[1]]
+        pieces[lo] = [p for p in pieces[lo] if p[2] > p[1]]
+        work[h] -= int(moved[i, j])
+        work[lo] += int(moved[i, j])
+
+
+def _spread_pick(order: list[int]) -> list[int]:
+    """At most ``LPT_CANDIDATES`` of ``order``, evenly spaced (its ends included)."""
+    if len(order) <= LPT_CANDIDATES:
+        return order
+    return [order[i] for i in np.linspace(0, len(order) - 1, LPT_CANDIDATES).round().astype(int)]
+
+
+def _per_document_lpt(starts: torch.Tensor, cp: int) -> torch.Tensor:
+    """``per_document_lpt`` on one row: (S,) int64 permutation, rank c's positions in slice c,
+    ascending.
+
+    1. Each document, longest first, goes head-tail (2k chunks, rank j of k holding chunks j
+       and 2k-1-j, as torch's head-tail does for the whole sequence) over the k least-loaded
+       ranks with room for it, k the fewest that keep each rank's part of its work within
+       ``LPT_SHARE`` of a rank's even share: short documents stay whole (k = 1). A document
+       with no k ranks of room is cut in order into the least-loaded ranks that have room, so
+       every rank ends with S / cp tokens.
+    2. ``_even_out`` swaps equal token counts between the busiest and the idlest rank.
+    3. If the work is still uneven beyond ``LPT_BALANCE``, the share halves (more ranks per
+       document, nearer ``per_document_headtail``); the most even layout tried is kept.
+
+    Deterministic (ties go to the lower rank), so every cp rank computes the same layout.
+
+    Args:
+        starts: (S,) int64, ``document_starts`` of one row.
+        cp: the cp degree (S a multiple of cp).
+    """
+    s = starts.shape[0]
+    n = s // cp
+    firsts = starts.unique().tolist()
+    docs = [(a, b - a) for a, b in zip(firsts, [*firsts[1:], s], strict=True)]
+    best: tuple[float, list[list[Piece]]] | None = None
+    share = LPT_SHARE
+    for _ in range(6):
+        pieces, work = _lpt_pieces(docs, cp, n, share)
+        spread = max(work) / max(1, min(work))
+        if best is None or spread < best[0]:
+            best = (spread, pieces)
+        if spread <= LPT_BALANCE:
+            break
+        share /= 2
+    assert best is not None
+    ranks = [torch.cat([torch.arange(a + o0, a + o1) for a, o0, o1 in sorted(p)]) for p in best[1]]
+    return torch.cat(ranks).to(starts.device)
 
 
 def shard_documents(

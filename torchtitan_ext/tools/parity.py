@@ -76,9 +76,10 @@ OPTIONS: dict[str, list[str]] = {
     # Also "hybrid<u>" and "dring<n>" (option_args): hybrid with Ulysses degree u, double ring
     # with inner ring n.
     "ulysses": ["--parallelism.context_parallel_pattern", "ulysses"],
-    # Load balancers of block_causal (cp_documents): PTRR and per-document head-tail.
+    # Load balancers of block_causal (cp_documents): PTRR, per-document head-tail and LPT.
     "ptrr": ["--parallelism.context_parallel_load_balancer", "ptrr"],
     "pdht": ["--parallelism.context_parallel_load_balancer", "per_document_headtail"],
+    "lpt": ["--parallelism.context_parallel_load_balancer", "per_document_lpt"],
 }
 
 BLOCK_CAUSAL = ["--model.attn_mask_type", "block_causal"]
