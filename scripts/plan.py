@@ -62,8 +62,9 @@ def document_mask_note(cfg: object) -> str:
         note += (
             f"\nper_document_headtail: documents of {mean:,.0f} tokens on average are cut into "
             f"chunks of about {chunk:,.0f} tokens per cp rank, where each chunk's kernel call "
-            "costs more than its FLOPs; parallelism.context_parallel_load_balancer = 'ptrr' "
-            "is the faster balancer for them (docs/context_parallel.md)"
+            "costs more than its FLOPs; parallelism.context_parallel_load_balancer = "
+            "'per_document_lpt' (short documents whole on one rank) is the faster balancer for "
+            "them (docs/context_parallel.md)"
         )
     return note
 

@@ -21,8 +21,8 @@ document's chunk ``i`` and chunk ``2cp - 1 - i``) is cut into its runs when each
 own causal mask (which skips the upper triangle) where its keys end on its rows' diagonal,
 and with the exact mask otherwise. So the work is the mask's own at tile granularity: per
 document, not per (query block, key block). Each tile costs a kernel call and a merge: at
-chunks of a few dozen tokens that fixed cost, not the FLOPs, sets the time (docs: PTRR keeps
-blocks of ``S / (16 cp)`` tokens together and is the faster balancer there).
+chunks of a few dozen tokens that fixed cost, not the FLOPs, sets the time (docs: the
+per-document LPT balancer keeps short documents whole and is the faster balancer there).
 
 Kernels (the fastest exact op torch has that returns the logsumexp and takes a mask):
 CPU: ``aten._scaled_dot_product_flash_attention_for_cpu`` with a float mask (supports GQA);
