@@ -66,6 +66,13 @@ def document_mask_note(cfg: object) -> str:
             "'per_document_lpt' (short documents whole on one rank) is the faster balancer for "
             "them (docs/context_parallel.md)"
         )
+    if p.context_parallel_load_balancer in ("headtail", None) and cp > 1:
+        note += (
+            f"\n{p.context_parallel_load_balancer or 'no load balancing'}: balances a causal "
+            "mask, not documents (the log's attn work max/min shows the cp ranks' spread); "
+            "parallelism.context_parallel_load_balancer = 'per_document_lpt' evens the masked "
+            "work (docs/context_parallel.md)"
+        )
     return note
 
 

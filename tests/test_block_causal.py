@@ -303,6 +303,13 @@ def test_planner_and_dry_run_count_the_masked_attention_work(tmp_path, capsys) -
     assert plan_main([*base, *cp2, *pdht]) == 0
     out = capsys.readouterr().out
     assert "context_parallel_load_balancer = 'per_document_lpt' (short documents" in out, out
+    assert plan_main([*base, *cp2]) == 0  # the recipe's head-tail, blind to documents
+    out = capsys.readouterr().out
+    assert "headtail: balances a causal mask, not documents" in out, out
+    lpt = ["--parallelism.context_parallel_load_balancer", "per_document_lpt"]
+    assert plan_main([*base, *cp2, *lpt]) == 0
+    out = capsys.readouterr().out
+    assert "per_document_lpt" not in out, out
     # The same documents as a local file, not prepared: measured on a sample of them (all
     # 3,000 here, in another order), and the dry run names the source.
     local = load_config([*base[:2], "--training.dataset_path", str(src),
