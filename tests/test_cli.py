@@ -86,6 +86,11 @@ def test_config_help_lists_every_option_stage_key_and_unsupported_one(capsys):
     assert got["--parallelism.mesh_dim_order"].startswith("Order of the DeviceMesh dims")
     assert got["--model.tokenizer"].startswith('Tokenizer: "byte"')
     assert got["--model.rope_theta"].startswith("RoPE base frequency")
+    # TorchTitan's text names only headtail and ptrr (for FlexAttention); ours every balancer.
+    from torchtitan_ext.parallel.cp_documents import BALANCERS
+
+    balancer_help = " ".join(got["--parallelism.context_parallel_load_balancer"].split())
+    assert all(f'"{b}"' in balancer_help for b in BALANCERS if b), balancer_help
     # Marked: exactly the options of the trainer's own table, with its reason.
     marked = {name for name, t in got.items() if UNSUPPORTED_MARK in t}
     assert marked == {f"--{key}" for key, _, _ in UNSUPPORTED}

@@ -131,6 +131,16 @@ class Parallelism:
     "double_ring" (LoongTrain: a ring over context_parallel_inner_ring_degree inner ranks
     nested in a ring over the groups). Settable per curriculum stage."""
 
+    context_parallel_load_balancer: str | None = "headtail"
+    """How a sequence's tokens are dealt to the cp ranks: "headtail" (torch's head-tail: rank
+    c holds chunks c and 2cp-1-c of 2cp, which balances a causal mask); None (contiguous
+    slices; "None" on the command line). With model.attn_mask_type = "block_causal" also:
+    "per_document_lpt" (short documents whole on one rank, long ones head-tail over as few
+    ranks as their work needs, the work evened by LPT: the fastest with short documents),
+    "per_document_headtail" (torch's: head-tail inside every document) and "ptrr" (torch's
+    processing-time round-robin over blocks weighted by the mask's work). seq_len must be a
+    multiple of 2 x cp x tp with a balancer."""
+
     context_parallel_ulysses_degree: int = 0
     """With context_parallel_pattern = "hybrid": ranks per all-to-all (2 .. cp / 2, dividing
     cp and heads / tp); the ring spans cp / this. 0 with any other pattern."""
