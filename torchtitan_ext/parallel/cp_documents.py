@@ -166,9 +166,11 @@ def _ptrr(starts: torch.Tensor, cp: int) -> torch.Tensor:
 LPT_SHARE = 0.5
 """``per_document_lpt`` spreads a document over the fewest ranks that keep each rank's part of
 its work within this fraction of a rank's even share of the sequence's work (first try; halved
-while the work does not even out within ``LPT_BALANCE``). Measured (scripts/bench_doc_mask.py,
-16K and 32K tokens, cp 4 and 8, documents of mean S/32): 0.5 was as fast as or faster than
-2, 1, 0.25 and 0.125."""
+while the work does not even out within ``LPT_BALANCE``). Measured with the kernels
+scripts/bench_doc_mask.py times, measured / ideal at 16K tokens, cp 8, documents of mean S/32
+(the hardest cell), three sweeps: 0.5: 1.26-1.29; 2: 1.25-1.45; 1: 1.35-1.43; 0.25:
+1.38-1.43; 0.125: 1.60. At 16K and 32K, cp 4 and 8, S/8 and S/32 elsewhere the shares were
+within the noise (about 0.05) of each other, 0.125 the slowest."""
 
 LPT_BALANCE = 1.02
 """``per_document_lpt``'s aim for the work's max/min over the cp ranks."""
