@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 [args.time_balancer, "per_document_headtail", "headtail", "ptrr"]
             ):
                 perm = layout(starts, cp, lb if cp > 1 else None)
-                n = s // cp
-                mask = DocumentMask(
-                    perm.reshape(1, cp, n), starts.gather(1, perm).reshape(1, cp, n)
-                )
+                mask = DocumentMask.of(starts, perm, cp)
                 w = work_per_rank(mask).double()
                 balance[lb] = (float(w.max() / w.min()), mask)
             mask = balance[args.time_balancer][1]

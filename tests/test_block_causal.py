@@ -112,9 +112,7 @@ def _check(rank: int, world_size: int) -> None:
                 perm = layout(starts, cp, balancer)
                 n = s // cp
                 mine = perm[:, c * n : (c + 1) * n]
-                mask = cp_block_causal.DocumentMask(
-                    perm.reshape(b, cp, n), starts.gather(1, perm).reshape(b, cp, n)
-                )
+                mask = cp_block_causal.DocumentMask.of(starts, perm, cp)
                 lq, lk, lv = (_take(t, mine).detach().clone().requires_grad_() for t in (q, k, v))
                 out = cp_block_causal.block_causal_attention(lq, lk, lv, mask, plan)
                 out.backward(_take(grad, mine))
@@ -147,7 +145,7 @@ def test_document_balancers_even_the_masked_work(cp: int) -> None:
     from torchtitan_ext.parallel.cp_documents import DocumentMask, document_starts, layout
     from torchtitan_ext.parallel.cp_documents import work_per_rank as work
 
-    s, n = 4096, 4096 // cp
+    s = 4096
     spreads: dict[tuple[str, str], float] = {}
     for kind in ("mean512", "mean128", "mean32", "no_eos", "one_token", "shard_boundary"):
         starts = document_starts(_tokens(kind, 2, s, cp, torch.Generator().manual_seed(cp)), EOS)
@@ -155,7 +153,7 @@ def test_document_balancers_even_the_masked_work(cp: int) -> None:
         for lb in ("headtail", "per_document_headtail", "ptrr", "per_document_lpt"):
             perm = layout(starts, cp, lb)
             assert torch.equal(perm.sort(dim=1).values, torch.arange(s).expand(2, s)), (kind, lb)
-            mask = DocumentMask(perm.reshape(2, cp, n), starts.gather(1, perm).reshape(2, cp, n))
+            mask = DocumentMask.of(starts, perm, cp)
             assert bool((mask.positions.diff(dim=2) > 0).all()), (kind, lb)
             w = work(mask).double()
             assert int(w.sum()) == int((torch.arange(s) - starts + 1).sum())
@@ -355,7 +353,7 @@ def _kernel_cases(sizes: dict[str, int], s: int, h: int, hk: int, d: int, scale:
     import itertools
 
     from torchtitan_ext.parallel import block_causal
-    from torchtitan_ext.parallel.cp_documents import document_starts, layout
+    from torchtitan_ext.parallel.cp_documents import DocumentMask, document_starts, layout
 
     seen: set[str] = set()
     balancers: set[str | None] = set()
@@ -376,7 +374,7 @@ def _kernel_cases(sizes: dict[str, int], s: int, h: int, hk: int, d: int, scale:
             balancers.add(balancer)
             perm = layout(starts, cp, balancer)
             n = s // cp
-            pos, st = perm.reshape(2, cp, n), starts.gather(1, perm).reshape(2, cp, n)
+            pos, st = DocumentMask.of(starts, perm, cp)
             out, dq = torch.zeros(2, h, s, d), torch.zeros(2, h, s, d)
             dk, dv = torch.zeros(2, hk, s, d), torch.zeros(2, hk, s, d)
             for c in range(cp):
@@ -432,10 +430,7 @@ def _compiled_check(rank: int, world_size: int) -> None:
         perm = layout(starts, world_size, "headtail")
         n = s // world_size
         mine = perm[:, c * n : (c + 1) * n]
-        positions, mstarts = (
-            perm.reshape(b, world_size, n),
-            starts.gather(1, perm).reshape(b, world_size, n),
-        )
+        positions, mstarts = cp_block_causal.DocumentMask.of(starts, perm, world_size)
 
         def attention(
             q: torch.Tensor,

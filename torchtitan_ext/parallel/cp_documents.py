@@ -79,6 +79,13 @@ class DocumentMask(NamedTuple):
     positions: torch.Tensor
     starts: torch.Tensor
 
+    @classmethod
+    def of(cls, starts: torch.Tensor, perm: torch.Tensor, cp: int) -> "DocumentMask":
+        """The mask of a layout: ``starts`` (B, S) from ``document_starts``, ``perm`` (B, S)
+        from ``layout`` over ``cp`` ranks."""
+        b, s = perm.shape
+        return cls(perm.reshape(b, cp, s // cp), starts.gather(1, perm).reshape(b, cp, s // cp))
+
 
 def document_starts(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
     """(B, S) int64: the first position of each token's document; a document ends with its
@@ -328,12 +335,12 @@ def shard_documents(
     Returns:
         (inputs, labels, RoPE positions, each (B, S / cp); the ``DocumentMask``).
     """
-    b, s = inputs.shape
+    s = inputs.shape[1]
     starts = document_starts(inputs, eos_id)
     perm = layout(starts, cp, balancer)
     n = s // cp
     mine = perm[:, rank * n : (rank + 1) * n]
-    mask = DocumentMask(perm.reshape(b, cp, n), starts.gather(1, perm).reshape(b, cp, n))
+    mask = DocumentMask.of(starts, perm, cp)
     rope = mine - starts.gather(1, mine) if restart_positions else mine
     return inputs.gather(1, mine), labels.gather(1, mine), rope.to(torch.int32), mask
 
